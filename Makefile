@@ -1,0 +1,37 @@
+# flowerpress: `make demo` runs the default federation, `make test` runs the suite.
+# Everything installs from nothing into .venv; torch is pinned to the CPU build
+# in constraints.txt (a bare `torch` would pull several GB of CUDA packages).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint typecheck bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/flowerpress simulate --out runs/demo
+
+test: install
+	$(PY) -m ruff check flowerpress tests benchmarks examples
+	$(PY) -m mypy
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check flowerpress tests benchmarks examples
+
+typecheck: install
+	$(PY) -m mypy
+
+bench: install
+	$(PY) benchmarks/round_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache

@@ -1,0 +1,3 @@
+"""flowerpress: federated learning on Flower with compressed, private updates."""
+
+__version__ = "0.1.0"
