@@ -1,0 +1,97 @@
+"""Explicit codec state carried between rounds (error-feedback residuals, warm starts)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import Array, ArrayRecord
+
+__all__ = ["CodecState"]
+
+F32 = npt.NDArray[np.float32]
+
+_KEY = re.compile(r"^(residual|lowrank_q)\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class CodecState:
+    """What a client's codec remembers between rounds, in named slots.
+
+    Following PyTorch's ``PowerSGDState`` the slots are explicit and the state
+    is passed in and returned by :meth:`Pipeline.encode` (FedJAX style), never
+    hidden in a global.
+
+    Attributes
+    ----------
+    residuals
+        Error-feedback memory, one float32 array per tensor of the update
+        (Karimireddy et al. 2019): what previous rounds failed to transmit.
+        Empty when the pipeline has no ``ef`` stage.
+    lowrank_q
+        PowerSGD warm-start ``Q`` factors (``cols x rank``), keyed by tensor
+        position (Vogels et al. 2019).  Empty without ``lowrank``.
+
+    Notes
+    -----
+    It converts to and from a Flower :class:`flwr.app.ArrayRecord` (keys
+    ``residual.<i>`` and ``lowrank_q.<i>``) so a ClientApp can keep it in
+    ``context.state["flowerpress.codec"]`` between rounds.
+    """
+
+    residuals: tuple[F32, ...] = ()
+    lowrank_q: Mapping[int, F32] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def empty(cls) -> CodecState:
+        """A state with no residuals and no warm starts (the first round)."""
+        return cls()
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether nothing is remembered."""
+        return not self.residuals and not self.lowrank_q
+
+    def to_record(self) -> ArrayRecord:
+        """Serialize into an :class:`~flwr.app.ArrayRecord` (arrays only, no pickle)."""
+        arrays: dict[str, Array] = {}
+        for i, res in enumerate(self.residuals):
+            arrays[f"residual.{i}"] = Array(np.ascontiguousarray(res, dtype=np.float32))
+        for i, q in sorted(self.lowrank_q.items()):
+            arrays[f"lowrank_q.{i}"] = Array(np.ascontiguousarray(q, dtype=np.float32))
+        return ArrayRecord(array_dict=arrays)
+
+    @classmethod
+    def from_record(cls, record: ArrayRecord) -> CodecState:
+        """Inverse of :meth:`to_record`; raises ``ValueError`` on unknown or gapped keys."""
+        residuals: dict[int, F32] = {}
+        lowrank: dict[int, F32] = {}
+        for key in record:
+            match = _KEY.match(key)
+            if match is None:
+                raise ValueError(
+                    f"codec state record: unexpected key {key!r}; "
+                    "expected 'residual.<i>' or 'lowrank_q.<i>'"
+                )
+            arr = np.asarray(record[key].numpy(), dtype=np.float32)
+            slot = residuals if match.group(1) == "residual" else lowrank
+            slot[int(match.group(2))] = arr
+        if sorted(residuals) != list(range(len(residuals))):
+            raise ValueError(
+                f"codec state record: residual indices {sorted(residuals)} are not 0..n-1"
+            )
+        return cls(
+            residuals=tuple(residuals[i] for i in range(len(residuals))),
+            lowrank_q=MappingProxyType(lowrank),
+        )
+
+    @classmethod
+    def from_arrays(
+        cls, residuals: Sequence[F32] = (), lowrank_q: Mapping[int, F32] | None = None
+    ) -> CodecState:
+        """Build a state from plain arrays (copies nothing)."""
+        return cls(tuple(residuals), MappingProxyType(dict(lowrank_q or {})))
