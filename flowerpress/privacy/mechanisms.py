@@ -1,0 +1,181 @@
+"""Clipping and Gaussian noise on updates (lists of numpy arrays).
+
+Every sampling function takes a ``numpy.random.Generator``; nothing here touches a
+global RNG. See docs/privacy.md for the floating-point caveats (Mironov 2012).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+Update = list[NDArray[np.floating]]
+
+# Holohan & Braghin 2021 ("Secure Random Sampling in Differential Privacy", ESORICS):
+# the sum of several independent floating-point Gaussian samples fills the float grid
+# densely enough to defeat the Mironov-style "which outputs are reachable" attack on a
+# single sample. Opacus' secure mode uses the same construction with 4 draws.
+SECURE_GAUSSIAN_DRAWS = 4
+
+# Stream ids of the seeded generator, so update noise and count noise never share draws.
+STREAM_UPDATE_NOISE = 0
+STREAM_COUNT_NOISE = 1
+
+
+def l2_norm(update: Sequence[NDArray[np.floating]]) -> float:
+    """Return the global L2 norm of an update, computed in float64.
+
+    Returns ``inf`` or ``nan`` if any value is not finite.
+    """
+    total = 0.0
+    for array in update:
+        flat = np.asarray(array, dtype=np.float64).ravel()
+        total += float(np.dot(flat, flat))
+    return math.sqrt(total)
+
+
+def _clip_factor(norm: float, clip: float, dtype: np.dtype[np.floating]) -> float:
+    """Scale factor that brings ``norm`` to at most ``clip`` after rounding to dtype."""
+    if norm <= clip:
+        return 1.0
+    # Each element rounds with relative error <= eps/2, so the norm of the rounded
+    # result is <= (1 + eps/2) * exact; shaving 4 eps keeps the bound after rounding.
+    eps = float(np.finfo(dtype).eps)
+    return (clip / norm) * (1.0 - 4.0 * eps)
+
+
+def _check_clip(clip: float) -> None:
+    if not (math.isfinite(clip) and clip > 0.0):
+        raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
+
+
+def clip_inplace(update: Sequence[NDArray[np.floating]], *, clip: float) -> float:
+    """Scale ``update`` in place so its global L2 norm is at most ``clip``.
+
+    Non-finite updates (a diverged client) are replaced by zeros: refusing them would
+    release a bit derived from the un-noised update, zeroing keeps the norm bound.
+
+    Parameters
+    ----------
+    update : sequence of floating-point arrays
+        Modified in place.
+    clip : float
+        L2 bound C > 0.
+
+    Returns
+    -------
+    float
+        The norm before clipping (``inf``/``nan`` if it was not finite). This value is
+        derived from the raw update: it must never leave the client un-noised.
+    """
+    _check_clip(clip)
+    for array in update:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"clip: update arrays must be floating point, got {array.dtype}")
+    norm = l2_norm(update)
+    if not math.isfinite(norm):
+        for array in update:
+            array[...] = 0.0
+        return norm
+    for array in update:
+        factor = _clip_factor(norm, clip, array.dtype)
+        if factor != 1.0:
+            array *= array.dtype.type(factor)
+    return norm
+
+
+def clip_update(
+    update: Sequence[NDArray[np.floating]], *, clip: float
+) -> tuple[list[NDArray[np.float64]], float]:
+    """Return a float64 copy of ``update`` clipped to L2 norm ``clip``, and the raw norm.
+
+    See :func:`clip_inplace` for the handling of non-finite input.
+    """
+    copied = [np.array(a, dtype=np.float64, copy=True) for a in update]
+    norm = clip_inplace(copied, clip=clip)
+    return copied, norm
+
+
+def gaussian_like(
+    shape: tuple[int, ...], *, std: float, rng: np.random.Generator
+) -> NDArray[np.float64]:
+    """Draw N(0, std^2) noise as the scaled sum of several standard normal draws.
+
+    ``sum_{i<k} N_i * std / sqrt(k)`` with ``k = SECURE_GAUSSIAN_DRAWS`` has exactly
+    variance ``std^2``; see Holohan & Braghin 2021 for why summing helps against
+    floating-point attacks.
+    """
+    if not (math.isfinite(std) and std >= 0.0):
+        raise ValueError(f"noise std must be a finite number >= 0, got {std!r}")
+    total = np.zeros(shape, dtype=np.float64)
+    for _ in range(SECURE_GAUSSIAN_DRAWS):
+        total += rng.standard_normal(shape)
+    total *= std / math.sqrt(SECURE_GAUSSIAN_DRAWS)
+    return total
+
+
+def add_gaussian_noise(
+    update: Sequence[NDArray[np.floating]], *, std: float, rng: np.random.Generator
+) -> list[NDArray[np.float64]]:
+    """Return ``update + N(0, std^2 I)`` as new float64 arrays (input untouched).
+
+    Parameters
+    ----------
+    update : sequence of arrays
+        The clipped update.
+    std : float
+        Noise standard deviation (>= 0), e.g. ``z * C`` or ``z * C / sqrt(m)``.
+    rng : numpy.random.Generator
+        Source of randomness; see :func:`make_generator`.
+    """
+    return [
+        np.asarray(a, dtype=np.float64) + gaussian_like(np.shape(a), std=std, rng=rng)
+        for a in update
+    ]
+
+
+def secure_generator() -> np.random.Generator:
+    """Return a generator seeded with 256 bits from the OS CSPRNG (``secrets``).
+
+    A fresh seed per call: nothing about it is known to the server. The bit generator
+    itself (PCG64DXSM) is not a cryptographic PRNG; see docs/privacy.md.
+    """
+    return np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence(secrets.randbits(256))))
+
+
+def seeded_generator(
+    *, seed: int, client_id: int, server_round: int, stream: int
+) -> np.random.Generator:
+    """Return the reproducible generator for one client, round and stream.
+
+    ``np.random.default_rng([seed, client_id, server_round, stream])``: independent
+    streams split from one root seed. Anyone who knows these four numbers can recompute
+    the noise, so this is for simulations only.
+    """
+    for name, value in (
+        ("seed", seed),
+        ("client_id", client_id),
+        ("server_round", server_round),
+        ("stream", stream),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"seeded rng: {name} must be an int >= 0, got {value!r}")
+    return np.random.default_rng([seed, client_id, server_round, stream])
+
+
+def adaptive_update_noise(noise: float, count_noise: float) -> float:
+    """Noise multiplier of the update when the clip count also spends budget.
+
+    Andrew et al. 2021, Theorem 1: releasing the update with multiplier z_Delta and the
+    clip-indicator sum with std sigma_b is as private as one Gaussian mechanism with
+    multiplier z when ``z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)``.
+    """
+    if not (2.0 * count_noise > noise > 0.0):
+        raise ValueError(
+            f"count-noise must be > noise/2 = {noise / 2:g}, got count-noise={count_noise!r}"
+        )
+    return float((noise**-2 - (2.0 * count_noise) ** -2) ** -0.5)

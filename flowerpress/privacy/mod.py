@@ -1,0 +1,296 @@
+"""``dp_mod``: the client-side Flower mod that privatizes the update before upload.
+
+Place it innermost of the privacy/compression mods so the order is
+train -> clip -> noise -> compress::
+
+    app = ClientApp(mods=[compression_mod, dp_mod])   # outer ... inner
+
+Everything the reply carries with DP on is either the noised update (added back to
+the weights the client received), the noised clip indicator, or a constant:
+``num-examples`` is reported as 1 and other metrics (train loss, ...) and records are
+withheld, because they are derived from the private data without noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+from numpy.typing import NDArray
+
+from flowerpress.privacy.accounting import CONFIG_CLIP, CONFIG_DP, METRIC_CLIP_INDICATOR
+from flowerpress.privacy.mechanisms import (
+    STREAM_COUNT_NOISE,
+    STREAM_UPDATE_NOISE,
+    adaptive_update_noise,
+    add_gaussian_noise,
+    clip_inplace,
+    gaussian_like,
+    secure_generator,
+    seeded_generator,
+)
+from flowerpress.privacy.settings import DpSettings, parse_dp
+
+log = logging.getLogger(__name__)
+
+# Message content keys (shared with flowerpress.client / flowerpress.server).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+METRIC_NUM_EXAMPLES = "num-examples"
+CONFIG_ROUND = "server-round"
+CONFIG_SEED = "seed"
+CONFIG_CLIENTS_PER_ROUND = "clients-per-round"
+
+# Node config keys a device sets to protect itself.
+NODE_MIN_NOISE = "dp-min-noise"
+NODE_MAX_CLIP = "dp-max-clip"
+NODE_ALLOW_SEEDED = "dp-allow-seeded"
+PARTITION_ID = "partition-id"
+
+REFUSAL_CODE = ErrorCode.MOD_FAILED_PRECONDITION
+
+
+def _node_float(node_config: Mapping[str, object], key: str) -> float | None:
+    if key not in node_config:
+        return None
+    raw = node_config[key]
+    try:
+        value = float(raw)  # type: ignore[arg-type]  # UserConfigValue: bool|int|float|str
+    except (TypeError, ValueError):
+        raise ValueError(f"node config {key} must be a number, got {raw!r}") from None
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"node config {key} must be a finite number >= 0, got {raw!r}")
+    return value
+
+
+def _node_bool(node_config: Mapping[str, object], key: str, default: bool) -> bool:
+    if key not in node_config:
+        return default
+    raw = node_config[key]
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"node config {key} must be true or false, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """What a device accepts, from its own node config (never from the server).
+
+    Attributes
+    ----------
+    min_noise : float or None
+        ``dp-min-noise``: refuse a noise multiplier below this (and refuse DP off).
+    max_clip : float or None
+        ``dp-max-clip``: refuse a clip norm above this (and refuse DP off).
+    allow_seeded : bool
+        ``dp-allow-seeded``: accept ``rng=seeded`` (whose noise the server can recompute).
+        Defaults to True only on simulation nodes (node config has ``partition-id`` and
+        ``num-partitions``, as Flower's simulation engine sets).
+    """
+
+    min_noise: float | None
+    max_clip: float | None
+    allow_seeded: bool
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, object]) -> DevicePolicy:
+        """Read the policy; ValueError naming a malformed key."""
+        simulated = PARTITION_ID in node_config and "num-partitions" in node_config
+        return cls(
+            min_noise=_node_float(node_config, NODE_MIN_NOISE),
+            max_clip=_node_float(node_config, NODE_MAX_CLIP),
+            allow_seeded=_node_bool(node_config, NODE_ALLOW_SEEDED, simulated),
+        )
+
+    def refusal(self, settings: DpSettings | None, clip: float | None) -> str | None:
+        """Reason to refuse this request, or None to accept it."""
+        if settings is None:
+            if self.min_noise or self.max_clip is not None:
+                return (
+                    f"dp_mod refused: the server asked for dp=off but this node requires "
+                    f"noise >= {self.min_noise or 0:g} ({NODE_MIN_NOISE}) and clip <= "
+                    f"{self.max_clip if self.max_clip is not None else 'inf'} ({NODE_MAX_CLIP})"
+                )
+            return None
+        if self.min_noise is not None and settings.noise < self.min_noise:
+            return (
+                f"dp_mod refused: requested noise multiplier {settings.noise:g} is below this "
+                f"node's {NODE_MIN_NOISE}={self.min_noise:g}"
+            )
+        if self.max_clip is not None and clip is not None and clip > self.max_clip:
+            return (
+                f"dp_mod refused: requested clip {clip:g} is above this node's "
+                f"{NODE_MAX_CLIP}={self.max_clip:g}"
+            )
+        if settings.rng == "seeded" and not self.allow_seeded:
+            return (
+                "dp_mod refused: rng=seeded lets the server recompute the noise; this node "
+                f"accepts it only with {NODE_ALLOW_SEEDED}=true"
+            )
+        return None
+
+
+def _is_train(msg: Message) -> bool:
+    kind = msg.metadata.message_type
+    return kind == MessageType.TRAIN or kind.startswith(MessageType.TRAIN + ".")
+
+
+def _config_int(config: ConfigRecord, key: str, *, minimum: int) -> int:
+    if key not in config:
+        raise ValueError(f"dp_mod: train config lacks {key!r}")
+    raw = config[key]
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < minimum:
+        raise ValueError(f"dp_mod: train config {key!r} must be an int >= {minimum}, got {raw!r}")
+    return raw
+
+
+def _ordered_arrays(content: RecordDict, what: str) -> dict[str, NDArray[np.floating]]:
+    record = content.array_records.get(ARRAYS)
+    if record is None:
+        raise ValueError(f"dp_mod: {what} message has no {ARRAYS!r} ArrayRecord")
+    arrays: dict[str, NDArray[np.floating]] = {}
+    for key, array in record.items():
+        value = array.numpy()
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(
+                f"dp_mod: {what} array {key!r} has dtype {value.dtype}; expected floating point"
+            )
+        arrays[key] = value
+    return arrays
+
+
+def _client_id(context: Context) -> int:
+    if PARTITION_ID in context.node_config:
+        raw = context.node_config[PARTITION_ID]
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"node config {PARTITION_ID} must be an int, got {raw!r}") from None
+    return int(context.node_id)
+
+
+def _refuse(msg: Message, reason: str) -> Message:
+    log.warning("%s", reason)
+    return Message(Error(code=REFUSAL_CODE, reason=reason), reply_to=msg)
+
+
+def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Clip the client's update to C and add Gaussian noise before it leaves the device.
+
+    Implements the client side of DP-FedAvg (McMahan et al. 2018) with optional adaptive
+    clipping (Andrew et al. 2021). Handles ``train`` messages; others pass through.
+
+    The train ConfigRecord ``"config"`` carries ``"dp"`` (spec, see
+    :func:`flowerpress.privacy.parse_dp`), ``"dp-clip"`` (current clip; defaults to the
+    spec's), ``"clients-per-round"`` (distributed mode), and ``"seed"`` and
+    ``"server-round"`` (``rng=seeded``).
+
+    Raises
+    ------
+    ValueError
+        The request or the node config is malformed (names the key). Flower turns it into
+        an error reply.
+
+    Returns
+    -------
+    Message
+        The reply with ``"arrays"`` = received weights + privatized delta and a metric
+        record holding only ``num-examples`` = 1 and, with adaptive clipping, the noised
+        ``dp-clip-indicator``; or an error reply with code ``MOD_FAILED_PRECONDITION``
+        when the request is weaker than the node's ``dp-min-noise`` / ``dp-max-clip``.
+    """
+    if not _is_train(msg):
+        return call_next(msg, context)
+    policy = DevicePolicy.from_node_config(context.node_config)
+    config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    settings = parse_dp(str(config.get(CONFIG_DP, "off")))
+    if settings is None:
+        reason = policy.refusal(None, None)
+        return _refuse(msg, reason) if reason else call_next(msg, context)
+
+    clip = float(config.get(CONFIG_CLIP, settings.clip))  # type: ignore[arg-type]
+    if not (math.isfinite(clip) and clip > 0.0):
+        raise ValueError(f"dp_mod: train config {CONFIG_CLIP!r} must be > 0, got {clip!r}")
+    if settings.adaptive and settings.count_noise is None:
+        raise ValueError("dp_mod: adaptive clipping request lacks count-noise in 'dp'")
+    clients = (
+        _config_int(config, CONFIG_CLIENTS_PER_ROUND, minimum=1)
+        if settings.mode == "distributed"
+        else 1
+    )
+    reason = policy.refusal(settings, clip)
+    if reason:
+        return _refuse(msg, reason)
+
+    if settings.rng == "seeded":
+        seed = _config_int(config, CONFIG_SEED, minimum=0)
+        server_round = _config_int(config, CONFIG_ROUND, minimum=0)
+        client = _client_id(context)
+        rng_update = seeded_generator(
+            seed=seed, client_id=client, server_round=server_round, stream=STREAM_UPDATE_NOISE
+        )
+        rng_count = seeded_generator(
+            seed=seed, client_id=client, server_round=server_round, stream=STREAM_COUNT_NOISE
+        )
+    else:
+        rng_update = secure_generator()
+        rng_count = rng_update
+
+    received = _ordered_arrays(msg.content, "incoming")
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    local = _ordered_arrays(reply.content, "reply")
+    if list(local) != list(received):
+        raise ValueError("dp_mod: reply array keys differ from the received model's keys")
+    for key, value in local.items():
+        if value.shape != received[key].shape:
+            raise ValueError(
+                f"dp_mod: reply array {key!r} has shape {value.shape}, "
+                f"received {received[key].shape}"
+            )
+
+    # clip -> noise, all in float64; the raw norm stays in this frame.
+    delta = [local[k].astype(np.float64) - received[k].astype(np.float64) for k in local]
+    norm = clip_inplace(delta, clip=clip)
+    update_noise = (
+        adaptive_update_noise(settings.noise, settings.count_noise)
+        if settings.adaptive and settings.count_noise is not None
+        else settings.noise
+    )
+    share = 1.0 / math.sqrt(clients)
+    noised = add_gaussian_noise(delta, std=update_noise * clip * share, rng=rng_update)
+    del delta
+
+    out = ArrayRecord()
+    for (key, value), noisy in zip(local.items(), noised, strict=True):
+        out[key] = Array((received[key].astype(np.float64) + noisy).astype(value.dtype))
+    metrics = MetricRecord({METRIC_NUM_EXAMPLES: 1})
+    if settings.adaptive and settings.count_noise is not None:
+        indicator = 1.0 if norm <= clip else 0.0
+        noise = gaussian_like((), std=settings.count_noise * share, rng=rng_count)
+        metrics[METRIC_CLIP_INDICATOR] = float(indicator + float(noise))
+    reply.content = RecordDict({ARRAYS: out, METRICS: metrics})
+    return reply
