@@ -246,7 +246,10 @@ class Pipeline:
                     f"{[r.shape for r in state.residuals]} do not match the update "
                     f"{[a.shape for a in arrays]}"
                 )
-            arrays = [a + r for a, r in zip(arrays, state.residuals, strict=True)]
+            with np.errstate(over="ignore"):
+                arrays = [a + r for a, r in zip(arrays, state.residuals, strict=True)]
+            if not all(np.isfinite(a).all() for a in arrays):
+                raise ValueError("update + error-feedback residual overflows float32")
         w = Writer()
         w.u32(len(arrays))
         residuals: list[F32] = []
@@ -308,7 +311,13 @@ class Pipeline:
                     w.u64(seed)
                     vals = flat[idx]
                     if s.unbiased:
-                        vals = (vals * np.float32(n / k)).astype(np.float32)
+                        with np.errstate(over="ignore"):
+                            vals = (vals * np.float32(n / k)).astype(np.float32)
+                        if not np.isfinite(vals).all():
+                            raise ValueError(
+                                f"randk unbiased: tensor {index} overflows float32 after "
+                                f"scaling by n/k = {n / k:g}"
+                            )
                 vrec = st.encode_values(self.value, vals, w, rng, need)
                 if not need:
                     return None
@@ -334,22 +343,29 @@ class Pipeline:
         q = state.lowrank_q.get(index)
         if q is None or q.shape != (cols, rank):
             q = rng.standard_normal((cols, rank), dtype=np.float32)
-        p = m @ q
-        p, _ = np.linalg.qr(p)
-        p = np.ascontiguousarray(p, dtype=np.float32)
-        w.u8(st.STRUCT_LOWRANK)
-        w.u32(rows)
-        w.u32(cols)
-        w.u16(rank)
-        p_hat = st.encode_values(self.value, p.ravel(), w, rng, True)
-        assert p_hat is not None
-        p_hat2 = p_hat.reshape(rows, rank)
-        q_new = np.ascontiguousarray(m.T @ p_hat2, dtype=np.float32)
-        q_hat = st.encode_values(self.value, q_new.ravel(), w, rng, self.error_feedback)
+        sub = Writer()
+        with np.errstate(all="ignore"):
+            p = m @ q
+            if np.isfinite(p).all():
+                p = np.ascontiguousarray(np.linalg.qr(p)[0], dtype=np.float32)
+            sub.u8(st.STRUCT_LOWRANK)
+            sub.u32(rows)
+            sub.u32(cols)
+            sub.u16(rank)
+            p_hat = st.encode_values(self.value, p.ravel(), sub, rng, True)
+            assert p_hat is not None
+            p_hat2 = p_hat.reshape(rows, rank)
+            q_new = np.ascontiguousarray(m.T @ p_hat2, dtype=np.float32)
+            q_hat = st.encode_values(self.value, q_new.ravel(), sub, rng, True)
+            assert q_hat is not None
+            recon = (p_hat2 @ q_hat.reshape(cols, rank).T).astype(np.float32, copy=False)
+        if not (np.isfinite(p_hat).all() and np.isfinite(q_new).all() and np.isfinite(recon).all()):
+            # Only reachable near the float32 overflow limit: send the tensor dense instead.
+            w.u8(st.STRUCT_DENSE)
+            return st.encode_values(self.value, m.ravel(), w, rng, self.error_feedback)
+        w.raw(sub.getvalue())
         warm[index] = q_new
-        if q_hat is None:
-            return None
-        return (p_hat2 @ q_hat.reshape(cols, rank).T).astype(np.float32, copy=False)
+        return recon
 
 
 # --------------------------------------------------------------------------- decoding

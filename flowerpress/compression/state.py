@@ -60,9 +60,9 @@ class CodecState:
         """Serialize into an :class:`~flwr.app.ArrayRecord` (arrays only, no pickle)."""
         arrays: dict[str, Array] = {}
         for i, res in enumerate(self.residuals):
-            arrays[f"residual.{i}"] = Array(np.ascontiguousarray(res, dtype=np.float32))
+            arrays[f"residual.{i}"] = Array(np.asarray(res, dtype=np.float32, order="C"))
         for i, q in sorted(self.lowrank_q.items()):
-            arrays[f"lowrank_q.{i}"] = Array(np.ascontiguousarray(q, dtype=np.float32))
+            arrays[f"lowrank_q.{i}"] = Array(np.asarray(q, dtype=np.float32, order="C"))
         return ArrayRecord(array_dict=arrays)
 
     @classmethod
