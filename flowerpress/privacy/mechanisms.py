@@ -35,16 +35,17 @@ def l2_norm(update: Sequence[NDArray[np.floating]]) -> float:
     for array in update:
         flat = np.asarray(array, dtype=np.float64).ravel()
         total += float(np.dot(flat, flat))
+    if math.isinf(total) and all(np.all(np.isfinite(a)) for a in update):
+        # Finite but the squares overflow float64: rescale by the largest magnitude.
+        scale = max(float(np.max(np.abs(a), initial=0.0)) for a in update)
+        return scale * l2_norm([np.asarray(a, dtype=np.float64) / scale for a in update])
     return math.sqrt(total)
 
 
-def _clip_factor(norm: float, clip: float, dtype: np.dtype[np.floating]) -> float:
-    """Scale factor that brings ``norm`` to at most ``clip`` after rounding to dtype."""
-    if norm <= clip:
-        return 1.0
-    # Each element rounds with relative error <= eps/2, so the norm of the rounded
-    # result is <= (1 + eps/2) * exact; shaving 4 eps keeps the bound after rounding.
-    eps = float(np.finfo(dtype).eps)
+def _clip_factor(norm: float, clip: float, eps: float) -> float:
+    """Scale factor that brings ``norm`` to at most ``clip`` after rounding."""
+    # Each (normal) element rounds with relative error <= eps/2, so the norm of the
+    # rounded result is <= (1 + eps/2) * exact; shaving 4 eps keeps the bound.
     return (clip / norm) * (1.0 - 4.0 * eps)
 
 
@@ -81,10 +82,21 @@ def clip_inplace(update: Sequence[NDArray[np.floating]], *, clip: float) -> floa
         for array in update:
             array[...] = 0.0
         return norm
-    for array in update:
-        factor = _clip_factor(norm, clip, array.dtype)
-        if factor != 1.0:
-            array *= array.dtype.type(factor)
+    if norm <= clip:
+        return norm
+    factor = _clip_factor(norm, clip, max(float(np.finfo(a.dtype).eps) for a in update))
+    # Scale in float64 and round once; rounding into the subnormal range can still push
+    # the norm over C (absolute, not relative, error), so check and shrink if needed.
+    for _ in range(64):
+        scaled = [np.asarray(a, dtype=np.float64) * factor for a in update]
+        rounded = [s.astype(a.dtype) for s, a in zip(scaled, update, strict=True)]
+        if l2_norm(rounded) <= clip:
+            break
+        factor *= 0.5
+    else:  # pragma: no cover - needs a clip below the dtype's resolution
+        rounded = [np.zeros_like(a) for a in update]
+    for array, value in zip(update, rounded, strict=True):
+        array[...] = value
     return norm
 
 

@@ -67,6 +67,15 @@ def test_clip_scales_to_the_bound_direction_kept() -> None:
     np.testing.assert_allclose(clipped[0], [0.6, 0.8], rtol=1e-12)
 
 
+def test_huge_finite_update_is_clipped_not_zeroed() -> None:
+    update = [np.array([1e300, -1e300])]
+
+    clipped, norm = clip_update(update, clip=2.0)
+
+    assert norm == pytest.approx(math.sqrt(2) * 1e300)
+    np.testing.assert_allclose(clipped[0], [math.sqrt(2), -math.sqrt(2)], rtol=1e-12)
+
+
 def test_non_finite_update_becomes_zero() -> None:
     update = [np.array([1.0, np.nan], dtype=np.float32), np.array([np.inf], dtype=np.float32)]
 
