@@ -8,8 +8,6 @@ SuperNode keys for a deployment. Bad input exits with status 2 and one line.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +18,8 @@ from flowerpress.config import ConfigError, load_toml, parse_assignments, valida
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowerpress", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run a simulated federation on Flower's simulation engine")
+    sim = sub.add_parser("simulate",
+                         help="run a simulated federation on Flower's simulation engine")
     sim.add_argument("--out", required=True, type=Path, help="output directory")
     sim.add_argument("--config", type=Path, help="TOML file with run-config keys")
     sim.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
@@ -37,13 +36,13 @@ def _simulate(args: argparse.Namespace) -> int:
         values.update(load_toml(args.config))
     values.update(parse_assignments(args.assignments))
     config = validate(values)
-    config["out-dir"] = str(args.out)
-    # Flower and Ray are chatty; the progress table is the interface here.
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    from flowerpress.simulations.runner import simulate
+    from flowerpress.simulations.runner import SimulationError, simulate
 
-    results = simulate(config, args.out, progress=not args.quiet)
+    try:
+        results = simulate(config, args.out, progress=not args.quiet)
+    except SimulationError as exc:
+        print(f"flowerpress: simulation failed: {exc}", file=sys.stderr)
+        return 1
     s = results["summary"]
     up, fp32 = s["total_upload_bytes"], s["fp32_upload_bytes"]
     print(f"final accuracy {s['final_accuracy']:.4f}; uploaded {up / 1e6:.3f} MB "

@@ -86,7 +86,8 @@ def _check_attack(value: str) -> object:
 SCHEMA: dict[str, Key] = {
     # --- what to learn ---------------------------------------------------------
     "dataset": Key(str, "mnist", "mnist | digits | synthetic:A,B | hub:NAME", check=_check_dataset),
-    "partition": Key(str, "dirichlet:0.5", "iid | dirichlet:ALPHA | shard:K", check=_check_partition),
+    "partition": Key(str, "dirichlet:0.5", "iid | dirichlet:ALPHA | shard:K",
+                     check=_check_partition),
     "num-clients": Key(int, 50, "number of simulated clients", minimum=1, maximum=100_000),
     "clients-per-round": Key(int, 10, "clients sampled each round", minimum=1, maximum=100_000),
     "rounds": Key(int, 20, "federated rounds", minimum=1, maximum=100_000),

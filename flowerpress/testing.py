@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 #: Rewrites a node's reply before the server sees it (fault injection).
@@ -57,7 +57,7 @@ class InProcessGrid(Grid):
     silent
         Node ids that never reply (a crashed or unreachable device).
     tamper
-        Per node id, a function that rewrites its replies.
+        Per node id, a function that rewrites its replies to train messages.
     """
 
     client_app: ClientApp
@@ -108,7 +108,7 @@ class InProcessGrid(Grid):
             if node in self.silent:
                 continue
             reply = self.client_app(msg, self._contexts[node])
-            if node in self.tamper:
+            if node in self.tamper and msg.metadata.message_type == "train":
                 reply = self.tamper[node](reply)
             self._replies[mid] = reply
         return ids

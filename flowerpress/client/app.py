@@ -67,12 +67,29 @@ def load_local_data(context: Context, config: Mapping[str, Scalar]) -> datasets.
     )
 
 
-def _model_for(config: Mapping[str, Scalar], context: Context, x_shape: tuple[int, ...]) -> torch.nn.Module:
-    pid, n = partition_of(context)
+def _model_for(config: Mapping[str, Scalar], context: Context,
+               x_shape: tuple[int, ...]) -> torch.nn.Module:
+    _, n = partition_of(context)
     dataset = str(context.node_config.get("dataset", config["dataset"]))
     classes = int(config.get("num-classes", 0)) or datasets.num_classes_of(
         dataset, int(config["seed"]), max(n, 1))
     return build_model(dataset, x_shape, classes, seed=int(config["seed"]))
+
+
+def train_config(msg: Message) -> dict[str, Scalar]:
+    """The scalar entries of the message's ``config`` ConfigRecord."""
+    record = msg.content.config_records.get("config")
+    if record is None:
+        raise ValueError("message has no ConfigRecord 'config'; expected the server's settings")
+    return {k: v for k, v in record.items() if isinstance(v, bool | int | float | str)}
+
+
+def received_weights(msg: Message) -> list[np.ndarray]:
+    """The global weights the message carries (ArrayRecord ``arrays``), as float32."""
+    record = msg.content.array_records.get("arrays")
+    if record is None:
+        raise ValueError("message has no ArrayRecord 'arrays'; expected the global model")
+    return [np.asarray(a, dtype=np.float32) for a in record.to_numpy_ndarrays()]
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -96,9 +113,9 @@ def hello(msg: Message, context: Context) -> Message:
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model on local data for one round."""
     torch.set_num_threads(1)  # simulated clients share the machine's cores
-    config = dict(msg.content["config"])
+    config = train_config(msg)
     split = load_local_data(context, config)
-    received = msg.content["arrays"].to_numpy_ndarrays()
+    received = received_weights(msg)
     model = _model_for(config, context, tuple(split.x.shape[1:]))
     set_weights(model, received)
     settings = TrainSettings(
@@ -133,10 +150,10 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on local data."""
     torch.set_num_threads(1)
-    config = dict(msg.content["config"])
+    config = train_config(msg)
     split = load_local_data(context, config)
     model = _model_for(config, context, tuple(split.x.shape[1:]))
-    set_weights(model, msg.content["arrays"].to_numpy_ndarrays())
+    set_weights(model, received_weights(msg))
     res = evaluate(model, split.x, split.y)
     metrics = MetricRecord({"num-examples": res.num_examples, "eval-loss": res.loss,
                             "eval-acc": res.accuracy})

@@ -1,8 +1,8 @@
 """flowerpress's ServerApp: build the federation from the run config and run it.
 
-``flwr run .`` loads :data:`app`; ``flowerpress simulate`` builds its own with
-:func:`make_server_app` so the CLI's validated config and output directory
-are used. Both call :func:`serve`.
+``flwr run`` (and ``flowerpress simulate``, which drives ``flwr run`` on a
+local simulation SuperLink) loads :data:`app`; tests call :func:`serve` on an
+in-process grid.
 """
 
 from __future__ import annotations
@@ -93,21 +93,6 @@ def serve(grid: Grid, config: Config, *, out_dir: Path | None = None,
     return results
 
 
-def make_server_app(config: Config, *, out_dir: Path | None = None,
-                    on_round: RoundCallback | None = None,
-                    sink: list[dict[str, Any]] | None = None) -> ServerApp:
-    """A ServerApp that runs ``config`` (already validated) and writes to ``out_dir``."""
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        results = serve(grid, config, out_dir=out_dir, on_round=on_round)
-        if sink is not None:
-            sink.append(results)
-
-    return server_app
-
-
 app = ServerApp()
 
 
@@ -120,7 +105,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _log_row(row: Mapping[str, Any]) -> None:
-    log.warning(
+    # Flower's logger is the one `flwr run --stream` and `flwr log` show.
+    logging.getLogger("flwr").info(
         "round %s: accuracy %.4f, %s clients, %s rejected, upload %.3f MB, epsilon %s",
         row["round"], row["accuracy"], row["clients"], row["rejected"],
         row["upload_bytes"] / 1e6, row["epsilon"])

@@ -24,7 +24,7 @@ PAYLOAD_STYPE = "flowerpress.payload"
 ARRAYS_KEY = "arrays"
 
 
-class UpdateRejected(ValueError):
+class UpdateRejected(ValueError):  # noqa: N818 (reads as a verdict)
     """A reply was dropped; the message says which check failed."""
 
 

@@ -90,8 +90,9 @@ def write_report(path: Path, results: Mapping[str, Any]) -> None:
     ax2.set_xlabel("cumulative upload (MB)")
     ax2.set_ylabel("test accuracy")
     ax2.grid(alpha=0.3)
-    fig.suptitle(f"{cfg.get('dataset')} {cfg.get('partition')}  compression={cfg.get('compression')}"
-                 f"  dp={cfg.get('dp')}  strategy={cfg.get('strategy')}", fontsize=9)
+    fig.suptitle(f"{cfg.get('dataset')} {cfg.get('partition')}  "
+                 f"compression={cfg.get('compression')}  dp={cfg.get('dp')}  "
+                 f"strategy={cfg.get('strategy')}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -57,7 +57,7 @@ def _shuffled(x: NDArray[Any], y: NDArray[Any], seed: int) -> tuple[NDArray[Any]
 
 def _train_test(x: NDArray[Any], y: NDArray[Any], seed: int, num_classes: int) -> Pooled:
     x, y = _shuffled(x, y, seed)
-    n_test = int(round(len(y) * TEST_FRACTION))
+    n_test = round(len(y) * TEST_FRACTION)
     return Pooled(
         train=Split(x[n_test:].astype(np.float32), y[n_test:].astype(np.int64)),
         test=Split(x[:n_test].astype(np.float32), y[:n_test].astype(np.int64)),

@@ -1,23 +1,33 @@
-"""Run a simulated federation on Flower's simulation engine (Ray backend).
+"""Run a simulated federation on Flower's simulation engine, the way ``flwr run`` does.
 
-The ServerApp and ClientApp are the same objects ``flwr run`` uses; only the
-transport differs: Flower's simulation runtime runs the ClientApps in Ray
-actors on this machine.
+:func:`simulate` starts a private SuperLink in simulation mode on a free
+loopback port (its own ``FLWR_HOME`` in a temporary directory, so the user's
+``~/.flwr`` is untouched), submits flowerpress's Flower App to it with
+``flwr run --run-config FILE --federation-config num-supernodes=N``, follows
+progress through the ``results.json`` the ServerApp rewrites after every
+round, and stops every process it started. The ClientApps run in Ray actors
+(Flower's simulation backend); nothing here replaces a Flower component.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import os
 import sys
+import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from flowerpress.config import Config
-from flowerpress.server.app import make_server_app
+from flowerpress.config import SCHEMA, Config
 
-log = logging.getLogger(__name__)
+#: How long a simulation may take at most before it is stopped (seconds).
+DEFAULT_RUN_TIMEOUT = 6 * 3600.0
+
+
+class SimulationError(RuntimeError):
+    """The simulated federation could not be started or did not finish."""
 
 
 class ProgressPrinter:
@@ -30,7 +40,8 @@ class ProgressPrinter:
 
     def header(self) -> None:
         print(f"{'round':>7} {'acc':>7} {'f1':>6} {'loss':>7} {'clients':>7} {'rej':>4}"
-              f" {'upload MB':>10} {'total MB':>9} {'eps':>7} {'sec':>6}", file=self.stream)
+              f" {'upload MB':>10} {'total MB':>9} {'eps':>7} {'sec':>6}", file=self.stream,
+              flush=True)
 
     def __call__(self, row: Mapping[str, Any]) -> None:
         self.upload += int(row["upload_bytes"])
@@ -41,8 +52,49 @@ class ProgressPrinter:
               f"{eps:>7} {row['seconds']:6.2f}", file=self.stream, flush=True)
 
 
-def simulate(config: Config, out_dir: Path | None, *, progress: bool = True,
-             stream: TextIO = sys.stdout) -> dict[str, Any]:
+def _toml_value(value: bool | int | float | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def write_app_dir(path: Path) -> Path:
+    """Write a minimal Flower App directory whose components are flowerpress's apps.
+
+    The app's ``[tool.flwr.app.config]`` lists every flowerpress key with its
+    default, so ``--run-config`` may set any of them. The code itself is
+    imported from the installed flowerpress package.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[build-system]", 'requires = ["setuptools"]', 'build-backend = "setuptools.build_meta"',
+        "", "[project]", 'name = "flowerpress-simulation"', 'version = "0.1.0"',
+        'dependencies = ["flowerpress"]', "",
+        "[tool.flwr.app]", 'publisher = "flowerpress"', "",
+        "[tool.flwr.app.components]", 'serverapp = "flowerpress.server.app:app"',
+        'clientapp = "flowerpress.client.app:app"', "", "[tool.flwr.app.config]",
+    ]
+    lines += [f"{name} = {_toml_value(key.default)}" for name, key in SCHEMA.items()]
+    (path / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _follow(results: Path, seen: int, printer: ProgressPrinter | None) -> int:
+    """Print the rows of ``results`` past the first ``seen``; return how many rows it has."""
+    try:
+        rows = json.loads(results.read_text(encoding="utf-8"))["rounds"]
+    except (OSError, ValueError, KeyError):
+        return seen
+    if printer is not None:
+        for row in rows[seen:]:
+            printer(row)
+    return max(seen, len(rows))
+
+
+def simulate(config: Config, out_dir: Path, *, progress: bool = True,
+             stream: TextIO = sys.stdout, timeout: float = DEFAULT_RUN_TIMEOUT) -> dict[str, Any]:
     """Run ``config`` on Flower's simulation engine and return the results document.
 
     Parameters
@@ -50,28 +102,87 @@ def simulate(config: Config, out_dir: Path | None, *, progress: bool = True,
     config
         A validated run config (:func:`flowerpress.config.validate`).
     out_dir
-        Where ``results.json`` and ``report.png`` go; ``None`` writes nothing.
+        Where ``results.json`` and ``report.png`` go.
     progress
-        Print a line per round to ``stream``.
+        Print a line per round to ``stream`` as rounds finish.
+    timeout
+        Upper bound on the whole run in seconds.
+
+    Raises
+    ------
+    SimulationError
+        If the SuperLink does not start or the run fails; the message ends
+        with the last lines of the relevant log.
     """
-    from flwr.simulation import run_simulation
+    from flowerpress.deploy.local import ManagedProcess, free_port
 
-    from flowerpress.client.app import app as client_app
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / "results.json"
+    results.unlink(missing_ok=True)
+    run_config = {**config, "out-dir": str(out_dir)}
+    printer = ProgressPrinter(int(config["rounds"]), stream) if progress else None
 
-    printer = ProgressPrinter(int(config["rounds"]), stream)
-    sink: list[dict[str, Any]] = []
-    server_app = make_server_app(config, out_dir=out_dir, on_round=printer if progress else None,
-                                 sink=sink)
-    cpus = max(1, os.cpu_count() or 1)
-    backend_config: Any = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR",
-                      "log_to_driver": False, "configure_logging": True},
-    }
-    if progress:
-        printer.header()
-    run_simulation(server_app=server_app, client_app=client_app,
-                   num_supernodes=int(config["num-clients"]), backend_config=backend_config)
-    if not sink:
-        raise RuntimeError("the simulated federation did not finish; see the log above")
-    return sink[0]
+    with tempfile.TemporaryDirectory(prefix="flowerpress-sim-") as tmp_name:
+        tmp = Path(tmp_name)
+        home = tmp / "flwr-home"
+        home.mkdir()
+        port = free_port()
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\n'
+            "insecure = true\n", encoding="utf-8")
+        cfg_file = tmp / "run-config.toml"
+        cfg_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()),
+                            encoding="utf-8")
+        app_dir = write_app_dir(tmp / "app")
+        bindir = str(Path(sys.executable).parent)
+        env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+               "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+               "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PYTHONWARNINGS": "ignore"}
+        # Loopback only, no TLS: the SuperLink serves this process alone.
+        superlink = ManagedProcess.start(
+            "flower-superlink",
+            [f"{bindir}/flower-superlink", "--insecure", "--simulation", "--isolation",
+             "subprocess", "--host", "127.0.0.1", "--port", str(port),
+             "--disable-runtime-dependency-installation"],
+            tmp / "superlink.log", env)
+        runner: ManagedProcess | None = None
+        try:
+            superlink.wait_for_output("Application startup complete", timeout=60.0)
+            runner = ManagedProcess.start(
+                "flwr run",
+                [f"{bindir}/flwr", "run", str(app_dir), "sim", "--stream",
+                 "--run-config", str(cfg_file),
+                 "--federation-config", f"num-supernodes={int(config['num-clients'])}"],
+                tmp / "flwr-run.log", env)
+            if printer is not None:
+                printer.header()
+            seen, deadline = 0, time.monotonic() + timeout
+            while runner.alive() and time.monotonic() < deadline:
+                seen = _follow(results, seen, printer)
+                time.sleep(0.5)
+            if runner.alive():
+                raise SimulationError(f"the simulation did not finish within {timeout:.0f} s")
+            seen = _follow(results, seen, printer)
+            document = _read_final(results, int(config["rounds"]))
+            if document is None:
+                raise SimulationError(
+                    "the simulated federation did not finish; last lines of its log:\n"
+                    + runner.tail(30))
+            return document
+        finally:
+            if runner is not None:
+                runner.stop()
+            superlink.stop()
+
+
+def _read_final(results: Path, rounds: int) -> dict[str, Any] | None:
+    """The final results document, or None if the run did not get to write it."""
+    try:
+        document: dict[str, Any] = json.loads(results.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    summary = document.get("summary", {})
+    if summary.get("rounds_completed") == rounds or summary.get("stopped"):
+        return document if (results.parent / "report.png").exists() else None
+    return None

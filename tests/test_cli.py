@@ -1,0 +1,54 @@
+"""The flowerpress command: validation and one small end-to-end simulation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flowerpress.cli import main
+from flowerpress.server.results import ROUND_FIELDS
+
+
+@pytest.mark.parametrize("setting", ["rounds=abc", "nosuchkey=1", "compression=zip",
+                                     "partition=dirichlet:0"])
+def test_bad_set_exits_2_with_one_line(setting: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute
+    code = main(["simulate", "--out", str(tmp_path), "--set", setting])
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert setting.split("=")[0] in err
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.timeout(420)
+def test_simulation_end_to_end_on_flowers_engine(tmp_path: Path) -> None:
+    # Execute: the console script, as a user runs it
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowerpress.cli", "simulate", "--out", str(out),
+         "--set", "dataset=digits", "--set", "num-clients=4", "--set", "clients-per-round=4",
+         "--set", "rounds=2", "--set", "partition=iid", "--set", "lr=0.1",
+         "--set", "local-epochs=2"],
+        capture_output=True, text=True, timeout=400, check=False)
+    # Assert
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2/2" in proc.stdout  # live progress lines
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "report.png").stat().st_size > 1000
+    assert set(results) == {"config", "rounds", "summary", "privacy"}
+    assert len(results["rounds"]) == 2
+    for row in results["rounds"]:
+        assert set(ROUND_FIELDS) <= set(row)
+        assert row["clients"] == 4 and row["upload_bytes"] > 0
+    summary = results["summary"]
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
+    assert summary["total_upload_bytes"] == sum(r["upload_bytes"] for r in results["rounds"])
+    assert summary["fp32_upload_bytes"] == 8 * summary["model_parameters"] * 4
+    assert results["config"]["dataset"] == "digits"
