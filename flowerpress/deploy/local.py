@@ -116,6 +116,15 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (Linux ``/proc``)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[:1] != ["Z"]
+
+
 def _signal_quietly(pid: int, sig: signal.Signals, *, group: bool = False) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         if group:
@@ -207,6 +216,10 @@ class ManagedProcess:
             _signal_quietly(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=5.0)
+        # Descendants are not our children: wait (bounded) until the kernel drops them.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(_running(pid) for pid in family):
+            time.sleep(0.05)
         self._log_file.close()
 
 
