@@ -223,3 +223,16 @@ def test_calibration_local_mode() -> None:
         server.end_round([1], [])
     assert server.epsilon <= 8.0
     assert not server.can_run_round()[0]
+
+
+def test_adaptive_clipping_is_charged_the_effective_multiplier() -> None:
+    # Andrew et al.: update (z_u) + count (sigma_b) together cost exactly one Gaussian
+    # with multiplier z, so the epsilon equals the fixed-clip run with the same z.
+    fixed = _server("distributed:clip=1.0,noise=1.0")
+    adaptive = _server("distributed:clip=1.0,noise=1.0,quantile=0.5,count-noise=0.75")
+
+    e_fixed = fixed.end_round(list(range(10)), [])
+    e_adaptive = adaptive.end_round(list(range(10)), [{"dp-clip-indicator": 0.5}] * 10)
+
+    assert e_adaptive == e_fixed
+    assert adaptive.update_noise_multiplier == pytest.approx((1.0 - 1 / 2.25) ** -0.5)

@@ -105,6 +105,14 @@ def test_non_train_messages_pass_through() -> None:
     assert reply is sentinel
 
 
+def test_custom_train_actions_are_privatized() -> None:
+    msg = _message(_config(), _global(), kind="train.finetune")
+
+    reply = dp_mod(msg, _context(SIM_NODE), _trainer(0.5))
+
+    assert set(reply.content["metrics"].keys()) == {"num-examples"}
+
+
 def test_dp_off_passes_through() -> None:
     msg = _message(_config("off"), _global())
     reply = dp_mod(msg, _context({}), _trainer(0.5))
