@@ -251,6 +251,8 @@ class Pipeline:
             if not all(np.isfinite(a).all() for a in arrays):
                 raise ValueError("update + error-feedback residual overflows float32")
         w = Writer()
+        if self.zstd_level is None:
+            w.raw(MAGIC + struct.pack("<BB", VERSION, 0))
         w.u32(len(arrays))
         residuals: list[F32] = []
         warm: dict[int, F32] = {}
@@ -267,7 +269,7 @@ class Pipeline:
             header = MAGIC + struct.pack("<BBQ", VERSION, _FLAG_ZSTD, len(body))
             payload = header + frame
         else:
-            payload = MAGIC + struct.pack("<BB", VERSION, 0) + body
+            payload = body  # already starts with the header
         return payload, CodecState.from_arrays(residuals, warm)
 
     def _encode_tensor(
@@ -407,7 +409,7 @@ def decode(
     body_limit = 5 * max_elements + _BODY_SLACK
     try:
         with np.errstate(all="ignore"):
-            return _decode(bytes(payload), max_elements, max_tensors, body_limit)
+            return _decode(memoryview(payload), max_elements, max_tensors, body_limit)
     except PayloadError:
         raise
     except (
@@ -422,7 +424,7 @@ def decode(
         raise PayloadError(f"malformed payload ({type(exc).__name__}: {exc})") from None
 
 
-def _decode(payload: bytes, max_elements: int, max_tensors: int, body_limit: int) -> list[F32]:
+def _decode(payload: memoryview, max_elements: int, max_tensors: int, body_limit: int) -> list[F32]:
     if len(payload) > body_limit + 64:
         raise PayloadError(f"payload of {len(payload)} bytes exceeds the bound {body_limit}")
     r = Reader(payload)
@@ -439,9 +441,9 @@ def _decode(payload: bytes, max_elements: int, max_tensors: int, body_limit: int
         if body_len > body_limit:
             raise PayloadError(f"declared body of {body_len} bytes exceeds the bound {body_limit}")
         frame = bytes(r.raw(r.remaining, "zstd frame"))
-        body = _unzstd(frame, body_len)
+        body: bytes | memoryview = _unzstd(frame, body_len)
     else:
-        body = bytes(r.raw(r.remaining, "body"))
+        body = r.raw(r.remaining, "body")
     return _decode_body(Reader(body), max_elements, max_tensors)
 
 

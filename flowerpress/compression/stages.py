@@ -57,8 +57,12 @@ STRUCT_LOWRANK = 3
 QUANT_BLOCK = 2048
 _MAX_QUANT_BLOCK = 1 << 24
 _F16_MAX = float(np.finfo(np.float16).max)
-# Ranges/scales beyond this take the float64 path so nothing overflows float32.
-_F32_SAFE = 1e36
+# Ranges/bounds beyond this (or scales beyond _F32_SAFE_SCALE) take the float64
+# path, so nothing overflows float32 (max 3.4e38) on either side of the wire.
+_F32_SAFE_RANGE = 1e38
+_F32_SAFE_SCALE = 1e36
+# Elements per working chunk: ~256 KiB of float32, comfortably inside L2.
+_CHUNK = 1 << 16
 
 
 # --------------------------------------------------------------------------- value stages
@@ -256,89 +260,140 @@ class LowRankStage(StructureStage):
 
 
 # --------------------------------------------------------------------------- value codecs
-def _quant_segment(
-    seg: F32, levels: int, rng: np.random.Generator, code_dtype: type[np.unsignedinteger]
-) -> tuple[F32, F32, npt.NDArray[np.unsignedinteger]]:
-    """Quantize a ``(blocks, block_len)`` view; returns ``lo``, ``hi``, codes."""
-    lo = seg.min(axis=1)
-    hi = seg.max(axis=1)
-    rng64 = hi.astype(np.float64) - lo.astype(np.float64)
-    scale64 = np.divide(levels, rng64, out=np.zeros_like(rng64), where=rng64 > 0)
-    safe = bool(rng64.max(initial=0.0) <= _F32_SAFE and scale64.max(initial=0.0) <= _F32_SAFE)
+def _f32_safe(lo: F32, hi: F32) -> bool:
+    """Whether ``lo + code * step`` can be evaluated in float32 without overflow."""
+    if lo.size == 0:
+        return True
+    span = float((hi.astype(np.float64) - lo.astype(np.float64)).max())
+    bound = max(float(np.abs(lo).max()), float(np.abs(hi).max()))
+    return span <= _F32_SAFE_RANGE and bound <= _F32_SAFE_RANGE
+
+
+def _quant_chunk_into(
+    seg: F32,
+    levels: int,
+    rng: np.random.Generator,
+    lo: F32,
+    hi: F32,
+    codes: npt.NDArray[np.unsignedinteger],
+    scratch: F32,
+) -> None:
+    """Quantize a ``(blocks, block_len)`` chunk, writing ``lo``, ``hi`` and ``codes`` in place."""
+    np.min(seg, axis=1, out=lo)
+    np.max(seg, axis=1, out=hi)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise ValueError("quantization input contains NaN or Inf; expected finite values")
+    span = hi.astype(np.float64) - lo.astype(np.float64)
+    scale64 = np.divide(levels, span, out=np.zeros_like(span), where=span > 0)
     t: npt.NDArray[np.floating]
-    if safe:
-        t = seg - lo[:, None]
+    if _f32_safe(lo, hi) and float(scale64.max()) <= _F32_SAFE_SCALE:
+        t = scratch[: seg.size].reshape(seg.shape)
+        np.subtract(seg, lo[:, None], out=t)
         t *= scale64.astype(np.float32)[:, None]
     else:
         t = (seg.astype(np.float64) - lo.astype(np.float64)[:, None]) * scale64[:, None]
     np.minimum(t, levels, out=t)
-    codes = t.astype(code_dtype)
+    np.copyto(codes, t, casting="unsafe")  # truncation == floor, since t >= 0
     t -= codes  # fractional part in [0, 1)
     if levels <= 255:
-        nwords = (t.size + 3) // 4
-        raw = np.asarray(rng.bit_generator.random_raw(nwords), dtype=np.uint64)
+        # 16-bit dither from the generator's raw 64-bit words: 4 draws per word.
+        raw = np.asarray(rng.bit_generator.random_raw((t.size + 3) // 4), dtype=np.uint64)
         dither = raw.view(np.uint16)[: t.size].reshape(t.shape)
         t *= 65536.0
         codes += dither < t
     else:
-        u = rng.random(t.shape, dtype=np.float32)
-        codes += u < t
-    return lo, hi, codes
+        codes += rng.random(t.shape, dtype=np.float32) < t
 
 
 def quantize(
     x: F32, bits: int, rng: np.random.Generator, block: int = QUANT_BLOCK
 ) -> tuple[F32, F32, npt.NDArray[np.unsignedinteger]]:
-    """Stochastically quantize a flat float32 vector blockwise (see :class:`QuantStage`)."""
+    """Stochastically quantize a flat float32 vector blockwise (see :class:`QuantStage`).
+
+    Works through the vector in cache-sized chunks of whole blocks so the
+    dozen elementwise passes stay in L2 instead of streaming from memory.
+
+    Raises
+    ------
+    ValueError
+        If ``x`` contains NaN or Inf.
+    """
     n = x.size
     levels = (1 << bits) - 1
     code_dtype: type[np.unsignedinteger] = np.uint8 if bits <= 8 else np.uint16
-    nfull, tail = divmod(n, block)
-    los: list[F32] = []
-    his: list[F32] = []
+    nblocks = -(-n // block)
+    lo = np.empty(nblocks, dtype=np.float32)
+    hi = np.empty(nblocks, dtype=np.float32)
     codes = np.empty(n, dtype=code_dtype)
-    if nfull:
-        main = x[: nfull * block].reshape(nfull, block)
-        lo, hi, c = _quant_segment(main, levels, rng, code_dtype)
-        codes[: nfull * block] = c.ravel()
-        los.append(lo)
-        his.append(hi)
-    if tail:
-        lo, hi, c = _quant_segment(x[nfull * block :].reshape(1, tail), levels, rng, code_dtype)
-        codes[nfull * block :] = c.ravel()
-        los.append(lo)
-        his.append(hi)
-    if not los:
-        empty = np.zeros(0, dtype=np.float32)
-        return empty, empty, codes
-    return np.concatenate(los), np.concatenate(his), codes
+    step = max(1, _CHUNK // block)
+    scratch = np.empty(min(n, step * block), dtype=np.float32)
+    for b0 in range(0, nblocks, step):
+        b1 = min(nblocks, b0 + step)
+        e0, e1 = b0 * block, min(n, b1 * block)
+        if e1 - e0 == (b1 - b0) * block:
+            shape = (b1 - b0, block)
+            _quant_chunk_into(
+                x[e0:e1].reshape(shape), levels, rng, lo[b0:b1], hi[b0:b1],
+                codes[e0:e1].reshape(shape), scratch,
+            )
+        else:  # full blocks of this chunk, then the short tail block
+            full = b1 - 1
+            if full > b0:
+                shape = (full - b0, block)
+                f1 = full * block
+                _quant_chunk_into(
+                    x[e0:f1].reshape(shape), levels, rng, lo[b0:full], hi[b0:full],
+                    codes[e0:f1].reshape(shape), scratch,
+                )
+            tail = (1, e1 - full * block)
+            _quant_chunk_into(
+                x[full * block : e1].reshape(tail), levels, rng, lo[full:b1], hi[full:b1],
+                codes[full * block : e1].reshape(tail), scratch,
+            )
+    return lo, hi, codes
 
 
 def dequantize(
     lo: F32, hi: F32, codes: npt.NDArray[np.unsignedinteger], bits: int, block: int
 ) -> F32:
-    """Map codes back to values: ``lo + code * (hi - lo) / (2**bits - 1)`` per block."""
+    """Map codes back to values: ``lo + code * (hi - lo) / (2**bits - 1)`` per block.
+
+    Shared by the encoder (for the error-feedback reconstruction) and the
+    decoder, so both produce bit-identical values.
+    """
     n = codes.size
     levels = (1 << bits) - 1
     out = np.empty(n, dtype=np.float32)
     if n == 0:
         return out
     step64 = (hi.astype(np.float64) - lo.astype(np.float64)) / levels
-    safe = bool(np.abs(step64).max() <= _F32_SAFE)
-    nfull, tail = divmod(n, block)
-    parts = []
-    if nfull:
-        parts.append((slice(0, nfull * block), slice(0, nfull), nfull, block))
-    if tail:
-        parts.append((slice(nfull * block, n), slice(nfull, nfull + 1), 1, tail))
-    for elems, blocks, rows, cols in parts:
-        c2 = codes[elems].reshape(rows, cols)
-        o2 = out[elems].reshape(rows, cols)
-        if safe:
-            np.multiply(c2, step64[blocks].astype(np.float32)[:, None], out=o2, dtype=np.float32)
-            o2 += lo[blocks][:, None]
-        else:
-            o2[...] = lo[blocks].astype(np.float64)[:, None] + c2 * step64[blocks][:, None]
+    if not _f32_safe(lo, hi):
+        # Near the float32 limits: evaluate in float64 (stays within [lo, hi]).
+        idx = np.arange(n) // block
+        out[:] = lo.astype(np.float64)[idx] + codes * step64[idx]
+        return out
+    step32 = step64.astype(np.float32)
+    nblocks = lo.size
+    chunk = max(1, _CHUNK // block)
+    for b0 in range(0, nblocks, chunk):
+        b1 = min(nblocks, b0 + chunk)
+        e0, e1 = b0 * block, min(n, b1 * block)
+        nfull = (e1 - e0) // block
+        if nfull:
+            f1 = e0 + nfull * block
+            o2 = out[e0:f1].reshape(nfull, block)
+            np.multiply(
+                codes[e0:f1].reshape(nfull, block),
+                step32[b0 : b0 + nfull, None],
+                out=o2,
+                dtype=np.float32,
+            )
+            o2 += lo[b0 : b0 + nfull, None]
+        if e0 + nfull * block < e1:
+            t0, bt = e0 + nfull * block, b0 + nfull
+            o1 = out[t0:e1]
+            np.multiply(codes[t0:e1], step32[bt], out=o1, dtype=np.float32)
+            o1 += lo[bt]
     return out
 
 
@@ -378,6 +433,15 @@ def _sign_values(neg: npt.NDArray[np.bool_], scale: np.float32) -> F32:
     return np.where(neg, -scale, scale).astype(np.float32, copy=False)
 
 
+_BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+
+
+def _sign_decode(packed: npt.NDArray[np.uint8], count: int, scale: np.float32) -> F32:
+    """Expand packed sign bits with a 256-entry table (one gather per byte)."""
+    table = np.where(_BYTE_BITS.astype(bool), -scale, scale).astype(np.float32)
+    return table[packed].reshape(-1)[:count]
+
+
 def decode_values(r: Reader, count: int) -> F32:
     """Read one ``values`` section of ``count`` elements (see module docstring)."""
     kind = r.u8("value kind")
@@ -406,6 +470,5 @@ def decode_values(r: Reader, count: int) -> F32:
         if not (math.isfinite(scale) and scale >= 0.0):
             raise PayloadError(f"sign scale {scale} is not a finite non-negative number")
         packed = np.frombuffer(r.raw((count + 7) // 8, "sign bits"), dtype=np.uint8)
-        neg = np.unpackbits(packed, count=count, bitorder="little").astype(bool)
-        return _sign_values(neg, np.float32(scale))
+        return _sign_decode(packed, count, np.float32(scale))
     raise PayloadError(f"unknown value kind {kind}")

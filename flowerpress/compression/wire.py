@@ -34,7 +34,7 @@ class Writer:
     """Append-only byte builder (a list of chunks joined once at the end)."""
 
     def __init__(self) -> None:
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | memoryview] = []
 
     def u8(self, value: int) -> None:
         """Append an unsigned 8-bit integer."""
@@ -61,8 +61,12 @@ class Writer:
         self._chunks.append(data)
 
     def array(self, arr: npt.NDArray[np.generic]) -> None:
-        """Append the raw little-endian bytes of a contiguous array."""
-        self._chunks.append(np.ascontiguousarray(arr).tobytes())
+        """Append the raw bytes of an array (zero-copy until :meth:`getvalue`).
+
+        The array must not be modified before :meth:`getvalue` is called.
+        """
+        flat = np.ascontiguousarray(arr).reshape(-1)
+        self._chunks.append(flat.data.cast("B"))
 
     def getvalue(self) -> bytes:
         """Return everything written so far as one ``bytes`` object."""

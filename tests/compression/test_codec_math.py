@@ -60,6 +60,33 @@ def test_quantization_is_exact_on_grid_values(bits: int) -> None:
     np.testing.assert_array_equal(out, x)
 
 
+@pytest.mark.parametrize("bits", [1, 8, 16])
+@pytest.mark.parametrize(
+    "values",
+    [
+        [-3.4e38, 3.4e38, 0.0, 1e38, -1e-45],
+        [3.0e38, 3.4e38, 3.2e38],
+        [1e-45, 3e-45, 0.0, -1e-45],
+        [1e37, -1e37, 5e36],
+    ],
+)
+def test_quantization_stays_finite_and_within_a_step_at_float32_extremes(
+    bits: int, values: list[float]
+) -> None:
+    # Prepare
+    x = np.array(values, dtype=np.float32)
+    step = (float(x.max()) - float(x.min())) / ((1 << bits) - 1)
+
+    # Execute
+    out = _roundtrip(f"q:{bits}", [x], seed=bits)[0]
+
+    # Assert
+    assert np.isfinite(out).all()
+    assert out.min() >= x.min() and out.max() <= x.max()
+    err = np.abs(out.astype(np.float64) - x.astype(np.float64))
+    assert err.max() <= step * (1 + 1e-6) + 1e-44
+
+
 def test_sign_is_exact_on_plus_minus_constant() -> None:
     # Prepare
     rng = np.random.default_rng(2)

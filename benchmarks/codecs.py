@@ -1,0 +1,141 @@
+"""Benchmark the update codecs on a ~10M-parameter update (prints a markdown table).
+
+For each spec: bytes on the wire, bits per parameter, ratio versus float32
+``.npy``, encode and decode throughput in MB/s of float32 input, and each
+time divided by the time of a plain memory copy of the same 40 MB measured
+in the same run (the physical floor).  Baselines: float32 ``.npy``, fp16 by
+``astype``, and zlib of the float32 bytes.  Times are the best of
+``--repeat`` runs; nothing here asserts.
+
+Run: ``.venv/bin/python benchmarks/codecs.py [--params 10000000] [--repeat 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import time
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+
+from flowerpress.compression import CodecState, decode, fp32_nbytes, parse
+
+SPECS = [
+    "none",
+    "fp16",
+    "q:8",
+    "q:4",
+    "q:2",
+    "sign",
+    "sign+ef",
+    "q:8+zstd",
+    "topk:0.01",
+    "topk:0.01+q:8+zstd",
+    "topk:0.01+q:4+ef+zstd",
+    "randk:0.01+q:8",
+    "lowrank:4+q:8+ef",
+]
+
+
+def mixed_shapes(params: int) -> list[tuple[int, ...]]:
+    """Conv / linear / bias shapes (ResNet-like convs, one big linear) totalling ~``params``."""
+    convs = [(64, 3, 7, 7), (128, 64, 3, 3), (256, 128, 3, 3), (512, 256, 3, 3), (512, 512, 3, 3)]
+    shapes: list[tuple[int, ...]] = []
+    for c in convs:
+        shapes += [c, (c[0],)]
+    used = sum(int(np.prod(s)) for s in shapes) + 1000 * 144 + 1000 + 2048
+    cols = max(1, (params - used) // 2048)
+    shapes += [(2048, cols), (2048,), (1000, 144), (1000,)]
+    return shapes
+
+
+def best_time(fn: Callable[[], object], repeat: int) -> float:
+    """Best wall time of ``repeat`` calls, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def npy_bytes(update: list[np.ndarray]) -> bytes:
+    """Concatenated ``np.save`` files of every tensor (the float32 .npy baseline)."""
+    out = io.BytesIO()
+    for a in update:
+        np.save(out, a, allow_pickle=False)
+    return out.getvalue()
+
+
+def npy_load(blob: bytes, count: int) -> list[np.ndarray]:
+    """Inverse of :func:`npy_bytes`."""
+    buf = io.BytesIO(blob)
+    return [np.load(buf, allow_pickle=False) for _ in range(count)]
+
+
+def main() -> None:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=int, default=10_000_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(args.seed)
+    update = [(0.01 * rng.standard_normal(s)).astype(np.float32) for s in mixed_shapes(args.params)]
+    n = sum(a.size for a in update)
+    fp32 = fp32_nbytes(update)
+    mb = fp32 / 1e6
+    npy = npy_bytes(update)
+
+    flat = np.concatenate([a.ravel() for a in update])
+    dst = np.empty_like(flat)
+    t_copy = best_time(lambda: np.copyto(dst, flat), max(args.repeat, 5))
+
+    rows: list[tuple[str, int, float, float]] = []
+
+    # Baselines
+    t_enc = best_time(lambda: npy_bytes(update), args.repeat)
+    t_dec = best_time(lambda: npy_load(npy, len(update)), args.repeat)
+    rows.append(("float32 .npy (baseline)", len(npy), t_enc, t_dec))
+    half = [a.astype(np.float16) for a in update]
+    t_enc = best_time(lambda: [a.astype(np.float16).tobytes() for a in update], args.repeat)
+    t_dec = best_time(lambda: [h.astype(np.float32) for h in half], args.repeat)
+    rows.append(("fp16 astype (baseline)", sum(h.nbytes for h in half), t_enc, t_dec))
+    raw = b"".join(a.tobytes() for a in update)
+    zipped = zlib.compress(raw)
+    t_enc = best_time(lambda: zlib.compress(raw), 1)
+    t_dec = best_time(lambda: zlib.decompress(zipped), args.repeat)
+    rows.append(("zlib:6 of float32 (baseline)", len(zipped), t_enc, t_dec))
+
+    for spec in SPECS:
+        pipe = parse(spec)
+        state = CodecState.empty()
+        payload, state = pipe.encode(update, state, rng=rng)  # warm up, fill EF state
+
+        t_enc = best_time(lambda p=pipe, s=state: p.encode(update, s, rng=rng), args.repeat)
+        t_dec = best_time(lambda p=payload: decode(p, max_elements=n), args.repeat)
+        rows.append((spec, len(payload), t_enc, t_dec))
+
+    print(f"update: {n:,} float32 parameters in {len(update)} tensors ({mb:.1f} MB); ")
+    print(f"memory copy of the same {mb:.1f} MB: {1e3 * t_copy:.2f} ms ({mb / t_copy:,.0f} MB/s)")
+    print(f"machine: {platform.processor() or platform.machine()}, numpy {np.__version__}")
+    print()
+    print(
+        "| spec | bytes | bits/param | ratio vs .npy | encode MB/s | decode MB/s "
+        "| encode / copy | decode / copy | (enc+dec) / copy |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, size, te, td in rows:
+        print(
+            f"| `{name}` | {size:,} | {8 * size / n:.3f} | {len(npy) / size:.1f}x "
+            f"| {mb / te:,.0f} | {mb / td:,.0f} | {te / t_copy:.1f}x | {td / t_copy:.1f}x "
+            f"| {(te + td) / t_copy:.1f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
