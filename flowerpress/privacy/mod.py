@@ -230,7 +230,10 @@ def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
         reason = policy.refusal(None, None)
         return _refuse(msg, reason) if reason else call_next(msg, context)
 
-    clip = float(config.get(CONFIG_CLIP, settings.clip))  # type: ignore[arg-type]
+    raw_clip = config.get(CONFIG_CLIP, settings.clip)
+    if isinstance(raw_clip, bool) or not isinstance(raw_clip, int | float):
+        raise ValueError(f"dp_mod: train config {CONFIG_CLIP!r} must be a number, got {raw_clip!r}")
+    clip = float(raw_clip)
     if not (math.isfinite(clip) and clip > 0.0):
         raise ValueError(f"dp_mod: train config {CONFIG_CLIP!r} must be > 0, got {clip!r}")
     if settings.adaptive and settings.count_noise is None:

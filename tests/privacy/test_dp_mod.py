@@ -240,6 +240,7 @@ def test_error_reply_from_app_is_returned() -> None:
     [
         (_config("distributed:clip=1.0,noise=1.0,sigma=3"), SIM_NODE, "sigma"),
         (_config(**{"dp-clip": -1.0}), SIM_NODE, "dp-clip"),
+        (_config(**{"dp-clip": "wide"}), SIM_NODE, "dp-clip"),
         ({"dp": SPEC, "seed": 1, "server-round": 1}, SIM_NODE, "clients-per-round"),
         (_config(seed=-3), SIM_NODE, "seed"),
         (_config("local:clip=1,noise=1,quantile=0.5"), SIM_NODE, "count-noise"),
