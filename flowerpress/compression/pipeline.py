@@ -168,12 +168,40 @@ def _as_f32(update: Sequence[npt.ArrayLike]) -> list[F32]:
 class Pipeline:
     """A parsed compression pipeline (build it with :func:`parse`).
 
-    Stages compose by wrapping: the structure stage chooses the numbers, the
-    value stage writes them, ``ef`` wraps both with error feedback (Stich et
-    al., "Sparsified SGD with Memory", NeurIPS 2018; Karimireddy et al.,
-    "Error Feedback Fixes SignSGD", ICML 2019), and ``zstd`` compresses the
-    resulting body losslessly.  Every stage is post-processing of its input, so
-    running the pipeline after DP noise keeps the DP guarantee.
+    Stages compose by wrapping: the structure stage (``topk`` / ``randk`` /
+    ``lowrank``, see :mod:`flowerpress.compression.stages`) chooses the
+    numbers, the value stage (``none`` / ``fp16`` / ``q`` / ``sign``) writes
+    them, ``ef`` wraps both, and ``zstd`` compresses the result.  Every stage
+    is post-processing of its input, so running the pipeline after DP noise
+    keeps the DP guarantee.
+
+    ``ef`` -- error feedback around the whole pipeline (Seide et al., 1-bit
+    SGD, Interspeech 2014; Stich et al., "Sparsified SGD with Memory",
+    NeurIPS 2018; Karimireddy et al., "Error Feedback Fixes SignSGD and other
+    Gradient Compression Schemes", ICML 2019).  It encodes ``x = update +
+    residual`` and keeps ``residual' = x - decoded`` in the returned
+    :class:`CodecState`, so ``update + residual == decoded + residual'`` and
+    nothing is lost, only delayed.  Each upload is biased on its own, but the
+    running sum of uploads tracks the running sum of updates.  Safe after DP
+    noise: the residual is a function of privatized updates only (the
+    residual itself never leaves the client).
+
+    ``zstd[:LEVEL]`` -- Zstandard (Collet & Kucherawy, RFC 8878) over the
+    encoded body, level 1-22 (default 3).  Lossless, hence unbiased and
+    trivially post-processing.  The decoder bounds the decompressed size by
+    ``5 * max_elements + 1 MiB`` and checks it against the frame before
+    decompressing, so a tiny payload cannot expand into gigabytes.
+
+    Attributes
+    ----------
+    structure
+        ``None`` for dense tensors, else the sparsifying or low-rank stage.
+    value
+        How each transmitted number is written.
+    error_feedback
+        Whether ``ef`` is on.
+    zstd_level
+        ``None`` without ``zstd``, else its level.
     """
 
     structure: st.StructureStage | None = None
@@ -296,7 +324,7 @@ class Pipeline:
             k = st._k_of(s.fraction, n)
             if k < n:
                 if isinstance(s, st.TopKStage):
-                    idx = np.sort(np.argpartition(np.abs(flat), n - k)[n - k :]).astype(np.int64)
+                    idx = st.topk_indices(flat, k)
                     b, unary, rem = rice_encode(idx, n)
                     w.u8(st.STRUCT_TOPK)
                     w.u32(k)

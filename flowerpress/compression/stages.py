@@ -259,6 +259,32 @@ class LowRankStage(StructureStage):
         return rows, cols
 
 
+def topk_indices(flat: F32, k: int) -> npt.NDArray[np.int64]:
+    """Sorted positions of the ``k`` largest magnitudes (ties broken arbitrarily).
+
+    No full sort: a threshold is estimated from a strided sample (as in Deep
+    Gradient Compression, Lin et al. 2018), candidates at or above it are
+    gathered with one comparison pass, and ``argpartition`` (introselect, O(n))
+    picks exactly ``k`` among them.  If the estimate leaves fewer than ``k``
+    candidates it falls back to ``argpartition`` over the whole tensor, so the
+    result is always the exact top-k.
+    """
+    n = flat.size
+    mag = np.abs(flat)
+    if n >= 1 << 16 and 8 * k < n:
+        stride = max(1, n // (1 << 15))
+        sample = mag[::stride]
+        m = sample.size
+        # Aim for ~1.5x k candidates (plus slack for small k) to survive sampling noise.
+        keep = min(m, math.ceil(1.5 * k * m / n) + 16)
+        thr = np.partition(sample, m - keep)[m - keep]
+        cand = np.flatnonzero(mag >= thr)
+        if k <= cand.size <= 8 * k:
+            sel = cand[np.argpartition(mag[cand], cand.size - k)[cand.size - k :]]
+            return np.sort(sel).astype(np.int64)
+    return np.sort(np.argpartition(mag, n - k)[n - k :]).astype(np.int64)
+
+
 # --------------------------------------------------------------------------- value codecs
 def _f32_safe(lo: F32, hi: F32) -> bool:
     """Whether ``lo + code * step`` can be evaluated in float32 without overflow."""

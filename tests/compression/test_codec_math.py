@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flowerpress.compression import CodecState, decode, parse
+from flowerpress.compression import stages as st
 
 MAX = 1_000_000
 
@@ -315,3 +316,21 @@ def test_encode_rejects_non_finite_update_naming_the_tensor() -> None:
 def test_encode_without_rng_creates_its_own_generator() -> None:
     payload, _ = parse("q:4").encode([np.arange(10, dtype=np.float32)])
     assert decode(payload, max_elements=10)[0].shape == (10,)
+
+
+@pytest.mark.parametrize("n", [100, 70_000, 300_001])
+@pytest.mark.parametrize("fraction", [0.001, 0.01, 0.1, 0.5])
+def test_topk_indices_match_a_full_sort(n: int, fraction: float) -> None:
+    # Prepare: heavy tails and a periodic structure that fools strided sampling
+    rng = np.random.default_rng(n)
+    x = rng.standard_t(2, n).astype(np.float32)
+    x[::64] *= 50
+    k = max(1, int(np.ceil(fraction * n)))
+
+    # Execute
+    idx = st.topk_indices(x, k)
+
+    # Assert: same magnitudes as the k largest (ties may pick other positions)
+    assert idx.size == k and np.all(np.diff(idx) > 0)
+    expected = np.sort(np.abs(x))[n - k :]
+    np.testing.assert_array_equal(np.sort(np.abs(x[idx])), expected)
