@@ -236,3 +236,15 @@ def test_adaptive_clipping_is_charged_the_effective_multiplier() -> None:
 
     assert e_adaptive == e_fixed
     assert adaptive.update_noise_multiplier == pytest.approx((1.0 - 1 / 2.25) ** -0.5)
+
+
+def test_local_state_round_trip() -> None:
+    server = _server("local:clip=0.5,noise=4.0")
+    server.end_round([3, 4], [])
+    server.end_round([3], [])
+
+    resumed = _server("local:clip=0.5,noise=4.0")
+    resumed.load_state_dict(json.loads(json.dumps(server.state_dict())))
+
+    assert resumed.epsilon == server.epsilon
+    assert resumed.end_round([4], []) == server.end_round([4], []) < server.end_round([3], [])
