@@ -105,7 +105,9 @@ def _unpack_table(bits: int) -> npt.NDArray[np.unsignedinteger]:
     shifts = (np.arange(per, dtype=np.uint8) * np.uint8(bits)).astype(np.uint8)
     table = (np.arange(256, dtype=np.uint8)[:, None] >> shifts) & np.uint8((1 << bits) - 1)
     word = {2: "<u2", 4: "<u4", 8: "<u8"}[per]
-    return np.ascontiguousarray(table, dtype=np.uint8).view(word).reshape(256)
+    out = np.ascontiguousarray(table, dtype=np.uint8).view(word).reshape(256)
+    out.setflags(write=False)
+    return out
 
 
 _UNPACK_TABLES = {b: _unpack_table(b) for b in (1, 2, 4)}

@@ -460,12 +460,13 @@ def _sign_values(neg: npt.NDArray[np.bool_], scale: np.float32) -> F32:
 
 
 _BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+_BYTE_BITS.setflags(write=False)
 
 
 def _sign_decode(packed: npt.NDArray[np.uint8], count: int, scale: np.float32) -> F32:
     """Expand packed sign bits with a 256-entry table (one gather per byte)."""
     table = np.where(_BYTE_BITS.astype(bool), -scale, scale).astype(np.float32)
-    return table[packed].reshape(-1)[:count]
+    return np.take(table, packed, axis=0).reshape(-1)[:count]
 
 
 def decode_values(r: Reader, count: int) -> F32:
