@@ -92,9 +92,9 @@ SCHEMA: dict[str, Key] = {
     "clients-per-round": Key(int, 10, "clients sampled each round", minimum=1, maximum=100_000),
     "rounds": Key(int, 20, "federated rounds", minimum=1, maximum=100_000),
     # --- local training ----------------------------------------------------------
-    "local-epochs": Key(int, 1, "local epochs per round", minimum=1, maximum=1000),
-    "batch-size": Key(int, 32, "local mini-batch size", minimum=1, maximum=1_000_000),
-    "lr": Key(float, 0.05, "local SGD learning rate", minimum=0.0, maximum=100.0),
+    "local-epochs": Key(int, 2, "local epochs per round", minimum=1, maximum=1000),
+    "batch-size": Key(int, 16, "local mini-batch size", minimum=1, maximum=1_000_000),
+    "lr": Key(float, 0.1, "local SGD learning rate", minimum=0.0, maximum=100.0),
     "seed": Key(int, 0, "root seed: partitions, sampling, training", minimum=0, maximum=2**31 - 1),
     # --- the round loop ----------------------------------------------------------
     "round-timeout": Key(float, 120.0, "seconds to wait for replies", minimum=0.01, maximum=1e6),

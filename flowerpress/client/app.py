@@ -24,7 +24,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flowerpress.client.mods import compression_mod
 from flowerpress.client.training import TrainSettings, evaluate, train
+from flowerpress.privacy import dp_mod
 from flowerpress.simulations import data as datasets
 from flowerpress.simulations.models import build_model, get_weights, set_weights
 
@@ -98,7 +100,9 @@ def _generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
-app = ClientApp()
+# Outer to inner: the compression mod decodes the broadcast first and encodes
+# last, so the update is clipped and noised before it is compressed.
+app = ClientApp(mods=[compression_mod, dp_mod])
 
 
 @app.query()

@@ -1,0 +1,105 @@
+"""``compression_mod``: compressed download in, compressed update out, for any ClientApp.
+
+A Flower mod (``(msg, context, call_next) -> Message``) that
+
+1. decodes a compressed global model the server broadcast (``download-compression``)
+   into the plain ArrayRecord ``"arrays"`` the wrapped ClientApp expects;
+2. lets the ClientApp (and inner mods such as :func:`flowerpress.privacy.dp_mod`) run;
+3. turns the train reply's weights into ``delta = local - received`` (the weights
+   the client actually received, which differ from the server's under a lossy
+   broadcast), encodes it with the run's ``compression`` pipeline and replies with
+   the payload instead of the weights.
+
+Error-feedback residuals and low-rank warm starts live in ``Context.state`` under
+:data:`STATE_KEY` between rounds (STYLE.md, habit 2). Place the mod outermost::
+
+    app = ClientApp(mods=[compression_mod, dp_mod])
+
+so the order on the way out is train -> clip -> noise -> compress: compression
+after noise is post-processing and keeps the DP guarantee, and the residuals are
+computed from the privatized update.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from flowerpress.compression import CodecState, decode, parse
+from flowerpress.server.decoding import ARRAYS_KEY, is_payload, payload_record
+
+log = logging.getLogger(__name__)
+
+#: Where the pipeline state is kept in ``Context.state``.
+STATE_KEY = "flowerpress.codec"
+#: Upper bound on the elements of a broadcast a client decodes, unless the node
+#: config sets ``max-model-elements`` (a device refuses absurd allocations).
+DEFAULT_MAX_ELEMENTS = 1 << 28
+
+
+def _max_elements(context: Context) -> int:
+    value = context.node_config.get("max-model-elements")
+    return value if isinstance(value, int) and value > 0 else DEFAULT_MAX_ELEMENTS
+
+
+def _int(msg: Message, key: str, default: int) -> int:
+    record = msg.content.config_records.get("config")
+    value = None if record is None else record.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _spec(msg: Message) -> str:
+    record = msg.content.config_records.get("config")
+    value = None if record is None else record.get("compression")
+    return value if isinstance(value, str) else "none"
+
+
+def _with_arrays(content: RecordDict, arrays: ArrayRecord) -> RecordDict:
+    """A copy of ``content`` whose ``"arrays"`` record is replaced."""
+    out = RecordDict({k: v for k, v in content.items() if k != ARRAYS_KEY})
+    out[ARRAYS_KEY] = arrays
+    return out
+
+
+def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Decode a compressed broadcast and compress the train reply's update (see module doc)."""
+    kind = msg.metadata.message_type.split(".")[0]
+    if kind not in (MessageType.TRAIN, MessageType.EVALUATE):
+        return call_next(msg, context)
+    incoming = msg.content.array_records.get(ARRAYS_KEY)
+    if incoming is None:
+        return call_next(msg, context)
+    if is_payload(incoming):
+        arrays = decode(incoming["payload"].data, max_elements=_max_elements(context))
+        received = [np.asarray(a, dtype=np.float32) for a in arrays]
+        msg.content = _with_arrays(msg.content, ArrayRecord(received))
+    else:
+        received = [np.asarray(a, dtype=np.float32) for a in incoming.to_numpy_ndarrays()]
+
+    reply = call_next(msg, context)
+    spec = _spec(msg)
+    if kind != MessageType.TRAIN or reply.has_error() or spec == "none":
+        return reply
+    local_record = reply.content.array_records.get(ARRAYS_KEY)
+    if local_record is None:
+        return reply
+    local = local_record.to_numpy_ndarrays()
+    if len(local) != len(received):
+        raise ValueError(f"train reply has {len(local)} arrays, expected {len(received)} "
+                         "(one per tensor of the received model)")
+    delta = [np.asarray(w, dtype=np.float32) - g for w, g in zip(local, received, strict=True)]
+    pipeline = parse(spec)
+    saved = context.state.array_records.get(STATE_KEY)
+    state = CodecState.from_record(saved) if saved is not None else None
+    pid = context.node_config.get("partition-id")
+    stream = pid if isinstance(pid, int) else context.node_id
+    rng = np.random.default_rng(
+        [_int(msg, "seed", 0), abs(stream), _int(msg, "server-round", 0), 3])
+    payload, state = pipeline.encode(delta, state, rng=rng)
+    if pipeline.has_error_feedback or not state.is_empty:
+        context.state[STATE_KEY] = state.to_record()
+    reply.content = _with_arrays(reply.content, payload_record(payload))
+    return reply

@@ -1,0 +1,93 @@
+"""compression_mod on flowerpress's ClientApp and on a plain user ClientApp."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flowerpress.client.mods import STATE_KEY, compression_mod
+from flowerpress.compression import decode, parse
+from flowerpress.server.decoding import extract_update, is_payload, payload_record
+from flowerpress.testing import server_identity
+
+SHAPES = [(20, 10), (10,)]
+
+
+def _user_app(step: float) -> ClientApp:
+    """A user's ClientApp that knows nothing of flowerpress: adds ``step`` to every weight."""
+    app = ClientApp(mods=[compression_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        arrays = msg.content.array_records["arrays"].to_numpy_ndarrays()
+        new = [a + np.float32(step) for a in arrays]
+        return Message(RecordDict({"arrays": ArrayRecord(new),
+                                   "metrics": MetricRecord({"num-examples": 5})}), reply_to=msg)
+
+    return app
+
+
+def _train_msg(arrays: ArrayRecord, spec: str, round_: int = 1) -> Message:
+    config = ConfigRecord({"compression": spec, "seed": 0, "server-round": round_})
+    msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1,
+                  message_type="train")
+    msg.metadata.__dict__["_message_id"] = f"m{round_}"
+    return msg
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1},
+                   state=RecordDict(), run_config={})
+
+
+def test_user_app_reply_becomes_a_payload_of_the_delta() -> None:
+    # Prepare
+    weights = [np.zeros(s, dtype=np.float32) for s in SHAPES]
+    app, ctx = _user_app(0.5), _context()
+    with server_identity():
+        msg = _train_msg(ArrayRecord(weights), "fp16")
+        # Execute
+        reply = app(msg, ctx)
+    # Assert: a payload, decoding to the delta the app made
+    record = reply.content.array_records["arrays"]
+    assert is_payload(record)
+    delta = decode(record["payload"].data, max_elements=1000)
+    for d, s in zip(delta, SHAPES, strict=True):
+        np.testing.assert_array_equal(d, np.full(s, 0.5, dtype=np.float32))
+    assert reply.content.metric_records["metrics"]["num-examples"] == 5
+    assert len(record["payload"].data) < sum(np.prod(s) for s in SHAPES) * 4
+
+
+def test_compressed_broadcast_is_decoded_and_delta_taken_against_it() -> None:
+    # Prepare: the server broadcasts q:8 (lossy) weights
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+    payload, _ = parse("q:8").encode(weights, None, rng=rng)
+    received = decode(payload, max_elements=1000)
+    app, ctx = _user_app(1.0), _context()
+    with server_identity():
+        msg = _train_msg(payload_record(payload), "none")
+        # Execute
+        reply = app(msg, ctx)
+        delta = extract_update(reply, received)
+    # Assert: the delta is exactly what the app added to what it received
+    for d in delta:
+        np.testing.assert_allclose(d, 1.0, atol=1e-6)
+
+
+def test_error_feedback_residual_persists_in_context_state() -> None:
+    # Prepare
+    weights = [np.zeros(s, dtype=np.float32) for s in SHAPES]
+    app, ctx = _user_app(0.25), _context()
+    with server_identity():
+        # Execute
+        app(_train_msg(ArrayRecord(weights), "topk:0.1+ef", 1), ctx)
+        first = ctx.state.array_records[STATE_KEY].to_numpy_ndarrays()
+        app(_train_msg(ArrayRecord(weights), "topk:0.1+ef", 2), ctx)
+        second = ctx.state.array_records[STATE_KEY].to_numpy_ndarrays()
+    # Assert: 90% of the first delta was held back, and it accumulates
+    total_first = sum(float(np.abs(r).sum()) for r in first)
+    total_second = sum(float(np.abs(r).sum()) for r in second)
+    assert total_first > 0
+    assert total_second > total_first
