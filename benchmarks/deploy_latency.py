@@ -1,0 +1,133 @@
+"""Round latency on a real (local) Flower deployment: vanilla FedAvg vs flowerpress.
+
+Starts one TLS SuperLink with SuperNode authentication and ``--nodes`` SuperNodes on
+loopback (``flowerpress.deploy.local.LocalDeployment``), then submits two runs with
+``flwr run`` into the same federation:
+
+1. ``benchmarks/deploy_fedavg`` -- Flower's own ``flwr.serverapp.strategy.FedAvg``
+   driving ``Grid.send_and_receive`` (which sleeps 3 s between pulls), with clients
+   that do almost no work;
+2. the flowerpress app (this repository) on the ``digits`` dataset, clients training
+   a small torch model for one local epoch.
+
+Prints per-round wall seconds of both, their ratio, and the ClientApp compute time
+Flower reports (``flwr ls``), which separates protocol latency from client work.
+
+Usage::
+
+    .venv/bin/python benchmarks/deploy_latency.py [--nodes 3] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from flowerpress.deploy.local import LocalDeployment
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE_APP = REPO / "benchmarks" / "deploy_fedavg"
+
+
+def _clientapp_launches(dep: LocalDeployment) -> int:
+    """ClientApp processes started so far (a SuperNode starts one per message)."""
+    return sum(
+        proc.output().count("Start `flwr-clientapp` process") for proc in dep.supernodes.values()
+    )
+
+
+def _run(
+    dep: LocalDeployment, app: Path, config: dict[str, Any], timeout: float
+) -> tuple[list[float], dict[str, Any]]:
+    out_dir = Path(config["out-dir"])
+    launches_before = _clientapp_launches(dep)
+    started = time.monotonic()
+    run_id = dep.run_app(app, config)
+    status = dep.wait_run(run_id, timeout=timeout)
+    if status["status"] != "finished:completed":
+        raise SystemExit(f"run {run_id} of {app.name}: {status['status']}\n{dep.run_log(run_id)}")
+    status["wall-seconds"] = time.monotonic() - started
+    status["clientapp-launches"] = _clientapp_launches(dep) - launches_before
+    rows = json.loads((out_dir / "results.json").read_text())["rounds"]
+    return [float(row["seconds"]) for row in rows], status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=3, help="SuperNodes (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per run (default 3)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="bound per run, seconds")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep logs here")
+    args = parser.parse_args(argv)
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="deploy-latency-"))
+    t0 = time.monotonic()
+    with LocalDeployment(workdir, nodes=args.nodes, startup_timeout=120.0) as dep:
+        dep.start_superlink()
+        for i in range(args.nodes):
+            dep.register(i)
+            dep.start_supernode(i, {"partition-id": i, "num-partitions": args.nodes})
+        dep.wait_nodes_online(args.nodes)
+        setup_s = time.monotonic() - t0
+
+        fp_config: dict[str, Any] = {
+            "rounds": args.rounds,
+            "dataset": "digits",
+            "num-clients": args.nodes,
+            "clients-per-round": args.nodes,
+            "min-replies": args.nodes,
+            "local-epochs": 1,
+            "out-dir": str(workdir / "out-flowerpress"),
+        }
+        fp_rounds, fp_status = _run(dep, REPO, fp_config, args.timeout)
+        params = int(
+            json.loads((workdir / "out-flowerpress" / "results.json").read_text())["summary"]
+            .get("model_parameters", 4810)
+        )
+        base_config: dict[str, Any] = {
+            "rounds": args.rounds,
+            "min-nodes": args.nodes,
+            "num-params": params,
+            "out-dir": str(workdir / "out-fedavg"),
+        }
+        base_rounds, base_status = _run(dep, BASELINE_APP, base_config, args.timeout)
+
+    print(
+        f"\nLocal deployment: TLS + SuperNode auth, {args.nodes} SuperNodes on loopback, "
+        f"{params} model parameters, setup {setup_s:.1f} s (logs: {workdir})\n"
+    )
+    print("| round | vanilla FedAvg (s) | flowerpress (s) | flowerpress / vanilla |")
+    print("|------:|-------------------:|----------------:|----------------------:|")
+    for i, (base, fp) in enumerate(zip(base_rounds, fp_rounds, strict=True), start=1):
+        print(f"| {i} | {base:.2f} | {fp:.2f} | {fp / base:.2f} |")
+    base_med, fp_med = statistics.median(base_rounds), statistics.median(fp_rounds)
+    print(f"| median | {base_med:.2f} | {fp_med:.2f} | {fp_med / base_med:.2f} |")
+
+    print(
+        "\n| run | wall s (submit to finished) | ServerApp s | ClientApp s (sum) "
+        "| ClientApp launches | ClientApp s per launch | median round - s per launch |"
+    )
+    print("|-----|----:|----:|----:|----:|----:|----:|")
+    runs = (("vanilla FedAvg", base_status, base_med), ("flowerpress", fp_status, fp_med))
+    for name, status, median in runs:
+        compute = status.get("compute-time", {})
+        client_s = float(compute.get("clientapp-seconds", float("nan")))
+        launches = int(status["clientapp-launches"])
+        per_launch = client_s / launches if launches else float("nan")
+        print(
+            f"| {name} | {status['wall-seconds']:.1f} | "
+            f"{float(compute.get('serverapp-seconds', float('nan'))):.1f} | {client_s:.1f} | "
+            f"{launches} | {per_launch:.2f} | {median - per_launch:.2f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
