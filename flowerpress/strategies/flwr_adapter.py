@@ -23,6 +23,7 @@ QFedAvg needs a training loss in the reply metrics.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -129,12 +130,18 @@ class FlwrStrategy(BatchStrategy):
         # Flower samples nodes with the global `random` module; keep its state
         # untouched so runs stay reproducible from their own seeds.
         saved = random.getstate()
+        # Its "configure_train: Sampled N nodes" log line would describe the
+        # stand-in grid, not the clients flowerpress sampled: silence it.
+        flwr_logger = logging.getLogger("flwr")
+        level = flwr_logger.level
+        flwr_logger.setLevel(logging.WARNING)
         try:
             grid: Any = _ConfigureGrid(_required_nodes(self.strategy))
             with _task_identity():
                 self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
         finally:
             random.setstate(saved)
+            flwr_logger.setLevel(level)
 
     def client_config(self, server_round: int) -> dict[str, ConfigValue]:
         """Forward Flower FedProx's ``proximal_mu`` as ``"proximal-mu"``."""

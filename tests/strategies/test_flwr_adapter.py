@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
@@ -108,13 +109,15 @@ def test_adapter_leaves_global_state_alone() -> None:
     random.seed(123)
     expected_next = random.random()
     random.seed(123)
+    level = logging.getLogger("flwr").level
     # Execute
     _run(build_strategy("flwr:FedAvg:min_available_nodes=5"), _rounds(2, 1, 3))
     # Assert: Flower's node sampling did not consume the global `random` stream,
-    # and the placeholder task identity was removed again
+    # the placeholder task identity was removed again, Flower's log level restored
     assert random.random() == expected_next
     with pytest.raises(RuntimeError):
         _ = TaskIdentity.run_id
+    assert logging.getLogger("flwr").level == level
 
 
 def test_adapter_no_updates_and_zero_weight_return_global() -> None:
