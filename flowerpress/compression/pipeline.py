@@ -157,8 +157,6 @@ def _as_f32(update: Sequence[npt.ArrayLike]) -> list[F32]:
         arr = np.asarray(a, dtype=np.float32, order="C")
         if arr.ndim > _MAX_NDIM or any(d > _MAX_DIM for d in arr.shape):
             raise ValueError(f"update tensor {i}: shape {arr.shape} not encodable")
-        if not np.isfinite(arr).all():
-            raise ValueError(f"update tensor {i}: contains NaN or Inf; expected finite values")
         arrays.append(arr)
     return arrays
 
@@ -316,6 +314,11 @@ class Pipeline:
         flat = x.ravel()
         n = flat.size
         s = self.structure
+        # Dense quantization detects NaN/Inf from its block minima and maxima for free.
+        if not (s is None and isinstance(self.value, st.QuantStage)) and not bool(
+            np.isfinite(flat).all()
+        ):
+            raise ValueError(f"update tensor {index}: contains NaN or Inf; expected finite values")
         if isinstance(s, st.LowRankStage):
             mshape = s.matrix_shape(x.shape)
             if mshape is not None:
@@ -356,7 +359,10 @@ class Pipeline:
                 out[idx] = vrec
                 return out
         w.u8(st.STRUCT_DENSE)
-        return st.encode_values(self.value, flat, w, rng, need)
+        try:
+            return st.encode_values(self.value, flat, w, rng, need)
+        except ValueError as exc:
+            raise ValueError(f"update tensor {index}: {exc}") from None
 
     def _encode_lowrank(
         self,

@@ -79,7 +79,7 @@ def mutated(draw: hs.DrawFn) -> bytes:
 
 
 @settings(
-    max_examples=400,
+    max_examples=300,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
