@@ -53,17 +53,17 @@ def test_distributed_epsilon_equals_dp_accounting() -> None:
 
 
 def test_dropouts_account_less_noise_unless_topped_up() -> None:
-    full = _server("distributed:clip=1.0,noise=2.0")
-    short = _server("distributed:clip=1.0,noise=2.0")
-    topped = _server("distributed:clip=1.0,noise=2.0")
+    full = _server("distributed:clip=1.0,noise=1.0")
+    short = _server("distributed:clip=1.0,noise=1.0")
+    topped = _server("distributed:clip=1.0,noise=1.0")
 
     e_full = full.end_round(list(range(10)), [])
     e_short = short.end_round(list(range(10)), [], aggregated=4)
     e_topped = topped.end_round(list(range(10)), [], aggregated=4, topped_up=True)
 
-    assert e_short == pytest.approx(_direct_wor_epsilon(2.0 * math.sqrt(0.4), 50, 10, 1, 1e-5))
+    assert e_short == pytest.approx(_direct_wor_epsilon(math.sqrt(0.4), 50, 10, 1, 1e-5))
     assert e_short > e_full == e_topped
-    assert topped.topup_std(4) == pytest.approx(2.0 * 1.0 * math.sqrt(0.6))
+    assert topped.topup_std(4) == pytest.approx(1.0 * 1.0 * math.sqrt(0.6))
 
 
 def test_local_mode_worst_case_client_no_amplification() -> None:
@@ -185,10 +185,10 @@ def test_calibration_rejects_bad_target() -> None:
         noise_multiplier_for(0.0, delta=1e-5, rounds=10, num_clients=100, clients_per_round=10)
 
 
-@settings(max_examples=5, deadline=None, derandomize=True)
+@settings(max_examples=4, deadline=None, derandomize=True)
 @given(
     target=st.floats(min_value=0.5, max_value=20.0),
-    rounds=st.integers(min_value=1, max_value=100),
+    rounds=st.integers(min_value=1, max_value=60),
     n=st.integers(min_value=10, max_value=2000),
     frac=st.floats(min_value=0.01, max_value=1.0),
 )

@@ -31,7 +31,7 @@ _arrays = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None, derandomize=True)
+@settings(max_examples=120, deadline=None, derandomize=True)
 @given(update=_arrays, clip=st.floats(min_value=1e-30, max_value=1e30))
 def test_clip_bound_holds_for_any_input(update: list[np.ndarray], clip: float) -> None:
     # Prepare
