@@ -560,7 +560,7 @@ def _decode_tensor(r: Reader, shape: tuple[int, ...], numel: int) -> F32:
         rank = r.u16("rank")
         if len(shape) < 2 or rows != shape[0] or rows * cols != numel:
             raise PayloadError(f"low-rank factors {rows}x{cols} do not match shape {shape}")
-        if rank < 1 or (rows + cols) * rank >= numel:
+        if not 1 <= rank <= st.MAX_LOWRANK_RANK or (rows + cols) * rank >= numel:
             raise PayloadError(f"low-rank rank {rank} invalid for a {rows}x{cols} matrix")
         p = st.decode_values(r, rows * rank).reshape(rows, rank)
         q = st.decode_values(r, cols * rank).reshape(cols, rank)

@@ -53,6 +53,9 @@ STRUCT_TOPK = 1
 STRUCT_RANDK = 2
 STRUCT_LOWRANK = 3
 
+#: Largest accepted low-rank rank.  Bounds the decoder's matmul to
+#: ``MAX_LOWRANK_RANK * max_elements`` multiply-adds (PowerSGD uses ranks 1-32).
+MAX_LOWRANK_RANK = 256
 #: Elements per quantization block (one float32 ``lo``/``hi`` pair per block).
 QUANT_BLOCK = 2048
 _MAX_QUANT_BLOCK = 1 << 24
@@ -238,8 +241,10 @@ class LowRankStage(StructureStage):
     rank: int = 4
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or not 1 <= self.rank <= 65535:
-            raise ValueError(f"lowrank: RANK must be an integer in [1, 65535], got {self.rank!r}")
+        if not isinstance(self.rank, int) or not 1 <= self.rank <= MAX_LOWRANK_RANK:
+            raise ValueError(
+                f"lowrank: RANK must be an integer in [1, {MAX_LOWRANK_RANK}], got {self.rank!r}"
+            )
 
     def spec(self) -> str:
         """Canonical spec fragment."""

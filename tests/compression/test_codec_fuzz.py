@@ -155,6 +155,15 @@ def test_crafted_payloads_are_rejected_with_a_reason(payload: bytes, reason: str
         decode(payload, max_elements=MAX_ELEMENTS)
 
 
+def test_lowrank_rank_above_the_cap_is_rejected() -> None:
+    # Prepare: rank 257 would cost 257 multiply-adds per element to decode
+    payload = _frame(struct.pack("<IBIIBIIH", 1, 2, 600, 600, 3, 600, 600, 257))
+
+    # Execute / Assert
+    with pytest.raises(PayloadError, match="rank 257 invalid"):
+        decode(payload, max_elements=600 * 600)
+
+
 def test_element_bound_is_enforced_on_valid_payloads() -> None:
     # Prepare
     payload, _ = parse("q:8").encode([np.ones((10, 10), dtype=np.float32)])

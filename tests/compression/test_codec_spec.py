@@ -71,6 +71,7 @@ def test_parse_builds_the_stages_named_in_the_spec() -> None:
         ("randk:0.1,sometimes", "randk:0.1,sometimes"),
         ("lowrank:0", "lowrank:0"),
         ("lowrank:2.5", "lowrank:2.5"),
+        ("lowrank:257", "lowrank:257"),
         ("sign:3", "sign:3"),
         ("ef:1", "ef:1"),
         ("zstd:0", "zstd:0"),
