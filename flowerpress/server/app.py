@@ -36,7 +36,7 @@ def serve(grid: Grid, config: Config, *, out_dir: Path | None = None,
     """Run the federation described by ``config`` on ``grid``; return results.json's content."""
     from flowerpress.compression import parse as parse_codec
     from flowerpress.privacy import ServerPrivacy, parse_dp
-    from flowerpress.strategies import build_strategy
+    from flowerpress.strategies import MeanStrategy, build_strategy
 
     dataset, seed, n = str(config["dataset"]), int(config["seed"]), int(config["num-clients"])
     test = datasets.load_test(dataset, seed, n)
@@ -53,9 +53,21 @@ def serve(grid: Grid, config: Config, *, out_dir: Path | None = None,
     strategy = build_strategy(str(config["strategy"]))
     dp = parse_dp(str(config["dp"]))
     max_eps = float(config["max-epsilon"])
-    privacy = None if dp is None else ServerPrivacy(
-        dp, num_clients=n, clients_per_round=int(config["clients-per-round"]),
-        delta=float(config["dp-delta"]), max_epsilon=max_eps if max_eps > 0 else None)
+    ledgers: list[ServerPrivacy] = []
+
+    def make_ledger(population: int) -> ServerPrivacy:
+        # The sampling rate is clients-per-round over the nodes actually there.
+        assert dp is not None
+        ledgers.append(ServerPrivacy(
+            dp, num_clients=population,
+            clients_per_round=min(int(config["clients-per-round"]), population),
+            delta=float(config["dp-delta"]), max_epsilon=max_eps if max_eps > 0 else None))
+        return ledgers[-1]
+
+    if dp is not None and not isinstance(strategy, MeanStrategy):
+        # The accounting bounds the sensitivity of a mean of clipped updates.
+        log.warning("strategy %s is not a mean of the updates: the reported epsilon "
+                    "assumes one and does not hold for it", config["strategy"])
     download = parse_codec(str(config["download-compression"]))
     client_config = {k: config[k] for k in CLIENT_KEYS}
     client_config["num-classes"] = classes
@@ -77,15 +89,15 @@ def serve(grid: Grid, config: Config, *, out_dir: Path | None = None,
         if out_dir is not None:  # keep results current, so a long run can be watched
             write_json_atomic(out_dir / "results.json", build_results(
                 config, rows_so_far, model_elements=elements, initial=start,
-                privacy=None if privacy is None else privacy.privacy_block()))
+                privacy=ledgers[-1].privacy_block() if ledgers else None))
         if on_round is not None:
             on_round(row)
 
     _, rows, stopped = run_federation(
-        grid, initial, strategy, settings, evaluate_fn=evaluate_fn, privacy=privacy,
-        download=download, on_round=after_round)
+        grid, initial, strategy, settings, evaluate_fn=evaluate_fn,
+        privacy=None if dp is None else make_ledger, download=download, on_round=after_round)
     results = build_results(config, rows, model_elements=elements, initial=start,
-                            privacy=None if privacy is None else privacy.privacy_block(),
+                            privacy=ledgers[-1].privacy_block() if ledgers else None,
                             stopped=stopped)
     if out_dir is not None:
         write_json_atomic(out_dir / "results.json", results)

@@ -61,7 +61,8 @@ class PrivacyLedger(Protocol):
     def train_config(self, server_round: int) -> dict[str, Scalar]: ...
     def can_run_round(self) -> tuple[bool, str]: ...
     def end_round(self, participants: Sequence[int],
-                  reply_metrics: Sequence[Mapping[str, float | int]]) -> float: ...
+                  reply_metrics: Sequence[Mapping[str, float | int]], *,
+                  aggregated: int | None = None) -> float: ...
     def privacy_block(self) -> dict[str, Any]: ...
 
 
@@ -241,7 +242,7 @@ def run_federation(
     settings: LoopSettings,
     *,
     evaluate_fn: EvaluateFn,
-    privacy: PrivacyLedger | None = None,
+    privacy: Callable[[int], PrivacyLedger] | None = None,
     download: DownloadCodec | None = None,
     on_round: RoundCallback | None = None,
     clock: Callable[[], float] = time.monotonic,
@@ -251,16 +252,21 @@ def run_federation(
 
     The stop reason is ``None`` when every round ran, else a sentence saying
     why the run ended early (e.g. the privacy budget).
+
+    ``privacy`` builds the privacy ledger for the population actually sampled
+    from (the number of connected nodes), which the accounting's sampling
+    rate depends on.
     """
     rng = np.random.default_rng([settings.seed, 1])
     nodes = discover_nodes(grid, wanted=settings.clients_per_round,
                            timeout=settings.node_wait_timeout, clock=clock, sleep=sleep)
+    ledger = None if privacy is None else privacy(len(nodes))
     weights = [np.asarray(w, dtype=np.float32) for w in initial_weights]
     rows: list[dict[str, Any]] = []
     stop: str | None = None
     for server_round in range(1, settings.rounds + 1):
-        if privacy is not None:
-            ok, reason = privacy.can_run_round()
+        if ledger is not None:
+            ok, reason = ledger.can_run_round()
             if not ok:
                 stop = f"stopped before round {server_round}: {reason}"
                 log.warning("%s", stop)
@@ -270,17 +276,20 @@ def run_federation(
         picked = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
         sampled = [nodes[i] for i in picked]
         extra: dict[str, Scalar] = dict(strategy.client_config(server_round))
-        if privacy is not None:
-            extra.update(privacy.train_config(server_round))
+        if ledger is not None:
+            extra.update(ledger.train_config(server_round))
         outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
                             extra_config=extra, download=download, rng=rng,
                             clock=clock, sleep=sleep)
         weights = outcome.new_global
         epsilon = None
-        if privacy is not None:
+        if ledger is not None:
             # Every sampled client may have released a noised update, whether or
-            # not it reached us in time: account for all of them.
-            epsilon = privacy.end_round(sampled, outcome.reply_metrics)
+            # not it reached us in time: local mode charges all of them. The
+            # aggregate holds only the valid replies' noise: distributed mode
+            # accounts z * sqrt(valid / sampled).
+            epsilon = ledger.end_round(sampled, outcome.reply_metrics,
+                                       aggregated=outcome.valid)
         metrics = evaluate_fn(weights)
         row: dict[str, Any] = {
             "round": server_round,

@@ -1,0 +1,75 @@
+"""The ServerApp's `serve` on an in-process grid: compression, download codecs, privacy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowerpress.client.app import app as client_app
+from flowerpress.config import validate
+from flowerpress.server.app import serve
+from flowerpress.testing import InProcessGrid, server_identity
+
+BASE = {"dataset": "digits", "partition": "iid", "num-clients": 4, "clients-per-round": 4,
+        "rounds": 2, "local-epochs": 1, "round-timeout": 5.0}
+
+
+def _serve(out: Path | None = None, **overrides: Any) -> dict[str, Any]:
+    config = validate({**BASE, **overrides})
+    with server_identity():
+        return serve(InProcessGrid(client_app, 4), config, out_dir=out)
+
+
+def test_compressed_uploads_shrink_and_results_are_written(tmp_path: Path) -> None:
+    # Execute
+    plain = _serve()
+    packed = _serve(tmp_path, compression="topk:0.05+q:8+ef+zstd")
+    # Assert
+    ratio = plain["summary"]["total_upload_bytes"] / packed["summary"]["total_upload_bytes"]
+    assert ratio > 20
+    assert packed["summary"]["final_accuracy"] > packed["summary"]["initial_accuracy"]
+    assert (tmp_path / "results.json").exists() and (tmp_path / "report.png").exists()
+    assert all(r["rejected"] == 0 and r["clients"] == 4 for r in packed["rounds"])
+
+
+def test_download_compression_halves_the_broadcast() -> None:
+    # Execute
+    plain = _serve(rounds=1)
+    half = _serve(rounds=1, **{"download-compression": "fp16"})
+    # Assert
+    ratio = plain["summary"]["total_download_bytes"] / half["summary"]["total_download_bytes"]
+    assert 1.9 < ratio < 2.2  # float32 .npy arrays (with headers) vs packed fp16
+    assert half["summary"]["final_accuracy"] > half["summary"]["initial_accuracy"]
+
+
+def test_privacy_is_accounted_every_round() -> None:
+    # Execute
+    result = _serve(dp="distributed:clip=1.0,noise=1.0,rng=seeded", rounds=3)
+    # Assert
+    eps = [r["epsilon"] for r in result["rounds"]]
+    assert all(e is not None and e > 0 for e in eps)
+    assert eps == sorted(eps) and eps[0] < eps[-1]
+    assert result["privacy"]["mode"] == "distributed"
+    assert result["privacy"]["clients_per_round"] == 4
+
+
+def test_max_epsilon_stops_before_the_round_that_would_exceed_it() -> None:
+    # Prepare: epsilon after two and after three rounds
+    dp = "local:clip=1.0,noise=2.0,rng=seeded"
+    eps = [r["epsilon"] for r in _serve(dp=dp, rounds=3)["rounds"]]
+    budget = (eps[1] + eps[2]) / 2
+    # Execute: a budget that allows two rounds but not three
+    result = _serve(dp=dp, rounds=5, **{"max-epsilon": budget})
+    # Assert
+    assert len(result["rounds"]) == 2
+    assert result["rounds"][-1]["epsilon"] <= budget
+    assert "privacy budget" in result["summary"]["stopped"]
+
+
+@pytest.mark.parametrize("spec", ["median", "fedadam:lr=0.01", "flwr:FedAvg"])
+def test_other_strategies_run_through_serve(spec: str) -> None:
+    result = _serve(strategy=spec, compression="q:8")
+    assert result["summary"]["rounds_completed"] == 2
+    assert all(r["clients"] == 4 for r in result["rounds"])
