@@ -367,8 +367,8 @@ def main(argv: list[str]) -> int:
     Returns
     -------
     int
-        0 on success, 1 when the credentials cannot be written (one line on stderr),
-        2 on a usage error (argparse).
+        0 on success; 2 on bad input, existing files without ``--force`` or an
+        unwritable directory (one line on stderr), as for every ``flowerpress`` command.
     """
     parser = build_parser()
     try:
@@ -381,10 +381,10 @@ def main(argv: list[str]) -> int:
         )
     except CertError as exc:
         print(f"flowerpress certs: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as exc:
         print(f"flowerpress certs: error: cannot write {args.out}: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(f"CA certificate:        {creds.ca_cert}")
     print(f"SuperLink certificate: {creds.superlink_cert} (hosts: {', '.join(creds.hosts)})")
     print(f"SuperLink key:         {creds.superlink_key}")

@@ -153,7 +153,7 @@ def test_main_reports_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     negative_err = capsys.readouterr().err
 
     # Assert
-    assert (first, second, bad_host, negative) == (0, 1, 1, 1)
+    assert (first, second, bad_host, negative) == (0, 2, 2, 2)
     for message in (err, bad_host_err, negative_err):
         assert message.count("\n") == 1 and message.startswith("flowerpress certs: error:")
     assert "--force" in err
