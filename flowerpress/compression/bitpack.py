@@ -24,6 +24,9 @@ __all__ = [
 ]
 
 UIntArray = npt.NDArray[np.unsignedinteger]
+
+# Values per chunk in the general-width bit packer (a multiple of 8).
+_BIT_CHUNK = 1 << 15
 IntArray = npt.NDArray[np.int64]
 
 
@@ -60,11 +63,16 @@ def pack_uint(values: npt.NDArray[np.integer], bits: int) -> bytes:
         for j in range(1, per):  # at most 8 vectorized passes, not per element
             out |= v2[:, j] << np.uint8(j * bits)
         return out.tobytes()
-    # General width: expand to a bit matrix and let packbits do the work.
-    wide = flat.astype(np.uint32)
+    # General width: expand chunks to a bit matrix and let packbits do the work.
+    # Chunks hold a multiple of 8 values so each one ends on a byte boundary,
+    # and keep the bit-matrix temporaries small.
     shifts = np.arange(bits, dtype=np.uint32)
-    bitmat = ((wide[:, None] >> shifts) & np.uint32(1)).astype(np.uint8)
-    return np.packbits(bitmat.ravel(), bitorder="little").tobytes()
+    parts = []
+    for c0 in range(0, flat.size, _BIT_CHUNK):
+        wide = flat[c0 : c0 + _BIT_CHUNK].astype(np.uint32)
+        bitmat = ((wide[:, None] >> shifts) & np.uint32(1)).astype(np.uint8)
+        parts.append(np.packbits(bitmat.ravel(), bitorder="little").tobytes())
+    return b"".join(parts)
 
 
 def unpack_uint(data: bytes | memoryview, count: int, bits: int) -> UIntArray:
@@ -93,10 +101,16 @@ def unpack_uint(data: bytes | memoryview, count: int, bits: int) -> UIntArray:
         # One gather per packed byte from a table of little-endian words whose
         # bytes are the unpacked values (far faster than fancy 2-D indexing).
         return np.take(_UNPACK_TABLES[bits], buf).view(np.uint8)[:count]
-    bitmat = np.unpackbits(buf, count=count * bits, bitorder="little").reshape(count, bits)
     weights = np.left_shift(np.uint32(1), np.arange(bits, dtype=np.uint32))
-    res = bitmat.astype(np.uint32) @ weights
-    return res.astype(out_dtype)
+    out: UIntArray = np.empty(count, dtype=out_dtype)
+    chunk_bytes = _BIT_CHUNK * bits // 8
+    for c0 in range(0, count, _BIT_CHUNK):
+        m = min(_BIT_CHUNK, count - c0)
+        b0 = (c0 // _BIT_CHUNK) * chunk_bytes
+        piece = buf[b0 : b0 + chunk_bytes]
+        bitmat = np.unpackbits(piece, count=m * bits, bitorder="little").reshape(m, bits)
+        out[c0 : c0 + m] = bitmat.astype(np.uint32) @ weights
+    return out
 
 
 def _unpack_table(bits: int) -> npt.NDArray[np.unsignedinteger]:

@@ -32,6 +32,18 @@ def test_pack_uint_round_trips_and_uses_exactly_count_times_bits(bits: int, coun
     np.testing.assert_array_equal(back.astype(np.uint64), values)
 
 
+@pytest.mark.parametrize("bits", [1, 3, 4, 12])
+def test_pack_uint_round_trips_across_internal_chunks(bits: int) -> None:
+    # Prepare: more values than one 32768-value chunk, not a multiple of 8
+    values = np.random.default_rng(bits).integers(0, 1 << bits, size=100_003, dtype=np.uint64)
+
+    # Execute
+    back = unpack_uint(pack_uint(values, bits), values.size, bits)
+
+    # Assert
+    np.testing.assert_array_equal(back.astype(np.uint64), values)
+
+
 def test_unpack_uint_rejects_wrong_section_length() -> None:
     with pytest.raises(PayloadError, match="packed section"):
         unpack_uint(b"\x00\x00", 5, 4)
