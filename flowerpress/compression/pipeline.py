@@ -274,8 +274,6 @@ class Pipeline:
                 )
             with np.errstate(over="ignore"):
                 arrays = [a + r for a, r in zip(arrays, state.residuals, strict=True)]
-            if not all(np.isfinite(a).all() for a in arrays):
-                raise ValueError("update + error-feedback residual overflows float32")
         w = Writer()
         if self.zstd_level is None:
             w.raw(MAGIC + struct.pack("<BB", VERSION, 0))
@@ -318,7 +316,10 @@ class Pipeline:
         if not (s is None and isinstance(self.value, st.QuantStage)) and not bool(
             np.isfinite(flat).all()
         ):
-            raise ValueError(f"update tensor {index}: contains NaN or Inf; expected finite values")
+            raise ValueError(
+                f"update tensor {index}: contains NaN or Inf; expected finite values"
+                + (" (after adding the error-feedback residual)" if self.error_feedback else "")
+            )
         if isinstance(s, st.LowRankStage):
             mshape = s.matrix_shape(x.shape)
             if mshape is not None:

@@ -334,3 +334,14 @@ def test_topk_indices_match_a_full_sort(n: int, fraction: float) -> None:
     assert idx.size == k and np.all(np.diff(idx) > 0)
     expected = np.sort(np.abs(x))[n - k :]
     np.testing.assert_array_equal(np.sort(np.abs(x[idx])), expected)
+
+
+@pytest.mark.parametrize("spec", ["q:8+ef", "sign+ef", "topk:0.5+ef"])
+def test_encode_rejects_residual_overflow_instead_of_sending_inf(spec: str) -> None:
+    # Prepare
+    big = np.full(4, 3.0e38, dtype=np.float32)
+    state = CodecState.from_arrays([big])
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="tensor 0"):
+        parse(spec).encode([big], state, rng=np.random.default_rng(0))
