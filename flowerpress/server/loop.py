@@ -136,7 +136,10 @@ def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
     ids = list(grid.push_messages(msgs))
     id_to_node = dict(zip(ids, nodes, strict=True))
     partition: dict[int, int] = {}
-    for reply in poll_replies(grid, ids, timeout=min(timeout, 30.0), clock=clock, sleep=sleep):
+    # The first messages wait for the simulation engine's actors (or a device)
+    # to start: give the query the whole node-wait budget.
+    for reply in poll_replies(grid, ids, timeout=max(deadline - clock(), 5.0), clock=clock,
+                              sleep=sleep):
         node = id_to_node.get(reply.metadata.reply_to_message_id)
         if node is None or reply.has_error():
             continue
@@ -144,6 +147,9 @@ def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
         pid = None if info is None else info.get("partition-id")
         if isinstance(pid, int) and pid >= 0:
             partition[node] = pid
+    if len(partition) < len(nodes):
+        log.warning("%s of %s nodes did not report a partition id; sampling is not "
+                    "reproducible across runs for them", len(nodes) - len(partition), len(nodes))
     big = 1 << 62
     return sorted(nodes, key=lambda n: (partition.get(n, big), n))
 
