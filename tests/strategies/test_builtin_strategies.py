@@ -355,3 +355,20 @@ def test_multikrum_m_larger_than_n_averages_everything() -> None:
     out = _round(MultiKrum(f=0, m=10), 1, model, deltas, weights)
     # Assert
     _assert_close(out, _flat(model) + np.stack([_flat(d) for d in deltas]).mean(axis=0))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 7), seed=st.integers(0, 2**16), data=st.data())
+def test_robust_rules_do_not_depend_on_arrival_order(
+    n: int, seed: int, data: st.DataObject
+) -> None:
+    # Prepare
+    model, deltas, weights = _updates(seed, n)
+    order = data.draw(st.permutations(range(n)))
+    shuffled = [deltas[i] for i in order]
+    # Execute / Assert
+    for make in (Median, lambda: TrimmedMean(beta=0.25), lambda: MultiKrum(f=1, m=2)):
+        a = _round(make(), 1, model, deltas, weights)
+        b = _round(make(), 1, model, shuffled, [weights[i] for i in order])
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
