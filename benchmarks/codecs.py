@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
 import time
 import zlib
@@ -130,7 +131,11 @@ def main() -> None:
         f"memory copy of the same {mb:.1f} MB: {1e3 * t_copy:.2f} ms ({mb / t_copy:,.0f} MB/s); "
         "ratios use a copy re-timed next to each row"
     )
-    print(f"machine: {platform.processor() or platform.machine()}, numpy {np.__version__}")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}, "
+        f"load average at the end of the run: {load}"
+    )
     print()
     print(
         "| spec | bytes | bits/param | ratio vs .npy | encode MB/s | decode MB/s "

@@ -195,6 +195,8 @@ def rice_decode(
 
 
 _TWO_POW_M53 = float(2.0**-53)
+# Keeps the (value, position) sort keys of _first_distinct inside int64.
+_MAX_SEEDED_N = 1 << 30
 
 
 def _first_distinct(seed: int, n: int, k: int) -> IntArray:
@@ -213,10 +215,21 @@ def _first_distinct(seed: int, n: int, k: int) -> IntArray:
         np.minimum(vals, n - 1, out=vals)
         drawn.append(vals)
         allv = np.concatenate(drawn) if len(drawn) > 1 else vals
-        uniq, first = np.unique(allv, return_index=True)
+        m = allv.size
+        if n * m >= 1 << 63:
+            raise ValueError(f"random-k over {n} elements is too large to sample")
+        # One sort of distinct keys (value, draw position): no reliance on sort
+        # stability, so every numpy version orders them identically.
+        keys = np.sort(allv * m + np.arange(m, dtype=np.int64))
+        sv, pos = np.divmod(keys, m)
+        first = np.ones(m, dtype=bool)
+        first[1:] = sv[1:] != sv[:-1]
+        uniq: IntArray = sv[first]
+        firstpos: IntArray = pos[first]
         if uniq.size >= k:
-            order = np.argsort(first, kind="stable")[:k]
-            return np.sort(uniq[order])
+            kth = np.partition(firstpos, k - 1)[k - 1]
+            chosen: IntArray = uniq[firstpos <= kth]
+            return chosen
         batch *= 2
     raise PayloadError("seeded index sampling did not converge")  # pragma: no cover
 
@@ -230,6 +243,8 @@ def seeded_indices(seed: int, n: int, k: int) -> IntArray:
     """
     if not 0 <= k <= n:
         raise PayloadError(f"cannot choose {k} of {n} elements")
+    if n > _MAX_SEEDED_N:
+        raise ValueError(f"random-k supports tensors up to {_MAX_SEEDED_N} elements, got {n}")
     if k == 0:
         return np.zeros(0, dtype=np.int64)
     if k == n:
