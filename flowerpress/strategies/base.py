@@ -247,7 +247,12 @@ class BatchStrategy(_RoundMixin, Strategy):
                 self._result = [g.copy() for g in global_weights]
             else:
                 new = self.aggregate(global_weights, self._deltas, self._weights, self._client_ids)
-                check_delta(new, global_weights)
+                try:
+                    check_delta(new, global_weights)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"{type(self).__name__}.aggregate() returned bad weights: {exc}"
+                    ) from None
                 self._result = _as_float32_list(new)
             # The updates are no longer needed; free O(clients x model) memory.
             self._deltas, self._weights, self._client_ids = [], [], []

@@ -129,3 +129,25 @@ def test_default_config_and_state() -> None:
     strategy.load_state_dict({})
     with pytest.raises(ValueError, match="keeps no state"):
         strategy.load_state_dict({"m": [np.zeros(2)]})
+
+
+class _DropsALayer(BatchStrategy):
+    def aggregate(
+        self,
+        global_weights: list[NDArray],
+        deltas: list[list[NDArray]],
+        weights: list[float],
+        client_ids: list[int],
+    ) -> list[NDArray]:
+        return global_weights[:1]
+
+
+def test_batch_result_rejects_aggregate_output_with_wrong_layout() -> None:
+    # Prepare
+    strategy = _DropsALayer()
+    model = _model()
+    strategy.begin_round(1, model)
+    strategy.add(model, 1.0, 1)
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"_DropsALayer.aggregate\(\) returned bad weights"):
+        strategy.result()
