@@ -273,7 +273,14 @@ class Pipeline:
                     f"{[a.shape for a in arrays]}"
                 )
             with np.errstate(over="ignore"):
-                arrays = [a + r for a, r in zip(arrays, state.residuals, strict=True)]
+                # np.asarray: adding 0-d arrays yields numpy scalars.
+                arrays = [np.asarray(a + r) for a, r in zip(arrays, state.residuals, strict=True)]
+            owned = True  # fresh arrays: the new residual may overwrite them
+        else:
+            owned = False
+        # The float32 passthrough writes tensors into the payload zero-copy, so
+        # only other value stages may reuse ``x`` for the residual.
+        reuse = owned and not isinstance(self.value, st.NoneStage)
         w = Writer()
         if self.zstd_level is None:
             w.raw(MAGIC + struct.pack("<BB", VERSION, 0))
@@ -284,7 +291,12 @@ class Pipeline:
             recon = self._encode_tensor(i, x, w, rng, state, warm)
             if self.error_feedback:
                 assert recon is not None
-                residuals.append((x - recon.reshape(x.shape)).astype(np.float32, copy=False))
+                if reuse:
+                    residuals.append(np.subtract(x, recon.reshape(x.shape), out=x))
+                else:
+                    residuals.append(
+                        np.asarray(np.subtract(x, recon.reshape(x.shape), dtype=np.float32))
+                    )
         body = w.getvalue()
         if self.zstd_level is not None:
             frame = zstandard.ZstdCompressor(
