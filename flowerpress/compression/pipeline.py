@@ -534,10 +534,10 @@ def _decode_body(r: Reader, max_elements: int, max_tensors: int) -> list[F32]:
                 f"tensor {i}: shape {shape} exceeds the element bound {max_elements}"
             )
         budget -= numel
-        arr = _decode_tensor(r, shape, numel)
-        if not np.isfinite(arr).all():
-            raise PayloadError(f"tensor {i}: non-finite value")
-        out.append(arr)
+        try:
+            out.append(_decode_tensor(r, shape, numel))
+        except PayloadError as exc:
+            raise PayloadError(f"tensor {i}: {exc}") from None
     r.expect_end()
     return out
 
@@ -577,5 +577,8 @@ def _decode_tensor(r: Reader, shape: tuple[int, ...], numel: int) -> F32:
             raise PayloadError(f"low-rank rank {rank} invalid for a {rows}x{cols} matrix")
         p = st.decode_values(r, rows * rank).reshape(rows, rank)
         q = st.decode_values(r, cols * rank).reshape(cols, rank)
-        return np.ascontiguousarray((p @ q.T).astype(np.float32, copy=False)).reshape(shape)
+        prod = np.ascontiguousarray(p @ q.T, dtype=np.float32)
+        if not np.isfinite(prod).all():  # finite factors can still overflow
+            raise PayloadError("non-finite value in the low-rank product")
+        return prod.reshape(shape)
     raise PayloadError(f"unknown structure id {structure}")

@@ -493,12 +493,19 @@ def _sign_decode(packed: npt.NDArray[np.uint8], count: int, scale: np.float32) -
 
 
 def decode_values(r: Reader, count: int) -> F32:
-    """Read one ``values`` section of ``count`` elements (see module docstring)."""
+    """Read one ``values`` section of ``count`` elements (see module docstring).
+
+    The result is always finite: float sections are checked, and quantized and
+    sign sections are finite by construction once their scales are validated
+    (quantized values stay within their block's finite ``[lo, hi]``).
+    """
     kind = r.u8("value kind")
-    if kind == KIND_F32:
-        return r.array(np.float32, count, "float32 values").astype(np.float32)
-    if kind == KIND_F16:
-        return r.array(np.float16, count, "float16 values").astype(np.float32)
+    if kind in (KIND_F32, KIND_F16):
+        dtype = np.float32 if kind == KIND_F32 else np.float16
+        raw = r.array(dtype, count, "float values")
+        if not np.isfinite(raw).all():
+            raise PayloadError("non-finite value")
+        return raw.astype(np.float32)
     if kind == KIND_QUANT:
         bits = r.u8("quantization bits")
         if not 1 <= bits <= 16:

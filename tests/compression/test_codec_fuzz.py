@@ -155,6 +155,24 @@ def test_crafted_payloads_are_rejected_with_a_reason(payload: bytes, reason: str
         decode(payload, max_elements=MAX_ELEMENTS)
 
 
+def test_lowrank_product_overflow_is_rejected() -> None:
+    # Prepare: finite float32 factors whose product overflows
+    p = np.full(40 * 1, 1e30, dtype="<f4").tobytes()
+    q = np.full(40 * 1, 1e30, dtype="<f4").tobytes()
+    body = struct.pack("<IBIIBIIH", 1, 2, 40, 40, 3, 40, 40, 1) + b"\x00" + p + b"\x00" + q
+    payload = _frame(body)
+
+    # Execute / Assert
+    with pytest.raises(PayloadError, match="low-rank product"):
+        decode(payload, max_elements=1600)
+
+
+def test_float16_infinity_is_rejected() -> None:
+    payload = _frame(struct.pack("<IBIBB", 1, 1, 2, 0, 1) + np.array([1, np.inf], "<f2").tobytes())
+    with pytest.raises(PayloadError, match="non-finite"):
+        decode(payload, max_elements=MAX_ELEMENTS)
+
+
 def test_lowrank_rank_above_the_cap_is_rejected() -> None:
     # Prepare: rank 257 would cost 257 multiply-adds per element to decode
     payload = _frame(struct.pack("<IBIIBIIH", 1, 2, 600, 600, 3, 600, 600, 257))
