@@ -17,9 +17,11 @@ import argparse
 import io
 import os
 import platform
+import statistics
 import time
 import zlib
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,6 +42,17 @@ SPECS = [
     "randk:0.01+q:8",
     "lowrank:4+q:8+ef",
 ]
+
+
+class Row(NamedTuple):
+    """One line of the table: sizes, best times (s), median ratios to np.copy."""
+
+    name: str
+    size: int
+    enc: float
+    dec: float
+    enc_ratio: float
+    dec_ratio: float
 
 
 def mixed_shapes(params: int) -> list[tuple[int, ...]]:
@@ -96,44 +109,74 @@ def main() -> None:
     flat = np.concatenate([a.ravel() for a in update])
     dst = np.empty_like(flat)
 
-    def copy_time() -> float:
+    def copy_once() -> None:
         # The floor is np.copy (allocate + copy 40 MB): every decoder that
-        # returns a new array pays at least that.  Re-measured next to every
-        # row so a shared, noisy machine affects the codec and its floor alike.
-        return best_time(lambda: np.copy(flat), max(args.repeat, 5))
+        # returns a new array pays at least that.
+        np.copy(flat)
 
-    t_copy = copy_time()
-    rows: list[tuple[str, int, float, float, float]] = []
+    def measure(name: str, size: int, enc: Callable[[], object], dec: Callable[[], object]) -> Row:
+        # Each repetition times copy, encode, decode back to back; the ratios
+        # are medians of per-repetition ratios, so load from other processes
+        # on a shared machine hits the codec and its floor alike.  MB/s use the
+        # best repetition.
+        te, td, re_, rd = [], [], [], []
+        for _ in range(args.repeat):
+            c = best_time(copy_once, 2)
+            e = best_time(enc, 1)
+            d = best_time(dec, 1)
+            te.append(e)
+            td.append(d)
+            re_.append(e / c)
+            rd.append(d / c)
+        return Row(name, size, min(te), min(td), statistics.median(re_), statistics.median(rd))
 
-    # Baselines
-    t_enc = best_time(lambda: npy_bytes(update), args.repeat)
-    t_dec = best_time(lambda: npy_load(npy, len(update)), args.repeat)
-    rows.append(("float32 .npy (baseline)", len(npy), t_enc, t_dec, copy_time()))
+    rows: list[Row] = []
+    rows.append(
+        measure(
+            "float32 .npy (baseline)",
+            len(npy),
+            lambda: npy_bytes(update),
+            lambda: npy_load(npy, len(update)),
+        )
+    )
     half = [a.astype(np.float16) for a in update]
-    t_enc = best_time(lambda: [a.astype(np.float16).tobytes() for a in update], args.repeat)
-    t_dec = best_time(lambda: [h.astype(np.float32) for h in half], args.repeat)
-    rows.append(("fp16 astype (baseline)", sum(h.nbytes for h in half), t_enc, t_dec, copy_time()))
+    rows.append(
+        measure(
+            "fp16 astype (baseline)",
+            sum(h.nbytes for h in half),
+            lambda: [a.astype(np.float16).tobytes() for a in update],
+            lambda: [h.astype(np.float32) for h in half],
+        )
+    )
     raw = b"".join(a.tobytes() for a in update)
     zipped = zlib.compress(raw)
-    t_enc = best_time(lambda: zlib.compress(raw), 1)
-    t_dec = best_time(lambda: zlib.decompress(zipped), args.repeat)
-    rows.append(("zlib:6 of float32 (baseline)", len(zipped), t_enc, t_dec, copy_time()))
-
+    rows.append(
+        measure(
+            "zlib:6 of float32 (baseline)",
+            len(zipped),
+            lambda: zlib.compress(raw),
+            lambda: zlib.decompress(zipped),
+        )
+    )
     for spec in SPECS:
         pipe = parse(spec)
-        state = CodecState.empty()
-        payload, state = pipe.encode(update, state, rng=rng)  # warm up, fill EF state
-
-        t_enc = best_time(lambda p=pipe, s=state: p.encode(update, s, rng=rng), args.repeat)
-        t_dec = best_time(lambda p=payload: decode(p, max_elements=n), args.repeat)
-        rows.append((spec, len(payload), t_enc, t_dec, copy_time()))
+        payload, state = pipe.encode(update, CodecState.empty(), rng=rng)  # warm up, fill EF
+        rows.append(
+            measure(
+                spec,
+                len(payload),
+                lambda p=pipe, s=state: p.encode(update, s, rng=rng),
+                lambda p=payload: decode(p, max_elements=n),
+            )
+        )
+    t_copy = best_time(copy_once, max(args.repeat, 5))
 
     print(f"update: {n:,} float32 parameters in {len(update)} tensors ({mb:.1f} MB)")
     t_copyto = best_time(lambda: np.copyto(dst, flat), max(args.repeat, 5))
     print(
         f"memory copy of the same {mb:.1f} MB: np.copy {1e3 * t_copy:.2f} ms "
         f"({mb / t_copy:,.0f} MB/s); np.copyto into a warm buffer {1e3 * t_copyto:.2f} ms. "
-        "Ratios use np.copy, re-timed next to each row."
+        "Ratios: median over repetitions of (codec time / np.copy time) timed back to back."
     )
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
@@ -146,11 +189,11 @@ def main() -> None:
         "| encode / copy | decode / copy | (enc+dec) / copy |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, size, te, td, tc in rows:
+    for row in rows:
         print(
-            f"| `{name}` | {size:,} | {8 * size / n:.3f} | {len(npy) / size:.1f}x "
-            f"| {mb / te:,.0f} | {mb / td:,.0f} | {te / tc:.1f}x | {td / tc:.1f}x "
-            f"| {(te + td) / tc:.1f}x |"
+            f"| `{row.name}` | {row.size:,} | {8 * row.size / n:.3f} | {len(npy) / row.size:.1f}x "
+            f"| {mb / row.enc:,.0f} | {mb / row.dec:,.0f} | {row.enc_ratio:.1f}x "
+            f"| {row.dec_ratio:.1f}x | {row.enc_ratio + row.dec_ratio:.1f}x |"
         )
 
 
