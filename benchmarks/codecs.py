@@ -67,6 +67,37 @@ def mixed_shapes(params: int) -> list[tuple[int, ...]]:
     return shapes
 
 
+# The ~1M-parameter update of issue 4 (same shapes as tests/compression/test_codec_sizes.py).
+SHAPES_1M: list[tuple[int, ...]] = [
+    (32, 3, 3, 3), (32,), (64, 32, 3, 3), (64,), (128, 64, 3, 3), (128,),
+    (128, 128, 3, 3), (128,), (256, 3200), (256,), (10, 256), (10,),
+]  # fmt: skip
+SPECS_1M = [
+    "none", "fp16", "q:8", "q:4", "q:2", "sign", "sign+ef", "q:8+zstd", "topk:0.01",
+    "topk:0.01+q:8", "topk:0.01+q:8+zstd", "topk:0.01+q:4+ef+zstd", "randk:0.01+q:8",
+    "lowrank:4", "lowrank:4+q:8+ef",
+]  # fmt: skip
+
+
+def bytes_table_1m(seed: int) -> None:
+    """Print payload sizes on the ~1M update (deterministic for a given seed)."""
+    rng = np.random.default_rng(seed)
+    update = [(0.01 * rng.standard_normal(s)).astype(np.float32) for s in SHAPES_1M]
+    n = sum(a.size for a in update)
+    npy = len(npy_bytes(update))
+    print(f"update: {n:,} float32 parameters in {len(update)} tensors; .npy {npy:,} bytes")
+    print()
+    print("| spec | bytes | bits/param | ratio vs float32 | ratio vs .npy |")
+    print("|---|---:|---:|---:|---:|")
+    for spec in SPECS_1M:
+        payload, _ = parse(spec).encode(update, rng=np.random.default_rng(0))
+        size = len(payload)
+        print(
+            f"| `{spec}` | {size:,} | {8 * size / n:.3f} | {fp32_nbytes(update) / size:.1f}x "
+            f"| {npy / size:.1f}x |"
+        )
+
+
 def best_time(fn: Callable[[], object], repeat: int) -> float:
     """Best wall time of ``repeat`` calls, in seconds."""
     best = float("inf")
@@ -97,7 +128,13 @@ def main() -> None:
     parser.add_argument("--params", type=int, default=10_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bytes-1m", action="store_true", help="only print payload sizes on the ~1M update"
+    )
     args = parser.parse_args()
+    if args.bytes_1m:
+        bytes_table_1m(args.seed)
+        return
 
     rng = np.random.default_rng(args.seed)
     update = [(0.01 * rng.standard_normal(s)).astype(np.float32) for s in mixed_shapes(args.params)]
