@@ -337,7 +337,7 @@ class Pipeline:
             if mshape is not None:
                 return self._encode_lowrank(index, x.reshape(mshape), w, rng, state, warm)
         elif isinstance(s, st.TopKStage | st.RandKStage) and n > 0:
-            k = st._k_of(s.fraction, n)
+            k = st.kept_count(s.fraction, n)
             if k < n:
                 if isinstance(s, st.TopKStage):
                     idx = st.topk_indices(flat, k)
@@ -387,34 +387,60 @@ class Pipeline:
         warm: dict[int, F32],
     ) -> F32 | None:
         assert isinstance(self.structure, st.LowRankStage)
-        rows, cols = m.shape
+        cols = m.shape[1]
         rank = self.structure.rank
         q = state.lowrank_q.get(index)
         if q is None or q.shape != (cols, rank):
             q = rng.standard_normal((cols, rank), dtype=np.float32)
         sub = Writer()
-        with np.errstate(all="ignore"):
-            p = m @ q
-            if np.isfinite(p).all():
-                p = np.ascontiguousarray(np.linalg.qr(p)[0], dtype=np.float32)
-            sub.u8(st.STRUCT_LOWRANK)
-            sub.u32(rows)
-            sub.u32(cols)
-            sub.u16(rank)
-            p_hat = st.encode_values(self.value, p.ravel(), sub, rng, True)
-            assert p_hat is not None
-            p_hat2 = p_hat.reshape(rows, rank)
-            q_new = np.ascontiguousarray(m.T @ p_hat2, dtype=np.float32)
-            q_hat = st.encode_values(self.value, q_new.ravel(), sub, rng, True)
-            assert q_hat is not None
-            recon = (p_hat2 @ q_hat.reshape(cols, rank).T).astype(np.float32, copy=False)
-        if not (np.isfinite(p_hat).all() and np.isfinite(q_new).all() and np.isfinite(recon).all()):
-            # Only reachable near the float32 overflow limit: send the tensor dense instead.
+        factors = _powersgd_step(m, q, rank, self.value, sub, rng)
+        if factors is None:
+            # Only reachable near the float32 overflow limit: send the tensor dense.
             w.u8(st.STRUCT_DENSE)
             return st.encode_values(self.value, m.ravel(), w, rng, self.error_feedback)
+        q_new, recon = factors
         w.raw(sub.getvalue())
         warm[index] = q_new
         return recon
+
+
+def _powersgd_step(
+    m: F32,
+    q: F32,
+    rank: int,
+    value: st.ValueStage,
+    w: Writer,
+    rng: np.random.Generator,
+) -> tuple[F32, F32] | None:
+    """One warm-started PowerSGD iteration written to ``w``: ``(Q, P_hat Q_hat^T)``.
+
+    ``P = orth(M Q)`` goes through the value stage first and ``Q = M^T P_hat``
+    is computed from the *transmitted* ``P_hat``, so the second factor absorbs
+    the quantization error of the first (Vogels et al. 2019, Algorithm 1, with
+    one worker).  Returns ``None`` if anything overflows float32.
+    """
+    rows, cols = m.shape
+    with np.errstate(all="ignore"):
+        p = m @ q
+        if not np.isfinite(p).all():
+            return None
+        p = np.ascontiguousarray(np.linalg.qr(p)[0], dtype=np.float32)
+        w.u8(st.STRUCT_LOWRANK)
+        w.u32(rows)
+        w.u32(cols)
+        w.u16(rank)
+        p_hat = st.encode_values(value, p.ravel(), w, rng, True)
+        assert p_hat is not None
+        p_hat2 = p_hat.reshape(rows, rank)
+        q_new = np.ascontiguousarray(m.T @ p_hat2, dtype=np.float32)
+        if not np.isfinite(q_new).all():
+            return None
+        q_hat = st.encode_values(value, q_new.ravel(), w, rng, True)
+        assert q_hat is not None
+        recon = np.asarray(p_hat2 @ q_hat.reshape(cols, rank).T, dtype=np.float32)
+        if not np.isfinite(recon).all():
+            return None
+    return q_new, recon
 
 
 # --------------------------------------------------------------------------- decoding

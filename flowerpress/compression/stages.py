@@ -166,7 +166,8 @@ def _check_fraction(stage: str, fraction: float) -> None:
         raise ValueError(f"{stage}: FRACTION must be a float in (0, 1], got {fraction!r}")
 
 
-def _k_of(fraction: float, n: int) -> int:
+def kept_count(fraction: float, n: int) -> int:
+    """Values ``topk`` / ``randk`` keep of ``n``: ``ceil(fraction * n)`` clipped to [1, n]."""
     return min(n, max(1, math.ceil(fraction * n)))
 
 

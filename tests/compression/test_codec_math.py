@@ -345,3 +345,20 @@ def test_encode_rejects_residual_overflow_instead_of_sending_inf(spec: str) -> N
     # Execute / Assert
     with pytest.raises(ValueError, match="tensor 0"):
         parse(spec).encode([big], state, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(
+    "spec", ["lowrank:2", "lowrank:2+q:8", "lowrank:2+q:8+ef", "lowrank:2+fp16"]
+)
+def test_lowrank_falls_back_to_dense_when_factors_would_overflow(spec: str) -> None:
+    # Prepare: entries near the float32 limit make M @ Q overflow
+    m = np.full((40, 50), 3.0e38, dtype=np.float32)
+    m[::2] *= -1
+
+    # Execute
+    payload, _ = parse(spec).encode([m], rng=np.random.default_rng(0))
+    out = decode(payload, max_elements=m.size)[0]
+
+    # Assert: still a valid, finite payload of the right shape
+    assert out.shape == m.shape
+    assert np.isfinite(out).all()
