@@ -445,7 +445,7 @@ def _powersgd_step(
 
 # --------------------------------------------------------------------------- decoding
 def decode(
-    payload: bytes | bytearray | memoryview,
+    payload: bytes | bytearray | memoryview | npt.NDArray[np.uint8],
     *,
     max_elements: int,
     max_tensors: int = DEFAULT_MAX_TENSORS,
@@ -455,7 +455,11 @@ def decode(
     Parameters
     ----------
     payload
-        Bytes produced by :meth:`Pipeline.encode` (or by an attacker).
+        Bytes produced by :meth:`Pipeline.encode` (or by an attacker), as
+        ``bytes``, ``bytearray``, ``memoryview`` or a 1-D ``uint8`` array (the
+        form a payload takes inside a Flower ``ArrayRecord``:
+        ``np.frombuffer(payload, np.uint8)`` on the way in,
+        ``record["payload"].numpy()`` on the way out).
     max_elements
         Upper bound on the total number of elements of all tensors (use the
         model's parameter count).  Also bounds the decompressed body of a
@@ -477,12 +481,24 @@ def decode(
         raise ValueError(f"max_elements must be a non-negative int, got {max_elements!r}")
     if not isinstance(max_tensors, int) or max_tensors < 0:
         raise ValueError(f"max_tensors must be a non-negative int, got {max_tensors!r}")
-    if not isinstance(payload, bytes | bytearray | memoryview):
+    buffer: bytes | bytearray | memoryview
+    if isinstance(payload, np.ndarray):
+        if payload.dtype != np.uint8 or payload.ndim != 1:
+            raise PayloadError(
+                f"payload array must be 1-D uint8, got {payload.ndim}-D {payload.dtype}"
+            )
+        buffer = np.ascontiguousarray(payload).data
+    elif isinstance(payload, bytes | bytearray | memoryview):
+        buffer = payload
+    else:
         raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
     body_limit = 5 * max_elements + _BODY_SLACK
     try:
         with np.errstate(all="ignore"):
-            return _decode(memoryview(payload), max_elements, max_tensors, body_limit)
+            view = memoryview(buffer)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")  # byte view of any C-contiguous buffer
+            return _decode(view, max_elements, max_tensors, body_limit)
     except PayloadError:
         raise
     except (

@@ -260,6 +260,25 @@ def test_decode_rejects_bad_bounds_as_caller_errors() -> None:
         decode(b"FPC\x01\x00\x00\x00\x00\x00", max_elements=-1)
 
 
+def test_decode_accepts_payload_as_uint8_array_from_an_array_record() -> None:
+    # Prepare: the way a ClientApp ships bytes inside a Flower ArrayRecord
+    from flwr.app import Array, ArrayRecord
+
+    payload, _ = parse("q:4").encode([np.arange(8, dtype=np.float32)])
+    record = ArrayRecord(array_dict={"payload": Array(np.frombuffer(payload, np.uint8))})
+
+    # Execute
+    out = decode(record["payload"].numpy(), max_elements=8)
+
+    # Assert
+    np.testing.assert_array_equal(out[0], decode(payload, max_elements=8)[0])
+
+
+def test_decode_rejects_arrays_that_are_not_bytes() -> None:
+    with pytest.raises(PayloadError, match="1-D uint8"):
+        decode(np.zeros(4, dtype=np.float32), max_elements=10)  # type: ignore[arg-type]
+
+
 def test_decode_rejects_non_bytes() -> None:
     with pytest.raises(PayloadError, match="bytes"):
         decode("FPC", max_elements=10)  # type: ignore[arg-type]
