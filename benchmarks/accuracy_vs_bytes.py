@@ -161,9 +161,10 @@ class Summary:
 def markdown_table(summaries: Sequence[Summary], *, target: float, baseline_rounds: int) -> str:
     base = summaries[0].first_reach(target) if summaries else None
     pct = f"{target:.0%}"
+    base_label = summaries[0].run.label.replace("|", " \\| ") if summaries else ""
     lines = [
         f"| run | acc @ round {baseline_rounds} | best acc (rounds run) | rounds to {pct} "
-        f"| upload MB to {pct} | x fewer bytes than `{summaries[0].run.label}` "
+        f"| upload MB to {pct} | x fewer bytes than `{base_label}` "
         f"| upload KB / round |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -176,7 +177,7 @@ def markdown_table(summaries: Sequence[Summary], *, target: float, baseline_roun
             rnd, mb, ratio = f"not in {len(s.rows)}", "-", "-"
         else:
             rnd, mb = str(reach[0]), f"{reach[1] / 1e6:.3f}"
-            ratio = "-" if base is None else f"{base[1] / reach[1]:.0f}x"
+            ratio = "-" if base is None else f"{base[1] / reach[1]:.1f}x"
         acc_text = "-" if acc is None else f"{acc:.4f}"
         label = s.run.label.replace("|", " \\| ")
         lines.append(f"| `{label}` | {acc_text} | {best:.4f} ({len(s.rows)}) | {rnd} | {mb} "
