@@ -362,3 +362,21 @@ def test_lowrank_falls_back_to_dense_when_factors_would_overflow(spec: str) -> N
     # Assert: still a valid, finite payload of the right shape
     assert out.shape == m.shape
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "spec", ["q:3", "q:12", "randk:0.2,unbiased+q:4", "lowrank:2+q:8+ef", "topk:0.1+q:2+zstd"]
+)
+def test_all_randomness_comes_from_the_injected_generator(spec: str) -> None:
+    # Prepare
+    rng = np.random.default_rng(40)
+    update = [rng.standard_normal((30, 20)).astype(np.float32), np.float32(0.5)]
+
+    # Execute
+    first, _ = parse(spec).encode(update, rng=np.random.default_rng(7))
+    second, _ = parse(spec).encode(update, rng=np.random.default_rng(7))
+    other, _ = parse(spec).encode(update, rng=np.random.default_rng(8))
+
+    # Assert: same seed, same bytes; another seed, other bytes
+    assert first == second
+    assert first != other
