@@ -93,6 +93,67 @@ def _follow(results: Path, seen: int, printer: ProgressPrinter | None) -> int:
     return max(seen, len(rows))
 
 
+class SimulationLink:
+    """A private Flower SuperLink in simulation mode on a free loopback port.
+
+    Use as a context manager; :meth:`run` submits a Flower App with ``flwr run``
+    and returns the ``flwr run`` process. Everything started is stopped on exit.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        from flowerpress.deploy.local import ManagedProcess, free_port
+
+        self.workdir = workdir
+        home = workdir / "flwr-home"
+        home.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\n'
+            "insecure = true\n", encoding="utf-8")
+        self.bindir = str(Path(sys.executable).parent)
+        self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "PATH": self.bindir + os.pathsep + os.environ.get("PATH", ""),
+                    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PYTHONWARNINGS": "ignore"}
+        self._managed = ManagedProcess
+        # Loopback only, no TLS: the SuperLink serves this process alone.
+        self.superlink = ManagedProcess.start(
+            "flower-superlink",
+            [f"{self.bindir}/flower-superlink", "--insecure", "--simulation", "--isolation",
+             "subprocess", "--host", "127.0.0.1", "--port", str(port),
+             "--disable-runtime-dependency-installation"],
+            workdir / "superlink.log", self.env)
+        self._runs: list[Any] = []
+
+    def __enter__(self) -> SimulationLink:
+        try:
+            self.superlink.wait_for_output("Application startup complete", timeout=60.0)
+        except Exception:
+            self.superlink.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self._runs:
+            proc.stop()
+        self.superlink.stop()
+
+    def run(self, app_dir: Path, run_config: Mapping[str, bool | int | float | str],
+            num_supernodes: int) -> Any:
+        """Submit ``app_dir`` with ``run_config``; return the running ``flwr run`` process."""
+        index = len(self._runs)
+        cfg_file = self.workdir / f"run-config-{index}.toml"
+        cfg_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()),
+                            encoding="utf-8")
+        proc = self._managed.start(
+            "flwr run",
+            [f"{self.bindir}/flwr", "run", str(app_dir), "sim", "--stream",
+             "--run-config", str(cfg_file),
+             "--federation-config", f"num-supernodes={num_supernodes}"],
+            self.workdir / f"flwr-run-{index}.log", self.env)
+        self._runs.append(proc)
+        return proc
+
+
 def simulate(config: Config, out_dir: Path, *, progress: bool = True,
              stream: TextIO = sys.stdout, timeout: float = DEFAULT_RUN_TIMEOUT) -> dict[str, Any]:
     """Run ``config`` on Flower's simulation engine and return the results document.
@@ -114,7 +175,7 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
         If the SuperLink does not start or the run fails; the message ends
         with the last lines of the relevant log.
     """
-    from flowerpress.deploy.local import ManagedProcess, free_port
+    from flowerpress.deploy.local import DeploymentError
 
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,55 +186,33 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
 
     with tempfile.TemporaryDirectory(prefix="flowerpress-sim-") as tmp_name:
         tmp = Path(tmp_name)
-        home = tmp / "flwr-home"
-        home.mkdir()
-        port = free_port()
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\n'
-            "insecure = true\n", encoding="utf-8")
-        cfg_file = tmp / "run-config.toml"
-        cfg_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()),
-                            encoding="utf-8")
         app_dir = write_app_dir(tmp / "app")
-        bindir = str(Path(sys.executable).parent)
-        env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-               "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-               "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PYTHONWARNINGS": "ignore"}
-        # Loopback only, no TLS: the SuperLink serves this process alone.
-        superlink = ManagedProcess.start(
-            "flower-superlink",
-            [f"{bindir}/flower-superlink", "--insecure", "--simulation", "--isolation",
-             "subprocess", "--host", "127.0.0.1", "--port", str(port),
-             "--disable-runtime-dependency-installation"],
-            tmp / "superlink.log", env)
-        runner: ManagedProcess | None = None
         try:
-            superlink.wait_for_output("Application startup complete", timeout=60.0)
-            runner = ManagedProcess.start(
-                "flwr run",
-                [f"{bindir}/flwr", "run", str(app_dir), "sim", "--stream",
-                 "--run-config", str(cfg_file),
-                 "--federation-config", f"num-supernodes={int(config['num-clients'])}"],
-                tmp / "flwr-run.log", env)
-            if printer is not None:
-                printer.header()
-            seen, deadline = 0, time.monotonic() + timeout
-            while runner.alive() and time.monotonic() < deadline:
-                seen = _follow(results, seen, printer)
-                time.sleep(0.5)
-            if runner.alive():
-                raise SimulationError(f"the simulation did not finish within {timeout:.0f} s")
-            seen = _follow(results, seen, printer)
-            document = _read_final(results, int(config["rounds"]))
-            if document is None:
-                raise SimulationError(
-                    "the simulated federation did not finish; last lines of its log:\n"
-                    + runner.tail(30))
-            return document
-        finally:
-            if runner is not None:
-                runner.stop()
-            superlink.stop()
+            with SimulationLink(tmp) as link:
+                runner = link.run(app_dir, run_config, int(config["num-clients"]))
+                return _wait_for_results(runner, results, printer, int(config["rounds"]),
+                                         timeout)
+        except DeploymentError as exc:
+            raise SimulationError(f"the simulation SuperLink did not start: {exc}") from None
+
+
+def _wait_for_results(runner: Any, results: Path, printer: ProgressPrinter | None,
+                      rounds: int, timeout: float) -> dict[str, Any]:
+    """Follow ``results`` while ``runner`` lives; return the final document."""
+    if printer is not None:
+        printer.header()
+    seen, deadline = 0, time.monotonic() + timeout
+    while runner.alive() and time.monotonic() < deadline:
+        seen = _follow(results, seen, printer)
+        time.sleep(0.5)
+    if runner.alive():
+        raise SimulationError(f"the simulation did not finish within {timeout:.0f} s")
+    _follow(results, seen, printer)
+    document = _read_final(results, rounds)
+    if document is None:
+        raise SimulationError(
+            "the simulated federation did not finish; last lines of its log:\n" + runner.tail(30))
+    return document
 
 
 def _read_final(results: Path, rounds: int) -> dict[str, Any] | None:
