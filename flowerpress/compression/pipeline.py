@@ -291,7 +291,14 @@ class Pipeline:
             recon = self._encode_tensor(i, x, w, rng, state, warm)
             if self.error_feedback:
                 assert recon is not None
-                if reuse:
+                if isinstance(recon, tuple):
+                    # Sparse: the residual is x with the sent values subtracted at
+                    # their positions (x itself never enters the payload).
+                    idx, vrec = recon
+                    res = x if owned else x.copy()
+                    res.reshape(-1)[idx] -= vrec
+                    residuals.append(res)
+                elif reuse:
                     residuals.append(np.subtract(x, recon.reshape(x.shape), out=x))
                 else:
                     residuals.append(
@@ -316,7 +323,11 @@ class Pipeline:
         rng: np.random.Generator,
         state: CodecState,
         warm: dict[int, F32],
-    ) -> F32 | None:
+    ) -> F32 | tuple[npt.NDArray[np.int64], F32] | None:
+        """Write one tensor; with ``ef`` return its reconstruction.
+
+        The reconstruction is dense, or ``(indices, values)`` for sparse stages.
+        """
         need = self.error_feedback
         w.u8(x.ndim)
         for d in x.shape:
@@ -368,9 +379,7 @@ class Pipeline:
                 if not need:
                     return None
                 assert vrec is not None
-                out = np.zeros(n, dtype=np.float32)
-                out[idx] = vrec
-                return out
+                return idx, vrec
         w.u8(st.STRUCT_DENSE)
         try:
             return st.encode_values(self.value, flat, w, rng, need)
