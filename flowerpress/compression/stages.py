@@ -177,7 +177,8 @@ class TopKStage(StructureStage):
 
     Top-k sparsification (Aji & Heafield, EMNLP 2017; Lin et al., "Deep
     Gradient Compression", ICLR 2018; with memory: Stich et al., NeurIPS 2018).
-    Selection is ``argpartition`` (introselect, no full sort).  Kept indices are
+    Selection never sorts the tensor (:func:`topk_indices`: sampled threshold,
+    one comparison pass, ``argpartition`` among candidates).  Kept indices are
     gap-coded with an adaptive Rice code (about ``log2(e / FRACTION)`` bits per
     index, ~8 bits at 1%); kept values go through the value stage.
 
@@ -234,8 +235,10 @@ class LowRankStage(StructureStage):
     Tensors with fewer than 2 dims, or where ``(rows + cols) * RANK >= rows *
     cols``, pass through dense.  Exact on matrices of rank ``<= RANK``.
 
-    Deterministic given the warm start; *biased*: use it with ``ef``.  Safe
-    after DP noise (post-processing of the privatized update).
+    The first round's ``Q`` is standard normal from the injected generator;
+    later rounds are deterministic given the warm start.  *Biased*: use it
+    with ``ef``.  Safe after DP noise (post-processing of the privatized
+    update).
     """
 
     name: ClassVar[str] = "lowrank"
