@@ -6,7 +6,7 @@ decoding and validating every reply, the privacy ledger, bytes, central
 evaluation and the round rows of ``results.json``. Strategies only fold
 validated updates into new weights.
 
-Replies are pulled with a short adaptive poll (5 ms doubling to 250 ms while
+Replies are pulled with a short adaptive poll (5 ms doubling to 50 ms while
 nothing arrives) instead of Flower's ``send_and_receive``, which sleeps a
 fixed 3 s between pulls when it talks to a real SuperLink.
 """
@@ -42,7 +42,7 @@ EvaluateFn = Callable[[Sequence[NDArray[np.float32]]], Mapping[str, float]]
 RoundCallback = Callable[[Mapping[str, Any]], None]
 
 POLL_MIN_S = 0.005
-POLL_MAX_S = 0.25
+POLL_MAX_S = 0.05
 
 
 class AggregationStrategy(Protocol):
