@@ -59,6 +59,14 @@ def _check_dataset(value: str) -> object:
     return value
 
 
+def _check_model(value: str) -> object:
+    from flowerpress.simulations.models import MODELS
+
+    if value not in MODELS:
+        raise ValueError(f"expected one of {', '.join(MODELS)}")
+    return value
+
+
 def _check_compression(value: str) -> object:
     from flowerpress.compression import parse
 
@@ -88,6 +96,7 @@ SCHEMA: dict[str, Key] = {
     "dataset": Key(str, "mnist", "mnist | digits | synthetic:A,B | hub:NAME", check=_check_dataset),
     "partition": Key(str, "dirichlet:0.5", "iid | dirichlet:ALPHA | shard:K",
                      check=_check_partition),
+    "model": Key(str, "auto", "auto | cnn | mlp | logreg", check=_check_model),
     "num-clients": Key(int, 50, "number of simulated clients", minimum=1, maximum=100_000),
     "clients-per-round": Key(int, 10, "clients sampled each round", minimum=1, maximum=100_000),
     "rounds": Key(int, 20, "federated rounds", minimum=1, maximum=100_000),

@@ -75,7 +75,8 @@ def _model_for(config: Mapping[str, Scalar], context: Context,
     dataset = str(context.node_config.get("dataset", config["dataset"]))
     classes = int(config.get("num-classes", 0)) or datasets.num_classes_of(
         dataset, int(config["seed"]), max(n, 1))
-    return build_model(dataset, x_shape, classes, seed=int(config["seed"]))
+    return build_model(dataset, x_shape, classes, seed=int(config["seed"]),
+                       kind=str(config.get("model", "auto")))
 
 
 def train_config(msg: Message) -> dict[str, Scalar]:

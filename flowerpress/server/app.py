@@ -27,8 +27,8 @@ from flowerpress.simulations.models import build_model, get_weights, set_weights
 log = logging.getLogger(__name__)
 
 #: Run-config keys the ClientApp needs in every train message.
-CLIENT_KEYS = ("dataset", "partition", "local-epochs", "batch-size", "lr", "seed", "compression",
-               "clients-per-round", "attack")
+CLIENT_KEYS = ("dataset", "partition", "model", "local-epochs", "batch-size", "lr", "seed",
+               "compression", "clients-per-round", "attack")
 
 
 def serve(grid: Grid, config: Config, *, out_dir: Path | None = None,
@@ -41,7 +41,8 @@ def serve(grid: Grid, config: Config, *, out_dir: Path | None = None,
     dataset, seed, n = str(config["dataset"]), int(config["seed"]), int(config["num-clients"])
     test = datasets.load_test(dataset, seed, n)
     classes = datasets.num_classes_of(dataset, seed, n)
-    model = build_model(dataset, tuple(test.x.shape[1:]), classes, seed=seed)
+    model = build_model(dataset, tuple(test.x.shape[1:]), classes, seed=seed,
+                        kind=str(config["model"]))
     initial = get_weights(model)
     elements = sum(int(w.size) for w in initial)
 

@@ -67,29 +67,44 @@ class LogisticRegression(nn.Module):
         return out
 
 
+MODELS = ("auto", "cnn", "mlp", "logreg")
+
+
 def build_model(dataset: str, sample_shape: tuple[int, ...], num_classes: int,
-                *, seed: int) -> nn.Module:
+                *, seed: int, kind: str = "auto") -> nn.Module:
     """The model for ``dataset``, initialised from ``seed``.
 
     Parameters
     ----------
     dataset
-        The run config's dataset value; decides the architecture.
+        The run config's dataset value; with ``kind="auto"`` it decides the
+        architecture: logistic regression for Synthetic, the CNN for square
+        images, the MLP otherwise.
     sample_shape
         Shape of one input row (without the batch axis).
     num_classes
         Number of output classes.
     seed
         Seeds the initial weights, so every process builds the same model.
+    kind
+        ``auto``, ``cnn``, ``mlp`` or ``logreg`` (run-config key ``model``).
     """
+    if kind not in MODELS:
+        raise ValueError(f"model {kind!r} is not known; expected one of {', '.join(MODELS)}")
+    image = (len(sample_shape) == 3 and sample_shape[1] == sample_shape[2] >= 8
+             and sample_shape[1] % 4 == 0)
+    if kind == "auto":
+        kind = "logreg" if dataset.startswith("synthetic:") else "cnn" if image else "mlp"
+    if kind == "cnn" and not image:
+        raise ValueError(f"model 'cnn' needs square images with a side divisible by 4, "
+                         f"got samples of shape {sample_shape}")
     # fork_rng keeps the caller's global generator untouched: the seed only
     # affects this initialisation.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if dataset.startswith("synthetic:"):
+        if kind == "logreg":
             return LogisticRegression(int(np.prod(sample_shape)), num_classes)
-        if len(sample_shape) == 3 and sample_shape[1] == sample_shape[2] >= 8 \
-                and sample_shape[1] % 4 == 0:
+        if kind == "cnn":
             return MnistCNN(sample_shape[0], num_classes, sample_shape[1])
         return MLP(int(np.prod(sample_shape)), num_classes)
 
