@@ -52,16 +52,25 @@ def pack_uint(values: npt.NDArray[np.integer], bits: int) -> bytes:
         return flat.astype("<u2", copy=False).tobytes()
     if bits == 32:
         return flat.astype("<u4", copy=False).tobytes()
-    if bits in (1, 2, 4):
-        per = 8 // bits
-        pad = (-flat.size) % per
+    if bits == 1:
+        return np.packbits(flat.astype(np.uint8, copy=False), bitorder="little").tobytes()
+    if bits == 4:
+        # Pairs of code bytes as one little-endian uint16, folded with a shift:
+        # contiguous passes instead of strided ones.
+        v = flat.astype(np.uint8, copy=False)
+        if v.size % 2:
+            v = np.concatenate([v, np.zeros(1, dtype=np.uint8)])
+        word = v.view("<u2")
+        return (word | (word >> np.uint16(4))).astype(np.uint8).tobytes()
+    if bits == 2:
         v = flat.astype(np.uint8)
+        pad = (-v.size) % 4
         if pad:
             v = np.concatenate([v, np.zeros(pad, dtype=np.uint8)])
-        v2 = v.reshape(-1, per)
-        out = v2[:, 0].copy()
-        for j in range(1, per):  # at most 8 vectorized passes, not per element
-            out |= v2[:, j] << np.uint8(j * bits)
+        v4 = v.reshape(-1, 4)
+        out = v4[:, 0].copy()
+        for j in range(1, 4):  # 3 vectorized passes, not per element
+            out |= v4[:, j] << np.uint8(2 * j)
         return out.tobytes()
     # General width: expand chunks to a bit matrix and let packbits do the work.
     # Chunks hold a multiple of 8 values so each one ends on a byte boundary,
