@@ -61,7 +61,8 @@ def pack_uint(values: npt.NDArray[np.integer], bits: int) -> bytes:
         if v.size % 2:
             v = np.concatenate([v, np.zeros(1, dtype=np.uint8)])
         word = v.view("<u2")
-        return (word | (word >> np.uint16(4))).astype(np.uint8).tobytes()
+        folded: npt.NDArray[np.uint16] = word | (word >> np.uint16(4))
+        return folded.astype(np.uint8).tobytes()
     if bits == 2:
         v = flat.astype(np.uint8)
         pad = (-v.size) % 4
