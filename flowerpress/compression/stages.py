@@ -279,19 +279,20 @@ def topk_indices(flat: F32, k: int) -> npt.NDArray[np.int64]:
     result is always the exact top-k.
     """
     n = flat.size
-    mag = np.abs(flat)
     if n >= 1 << 16 and 8 * k < n:
         stride = max(1, n // (1 << 15))
-        sample = mag[::stride]
+        sample = np.abs(flat[::stride])
         m = sample.size
         # Aim for ~1.5x k candidates (plus slack for small k) to survive sampling noise.
         keep = min(m, math.ceil(1.5 * k * m / n) + 16)
         thr = np.partition(sample, m - keep)[m - keep]
-        cand = np.flatnonzero(mag >= thr)
+        # Two comparisons instead of |x| >= thr: no full-size float temporary.
+        cand = np.flatnonzero((flat >= thr) | (flat <= -thr))
         if k <= cand.size <= 8 * k:
-            sel = cand[np.argpartition(mag[cand], cand.size - k)[cand.size - k :]]
+            mag = np.abs(flat[cand])
+            sel = cand[np.argpartition(mag, cand.size - k)[cand.size - k :]]
             return np.sort(sel).astype(np.int64)
-    return np.sort(np.argpartition(mag, n - k)[n - k :]).astype(np.int64)
+    return np.sort(np.argpartition(np.abs(flat), n - k)[n - k :]).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- value codecs
