@@ -192,11 +192,15 @@ def pareto_plot(summaries: Sequence[Summary], path: Path, *, target: float) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for s in summaries:
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = plt.get_cmap("tab20").colors
+    for i, s in enumerate(summaries):
         mb = s.cumulative_mb()
         acc = [float(r["accuracy"]) for r in s.rows]
-        (line,) = ax.plot(mb, acc, marker=".", markersize=3, linewidth=1, label=s.run.label)
+        # Runs that change more than the codec (server momentum, lr, seed) are dashed.
+        style = "--" if len(s.run.overrides) > 1 else "-"
+        (line,) = ax.plot(mb, acc, style, marker=".", markersize=3, linewidth=1,
+                          color=colors[(2 * i) % 20 + (2 * i) // 20], label=s.run.label)
         reach = s.first_reach(target)
         if reach is not None:
             ax.plot([reach[1] / 1e6], [target], marker="o", color=line.get_color())
