@@ -230,8 +230,11 @@ def _wait_until(
     *,
     alive: ManagedProcess | None = None,
     interval: float = 0.2,
+    max_interval: float | None = None,
 ) -> None:
+    """Poll ``condition`` every ``interval`` s, growing 1.5x per miss up to ``max_interval``."""
     deadline = time.monotonic() + timeout
+    ceiling = max(interval, max_interval or interval)
     while True:
         if condition():
             return
@@ -243,7 +246,8 @@ def _wait_until(
         if time.monotonic() >= deadline:
             tail = f"; last output of {alive.name}:\n{alive.tail()}" if alive else ""
             raise DeploymentError(f"timed out after {timeout:.0f} s waiting for {what}{tail}")
-        time.sleep(interval)
+        time.sleep(min(interval, max(deadline - time.monotonic(), 0.0)))
+        interval = min(interval * 1.5, ceiling)
 
 
 def _parse_json_output(text: str, command: str) -> Any:
@@ -474,8 +478,14 @@ class LocalDeployment:
             raise DeploymentError(f"`flwr ls` does not know run {run_id}: {payload}")
         return dict(runs[0])
 
-    def wait_run(self, run_id: int, timeout: float, interval: float = 2.0) -> dict[str, Any]:
-        """Wait until the run's status starts with ``finished``; return its ``flwr ls`` entry."""
+    def wait_run(
+        self, run_id: int, timeout: float, interval: float = 2.0, max_interval: float = 8.0
+    ) -> dict[str, Any]:
+        """Wait until the run's status starts with ``finished``; return its ``flwr ls`` entry.
+
+        Each check is a ``flwr ls`` process (about a CPU-second), so the interval grows
+        from ``interval`` to ``max_interval`` to leave the CPU to the run itself.
+        """
         latest: dict[str, Any] = {}
 
         def finished() -> bool:
@@ -485,7 +495,7 @@ class LocalDeployment:
 
         try:
             _wait_until(finished, timeout, f"run {run_id} to finish", alive=self.superlink,
-                        interval=interval)  # fmt: skip
+                        interval=interval, max_interval=max_interval)  # fmt: skip
         except DeploymentError as exc:
             raise DeploymentError(
                 f"{exc}\nlast status: {latest.get('status')}\nrun log:\n{self.run_log(run_id)}"
