@@ -12,8 +12,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -qq -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -qq -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 demo: install
