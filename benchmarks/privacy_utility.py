@@ -28,7 +28,7 @@ Engines:
 Usage::
 
     python benchmarks/privacy_utility.py [--engine inprocess|flower] [--rounds 30]
-        [--epsilons 1,4,8] [--compression none,q:8+ef] [--clip 1.0] [--lr 0.1]
+        [--epsilons 1,4,8] [--compression none,q:8+ef] [--clip 0.3] [--lr 0.1]
         [--local-epochs 1] [--batch-size 4] [--out runs/privacy_utility]
         [--plot docs/img/privacy_utility.png] [--reuse]
 
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the no-DP runs")
     parser.add_argument("--compression", default="none,q:8+ef",
                         help="comma-separated upload specs (a spec has no commas)")
-    parser.add_argument("--clip", type=float, default=1.0, help="L2 clip C of an update")
+    parser.add_argument("--clip", type=float, default=0.3, help="L2 clip C of an update")
     parser.add_argument("--lr", type=float, default=0.1, help="client SGD learning rate")
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
