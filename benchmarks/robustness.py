@@ -17,8 +17,8 @@ Usage::
         [--table-only]
 
 Prints a markdown table (and JSON to --out). With ``--write-docs`` the table
-replaces the section between the robustness markers in docs/benchmarks.md
-(the rest of that file is left alone).
+replaces the section between the robustness markers in
+docs/benchmarks-robustness.md (text outside the markers is left alone).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ STRATEGIES = [  # the robust rules first: a sweep cut short still answers the ma
     "fedyogi",
 ]
 ATTACKS = ["none", "signflip:fraction=0.2,scale=10", "noise:fraction=0.2,std=1.0"]
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-robustness.md"
 START, END = "<!-- robustness:start -->", "<!-- robustness:end -->"
 
 
@@ -111,14 +111,14 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def write_docs(text: str) -> None:
-    """Replace (or append) the robustness section of docs/benchmarks.md."""
+    """Replace the generated part of docs/benchmarks-robustness.md; text outside stays."""
     section = f"{START}\n{text}\n{END}"
-    old = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Benchmarks\n"
+    old = DOCS.read_text(encoding="utf-8") if DOCS.exists() else ""
     if START in old and END in old:
         head, rest = old.split(START, 1)
         new = head + section + rest.split(END, 1)[1]
     else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
+        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + section + "\n"
     DOCS.write_text(new, encoding="utf-8")
 
 
@@ -169,7 +169,7 @@ def main() -> None:
         f"Machine: {platform.machine()}, Python {platform.python_version()}. "
         "Reproduce: `python benchmarks/robustness.py --write-docs`."
     )
-    text = f"## Robustness to malicious clients\n\n{setup}\n\n{table(rows, strategies, attacks)}"
+    text = f"{setup}\n\n{table(rows, strategies, attacks)}"
     print()
     print(text)
     if args.write_docs:
