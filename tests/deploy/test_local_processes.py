@@ -91,3 +91,23 @@ def test_wait_for_output_reports_early_exit(tmp_path: Path) -> None:
             proc.wait_for_output("never printed", timeout=30)
     finally:
         proc.stop()
+
+
+def test_cli_connection_is_what_flwr_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: no process is started by the constructor
+    from flwr.cli.flower_config import read_superlink_connection
+
+    from flowerpress.deploy.local import CONNECTION_NAME, LocalDeployment
+
+    dep = LocalDeployment(tmp_path, nodes=1)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home" / "cli"))
+
+    # Execute
+    default = read_superlink_connection(None)
+
+    # Assert
+    assert default.name == CONNECTION_NAME
+    assert default.address == dep.address == f"127.0.0.1:{dep.port}"
+    assert default.root_certificates == str(dep.credentials.ca_cert)
+    assert not default.insecure
+    assert list(dep.processes()) == []
