@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from sklearn.metrics import f1_score
 from torch import nn
 
 
@@ -91,6 +90,10 @@ def evaluate(
     Macro-F1 is reported next to accuracy because with non-IID class skew a
     model can reach good accuracy while ignoring rare classes.
     """
+    # Imported here: scikit-learn's metrics take seconds to import, and a
+    # device's ClientApp process only evaluates when asked to.
+    from sklearn.metrics import f1_score
+
     if len(y) == 0:
         return EvalResult(0.0, 0.0, 0.0, 0)
     model.eval()
