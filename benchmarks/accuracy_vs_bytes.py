@@ -192,7 +192,7 @@ def pareto_plot(summaries: Sequence[Summary], path: Path, *, target: float) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
     colors = plt.get_cmap("tab20").colors
     for i, s in enumerate(summaries):
         mb = s.cumulative_mb()
@@ -205,13 +205,17 @@ def pareto_plot(summaries: Sequence[Summary], path: Path, *, target: float) -> N
         if reach is not None:
             ax.plot([reach[1] / 1e6], [target], marker="o", color=line.get_color())
     ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+    base = summaries[0].first_reach(target) if summaries else None
+    if base is not None:
+        ax.axvline(base[1] / 1e8, color="grey", linestyle="-.", linewidth=1,
+                   label=f"1/100 of {summaries[0].run.label}'s bytes to {target:.0%}")
     ax.set_xscale("log")
     ax.set_xlabel("cumulative upload (MB, log scale)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0.5, 1.0)
     ax.set_title("MNIST, dirichlet:0.5, 50 clients, 10 per round")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
