@@ -119,12 +119,11 @@ def run_inprocess(config: Mapping[str, Any], *, target: float, min_rounds: int,
     return rows
 
 
-def run_flower(config: Mapping[str, Any], out_dir: Path) -> list[dict[str, Any]]:
-    """Run ``config`` on Flower's simulation engine; return the round rows."""
+def run_flower(config: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Run ``config`` on Flower's simulation engine; return its results.json document."""
     from flowerpress.simulations.runner import simulate
 
-    results = simulate(dict(config), out_dir, progress=True)
-    return list(results["rounds"])
+    return simulate(dict(config), out_dir, progress=True)
 
 
 @dataclass
@@ -255,13 +254,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"== {run.label} ({args.engine})", flush=True)
         start = time.monotonic()
         if args.engine == "flower":
-            rows = run_flower(config, out_dir)
+            # Keep the ServerApp's whole results.json (summary, config), add ours.
+            doc = run_flower(config, out_dir)
         else:
-            rows = run_inprocess(config, target=args.target, min_rounds=args.baseline_rounds)
+            doc = {"config": config, "rounds": run_inprocess(
+                config, target=args.target, min_rounds=args.baseline_rounds)}
         seconds = time.monotonic() - start
+        rows = list(doc["rounds"])
         out_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps({"config": config, "engine": args.engine,
-                                     "seconds": seconds, "rounds": rows}, indent=1))
+        saved.write_text(json.dumps({**doc, "engine": args.engine, "seconds": seconds},
+                                    indent=1))
         summaries.append(Summary(run, rows, seconds))
 
     print()
