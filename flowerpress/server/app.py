@@ -91,16 +91,22 @@ def serve(grid: Grid, config: Config, *, out_dir: Path | None = None,
             write_json_atomic(out_dir / "results.json", build_results(
                 config, rows_so_far, model_elements=elements, initial=start,
                 privacy=ledgers[-1].privacy_block() if ledgers else None))
+            # The server state a resumed run needs besides the model: the
+            # privacy spent so far (accountant and adaptive clip).
+            write_json_atomic(out_dir / "server_state.json", {
+                "round": int(row["round"]),
+                "privacy": ledgers[-1].state_dict() if ledgers else None})
         if on_round is not None:
             on_round(row)
 
-    _, rows, stopped = run_federation(
+    final, rows, stopped = run_federation(
         grid, initial, strategy, settings, evaluate_fn=evaluate_fn,
         privacy=None if dp is None else make_ledger, download=download, on_round=after_round)
     results = build_results(config, rows, model_elements=elements, initial=start,
                             privacy=ledgers[-1].privacy_block() if ledgers else None,
                             stopped=stopped)
     if out_dir is not None:
+        np.savez(out_dir / "model.npz", *final)
         write_json_atomic(out_dir / "results.json", results)
         write_report(out_dir / "report.png", results)
     return results

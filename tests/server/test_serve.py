@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from flowerpress.client.app import app as client_app
@@ -44,15 +46,18 @@ def test_download_compression_halves_the_broadcast() -> None:
     assert half["summary"]["final_accuracy"] > half["summary"]["initial_accuracy"]
 
 
-def test_privacy_is_accounted_every_round() -> None:
+def test_privacy_is_accounted_every_round(tmp_path: Path) -> None:
     # Execute
-    result = _serve(dp="distributed:clip=1.0,noise=1.0,rng=seeded", rounds=3)
+    result = _serve(tmp_path, dp="distributed:clip=1.0,noise=1.0,rng=seeded", rounds=3)
     # Assert
     eps = [r["epsilon"] for r in result["rounds"]]
     assert all(e is not None and e > 0 for e in eps)
     assert eps == sorted(eps) and eps[0] < eps[-1]
     assert result["privacy"]["mode"] == "distributed"
     assert result["privacy"]["clients_per_round"] == 4
+    state = json.loads((tmp_path / "server_state.json").read_text())
+    assert state["round"] == 3 and state["privacy"] is not None
+    assert np.load(tmp_path / "model.npz")["arr_0"].dtype == np.float32
 
 
 def test_max_epsilon_stops_before_the_round_that_would_exceed_it() -> None:
