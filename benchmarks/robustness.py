@@ -18,7 +18,7 @@ Usage::
 
 Prints a markdown table (and JSON to --out). With ``--write-docs`` the table
 replaces the section between the robustness markers in
-docs/benchmarks-robustness.md (text outside the markers is left alone).
+docs/benchmarks.md (text outside the markers is left alone).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ STRATEGIES = [  # the robust rules first: a sweep cut short still answers the ma
     "fedyogi",
 ]
 ATTACKS = ["none", "signflip:fraction=0.2,scale=10", "noise:fraction=0.2,std=1.0"]
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-robustness.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 START, END = "<!-- robustness:start -->", "<!-- robustness:end -->"
 
 
@@ -111,7 +111,7 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def write_docs(text: str) -> None:
-    """Replace the generated part of docs/benchmarks-robustness.md; text outside stays."""
+    """Replace the generated part of docs/benchmarks.md; text outside stays."""
     section = f"{START}\n{text}\n{END}"
     old = DOCS.read_text(encoding="utf-8") if DOCS.exists() else ""
     if START in old and END in old:
