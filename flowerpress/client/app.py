@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 Scalar = bool | int | float | str
 
 
-def _node_value(node_config: Mapping[str, object], key: str) -> object | None:
-    return node_config.get(key)
-
-
 def partition_of(context: Context) -> tuple[int, int]:
     """This node's ``(partition-id, num-partitions)``, or ``(-1, 0)`` if unset."""
     pid = context.node_config.get("partition-id")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from flowerpress.config import SCHEMA, Config
+from flowerpress.deploy.local import DeploymentError, ManagedProcess, free_port
 
 #: How long a simulation may take at most before it is stopped (seconds).
 DEFAULT_RUN_TIMEOUT = 6 * 3600.0
@@ -101,8 +102,6 @@ class SimulationLink:
     """
 
     def __init__(self, workdir: Path) -> None:
-        from flowerpress.deploy.local import ManagedProcess, free_port
-
         self.workdir = workdir
         home = workdir / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
@@ -114,7 +113,6 @@ class SimulationLink:
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "PATH": self.bindir + os.pathsep + os.environ.get("PATH", ""),
                     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PYTHONWARNINGS": "ignore"}
-        self._managed = ManagedProcess
         # Loopback only, no TLS: the SuperLink serves this process alone.
         self.superlink = ManagedProcess.start(
             "flower-superlink",
@@ -122,7 +120,7 @@ class SimulationLink:
              "subprocess", "--host", "127.0.0.1", "--port", str(port),
              "--disable-runtime-dependency-installation"],
             workdir / "superlink.log", self.env)
-        self._runs: list[Any] = []
+        self._runs: list[ManagedProcess] = []
 
     def __enter__(self) -> SimulationLink:
         try:
@@ -138,13 +136,13 @@ class SimulationLink:
         self.superlink.stop()
 
     def run(self, app_dir: Path, run_config: Mapping[str, bool | int | float | str],
-            num_supernodes: int) -> Any:
+            num_supernodes: int) -> ManagedProcess:
         """Submit ``app_dir`` with ``run_config``; return the running ``flwr run`` process."""
         index = len(self._runs)
         cfg_file = self.workdir / f"run-config-{index}.toml"
         cfg_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()),
                             encoding="utf-8")
-        proc = self._managed.start(
+        proc = ManagedProcess.start(
             "flwr run",
             [f"{self.bindir}/flwr", "run", str(app_dir), "sim", "--stream",
              "--run-config", str(cfg_file),
@@ -175,8 +173,6 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
         If the SuperLink does not start or the run fails; the message ends
         with the last lines of the relevant log.
     """
-    from flowerpress.deploy.local import DeploymentError
-
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.json"
@@ -196,7 +192,7 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
             raise SimulationError(f"the simulation SuperLink did not start: {exc}") from None
 
 
-def _wait_for_results(runner: Any, results: Path, printer: ProgressPrinter | None,
+def _wait_for_results(runner: ManagedProcess, results: Path, printer: ProgressPrinter | None,
                       rounds: int, timeout: float) -> dict[str, Any]:
     """Follow ``results`` while ``runner`` lives; return the final document."""
     if printer is not None:

@@ -114,8 +114,8 @@ class FedAdagrad(_FedOpt):
         return v + d2
 
 
-class FedAdam(_FedOpt):
-    """Adam on the server (Reddi et al. 2021, Algorithm 2, FedAdam).
+class _DecayingFedOpt(_FedOpt):
+    """FedAdam and FedYogi: a decaying second moment, hence a ``beta2``.
 
     Parameters
     ----------
@@ -134,31 +134,23 @@ class FedAdam(_FedOpt):
     ) -> None:
         _check(lr, beta1, beta2, tau)
         super().__init__(lr=lr, beta1=beta1, beta2=beta2, tau=tau)
+
+
+class FedAdam(_DecayingFedOpt):
+    """Adam on the server (Reddi et al. 2021, Algorithm 2, FedAdam).
+
+    Arguments as :class:`_DecayingFedOpt`: ``lr``, ``beta1``, ``beta2``, ``tau``.
+    """
 
     def _second_moment(self, v: NDArray, d2: NDArray) -> NDArray:
         return self.beta2 * v + (1.0 - self.beta2) * d2
 
 
-class FedYogi(_FedOpt):
+class FedYogi(_DecayingFedOpt):
     """Yogi on the server (Reddi et al. 2021, Algorithm 2, FedYogi).
 
-    Parameters
-    ----------
-    lr : float
-        Server learning rate ``eta``, ``> 0``.
-    beta1 : float
-        First-moment decay, in ``[0, 1)``.
-    beta2 : float
-        Second-moment decay, in ``[0, 1)``.
-    tau : float
-        Degree of adaptivity ``tau``, ``> 0``.
+    Arguments as :class:`_DecayingFedOpt`: ``lr``, ``beta1``, ``beta2``, ``tau``.
     """
-
-    def __init__(
-        self, *, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
-    ) -> None:
-        _check(lr, beta1, beta2, tau)
-        super().__init__(lr=lr, beta1=beta1, beta2=beta2, tau=tau)
 
     def _second_moment(self, v: NDArray, d2: NDArray) -> NDArray:
         result: NDArray = v - (1.0 - self.beta2) * d2 * np.sign(v - d2)
