@@ -29,9 +29,11 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from flowerpress.compression import CodecState, decode, parse
-from flowerpress.server.decoding import ARRAYS_KEY, is_payload, payload_record
+from flowerpress.compression.envelope import is_payload, payload_record
 
 log = logging.getLogger(__name__)
+
+ARRAYS_KEY = "arrays"
 
 #: Where the pipeline state is kept in ``Context.state``.
 STATE_KEY = "flowerpress.codec"

@@ -12,31 +12,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from numpy.typing import NDArray
 
-Weights = list[NDArray[np.float32]]
+from flowerpress.compression.envelope import PAYLOAD_STYPE, is_payload, payload_record
 
-#: ``stype`` of the Array that holds a flowerpress payload (the wire format's
-#: own header carries the version; this only tells it apart from plain arrays).
-PAYLOAD_STYPE = "flowerpress.payload"
+Weights = list[NDArray[np.float32]]
+__all__ = ["ARRAYS_KEY", "PAYLOAD_STYPE", "UpdateRejected", "extract_update", "is_payload",
+           "num_examples", "payload_record", "record_bytes"]
+
 #: Key of the ArrayRecord that carries model weights or a payload.
 ARRAYS_KEY = "arrays"
 
 
 class UpdateRejected(ValueError):  # noqa: N818 (reads as a verdict)
     """A reply was dropped; the message says which check failed."""
-
-
-def payload_record(payload: bytes) -> ArrayRecord:
-    """Wrap an encoded payload in an ArrayRecord for a Flower message."""
-    arr = Array(dtype="bytes", shape=(len(payload),), stype=PAYLOAD_STYPE, data=payload)
-    return ArrayRecord({"payload": arr})
-
-
-def is_payload(record: ArrayRecord) -> bool:
-    """Whether ``record`` holds a flowerpress payload rather than plain arrays."""
-    return len(record) == 1 and "payload" in record and record["payload"].stype == PAYLOAD_STYPE
 
 
 def record_bytes(content: RecordDict) -> int:

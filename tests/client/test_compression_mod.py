@@ -8,7 +8,8 @@ from flwr.clientapp import ClientApp
 
 from flowerpress.client.mods import STATE_KEY, compression_mod
 from flowerpress.compression import decode, parse
-from flowerpress.server.decoding import extract_update, is_payload, payload_record
+from flowerpress.compression.envelope import is_payload, payload_record
+from flowerpress.server.decoding import extract_update
 from flowerpress.testing import server_identity
 
 SHAPES = [(20, 10), (10,)]
