@@ -59,8 +59,18 @@ def _check_dataset(value: str) -> object:
     return value
 
 
+def _check_task(value: str) -> object:
+    if not value:
+        return value
+    from flowerpress.registry import parse_args
+    from flowerpress.tasks.registry import TASKS
+
+    cls, args = TASKS.resolve(value)
+    return parse_args(value, cls, args, kind="task", error=ValueError)
+
+
 def _check_model(value: str) -> object:
-    from flowerpress.simulations.models import MODELS
+    from flowerpress.tasks.models import MODELS
 
     if value not in MODELS:
         raise ValueError(f"expected one of {', '.join(MODELS)}")
@@ -93,6 +103,8 @@ def _check_attack(value: str) -> object:
 
 SCHEMA: dict[str, Key] = {
     # --- what to learn ---------------------------------------------------------
+    "task": Key(str, "", "empty (the bundled `dataset`), a registered task or "
+                "package.module:Class[:ARG=V,...]", check=_check_task),
     "dataset": Key(str, "mnist", "mnist | digits | synthetic:A,B | hub:NAME", check=_check_dataset),
     "partition": Key(str, "dirichlet:0.5", "iid | dirichlet:ALPHA | shard:K",
                      check=_check_partition),
@@ -108,6 +120,8 @@ SCHEMA: dict[str, Key] = {
     # --- the round loop ----------------------------------------------------------
     "round-timeout": Key(float, 120.0, "seconds to wait for replies", minimum=0.01, maximum=1e6),
     "min-replies": Key(int, 1, "valid replies a round needs", minimum=1, maximum=100_000),
+    "max-client-weight": Key(float, 1_000_000.0, "cap on a reply's num-examples weight",
+                             minimum=1.0, maximum=1e12),
     # --- later capabilities -------------------------------------------------------
     "compression": Key(str, "none", "upload codec spec, e.g. topk:0.01+q:8+ef+zstd",
                        check=_check_compression),

@@ -18,9 +18,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from flowerpress.client.app import train_handler
-from flowerpress.client.training import evaluate
-from flowerpress.simulations import data
-from flowerpress.simulations.models import build_model, get_weights, set_weights
+from flowerpress.tasks.training import evaluate
+from flowerpress.tasks import data
+from flowerpress.tasks.models import build_model, get_weights, set_weights
 
 client = ClientApp()
 client.train()(train_handler)

@@ -28,12 +28,13 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from flowerpress import protocol
 from flowerpress.compression import CodecState, decode, parse
-from flowerpress.compression.envelope import is_payload, payload_record
+from flowerpress.compression.envelope import is_payload, payload_bytes, payload_record
 
 log = logging.getLogger(__name__)
 
-ARRAYS_KEY = "arrays"
+ARRAYS_KEY = protocol.ARRAYS
 
 #: Where the pipeline state is kept in ``Context.state``.
 STATE_KEY = "flowerpress.codec"
@@ -45,18 +46,6 @@ DEFAULT_MAX_ELEMENTS = 1 << 28
 def _max_elements(context: Context) -> int:
     value = context.node_config.get("max-model-elements")
     return value if isinstance(value, int) and value > 0 else DEFAULT_MAX_ELEMENTS
-
-
-def _int(msg: Message, key: str, default: int) -> int:
-    record = msg.content.config_records.get("config")
-    value = None if record is None else record.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
-def _spec(msg: Message) -> str:
-    record = msg.content.config_records.get("config")
-    value = None if record is None else record.get("compression")
-    return value if isinstance(value, str) else "none"
 
 
 def _with_arrays(content: RecordDict, arrays: ArrayRecord) -> RecordDict:
@@ -75,14 +64,15 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     if incoming is None:
         return call_next(msg, context)
     if is_payload(incoming):
-        arrays = decode(incoming["payload"].data, max_elements=_max_elements(context))
+        arrays = decode(payload_bytes(incoming), max_elements=_max_elements(context))
         received = [np.asarray(a, dtype=np.float32) for a in arrays]
         msg.content = _with_arrays(msg.content, ArrayRecord(received))
     else:
         received = [np.asarray(a, dtype=np.float32) for a in incoming.to_numpy_ndarrays()]
 
     reply = call_next(msg, context)
-    spec = _spec(msg)
+    instruction = protocol.TrainInstruction.from_message(msg)
+    spec = instruction.compression
     if kind != MessageType.TRAIN or reply.has_error() or spec == "none":
         return reply
     local_record = reply.content.array_records.get(ARRAYS_KEY)
@@ -99,7 +89,7 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     pid = context.node_config.get("partition-id")
     stream = pid if isinstance(pid, int) else context.node_id
     rng = np.random.default_rng(
-        [_int(msg, "seed", 0), abs(stream), _int(msg, "server-round", 0), 3])
+        [instruction.seed, abs(stream), instruction.server_round, 3])
     payload, state = pipeline.encode(delta, state, rng=rng)
     if pipeline.has_error_feedback or not state.is_empty:
         context.state[STATE_KEY] = state.to_record()

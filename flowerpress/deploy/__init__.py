@@ -7,8 +7,21 @@
   processes (used by the end-to-end test and the latency benchmark).
 """
 
-from flowerpress.deploy.certs import CertError, DeploymentCredentials, generate_credentials
-from flowerpress.deploy.data import DeviceDataError, has_device_data, load_device_data
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Imported on first use: a device reading its data file must not load the
+# certificate tooling (cryptography) it never needs.
+_LAZY = {
+    "CertError": "flowerpress.deploy.certs",
+    "DeploymentCredentials": "flowerpress.deploy.certs",
+    "generate_credentials": "flowerpress.deploy.certs",
+    "DeviceDataError": "flowerpress.deploy.data",
+    "has_device_data": "flowerpress.deploy.data",
+    "load_device_data": "flowerpress.deploy.data",
+}
 
 __all__ = [
     "CertError",
@@ -18,3 +31,10 @@ __all__ = [
     "has_device_data",
     "load_device_data",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flowerpress.deploy' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

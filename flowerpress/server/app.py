@@ -1,8 +1,14 @@
-"""flowerpress's ServerApp: build the federation from the run config and run it.
+"""flowerpress's ServerApp: a task, a strategy, codecs and DP settings, run on a Grid.
 
-``flwr run`` (and ``flowerpress simulate``, which drives ``flwr run`` on a
-local simulation SuperLink) loads :data:`app`; tests call :func:`serve` on an
-in-process grid.
+:func:`server_app` builds a Flower ``ServerApp``::
+
+    app = server_app(MyTask(), strategy="fedavg", compression="q:8", rounds=20)
+
+Keyword settings are run-config keys in Python form (``clients_per_round``
+for ``clients-per-round``); the run config ``flwr run`` passes wins over
+them, so every key stays settable with ``--run-config``. ``flwr run`` (and
+``flowerpress simulate``) loads :data:`app`, which builds the task from the
+run config; tests call :func:`serve` on an in-process grid.
 """
 
 from __future__ import annotations
@@ -17,41 +23,74 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
-from flowerpress.client.training import evaluate
-from flowerpress.config import Config, validate
-from flowerpress.server.loop import LoopSettings, RoundCallback, run_federation
-from flowerpress.server.results import build_results, write_json_atomic, write_report
-from flowerpress.simulations import data as datasets
-from flowerpress.simulations.models import build_model, get_weights, set_weights
+from flowerpress.config import SCHEMA, Config, Scalar, validate
+from flowerpress.server.loop import (
+    LoopSettings,
+    RoundCallback,
+    StrategyFailed,
+    run_federation,
+)
+from flowerpress.server.results import (
+    build_results,
+    save_model_atomic,
+    write_json_atomic,
+    write_report,
+)
+from flowerpress.strategies.base import Strategy
+from flowerpress.tasks.base import Evaluation, Task
 
 log = logging.getLogger(__name__)
 
-#: Run-config keys the ClientApp needs in every train message.
-CLIENT_KEYS = ("dataset", "partition", "model", "local-epochs", "batch-size", "lr", "seed",
-               "compression", "clients-per-round", "attack")
+
+def evaluation_row(res: Evaluation) -> dict[str, float | None]:
+    """An Evaluation as the round row's metric columns."""
+    return {"accuracy": res.accuracy, "loss": res.loss,
+            "f1_macro": res.metrics.get("f1_macro"),
+            **{k: v for k, v in res.metrics.items() if k != "f1_macro"}}
 
 
-def serve(grid: Grid, config: Config, *, out_dir: Path | None = None,
+def serve(grid: Grid, config: Config, *, task: Task | None = None,
+          strategy: Strategy | None = None, out_dir: Path | None = None,
           on_round: RoundCallback | None = None) -> dict[str, Any]:
-    """Run the federation described by ``config`` on ``grid``; return results.json's content."""
+    """Run the federation described by ``config`` on ``grid``; return results.json's content.
+
+    Parameters
+    ----------
+    grid
+        Flower's Grid (simulation engine, SuperLink, or an in-process test grid).
+    config
+        The validated run config (:func:`flowerpress.config.validate`).
+    task
+        The task; ``None`` builds the one the run config names.
+    strategy
+        A strategy object; ``None`` builds the run config's ``strategy`` spec.
+    out_dir
+        Where results.json, report.png, model.npz and server_state.json go.
+    on_round
+        Called with every finished round row.
+
+    Raises
+    ------
+    StrategyFailed
+        The strategy produced an unusable model (results.json and the last
+        good model.npz are written first).
+    """
     from flowerpress.compression import parse as parse_codec
     from flowerpress.privacy import ServerPrivacy, parse_dp
     from flowerpress.strategies import MeanStrategy, build_strategy
+    from flowerpress.tasks.registry import build_task, task_spec
 
-    dataset, seed, n = str(config["dataset"]), int(config["seed"]), int(config["num-clients"])
-    test = datasets.load_test(dataset, seed, n)
-    classes = datasets.num_classes_of(dataset, seed, n)
-    model = build_model(dataset, tuple(test.x.shape[1:]), classes, seed=seed,
-                        kind=str(config["model"]))
-    initial = get_weights(model)
+    if task is None:
+        task = build_task(task_spec(config), config)
+    initial = task.initial_weights()
     elements = sum(int(w.size) for w in initial)
+    central = task.central_data()
 
-    def evaluate_fn(weights: Sequence[NDArray[np.float32]]) -> Mapping[str, float]:
-        set_weights(model, list(weights))
-        res = evaluate(model, test.x, test.y)
-        return {"accuracy": res.accuracy, "loss": res.loss, "f1_macro": res.f1_macro}
+    def evaluate_fn(weights: Sequence[NDArray[np.float32]]) -> Mapping[str, float | None]:
+        return evaluation_row(task.evaluate(list(weights), central))
 
-    strategy = build_strategy(str(config["strategy"]))
+    if strategy is None:
+        strategy = build_strategy(str(config["strategy"]))
     dp = parse_dp(str(config["dp"]))
     max_eps = float(config["max-epsilon"])
     ledgers: list[ServerPrivacy] = []
@@ -70,27 +109,38 @@ def serve(grid: Grid, config: Config, *, out_dir: Path | None = None,
         log.warning("strategy %s is not a mean of the updates: the reported epsilon "
                     "assumes one and does not hold for it", config["strategy"])
     download = parse_codec(str(config["download-compression"]))
-    client_config = {k: config[k] for k in CLIENT_KEYS}
-    client_config["num-classes"] = classes
     settings = LoopSettings(
         rounds=int(config["rounds"]),
         clients_per_round=int(config["clients-per-round"]),
         round_timeout=float(config["round-timeout"]),
         min_replies=int(config["min-replies"]),
-        seed=seed,
-        client_config=client_config,
+        seed=int(config["seed"]),
         node_wait_timeout=max(60.0, float(config["round-timeout"])),
+        compression=str(config["compression"]),
+        max_client_weight=float(config["max-client-weight"]),
     )
-    start = evaluate_fn(initial)
-    log.info("initial accuracy %.4f over %s test rows", start["accuracy"], len(test))
+    start = evaluate_fn(initial) if central is not None else None
+    if start is not None:
+        log.info("initial accuracy %s on the central test set", start["accuracy"])
     rows_so_far: list[dict[str, Any]] = []
+    last_good: list[list[NDArray[np.float32]]] = [list(initial)]
+
+    def after_model(server_round: int, weights: list[NDArray[np.float32]]) -> None:
+        del server_round
+        last_good[-1] = weights
+        if out_dir is not None:  # the last good model is always on disk
+            save_model_atomic(out_dir / "model.npz", weights)
+
+    def results(rows: Sequence[Mapping[str, Any]], stopped: str | None = None,
+                failed: str | None = None) -> dict[str, Any]:
+        return build_results(config, rows, model_elements=elements, initial=start,
+                             privacy=ledgers[-1].privacy_block() if ledgers else None,
+                             stopped=stopped, failed=failed)
 
     def after_round(row: Mapping[str, Any]) -> None:
         rows_so_far.append(dict(row))
         if out_dir is not None:  # keep results current, so a long run can be watched
-            write_json_atomic(out_dir / "results.json", build_results(
-                config, rows_so_far, model_elements=elements, initial=start,
-                privacy=ledgers[-1].privacy_block() if ledgers else None))
+            write_json_atomic(out_dir / "results.json", results(rows_so_far))
             # The server state a resumed run needs besides the model: the
             # privacy spent so far (accountant and adaptive clip).
             write_json_atomic(out_dir / "server_state.json", {
@@ -99,33 +149,94 @@ def serve(grid: Grid, config: Config, *, out_dir: Path | None = None,
         if on_round is not None:
             on_round(row)
 
-    final, rows, stopped = run_federation(
-        grid, initial, strategy, settings, evaluate_fn=evaluate_fn,
-        privacy=None if dp is None else make_ledger, download=download, on_round=after_round)
-    results = build_results(config, rows, model_elements=elements, initial=start,
-                            privacy=ledgers[-1].privacy_block() if ledgers else None,
-                            stopped=stopped)
+    try:
+        final, rows, stopped = run_federation(
+            grid, initial, strategy, settings, evaluate_fn=evaluate_fn if central is not None
+            else None, privacy=None if dp is None else make_ledger, download=download,
+            on_round=after_round, on_model=after_model)
+    except StrategyFailed as exc:
+        if out_dir is not None:
+            write_json_atomic(out_dir / "results.json", results(rows_so_far, failed=str(exc)))
+            # The last good global model: the one the failed round started from.
+            save_model_atomic(out_dir / "model.npz", last_good[-1])
+        raise
+    document = results(rows, stopped=stopped)
     if out_dir is not None:
-        np.savez(out_dir / "model.npz", *final)
-        write_json_atomic(out_dir / "results.json", results)
-        write_report(out_dir / "report.png", results)
-    return results
+        save_model_atomic(out_dir / "model.npz", final)
+        write_json_atomic(out_dir / "results.json", document)
+        write_report(out_dir / "report.png", document)
+    return document
 
 
-app = ServerApp()
+def settings_config(settings: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """Python keyword settings (``clients_per_round``) as run-config keys."""
+    out: dict[str, Scalar] = {}
+    for name, value in settings.items():
+        key = name.replace("_", "-")
+        if key not in SCHEMA:
+            raise TypeError(f"unknown setting {name!r}; known: "
+                            f"{', '.join(k.replace('-', '_') for k in SCHEMA)}")
+        out[key] = value
+    return out
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run``: the run config comes from Flower."""
-    config = validate(dict(context.run_config), strict=False)
-    out = str(config["out-dir"])
-    serve(grid, config, out_dir=Path(out) if out else None, on_round=_log_row)
+def server_app(task: Task | None = None, *, strategy: Strategy | str | None = None,
+               **settings: Scalar) -> ServerApp:
+    """A Flower ServerApp that runs flowerpress's round loop for ``task``.
+
+    Parameters
+    ----------
+    task
+        The task; ``None`` builds the run config's ``task`` (or bundled ``dataset``).
+    strategy
+        A :class:`~flowerpress.strategies.Strategy` object or a spec string
+        (``"fedavg"``, ``"trimmed-mean:beta=0.2"``, ``"pkg.mod:Class"``).
+    **settings
+        Run-config keys in Python form: ``rounds=20``, ``clients_per_round=10``,
+        ``compression="topk:0.01+q:8+ef+zstd"``, ``dp="distributed:clip=1,noise=1"``...
+        The run config ``flwr run`` passes overrides them.
+
+    Raises
+    ------
+    TypeError
+        A setting that is not a run-config key.
+    flowerpress.config.ConfigError
+        A value the run config would refuse (checked here, at build time).
+    """
+    base = settings_config(settings)
+    strategy_object = strategy if isinstance(strategy, Strategy) else None
+    if isinstance(strategy, str):
+        base["strategy"] = strategy
+    elif strategy_object is not None:
+        base["strategy"] = type(strategy_object).__name__
+    validate(base if strategy_object is None else
+             {k: v for k, v in base.items() if k != "strategy"})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        """Entry point for ``flwr run``: the run config comes from Flower."""
+        values = {**base, **{k: v for k, v in context.run_config.items() if k in SCHEMA}}
+        if strategy_object is not None:
+            values.pop("strategy", None)
+        config = validate(values, strict=False)
+        if strategy_object is not None:
+            config["strategy"] = type(strategy_object).__name__
+        out = str(config["out-dir"])
+        serve(grid, config, task=task, strategy=strategy_object,
+              out_dir=Path(out) if out else None, on_round=_log_row)
+
+    return app
 
 
 def _log_row(row: Mapping[str, Any]) -> None:
     # Flower's logger is the one `flwr run --stream` and `flwr log` show.
+    acc = row["accuracy"]
     logging.getLogger("flwr").info(
-        "round %s: accuracy %.4f, %s clients, %s rejected, upload %.3f MB, epsilon %s",
-        row["round"], row["accuracy"], row["clients"], row["rejected"],
+        "round %s: accuracy %s, %s clients, %s rejected, upload %.3f MB, epsilon %s",
+        row["round"], "-" if acc is None else f"{acc:.4f}", row["clients"], row["rejected"],
         row["upload_bytes"] / 1e6, row["epsilon"])
+
+
+#: The app ``flwr run`` loads (``[tool.flwr.app.components]``).
+app = server_app()

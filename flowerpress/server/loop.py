@@ -24,22 +24,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
-from flowerpress.server.decoding import (
-    UpdateRejected,
-    extract_update,
-    num_examples,
-    payload_record,
-    record_bytes,
-)
+from flowerpress import protocol
+from flowerpress.compression.envelope import payload_record
+from flowerpress.protocol import UpdateRejected, record_bytes
+from flowerpress.strategies.base import ClientUpdate
 
 log = logging.getLogger(__name__)
 
 Weights = list[NDArray[np.float32]]
 Scalar = bool | int | float | str
-#: Central evaluation: weights -> {"accuracy", "loss", "f1_macro"}.
-EvaluateFn = Callable[[Sequence[NDArray[np.float32]]], Mapping[str, float]]
+#: Central evaluation: weights -> {"accuracy", "loss", ...} (values may be None).
+EvaluateFn = Callable[[Sequence[NDArray[np.float32]]], Mapping[str, float | None]]
 #: Called with every finished round row (progress display, checkpoints).
 RoundCallback = Callable[[Mapping[str, Any]], None]
+#: Called with the round and the new global model after every round (checkpoints).
+ModelCallback = Callable[[int, "Weights"], None]
 
 POLL_MIN_S = 0.005
 POLL_MAX_S = 0.05
@@ -51,7 +50,7 @@ class AggregationStrategy(Protocol):
     def client_config(self, server_round: int) -> dict[str, Scalar]: ...
     def begin_round(self, server_round: int,
                     global_weights: Sequence[NDArray[np.float32]]) -> None: ...
-    def add(self, delta: Sequence[NDArray[np.float32]], weight: float, client_id: int) -> None: ...
+    def add(self, update: ClientUpdate) -> None: ...
     def result(self) -> list[NDArray[np.float32]]: ...
 
 
@@ -88,6 +87,8 @@ class LoopSettings:
     # Keys every train message's ConfigRecord carries (dataset, lr, ...).
     client_config: Mapping[str, Scalar] = field(default_factory=dict)
     node_wait_timeout: float = 60.0  # seconds to wait for enough nodes to connect
+    compression: str = "none"  # the upload codec devices apply (their compression_mod)
+    max_client_weight: float = protocol.DEFAULT_MAX_WEIGHT  # cap on a reply's num-examples
 
 
 def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
@@ -131,7 +132,8 @@ def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
         raise RuntimeError(f"no node connected within {timeout:.0f} s; expected {wanted}")
     if len(nodes) < wanted:
         log.warning("only %s of %s wanted nodes connected; going on with them", len(nodes), wanted)
-    msgs = [Message(RecordDict({"config": ConfigRecord({"hello": True})}), dst_node_id=n,
+    msgs = [Message(RecordDict({protocol.CONFIG: ConfigRecord({protocol.HELLO: True})}),
+                    dst_node_id=n,
                     message_type=MessageType.QUERY) for n in nodes]
     ids = list(grid.push_messages(msgs))
     id_to_node = dict(zip(ids, nodes, strict=True))
@@ -143,15 +145,41 @@ def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
         node = id_to_node.get(reply.metadata.reply_to_message_id)
         if node is None or reply.has_error():
             continue
-        info = reply.content.config_records.get("info")
-        pid = None if info is None else info.get("partition-id")
-        if isinstance(pid, int) and pid >= 0:
+        pid = protocol.partition_of_reply(reply)
+        if pid is not None:
             partition[node] = pid
     if len(partition) < len(nodes):
         log.warning("%s of %s nodes did not report a partition id; sampling is not "
                     "reproducible across runs for them", len(nodes) - len(partition), len(nodes))
     big = 1 << 62
     return sorted(nodes, key=lambda n: (partition.get(n, big), n))
+
+
+class StrategyFailed(RuntimeError):
+    """The strategy's result is not a usable model; the round's result was not applied."""
+
+
+def check_strategy_result(result: Sequence[NDArray[Any]], reference: Sequence[NDArray[np.float32]],
+                          name: str) -> Weights:
+    """The strategy's new global weights as float32, or StrategyFailed naming the problem."""
+    if len(result) != len(reference):
+        raise StrategyFailed(f"strategy {name} returned {len(result)} tensors, expected "
+                             f"{len(reference)}")
+    out: Weights = []
+    for i, (r, g) in enumerate(zip(result, reference, strict=True)):
+        arr = np.asarray(r)
+        if arr.shape != g.shape:
+            raise StrategyFailed(f"strategy {name} returned tensor {i} of shape {arr.shape}, "
+                                 f"expected {g.shape}")
+        if arr.dtype.kind not in "fiu":
+            raise StrategyFailed(f"strategy {name} returned tensor {i} of dtype {arr.dtype}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            f32 = arr.astype(np.float32)
+        if not np.isfinite(f32).all():
+            raise StrategyFailed(f"strategy {name} returned NaN or Inf in tensor {i} "
+                                 "(as float32)")
+        out.append(f32)
+    return out
 
 
 @dataclass
@@ -165,7 +193,23 @@ class RoundOutcome:
     upload_bytes: int
     download_bytes: int
     participants: list[int]
-    reply_metrics: list[dict[str, float | int]]
+    reply_metrics: list[dict[str, float]]
+
+
+def _broadcast(global_weights: Weights, download: DownloadCodec | None,
+               rng: np.random.Generator) -> tuple[ArrayRecord, Weights]:
+    """The ArrayRecord sent to devices and the weights they will decode from it."""
+    if download is None or download.spec == "none":
+        return ArrayRecord(global_weights), global_weights
+    # Clients start from the decoded broadcast, so deltas are taken against it
+    # and the new global is built on it (the average of client models).
+    from flowerpress.compression import decode
+
+    payload, _ = download.encode(global_weights, None, rng=rng)
+    received = [np.asarray(a, dtype=np.float32) for a in
+                decode(payload, max_elements=sum(int(g.size) for g in global_weights),
+                       max_tensors=len(global_weights))]
+    return payload_record(payload), received
 
 
 def run_round(
@@ -182,21 +226,16 @@ def run_round(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RoundOutcome:
-    """One round: broadcast, collect, validate and fold each reply as it arrives."""
-    if download is None or download.spec == "none":
-        broadcast = ArrayRecord(global_weights)
-        received: Weights = global_weights
-    else:
-        # Clients start from the decoded broadcast, so deltas are taken against
-        # it and the new global is built on it (the average of client models).
-        from flowerpress.compression import decode
+    """One round: broadcast, collect, validate and fold each reply as it arrives.
 
-        payload, _ = download.encode(global_weights, None, rng=rng)
-        broadcast = payload_record(payload)
-        received = [np.asarray(a, dtype=np.float32) for a in
-                    decode(payload, max_elements=sum(int(g.size) for g in global_weights))]
-    config = ConfigRecord({**settings.client_config, **extra_config, "server-round": server_round})
-    content = RecordDict({"arrays": broadcast, "config": config})
+    Whatever goes wrong with one reply rejects that reply (one log line naming
+    the node and the reason) and the round goes on.
+    """
+    broadcast, received = _broadcast(global_weights, download, rng)
+    instruction = protocol.TrainInstruction(
+        server_round=server_round, seed=settings.seed, compression=settings.compression,
+        cohort_size=len(nodes), extra={**settings.client_config, **extra_config})
+    content = RecordDict({protocol.ARRAYS: broadcast, protocol.CONFIG: instruction.to_record()})
     messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
     download_bytes = record_bytes(content) * len(messages)
     ids = list(grid.push_messages(messages))
@@ -205,34 +244,39 @@ def run_round(
     strategy.begin_round(server_round, received)
     valid = rejected = upload = 0
     participants: list[int] = []
-    reply_metrics: list[dict[str, float | int]] = []
+    reply_metrics: list[dict[str, float]] = []
     for reply in poll_replies(grid, ids, timeout=settings.round_timeout, clock=clock, sleep=sleep):
         node = id_to_node[reply.metadata.reply_to_message_id]
         if reply.has_error():
             rejected += 1
-            log.warning("round %s: node %s replied with an error: %s", server_round, node,
+            log.warning("round %s: node %s replied with an error: %.200s", server_round, node,
                         reply.error.reason)
             continue
-        upload += record_bytes(reply.content)
         try:
-            weight = num_examples(reply)
-            delta = extract_update(reply, received)
+            upload += record_bytes(reply.content)
+            checked = protocol.validate_train_reply(reply, received,
+                                                    max_weight=settings.max_client_weight)
+            strategy.add(ClientUpdate(delta=checked.delta, weight=checked.weight,
+                                      node_id=node, metrics=checked.metrics))
         except UpdateRejected as exc:
             rejected += 1
-            log.warning("round %s: dropped the update of node %s: %s", server_round, node, exc)
+            log.warning("round %s: dropped the update of node %s: %.300s", server_round, node,
+                        exc)
             continue
-        strategy.add(delta, weight, node)
+        except Exception as exc:  # one reply never ends the run
+            rejected += 1
+            log.warning("round %s: dropped the update of node %s: %s: %.300s", server_round,
+                        node, type(exc).__name__, exc)
+            continue
         valid += 1
         participants.append(node)
-        metrics = reply.content.metric_records.get("metrics")
-        reply_metrics.append({k: v for k, v in (metrics or {}).items()
-                              if isinstance(v, int | float)})
+        reply_metrics.append(dict(checked.metrics))
     timed_out = len(nodes) - valid - rejected
     if timed_out:
         log.warning("round %s: %s of %s clients did not reply within %.1f s", server_round,
                     timed_out, len(nodes), settings.round_timeout)
     if valid >= settings.min_replies:
-        new_global = [np.asarray(w, dtype=np.float32) for w in strategy.result()]
+        new_global = check_strategy_result(strategy.result(), received, type(strategy).__name__)
     else:
         log.warning("round %s: %s valid replies < min-replies=%s; the model is unchanged",
                     server_round, valid, settings.min_replies)
@@ -241,16 +285,56 @@ def run_round(
                         participants, reply_metrics)
 
 
+def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weights: Weights,
+                      settings: LoopSettings, *, clock: Callable[[], float] = time.monotonic,
+                      sleep: Callable[[float], None] = time.sleep) -> dict[str, float | None]:
+    """Federated evaluation: the example-weighted mean of the nodes' metrics.
+
+    Used when the task has no central test set. Invalid replies are ignored
+    (logged); ``evaluated_by`` counts the replies that were used.
+    """
+    config = ConfigRecord({protocol.SERVER_ROUND: server_round, protocol.SEED: settings.seed})
+    content = RecordDict({protocol.ARRAYS: ArrayRecord(weights), protocol.CONFIG: config})
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
+                for n in nodes]
+    ids = list(grid.push_messages(messages))
+    totals: dict[str, float] = {}
+    weight_sum = 0.0
+    used = 0
+    for reply in poll_replies(grid, ids, timeout=settings.round_timeout, clock=clock,
+                              sleep=sleep):
+        if reply.has_error():
+            continue
+        try:
+            weight, metrics = protocol.validate_eval_reply(
+                reply, max_weight=settings.max_client_weight)
+        except UpdateRejected as exc:
+            log.warning("round %s: dropped an evaluation reply: %.300s", server_round, exc)
+            continue
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + weight * value
+        weight_sum += weight
+        used += 1
+    out: dict[str, float | None] = {
+        "accuracy": None, "loss": None, "f1_macro": None, "evaluated_by": float(used)}
+    if weight_sum > 0:
+        names = {protocol.EVAL_LOSS: "loss", protocol.EVAL_ACC: "accuracy"}
+        for key, total in totals.items():
+            out[names.get(key, key)] = total / weight_sum
+    return out
+
+
 def run_federation(
     grid: Grid,
     initial_weights: Weights,
     strategy: AggregationStrategy,
     settings: LoopSettings,
     *,
-    evaluate_fn: EvaluateFn,
+    evaluate_fn: EvaluateFn | None,
     privacy: Callable[[int], PrivacyLedger] | None = None,
     download: DownloadCodec | None = None,
     on_round: RoundCallback | None = None,
+    on_model: ModelCallback | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[Weights, list[dict[str, Any]], str | None]:
@@ -259,9 +343,18 @@ def run_federation(
     The stop reason is ``None`` when every round ran, else a sentence saying
     why the run ended early (e.g. the privacy budget).
 
+    ``evaluate_fn`` evaluates the global model centrally; ``None`` evaluates it
+    on the round's nodes instead (federated evaluation).
+
     ``privacy`` builds the privacy ledger for the population actually sampled
     from (the number of connected nodes), which the accounting's sampling
     rate depends on.
+
+    Raises
+    ------
+    StrategyFailed
+        The strategy returned an unusable model; the last good one is in
+        ``on_round``'s rows so far (the caller keeps it).
     """
     rng = np.random.default_rng([settings.seed, 1])
     nodes = discover_nodes(grid, wanted=settings.clients_per_round,
@@ -296,12 +389,16 @@ def run_federation(
             # accounts z * sqrt(valid / sampled).
             epsilon = ledger.end_round(sampled, outcome.reply_metrics,
                                        aggregated=outcome.valid)
-        metrics = evaluate_fn(weights)
+        if evaluate_fn is not None:
+            metrics: Mapping[str, float | None] = evaluate_fn(weights)
+        else:
+            metrics = evaluate_on_nodes(grid, server_round, sampled, weights, settings,
+                                        clock=clock, sleep=sleep)
         row: dict[str, Any] = {
             "round": server_round,
-            "accuracy": float(metrics["accuracy"]),
-            "loss": float(metrics["loss"]),
-            "f1_macro": float(metrics["f1_macro"]),
+            "accuracy": _opt_float(metrics.get("accuracy")),
+            "loss": _opt_float(metrics.get("loss")),
+            "f1_macro": _opt_float(metrics.get("f1_macro")),
             "clients": outcome.valid,
             "rejected": outcome.rejected,
             "timed_out": outcome.timed_out,
@@ -310,7 +407,19 @@ def run_federation(
             "epsilon": epsilon,
             "seconds": round(clock() - started, 4),
         }
+        if evaluate_fn is None:
+            row["evaluated_by"] = int(metrics.get("evaluated_by") or 0)
         rows.append(row)
+        if on_model is not None:
+            on_model(server_round, weights)
         if on_round is not None:
             on_round(row)
     return weights, rows, stop
+
+
+def _opt_float(value: float | None) -> float | None:
+    """A finite float or None (results.json stays valid JSON)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if np.isfinite(number) else None

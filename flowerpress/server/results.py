@@ -15,6 +15,7 @@ Bytes are the sizes of the array payloads carried in the Flower messages.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -33,8 +34,13 @@ def build_results(
     initial: Mapping[str, float] | None = None,
     privacy: Mapping[str, Any] | None = None,
     stopped: str | None = None,
+    failed: str | None = None,
 ) -> dict[str, Any]:
-    """Assemble the results document from the round rows."""
+    """Assemble the results document from the round rows.
+
+    ``failed`` is the one-line reason a run ended in error (the strategy
+    produced an unusable model, ...); the rows so far are kept.
+    """
     fp32 = sum(int(r["clients"]) + int(r["rejected"]) for r in rows) * model_elements * 4
     summary: dict[str, Any] = {
         "final_accuracy": rows[-1]["accuracy"] if rows else None,
@@ -44,12 +50,41 @@ def build_results(
         "model_parameters": model_elements,
         "rounds_completed": len(rows),
     }
-    if initial is not None:
+    if initial is not None and initial.get("accuracy") is not None:
         summary["initial_accuracy"] = float(initial["accuracy"])
     if stopped is not None:
         summary["stopped"] = stopped
-    return {"config": dict(config), "rounds": [dict(r) for r in rows], "summary": summary,
-            "privacy": dict(privacy) if privacy is not None else None}
+    if failed is not None:
+        summary["failed"] = failed
+    document = {"config": dict(config), "rounds": [dict(r) for r in rows], "summary": summary,
+                "privacy": dict(privacy) if privacy is not None else None}
+    return finite_json(document)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (valid JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def save_model_atomic(path: Path, weights: Sequence[Any]) -> None:
+    """Write the global weights (``arr_0``, ``arr_1``, ... in state_dict order) atomically."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, *weights)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
@@ -58,7 +93,7 @@ def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(document, fh, indent=2)
+            json.dump(finite_json(document), fh, indent=2, allow_nan=False)
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -16,11 +16,21 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
+
+from flowerpress.tasks.base import (
+    Evaluation,
+    Scalar,
+    Task,
+    TrainContext,
+    TrainResult,
+    Weights,
+)
 
 NDArray = npt.NDArray[Any]
 
@@ -172,3 +182,73 @@ def parse_attack(spec: str) -> Attack | None:
         return cls(**kwargs)
     except ValueError as exc:
         raise ValueError(f"attack {spec!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _NodeData:
+    """A node's data with the partition it holds (decides whether it attacks)."""
+
+    inner: Any
+    partition_id: int
+    num_partitions: int
+
+
+class AttackedTask(Task):
+    """A task whose malicious partitions replace their update with an attack's.
+
+    Used only by simulations (:mod:`flowerpress.simulations.app`): a device's
+    ClientApp never wraps its task. The malicious delta is applied right
+    after local training, before privacy and compression, so it travels the
+    same path as an honest update.
+
+    Parameters
+    ----------
+    inner : Task
+        The honest task.
+    attack : Attack
+        What the malicious partitions send.
+    """
+
+    def __init__(self, inner: Task, attack: Attack) -> None:
+        self.inner = inner
+        self.attack = attack
+
+    def initial_weights(self) -> Weights:
+        """The inner task's."""
+        return self.inner.initial_weights()
+
+    def load_data(self, node_config: Mapping[str, Scalar]) -> _NodeData:
+        """The inner task's data and the node's partition id (-1 when it has none)."""
+        pid, n = node_config.get("partition-id"), node_config.get("num-partitions")
+        ok = isinstance(pid, int) and isinstance(n, int) and 0 <= pid < n
+        return _NodeData(self.inner.load_data(node_config), int(pid) if ok else -1,
+                         int(n) if ok else 0)
+
+    def train(self, weights: Weights, data: Any, context: TrainContext) -> TrainResult:
+        """Honest training, then the attack's delta on malicious partitions."""
+        node = data if isinstance(data, _NodeData) else _NodeData(data, -1, 0)
+        result = self.inner.train(weights, node.inner, context)
+        if node.num_partitions == 0 or not self.attack.is_malicious(node.partition_id,
+                                                                    node.num_partitions):
+            return result
+        rng = np.random.default_rng([context.seed, 7])
+        delta = [np.asarray(w, dtype=np.float32) - g
+                 for w, g in zip(result.weights, weights, strict=True)]
+        delta = self.attack.apply(delta, rng=rng)
+        attacked = [(g + d).astype(np.float32) for g, d in zip(weights, delta, strict=True)]
+        return TrainResult(attacked, result.num_examples, result.metrics)
+
+    def evaluate(self, weights: Weights, data: Any) -> Evaluation:
+        """The inner task's (attackers evaluate honestly)."""
+        inner = data.inner if isinstance(data, _NodeData) else data
+        return self.inner.evaluate(weights, inner)
+
+    def central_data(self) -> Any | None:
+        """The inner task's."""
+        return self.inner.central_data()
+
+
+def with_attack(task: Task, run_config: Mapping[str, Scalar]) -> Task:
+    """``task`` wrapped with the run config's ``attack`` (unchanged for ``none``)."""
+    attack = parse_attack(str(run_config.get("attack", "none")))
+    return task if attack is None else AttackedTask(task, attack)

@@ -75,7 +75,7 @@ def write_app_dir(path: Path) -> Path:
         'dependencies = ["flowerpress"]', "",
         "[tool.flwr.app]", 'publisher = "flowerpress"', "",
         "[tool.flwr.app.components]", 'serverapp = "flowerpress.server.app:app"',
-        'clientapp = "flowerpress.client.app:app"', "", "[tool.flwr.app.config]",
+        'clientapp = "flowerpress.simulations.app:app"', "", "[tool.flwr.app.config]",
     ]
     lines += [f"{name} = {_toml_value(key.default)}" for name, key in SCHEMA.items()]
     (path / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -10,11 +10,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from flowerpress.client.app import app as client_app
-from flowerpress.client.training import evaluate
+from flowerpress.tasks.training import evaluate
 from flowerpress.server.decoding import record_bytes
 from flowerpress.server.loop import LoopSettings, poll_replies, run_federation
-from flowerpress.simulations import data
-from flowerpress.simulations.models import build_model, get_weights, set_weights
+from flowerpress.tasks import data
+from flowerpress.tasks.models import build_model, get_weights, set_weights
 from flowerpress.strategies import build_strategy
 from flowerpress.testing import InProcessGrid, server_identity
 

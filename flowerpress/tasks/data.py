@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from flowerpress.tasks.base import TaskError
+
 TEST_FRACTION = 0.2
 
 
@@ -46,7 +48,7 @@ class Pooled:
     groups: NDArray[np.int64] | None = None
 
 
-class DataError(ValueError):
+class DataError(TaskError):
     """A dataset name, partition or file is not usable."""
 
 

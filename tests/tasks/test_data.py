@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowerpress.simulations import data
+from flowerpress.tasks import data
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet:0.5", "shard:2"])
