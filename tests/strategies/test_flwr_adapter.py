@@ -10,7 +10,7 @@ import pytest
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from flowerpress.strategies import FlwrStrategy, NDArray, Strategy, build_strategy
+from flowerpress.strategies import ClientUpdate, FlwrStrategy, NDArray, Strategy, build_strategy
 
 SHAPES = [(3, 2), (5,)]
 
@@ -33,7 +33,7 @@ def _run(
     for r, (deltas, ws) in enumerate(rounds, start=1):
         strategy.begin_round(r, weights)
         for i, (d, w) in enumerate(zip(deltas, ws, strict=True)):
-            strategy.add(d, w, 10 + i)
+            strategy.add(ClientUpdate(d, w, 10 + i))
         weights = strategy.result()
     return weights
 
@@ -128,7 +128,7 @@ def test_adapter_no_updates_and_zero_weight_return_global() -> None:
     strategy.begin_round(1, g)
     empty = strategy.result()
     strategy.begin_round(2, g)
-    strategy.add([np.ones(s, np.float32) for s in SHAPES], 0.0, 1)
+    strategy.add(ClientUpdate([np.ones(s, np.float32) for s in SHAPES], 0.0, 1))
     zero = strategy.result()
     # Assert
     for a, b, c in zip(empty, zero, g, strict=True):
