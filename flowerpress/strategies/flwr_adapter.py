@@ -247,9 +247,7 @@ class FlwrStrategy(BatchStrategy):
             return [g.copy() for g in global_weights]
         out = [np.asarray(a, dtype=np.float32) for a in arrays.to_numpy_ndarrays()]
         if len(out) != len(global_weights):
-            raise ValueError(
-                f"{name} returned {len(out)} arrays, expected {len(global_weights)}"
-            )
+            raise ValueError(f"{name} returned {len(out)} arrays, expected {len(global_weights)}")
         return out
 
 
