@@ -93,7 +93,7 @@ def run_streaming(global_weights: list[F32], payloads: Sequence[bytes], clients:
     from flwr.app import MetricRecord, RecordDict
 
     from flowerpress.server.decoding import extract_update, payload_record
-    from flowerpress.strategies import FedAvg
+    from flowerpress.strategies import ClientUpdate, FedAvg
 
     strategy = FedAvg()
     strategy.begin_round(1, global_weights)
@@ -101,7 +101,7 @@ def run_streaming(global_weights: list[F32], payloads: Sequence[bytes], clients:
         content = RecordDict({"arrays": payload_record(payload),
                               "metrics": MetricRecord({"num-examples": weight})})
         delta = extract_update(reply_message(content, client_id), global_weights)
-        strategy.add(delta, weight, client_id)
+        strategy.add(ClientUpdate(delta=delta, weight=weight, node_id=client_id))
         del content, delta
     return [np.asarray(a, dtype=np.float32) for a in strategy.result()]
 

@@ -9,14 +9,19 @@ Learning?", 2019, https://arxiv.org/abs/1911.07963). Run it with::
 """
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 
-from flowerpress.strategies import NDArray, Strategy
+from flowerpress.strategies import ClientUpdate, NDArray, Strategy
 
 
 class NormBoundedMean(Strategy):
     """Weighted mean of client updates clipped to L2 norm ``max_norm`` (Sun et al. 2019)."""
+
+    # Not sum_k w_k delta_k / sum_k w_k: the server rescales each delta first,
+    # so the privacy accounting's weighted-sum assumption does not hold.
+    weighted_sum: ClassVar[bool] = False
 
     def __init__(self, *, max_norm: float = 5.0) -> None:
         if not max_norm > 0:
@@ -28,12 +33,12 @@ class NormBoundedMean(Strategy):
         self.total = [np.zeros(g.shape) for g in self.global_weights]  # float64 running sum
         self.weight = 0.0
 
-    def add(self, delta: Sequence[NDArray], weight: float, client_id: int) -> None:
-        norm = np.sqrt(sum(np.sum(np.square(d, dtype=np.float64)) for d in delta))
+    def add(self, update: ClientUpdate) -> None:
+        norm = np.sqrt(sum(np.sum(np.square(d, dtype=np.float64)) for d in update.delta))
         scale = min(1.0, self.max_norm / norm) if norm > 0 else 1.0
-        for acc, d in zip(self.total, delta, strict=True):
-            acc += weight * scale * d
-        self.weight += weight
+        for acc, d in zip(self.total, update.delta, strict=True):
+            acc += update.weight * scale * d
+        self.weight += update.weight
 
     def result(self) -> list[NDArray]:
         if self.weight == 0:

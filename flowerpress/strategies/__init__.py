@@ -1,13 +1,15 @@
 """Plug-in aggregation strategies.
 
 A strategy implements the aggregation math only; the server owns the round
-loop. Select one with the run-config key ``strategy`` (see
+loop and hands each validated reply to the strategy as a
+:class:`ClientUpdate`. Select one with the run-config key ``strategy`` (see
 :func:`build_strategy` for the spec grammar) or register your own with
 :func:`register_strategy`.
 """
 
 from flowerpress.strategies.base import (
     BatchStrategy,
+    ClientUpdate,
     ConfigValue,
     MeanStrategy,
     NDArray,
@@ -26,6 +28,7 @@ from flowerpress.strategies.robust import Krum, Median, MultiKrum, TrimmedMean
 
 __all__ = [
     "BatchStrategy",
+    "ClientUpdate",
     "ConfigValue",
     "FedAdagrad",
     "FedAdam",

@@ -2,25 +2,33 @@
 
 A strategy implements the aggregation math only. The server owns the round
 loop (sampling, messaging, decoding, validation, privacy accounting, the
-ledger) and drives a strategy through four calls per round::
+ledger) and drives a strategy through three calls per round::
 
     strategy.begin_round(server_round, global_weights)
-    for delta, weight, client_id in decoded_updates:     # as replies arrive
-        strategy.add(delta, weight, client_id)
+    for update in validated_updates:                     # ClientUpdate, as replies arrive
+        strategy.add(update)
     new_global = strategy.result()
 
-``delta`` is the client's local weights minus the global weights, already
-decoded and validated by the server (shapes match the global model, values
-finite). Weights travel as ``list[np.ndarray]`` in the model's
+A :class:`ClientUpdate` is the whole validated reply: the delta (the
+client's local weights minus the global weights, decoded, with the global
+model's shapes and finite values), its weight, the sending node and the
+reply's metrics. Weights travel as ``list[np.ndarray]`` in the model's
 ``state_dict`` order.
+
+:attr:`Strategy.weighted_sum` tells the server whether the new global model
+is (a server step on) the weighted mean of the deltas. The privacy
+accountant needs that bit: differential-privacy accounting of clipped,
+noised updates bounds the sensitivity of a weighted sum or mean of them, and
+says nothing about a median or about weights that clients report.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Any, TypeAlias
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +42,59 @@ ConfigValue: TypeAlias = int | float | str | bool
 
 class StrategyError(ValueError):
     """A strategy spec names something that does not exist or has a bad argument."""
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One validated client update, as the server hands it to a strategy.
+
+    The server builds it after validating the reply against the contract
+    (``flowerpress.protocol``), so a strategy works on trusted values.
+
+    Attributes
+    ----------
+    delta : Sequence[NDArray]
+        The client's local weights minus this round's global weights:
+        float32, the global model's shapes, finite.
+    weight : float
+        Finite, ``>= 0``: the number of training examples, capped by the
+        server; 1 for every client under differential privacy.
+    node_id : int
+        The sending node.
+    metrics : Mapping[str, float]
+        The reply's validated metrics (finite numbers), e.g.
+        ``"local-steps"`` (local SGD steps this round, sent by the bundled
+        tasks) and ``"train-loss"``, plus whatever a user's ClientApp sends.
+        Empty under differential privacy: the DP mod withholds metrics, which
+        could leak what the noise hides.
+    """
+
+    delta: Sequence[NDArray]
+    weight: float
+    node_id: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def require_metric(self, key: str) -> float:
+        """Return ``metrics[key]`` as a float, or raise a ``ValueError`` naming the key.
+
+        Parameters
+        ----------
+        key : str
+            The metric a rule needs, e.g. ``"local-steps"``.
+
+        Raises
+        ------
+        ValueError
+            If the reply has no such metric (the message names the key, the
+            node and the keys that are there).
+        """
+        if key not in self.metrics:
+            present = ", ".join(sorted(self.metrics)) or "none"
+            raise ValueError(
+                f"node {self.node_id} sent no metric {key!r} (its metrics: {present}); "
+                "the client must report it, and under differential privacy metrics are withheld"
+            )
+        return float(self.metrics[key])
 
 
 class Strategy(ABC):
@@ -51,6 +112,20 @@ class Strategy(ABC):
     Constructor arguments are what a spec string ``NAME:ARG=VALUE,...`` can
     set; give them type annotations ``int``, ``float``, ``bool`` or ``str``
     (optionally ``| None``) and defaults.
+
+    Set the class attribute :attr:`weighted_sum` to ``True`` only if
+    :meth:`result` is ``sum_k w_k delta_k / sum_k w_k`` with the server's
+    weights ``w_k`` (:attr:`ClientUpdate.weight`), or a server step that
+    depends on the updates only through that mean.
+    """
+
+    weighted_sum: ClassVar[bool] = False
+    """True when :meth:`result` is (a server step on) ``sum_k w_k delta_k / sum_k w_k``.
+
+    The server's privacy accounting holds only for such rules: it bounds the
+    sensitivity of a weighted sum or mean of clipped updates. Rules that
+    select or reorder updates (median, Krum) or that weight them by what
+    clients report (FedNova's step counts) leave it ``False``.
     """
 
     @abstractmethod
@@ -67,17 +142,17 @@ class Strategy(ABC):
         """
 
     @abstractmethod
-    def add(self, delta: Sequence[NDArray], weight: float, client_id: int) -> None:
-        """Fold one decoded client update into the round.
+    def add(self, update: ClientUpdate) -> None:
+        """Fold one validated client update into the round.
 
         Parameters
         ----------
-        delta : Sequence[NDArray]
-            Client local weights minus the global weights of this round.
-        weight : float
-            Non-negative weight of the update (usually the number of examples).
-        client_id : int
-            The sending node's id (lets a rule track clients; most ignore it).
+        update : ClientUpdate
+            The delta (client local weights minus this round's global
+            weights), its weight, the sending node and the reply's metrics.
+            A rule that needs a metric reads it with
+            :meth:`ClientUpdate.require_metric`, which raises a clear
+            ``ValueError`` when it is missing (always, under DP).
         """
 
     @abstractmethod
@@ -157,6 +232,9 @@ class _RoundMixin:
 class MeanStrategy(_RoundMixin, Strategy):
     """Streaming base: a running weighted mean of the deltas, then a server step.
 
+    :attr:`weighted_sum` is ``True``: the result depends on the updates only
+    through ``sum_k w_k delta_k / sum_k w_k``.
+
     ``add`` folds each update into a float64 running sum (memory O(model));
     ``result`` hands the weighted mean delta to :meth:`step`, once per round
     (later calls return the same weights, so a server optimizer never steps
@@ -165,6 +243,8 @@ class MeanStrategy(_RoundMixin, Strategy):
     global weights come back unchanged and :meth:`step` is not called.
     """
 
+    weighted_sum: ClassVar[bool] = True
+
     def begin_round(self, server_round: int, global_weights: Sequence[NDArray]) -> None:
         """Start a round: reset the running sum."""
         self._start(server_round, global_weights)
@@ -172,14 +252,14 @@ class MeanStrategy(_RoundMixin, Strategy):
         self._total_weight = 0.0
         self._count = 0
 
-    def add(self, delta: Sequence[NDArray], weight: float, client_id: int) -> None:
-        """Fold ``weight * delta`` into the running sum."""
+    def add(self, update: ClientUpdate) -> None:
+        """Fold ``update.weight * update.delta`` into the running sum."""
         _, global_weights = self._require_round("add")
-        check_delta(delta, global_weights)
-        w = check_weight(weight)
+        check_delta(update.delta, global_weights)
+        w = check_weight(update.weight)
         if self._sum is None:
             self._sum = [np.zeros(np.shape(g), dtype=np.float64) for g in global_weights]
-        for acc, d in zip(self._sum, delta, strict=True):
+        for acc, d in zip(self._sum, update.delta, strict=True):
             acc += w * np.asarray(d, dtype=np.float64)
         self._total_weight += w
         self._count += 1
@@ -222,31 +302,37 @@ class BatchStrategy(_RoundMixin, Strategy):
     :meth:`add` are kept by reference until the round ends, so callers must
     not mutate them afterwards. Subclasses implement :meth:`aggregate`, which
     is called once per round with at least one update.
+
+    :attr:`weighted_sum` stays ``False`` unless a subclass's
+    :meth:`aggregate` is a weighted mean of the deltas.
     """
 
     def begin_round(self, server_round: int, global_weights: Sequence[NDArray]) -> None:
         """Start a round: drop the previous round's updates."""
         self._start(server_round, global_weights)
-        self._deltas: list[list[NDArray]] = []
-        self._weights: list[float] = []
-        self._client_ids: list[int] = []
+        self._updates: list[ClientUpdate] = []
 
-    def add(self, delta: Sequence[NDArray], weight: float, client_id: int) -> None:
-        """Keep the update for :meth:`aggregate`."""
+    def add(self, update: ClientUpdate) -> None:
+        """Keep the update (delta as float32 arrays) for :meth:`aggregate`."""
         _, global_weights = self._require_round("add")
-        check_delta(delta, global_weights)
-        self._weights.append(check_weight(weight))
-        self._deltas.append(_as_float32_list(delta))
-        self._client_ids.append(int(client_id))
+        check_delta(update.delta, global_weights)
+        self._updates.append(
+            replace(
+                update,
+                delta=_as_float32_list(update.delta),
+                weight=check_weight(update.weight),
+                node_id=int(update.node_id),
+            )
+        )
 
     def result(self) -> list[NDArray]:
         """Return the new global weights (computed once per round)."""
         _, global_weights = self._require_round("result")
         if self._result is None:
-            if not self._deltas:
+            if not self._updates:
                 self._result = [g.copy() for g in global_weights]
             else:
-                new = self.aggregate(global_weights, self._deltas, self._weights, self._client_ids)
+                new = self.aggregate(global_weights, self._updates)
                 try:
                     check_delta(new, global_weights)
                 except ValueError as exc:
@@ -255,7 +341,7 @@ class BatchStrategy(_RoundMixin, Strategy):
                     ) from None
                 self._result = _as_float32_list(new)
             # The updates are no longer needed; free O(clients x model) memory.
-            self._deltas, self._weights, self._client_ids = [], [], []
+            self._updates = []
         return [r.copy() for r in self._result]
 
     @property
@@ -266,11 +352,7 @@ class BatchStrategy(_RoundMixin, Strategy):
 
     @abstractmethod
     def aggregate(
-        self,
-        global_weights: list[NDArray],
-        deltas: list[list[NDArray]],
-        weights: list[float],
-        client_ids: list[int],
+        self, global_weights: list[NDArray], updates: list[ClientUpdate]
     ) -> list[NDArray]:
         """Return the new global weights from all of a round's updates.
 
@@ -278,10 +360,8 @@ class BatchStrategy(_RoundMixin, Strategy):
         ----------
         global_weights : list[NDArray]
             This round's global weights (float32).
-        deltas : list[list[NDArray]]
-            One float32 delta per client, in arrival order (at least one).
-        weights : list[float]
-            The clients' weights, aligned with ``deltas``.
-        client_ids : list[int]
-            The clients' node ids, aligned with ``deltas``.
+        updates : list[ClientUpdate]
+            The round's updates in arrival order (at least one); each
+            ``delta`` is a list of float32 arrays with the global model's
+            shapes, each ``weight`` a checked float.
         """

@@ -3,9 +3,9 @@
 flowerpress decodes compressed client updates on the server, so a Flower
 strategy never sees the wire payloads. This adapter rebuilds, per update, the
 reply a plain Flower ClientApp would have sent (an ``ArrayRecord`` with the
-client's weights, ``global + delta``, and a ``MetricRecord``
-``{"num-examples": weight}``) and hands the round's replies to the Flower
-strategy's ``aggregate_train``.
+client's weights, ``global + delta``, and a ``MetricRecord`` with the reply's
+validated metrics and ``"num-examples"`` set to the server's weight) and
+hands the round's replies to the Flower strategy's ``aggregate_train``.
 
 Trade-off: the adapter is a batch rule. It keeps every decoded reply of the
 round, so memory is O(clients x model) even for rules such as FedAvg that
@@ -13,11 +13,14 @@ flowerpress's own built-ins fold in O(model). Use the built-ins for large
 cohorts; use ``flwr:NAME`` to compare against Flower's reference code or to
 reach a rule flowerpress does not ship.
 
-Only strategies whose ``aggregate_train`` needs nothing but the arrays and
-the example count work (FedAvg, FedProx, FedAvgM, FedAdagrad, FedAdam,
-FedYogi, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan). Wrappers that
-take another strategy (the DP wrappers) cannot be built from a spec, and
-QFedAvg needs a training loss in the reply metrics.
+Flower requires every reply of a round to carry the same metric keys, so the
+adapter forwards the keys that all of the round's updates share. Rules that
+read a metric (``QFedAvg``'s ``train_loss_key``, a ``weighted_by_key`` other
+than ``"num-examples"``) get it when the clients send it (flowerpress's
+bundled tasks send ``"train-loss"``, so ``flwr:QFedAvg:train_loss_key=train-loss``);
+without it, e.g. under differential privacy, :meth:`FlwrStrategy.aggregate`
+raises a ``ValueError`` naming the key. Wrappers that take another strategy
+(the DP wrappers) cannot be built from a spec.
 """
 
 from __future__ import annotations
@@ -26,13 +29,25 @@ import contextlib
 import logging
 import random
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from flowerpress.strategies.base import BatchStrategy, ConfigValue, NDArray
+from flowerpress.strategies.base import BatchStrategy, ClientUpdate, ConfigValue, NDArray
 
 _NODE_COUNT_ATTRS = ("min_available_nodes", "min_train_nodes")
+_WEIGHT_KEY = "num-examples"
+"""The metric under which the adapter passes the server's weight of an update."""
+_METRIC_KEY_ATTRS = ("weighted_by_key", "train_loss_key")
+"""Flower strategy attributes that name a metric the strategy reads from each reply."""
+_WEIGHTED_MEAN_RULES = ("FedAvg", "FedProx", "FedAvgM", "FedAdagrad", "FedAdam", "FedYogi")
+"""Flower strategies whose ``aggregate_train`` is (a server step on) FedAvg's weighted mean.
+
+Checked against flwr 1.x: FedAvg and FedProx return
+``aggregate_arrayrecords(replies, weighted_by_key)``, the ``weighted_by_key``
+weighted mean of the client models; FedAvgM and the FedOpt family call
+FedAvg's ``aggregate_train`` and step from its result and the current global.
+"""
 
 
 class _ConfigureGrid:
@@ -77,6 +92,25 @@ def _task_identity() -> Iterator[None]:
             setattr(identity, attr, None)
 
 
+def is_weighted_mean(strategy: Any) -> bool:
+    """Return True if ``strategy``'s aggregation is (a server step on) the weighted mean.
+
+    Only Flower's own FedAvg-family classes (not subclasses, which may
+    override ``aggregate_train``) weighted by ``"num-examples"``, the
+    server's weight, qualify. Anything else, including the same classes
+    weighted by a client-reported metric, is treated as not a weighted sum.
+
+    Parameters
+    ----------
+    strategy : flwr.serverapp.strategy.Strategy
+        The Flower strategy.
+    """
+    from flwr.serverapp import strategy as flwr_strategies
+
+    exact = any(type(strategy) is getattr(flwr_strategies, n, None) for n in _WEIGHTED_MEAN_RULES)
+    return exact and getattr(strategy, "weighted_by_key", None) == _WEIGHT_KEY
+
+
 def _required_nodes(strategy: Any) -> int:
     # Flower's sample_nodes() waits forever for min_available_nodes to connect.
     needed = 1
@@ -105,12 +139,19 @@ class FlwrStrategy(BatchStrategy):
 
     Notes
     -----
+    :attr:`weighted_sum` is ``False``: the adapter cannot vouch for an
+    arbitrary Flower strategy. :meth:`wrap` (what ``flwr:NAME`` uses)
+    returns a :class:`FlwrWeightedMean`, whose flag is ``True``, for
+    Flower's FedAvg family weighted by ``"num-examples"``.
+
     Memory is O(clients x model): every reply of the round is held until
     :meth:`result`. If the round's weights sum to zero the global model is
     returned unchanged (Flower would divide by zero). :meth:`state_dict`
     is empty: Flower strategies keep their moments in private attributes, so
     a resumed run restarts them.
     """
+
+    weighted_sum: ClassVar[bool] = False
 
     def __init__(self, strategy: Any) -> None:
         from flwr.serverapp.strategy import Strategy as FlowerStrategy
@@ -120,6 +161,17 @@ class FlwrStrategy(BatchStrategy):
                 f"strategy must be a flwr.serverapp.strategy.Strategy, got {type(strategy)!r}"
             )
         self.strategy = strategy
+
+    @classmethod
+    def wrap(cls, strategy: Any) -> FlwrStrategy:
+        """Return the adapter whose :attr:`weighted_sum` is right for ``strategy``.
+
+        A :class:`FlwrWeightedMean` if :func:`is_weighted_mean` holds, else a
+        plain :class:`FlwrStrategy`.
+        """
+        if is_weighted_mean(strategy):
+            return FlwrWeightedMean(strategy)
+        return FlwrStrategy(strategy)
 
     def begin_round(self, server_round: int, global_weights: Sequence[NDArray]) -> None:
         """Start a round and let the Flower strategy see the global arrays."""
@@ -150,27 +202,44 @@ class FlwrStrategy(BatchStrategy):
         return {} if mu is None else {"proximal-mu": float(mu)}
 
     def aggregate(
-        self,
-        global_weights: list[NDArray],
-        deltas: list[list[NDArray]],
-        weights: list[float],
-        client_ids: list[int],
+        self, global_weights: list[NDArray], updates: list[ClientUpdate]
     ) -> list[NDArray]:
-        """Build one Flower reply per update and call ``aggregate_train``."""
+        """Build one Flower reply per update and call ``aggregate_train``.
+
+        Raises
+        ------
+        ValueError
+            If the Flower strategy reads a metric (``weighted_by_key``,
+            ``train_loss_key``) that an update lacks; the message names the
+            key and the node.
+        """
         from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
-        if sum(weights) <= 0.0:
+        if sum(u.weight for u in updates) <= 0.0:
             return [g.copy() for g in global_weights]
+        name = type(self.strategy).__name__
+        for attr in _METRIC_KEY_ATTRS:
+            needed = getattr(self.strategy, attr, None)
+            if isinstance(needed, str) and needed != _WEIGHT_KEY:
+                for update in updates:
+                    try:
+                        update.require_metric(needed)
+                    except ValueError as exc:
+                        raise ValueError(f"flwr:{name} ({attr}={needed!r}): {exc}") from None
+        # Flower rejects a round whose replies carry different metric keys.
+        shared = sorted(set.intersection(*(set(u.metrics) for u in updates)) - {_WEIGHT_KEY})
         key = getattr(self.strategy, "arrayrecord_key", "arrays")
         replies = []
         with _task_identity():
-            for delta, weight, client_id in zip(deltas, weights, client_ids, strict=True):
-                local = [g + d for g, d in zip(global_weights, delta, strict=True)]
-                content = RecordDict(
-                    {key: ArrayRecord(local), "metrics": MetricRecord({"num-examples": weight})}
-                )
+            for update in updates:
+                local = [g + d for g, d in zip(global_weights, update.delta, strict=True)]
+                metrics: dict[str, int | float | list[int] | list[float]] = {
+                    k: float(update.metrics[k]) for k in shared
+                }
+                metrics[_WEIGHT_KEY] = update.weight
+                content = RecordDict({key: ArrayRecord(local), "metrics": MetricRecord(metrics)})
                 instruction = Message(
-                    RecordDict(), dst_node_id=int(client_id), message_type=MessageType.TRAIN
+                    RecordDict(), dst_node_id=update.node_id, message_type=MessageType.TRAIN
                 )
                 replies.append(Message(content, reply_to=instruction))
         arrays, _ = self.strategy.aggregate_train(self.server_round, replies)
@@ -178,8 +247,39 @@ class FlwrStrategy(BatchStrategy):
             return [g.copy() for g in global_weights]
         out = [np.asarray(a, dtype=np.float32) for a in arrays.to_numpy_ndarrays()]
         if len(out) != len(global_weights):
-            raise ValueError(
-                f"{type(self.strategy).__name__} returned {len(out)} arrays, "
-                f"expected {len(global_weights)}"
-            )
+            raise ValueError(f"{name} returned {len(out)} arrays, expected {len(global_weights)}")
         return out
+
+
+class FlwrWeightedMean(FlwrStrategy):
+    """The adapter for Flower's FedAvg family: a weighted mean, so :attr:`weighted_sum` is True.
+
+    McMahan et al., "Communication-Efficient Learning of Deep Networks from
+    Decentralized Data", AISTATS 2017 (FedAvg, FedProx's aggregation), and
+    the server optimizers built on that mean (FedAvgM: Hsu et al. 2019;
+    FedAdagrad, FedAdam, FedYogi: Reddi et al. 2021), as Flower implements
+    them. Built by :meth:`FlwrStrategy.wrap`.
+
+    Parameters
+    ----------
+    strategy : flwr.serverapp.strategy.Strategy
+        One of Flower's ``FedAvg``, ``FedProx``, ``FedAvgM``, ``FedAdagrad``,
+        ``FedAdam``, ``FedYogi`` (exactly, not a subclass) with
+        ``weighted_by_key="num-examples"``.
+
+    Raises
+    ------
+    TypeError
+        If :func:`is_weighted_mean` does not hold for ``strategy``.
+    """
+
+    weighted_sum: ClassVar[bool] = True
+
+    def __init__(self, strategy: Any) -> None:
+        super().__init__(strategy)
+        if not is_weighted_mean(strategy):
+            raise TypeError(
+                f"{type(strategy).__name__} is not one of Flower's "
+                f"{', '.join(_WEIGHTED_MEAN_RULES)} weighted by {_WEIGHT_KEY!r}; "
+                "wrap it in FlwrStrategy"
+            )

@@ -133,7 +133,7 @@ def _build_flwr(spec: str, rest: str) -> Strategy:
             f"unknown Flower strategy {name!r} in {spec!r}; available: {', '.join(names)}"
         )
     inner = _construct(spec, getattr(flwr_strategies, name), args)
-    return FlwrStrategy(inner)
+    return FlwrStrategy.wrap(inner)
 
 
 @contextlib.contextmanager

@@ -3,21 +3,25 @@
 All four ignore the clients' example weights (as in the papers: a weight is
 something a Byzantine client could inflate) and are translation-equivariant,
 so aggregating deltas and adding the global equals aggregating client models.
+None is a weighted sum of the updates (``weighted_sum`` is ``False``), so the
+server's privacy accounting does not cover them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 
-from flowerpress.strategies.base import BatchStrategy, NDArray
+from flowerpress.strategies.base import BatchStrategy, ClientUpdate, NDArray
 
 logger = logging.getLogger(__name__)
 
 
-def _stack(deltas: list[list[NDArray]], layer: int) -> NDArray:
+def _stack(deltas: Sequence[Sequence[NDArray]], layer: int) -> NDArray:
     return np.stack([d[layer] for d in deltas]).astype(np.float64)
 
 
@@ -30,14 +34,13 @@ class Median(BatchStrategy):
     values (numpy's convention). One update is returned as is.
     """
 
+    weighted_sum: ClassVar[bool] = False
+
     def aggregate(
-        self,
-        global_weights: list[NDArray],
-        deltas: list[list[NDArray]],
-        weights: list[float],
-        client_ids: list[int],
+        self, global_weights: list[NDArray], updates: list[ClientUpdate]
     ) -> list[NDArray]:
         """Return ``global + median_k delta_k`` coordinate by coordinate."""
+        deltas = [u.delta for u in updates]
         return [g + np.median(_stack(deltas, i), axis=0) for i, g in enumerate(global_weights)]
 
 
@@ -58,19 +61,18 @@ class TrimmedMean(BatchStrategy):
         Fraction trimmed from each end, in ``[0, 0.5)``.
     """
 
+    weighted_sum: ClassVar[bool] = False
+
     def __init__(self, *, beta: float = 0.1) -> None:
         if not 0.0 <= beta < 0.5:
             raise ValueError(f"beta must be in [0, 0.5), got {beta!r}")
         self.beta = float(beta)
 
     def aggregate(
-        self,
-        global_weights: list[NDArray],
-        deltas: list[list[NDArray]],
-        weights: list[float],
-        client_ids: list[int],
+        self, global_weights: list[NDArray], updates: list[ClientUpdate]
     ) -> list[NDArray]:
         """Return ``global + trimmed_mean_k delta_k`` coordinate by coordinate."""
+        deltas = [u.delta for u in updates]
         n = len(deltas)
         k = math.floor(self.beta * n)
         out = []
@@ -80,7 +82,7 @@ class TrimmedMean(BatchStrategy):
         return out
 
 
-def krum_scores(deltas: list[list[NDArray]], f: int) -> NDArray:
+def krum_scores(deltas: Sequence[Sequence[NDArray]], f: int) -> NDArray:
     """Return each update's Krum score.
 
     The score of update ``i`` is the sum of squared L2 distances to its
@@ -89,8 +91,8 @@ def krum_scores(deltas: list[list[NDArray]], f: int) -> NDArray:
 
     Parameters
     ----------
-    deltas : list[list[NDArray]]
-        The round's updates.
+    deltas : Sequence[Sequence[NDArray]]
+        The round's deltas.
     f : int
         The assumed number of Byzantine clients.
     """
@@ -125,6 +127,8 @@ class MultiKrum(BatchStrategy):
         paper's choice), at least 1.
     """
 
+    weighted_sum: ClassVar[bool] = False
+
     def __init__(self, *, f: int = 1, m: int | None = None) -> None:
         if isinstance(f, bool) or not isinstance(f, int) or f < 0:
             raise ValueError(f"f must be an int >= 0, got {f!r}")
@@ -133,20 +137,17 @@ class MultiKrum(BatchStrategy):
         self.f = f
         self.m = m
         self.last_selected: list[int] = []
-        """Client ids chosen in the last aggregated round (for reports and tests)."""
+        """Node ids chosen in the last aggregated round (for reports and tests)."""
 
     def _num_selected(self, n: int) -> int:
         m = n - self.f if self.m is None else self.m
         return min(max(m, 1), n)
 
     def aggregate(
-        self,
-        global_weights: list[NDArray],
-        deltas: list[list[NDArray]],
-        weights: list[float],
-        client_ids: list[int],
+        self, global_weights: list[NDArray], updates: list[ClientUpdate]
     ) -> list[NDArray]:
         """Return ``global +`` the mean of the ``m`` best-scored deltas."""
+        deltas = [u.delta for u in updates]
         n = len(deltas)
         if n < 2 * self.f + 3:
             logger.warning(
@@ -157,7 +158,7 @@ class MultiKrum(BatchStrategy):
             )
         scores = krum_scores(deltas, self.f)
         chosen = np.argsort(scores, kind="stable")[: self._num_selected(n)]
-        self.last_selected = [client_ids[int(i)] for i in chosen]
+        self.last_selected = [updates[int(i)].node_id for i in chosen]
         return [
             g + np.mean(_stack([deltas[int(j)] for j in chosen], i), axis=0)
             for i, g in enumerate(global_weights)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowerpress.strategies import (
+    ClientUpdate,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -23,6 +24,7 @@ from flowerpress.strategies import (
     NDArray,
     Strategy,
     TrimmedMean,
+    build_strategy,
 )
 
 SHAPES = [(2, 3), (4,)]
@@ -37,7 +39,7 @@ def _round(
 ) -> list[NDArray]:
     strategy.begin_round(server_round, global_weights)
     for i, (d, w) in enumerate(zip(deltas, weights, strict=True)):
-        strategy.add(d, w, 100 + i)
+        strategy.add(ClientUpdate(d, w, 100 + i))
     return strategy.result()
 
 
@@ -229,6 +231,42 @@ def test_fedopt_state_dict_rejects_foreign_state() -> None:
 def test_bad_arguments_name_the_parameter(make: Callable[[], Strategy], param: str) -> None:
     with pytest.raises(ValueError, match=rf"^{param} must"):
         make()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("fedavg", True),
+        ("fedprox", True),
+        ("fedavgm", True),
+        ("fedadagrad", True),
+        ("fedadam", True),
+        ("fedyogi", True),
+        ("median", False),
+        ("trimmed-mean", False),
+        ("krum", False),
+        ("multikrum", False),
+    ],
+)
+def test_weighted_sum_flag_of_each_builtin(name: str, expected: bool) -> None:
+    # The privacy accounting trusts this bit: only the mean family may claim it.
+    assert build_strategy(name).weighted_sum is expected
+
+
+def test_mean_family_ignores_metrics() -> None:
+    # Prepare
+    model, deltas, weights = _updates(14, 3)
+    plain = FedAvg()
+    with_metrics = FedAvg()
+    # Execute
+    a = _round(plain, 1, model, deltas, weights)
+    with_metrics.begin_round(1, model)
+    for i, (d, w) in enumerate(zip(deltas, weights, strict=True)):
+        with_metrics.add(ClientUpdate(d, w, i, {"local-steps": 10.0 * (i + 1), "train-loss": 1.0}))
+    b = with_metrics.result()
+    # Assert
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 # --- Robust rules --------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowerpress.strategies import Strategy, build_strategy, register_strategy
+from flowerpress.strategies import ClientUpdate, Strategy, build_strategy, register_strategy
 from flowerpress.strategies import registry as registry_module
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ def test_example_matches_direct_formula(example_spec: str) -> None:
     # Execute
     strategy.begin_round(1, g)
     for i, (d, w) in enumerate(zip(deltas, weights, strict=True)):
-        strategy.add(d, w, i)
+        strategy.add(ClientUpdate(d, w, i))
     out = strategy.result()
     # Assert
     assert all(o.dtype == np.float32 for o in out)
@@ -72,7 +72,7 @@ def test_example_bounds_a_single_attacker(example_spec: str) -> None:
     # Execute
     strategy.begin_round(1, g)
     for i, d in enumerate([*honest, evil]):
-        strategy.add([d], 1.0, i)
+        strategy.add(ClientUpdate([d], 1.0, i))
     out = strategy.result()[0]
     # Assert: the attacker moves the mean by at most max_norm / n
     expected = _norm_bounded_mean(g[0], [*honest, evil], [1.0] * 5, 1.0)
@@ -89,6 +89,11 @@ def test_example_can_be_registered_by_name(example_spec: str, restore_registry: 
     # Assert
     assert isinstance(built, Strategy) and type(built).__name__ == "NormBoundedMean"
     assert built.max_norm == 2.5  # type: ignore[attr-defined]
+
+
+def test_example_is_not_a_weighted_sum(example_spec: str) -> None:
+    # Clipping each update on the server is not sum_k w_k delta_k / sum_k w_k.
+    assert build_strategy(example_spec).weighted_sum is False
 
 
 def test_example_validates_its_argument(example_spec: str) -> None:

@@ -8,9 +8,11 @@ import random
 import numpy as np
 import pytest
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.serverapp.strategy import Krum as FlowerKrum
 from flwr.supercore.task_identity import TaskIdentity
 
-from flowerpress.strategies import FlwrStrategy, NDArray, Strategy, build_strategy
+from flowerpress.strategies import ClientUpdate, FlwrStrategy, NDArray, Strategy, build_strategy
+from flowerpress.strategies.flwr_adapter import FlwrWeightedMean
 
 SHAPES = [(3, 2), (5,)]
 
@@ -33,7 +35,7 @@ def _run(
     for r, (deltas, ws) in enumerate(rounds, start=1):
         strategy.begin_round(r, weights)
         for i, (d, w) in enumerate(zip(deltas, ws, strict=True)):
-            strategy.add(d, w, 10 + i)
+            strategy.add(ClientUpdate(d, w, 10 + i))
         weights = strategy.result()
     return weights
 
@@ -128,7 +130,7 @@ def test_adapter_no_updates_and_zero_weight_return_global() -> None:
     strategy.begin_round(1, g)
     empty = strategy.result()
     strategy.begin_round(2, g)
-    strategy.add([np.ones(s, np.float32) for s in SHAPES], 0.0, 1)
+    strategy.add(ClientUpdate([np.ones(s, np.float32) for s in SHAPES], 0.0, 1))
     zero = strategy.result()
     # Assert
     for a, b, c in zip(empty, zero, g, strict=True):
@@ -140,3 +142,101 @@ def test_adapter_rejects_non_flower_objects() -> None:
     with pytest.raises(TypeError, match=r"flwr\.serverapp\.strategy\.Strategy"):
         FlwrStrategy(object())
     assert isinstance(FlwrStrategy(FlowerFedAvg()), FlwrStrategy)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("flwr:FedAvg", True),
+        ("flwr:FedProx:proximal_mu=0.1", True),
+        ("flwr:FedAvgM", True),
+        ("flwr:FedAdagrad", True),
+        ("flwr:FedAdam", True),
+        ("flwr:FedYogi", True),
+        ("flwr:FedAvg:weighted_by_key=local-steps", False),
+        ("flwr:FedMedian", False),
+        ("flwr:FedTrimmedAvg", False),
+        ("flwr:Krum", False),
+        ("flwr:MultiKrum", False),
+        ("flwr:Bulyan", False),
+        ("flwr:QFedAvg:client_learning_rate=0.1", False),
+    ],
+)
+def test_weighted_sum_only_for_flowers_fedavg_family(spec: str, expected: bool) -> None:
+    # The privacy accounting trusts this bit: only Flower's own FedAvg-family
+    # classes, weighted by the server's weight, may claim it.
+    strategy = build_strategy(spec)
+    assert strategy.weighted_sum is expected
+    assert isinstance(strategy, FlwrStrategy)
+    assert isinstance(strategy, FlwrWeightedMean) is expected
+
+
+def test_direct_adapter_is_conservative_and_weighted_mean_checks_its_input() -> None:
+    class MyFedAvg(FlowerFedAvg):
+        pass
+
+    assert FlwrStrategy(FlowerFedAvg()).weighted_sum is False
+    assert FlwrStrategy.wrap(MyFedAvg()).weighted_sum is False  # a subclass may override
+    with pytest.raises(TypeError, match="not one of Flower's"):
+        FlwrWeightedMean(FlowerKrum())
+
+
+def _update(delta: list[NDArray], weight: float, node: int, **metrics: float) -> ClientUpdate:
+    return ClientUpdate(delta, weight, node, {k.replace("_", "-"): v for k, v in metrics.items()})
+
+
+def test_adapter_forwards_metrics_to_flower() -> None:
+    # Prepare: Flower's FedAvg weighted by a client-reported metric
+    g = [np.zeros(s, np.float32) for s in SHAPES]
+    deltas = [[np.full(s, v, np.float32) for s in SHAPES] for v in (1.0, 4.0)]
+    strategy = build_strategy("flwr:FedAvg:weighted_by_key=local-steps")
+    # Execute
+    strategy.begin_round(1, g)
+    strategy.add(_update(deltas[0], 100.0, 1, local_steps=3.0, train_loss=0.5))
+    strategy.add(_update(deltas[1], 1.0, 2, local_steps=1.0))  # no train-loss: not forwarded
+    out = strategy.result()
+    # Assert: (3 * 1 + 1 * 4) / 4, the server's weight ignored
+    np.testing.assert_allclose(out[0], 7.0 / 4.0, rtol=1e-6)
+
+
+def test_adapter_names_a_metric_the_flower_strategy_needs() -> None:
+    # Prepare: under DP the replies carry no metrics
+    g = [np.zeros(s, np.float32) for s in SHAPES]
+    strategy = build_strategy("flwr:QFedAvg:client_learning_rate=0.1,train_loss_key=train-loss")
+    strategy.begin_round(1, g)
+    strategy.add(_update([np.ones(s, np.float32) for s in SHAPES], 1.0, 7, train_loss=0.2))
+    strategy.add(_update([np.ones(s, np.float32) for s in SHAPES], 1.0, 8))
+    # Execute / Assert
+    with pytest.raises(
+        ValueError, match=r"QFedAvg \(train_loss_key='train-loss'\).*node 8.*'train-loss'"
+    ):
+        strategy.result()
+
+
+def test_adapter_runs_qfedavg_on_reported_losses() -> None:
+    # Prepare: q-FedAvg (Li et al., ICLR 2020), as Flower writes it, L = 1 / lr
+    q, lr = 0.5, 0.1
+    g = [np.linspace(-1, 1, int(np.prod(s)), dtype=np.float32).reshape(s) for s in SHAPES]
+    rng = np.random.default_rng(3)
+    deltas = [[rng.normal(size=s).astype(np.float32) for s in SHAPES] for _ in range(3)]
+    losses = [0.5, 1.0, 2.0]
+    flat = [np.concatenate([a.ravel() for a in d]).astype(np.float64) for d in deltas]
+    big_l = 1.0 / lr
+    sum_delta = sum(f_**q * big_l * -x for f_, x in zip(losses, flat, strict=True))
+    sum_h = sum(
+        q * f_ ** (q - 1) * np.sum((big_l * -x) ** 2) + big_l * f_**q
+        for f_, x in zip(losses, flat, strict=True)
+    )
+    expected = np.concatenate([a.ravel() for a in g]) - sum_delta / sum_h
+    strategy = build_strategy(
+        f"flwr:QFedAvg:client_learning_rate={lr},q={q},train_loss_key=train-loss"
+    )
+    # Execute
+    strategy.begin_round(1, g)
+    for i, (d, loss) in enumerate(zip(deltas, losses, strict=True)):
+        strategy.add(_update(d, 10.0, i + 1, train_loss=loss))
+    out = strategy.result()
+    # Assert
+    np.testing.assert_allclose(
+        np.concatenate([o.ravel() for o in out]), expected, rtol=1e-4, atol=1e-5
+    )

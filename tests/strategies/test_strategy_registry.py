@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flowerpress.strategies import (
+    ClientUpdate,
     FedAvg,
     FedAvgM,
     FedProx,
@@ -61,7 +62,7 @@ class _Typed(Strategy):
     def begin_round(self, server_round: int, global_weights: Sequence[NDArray]) -> None:
         self.g = list(global_weights)
 
-    def add(self, delta: Sequence[NDArray], weight: float, client_id: int) -> None:
+    def add(self, update: ClientUpdate) -> None:
         pass
 
     def result(self) -> list[NDArray]:
@@ -230,6 +231,6 @@ def test_built_strategy_runs_a_round() -> None:
     # Execute
     s.begin_round(1, g)
     for v in (1.0, 2.0, 3.0, 4.0, 100.0):
-        s.add([np.full(3, v, np.float32)], 1.0, int(v))
+        s.add(ClientUpdate([np.full(3, v, np.float32)], 1.0, int(v)))
     # Assert
     np.testing.assert_allclose(s.result()[0], 3.0)
