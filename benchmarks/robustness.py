@@ -33,7 +33,7 @@ from typing import Any
 
 from flwr.supercore.task_identity import TaskIdentity
 
-from flowerpress.client.app import app as client_app
+from flowerpress.simulations.app import app as client_app
 from flowerpress.config import validate
 from flowerpress.server.app import serve
 from flowerpress.testing import InProcessGrid
@@ -71,7 +71,7 @@ def run_one(strategy: str, attack: str, args: argparse.Namespace) -> dict[str, A
         }
     )
     start = time.perf_counter()
-    results = serve(InProcessGrid(client_app=client_app, num_nodes=args.num_clients), config)
+    results = serve(InProcessGrid(client_app=client_app, run_config=config, num_nodes=args.num_clients), config)
     accuracies = [r["accuracy"] for r in results["rounds"]]
     return {
         "strategy": strategy,

@@ -54,6 +54,8 @@ class InProcessGrid(Grid):
         Nodes ``1..num_nodes``; node ``i`` holds partition ``i - 1``.
     node_config
         Extra node-config keys every node gets.
+    run_config
+        The run config (``context.run_config``) every node sees.
     silent
         Node ids that never reply (a crashed or unreachable device).
     tamper
@@ -63,6 +65,8 @@ class InProcessGrid(Grid):
     client_app: ClientApp
     num_nodes: int
     node_config: Mapping[str, bool | int | float | str] = field(default_factory=dict)
+    #: The run config every node's Context carries (``context.run_config``).
+    run_config: Mapping[str, bool | int | float | str] = field(default_factory=dict)
     silent: set[int] = field(default_factory=set)
     tamper: dict[int, ReplyTamper] = field(default_factory=dict)
     pushed: list[Message] = field(default_factory=list)
@@ -74,7 +78,7 @@ class InProcessGrid(Grid):
             n: Context(run_id=1, node_id=n,
                        node_config={"partition-id": n - 1, "num-partitions": self.num_nodes,
                                     **self.node_config},
-                       state=RecordDict(), run_config={})
+                       state=RecordDict(), run_config=dict(self.run_config))
             for n in range(1, self.num_nodes + 1)
         }
 

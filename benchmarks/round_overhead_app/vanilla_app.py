@@ -1,6 +1,6 @@
 """Vanilla Flower on flowerpress's workload: ``flwr.serverapp.strategy.FedAvg.start``.
 
-The ClientApp registers flowerpress's own train handler without any mods, so
+The ClientApp is flowerpress's own (the task from the run config) without its mods, so
 both apps do identical client work; only the server side differs (Flower's
 ``Strategy.start`` with ``Grid.send_and_receive`` vs flowerpress's loop).
 """
@@ -13,17 +13,16 @@ from itertools import pairwise
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
-from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from flowerpress.client.app import train_handler
+from flowerpress.client.app import client_app
 from flowerpress.tasks.training import evaluate
 from flowerpress.tasks import data
 from flowerpress.tasks.models import build_model, get_weights, set_weights
 
-client = ClientApp()
-client.train()(train_handler)
+# flowerpress's task and train handler without its mods: the same client work.
+client = client_app(mods=False)
 
 server = ServerApp()
 

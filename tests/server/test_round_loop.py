@@ -11,15 +11,15 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from flowerpress.client.app import app as client_app
 from flowerpress.tasks.training import evaluate
-from flowerpress.server.decoding import record_bytes
+from flowerpress.protocol import record_bytes
 from flowerpress.server.loop import LoopSettings, poll_replies, run_federation
 from flowerpress.tasks import data
 from flowerpress.tasks.models import build_model, get_weights, set_weights
 from flowerpress.strategies import build_strategy
 from flowerpress.testing import InProcessGrid, server_identity
 
-CLIENT = {"dataset": "digits", "partition": "iid", "local-epochs": 1, "batch-size": 32,
-          "lr": 0.1, "seed": 0, "num-classes": 10}
+RUN = {"dataset": "digits", "partition": "iid", "local-epochs": 1, "batch-size": 32,
+       "lr": 0.1, "seed": 0, "num-clients": 4}
 
 
 def _setup(num_nodes: int = 4) -> tuple[Any, list[np.ndarray], Any]:
@@ -38,7 +38,7 @@ def _run(grid: InProcessGrid, rounds: int = 3, cpr: int = 3, min_replies: int = 
          timeout: float = 0.5) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
     _, initial, evaluate_fn = _setup(grid.num_nodes)
     settings = LoopSettings(rounds=rounds, clients_per_round=cpr, round_timeout=timeout,
-                            min_replies=min_replies, seed=0, client_config=CLIENT,
+                            min_replies=min_replies, seed=0, 
                             node_wait_timeout=1.0)
     with server_identity():
         weights, rows, stop = run_federation(grid, initial, build_strategy("fedavg"), settings,
@@ -49,7 +49,7 @@ def _run(grid: InProcessGrid, rounds: int = 3, cpr: int = 3, min_replies: int = 
 
 def test_accuracy_rises_and_rows_are_complete() -> None:
     # Prepare
-    grid = InProcessGrid(client_app, num_nodes=4)
+    grid = InProcessGrid(client_app, run_config=RUN, num_nodes=4)
     _, initial, evaluate_fn = _setup()
     start = evaluate_fn(initial)["accuracy"]
     # Execute
@@ -64,7 +64,7 @@ def test_accuracy_rises_and_rows_are_complete() -> None:
 
 def test_bytes_are_read_from_the_messages() -> None:
     # Prepare
-    grid = InProcessGrid(client_app, num_nodes=4)
+    grid = InProcessGrid(client_app, run_config=RUN, num_nodes=4)
     # Execute
     _, rows = _run(grid, rounds=1)
     # Assert: download = the train messages actually pushed (one hello query each too)
@@ -78,7 +78,7 @@ def test_bytes_are_read_from_the_messages() -> None:
 
 def test_silent_client_does_not_stall_the_run() -> None:
     # Prepare: every node but one never answers
-    grid = InProcessGrid(client_app, num_nodes=4, silent={1, 2, 3})
+    grid = InProcessGrid(client_app, run_config=RUN, num_nodes=4, silent={1, 2, 3})
     # Execute
     _, rows = _run(grid, rounds=2, cpr=4, timeout=0.2)
     # Assert
@@ -120,8 +120,8 @@ def _too_many(reply: Message) -> Message:
 @pytest.mark.parametrize("tamper", [_garbage, _nan, _wrong_shape, _too_many])
 def test_bad_replies_are_counted_and_never_touch_the_model(tamper: Any) -> None:
     # Prepare: nodes 1-3 send bad updates, node 4 a good one
-    bad = InProcessGrid(client_app, num_nodes=4, tamper={1: tamper, 2: tamper, 3: tamper})
-    good_only = InProcessGrid(client_app, num_nodes=4, silent={1, 2, 3})
+    bad = InProcessGrid(client_app, run_config=RUN, num_nodes=4, tamper={1: tamper, 2: tamper, 3: tamper})
+    good_only = InProcessGrid(client_app, run_config=RUN, num_nodes=4, silent={1, 2, 3})
     # Execute
     w_bad, rows = _run(bad, rounds=1, cpr=4)
     w_good, _ = _run(good_only, rounds=1, cpr=4, timeout=0.2)
@@ -134,7 +134,7 @@ def test_bad_replies_are_counted_and_never_touch_the_model(tamper: Any) -> None:
 
 def test_too_few_replies_leave_the_model_unchanged() -> None:
     # Prepare
-    grid = InProcessGrid(client_app, num_nodes=4, silent={1, 2, 3, 4})
+    grid = InProcessGrid(client_app, run_config=RUN, num_nodes=4, silent={1, 2, 3, 4})
     _, initial, _ = _setup()
     # Execute
     weights, rows = _run(grid, rounds=1, cpr=4, min_replies=1, timeout=0.1)
@@ -146,8 +146,8 @@ def test_too_few_replies_leave_the_model_unchanged() -> None:
 
 def test_same_seed_same_accuracy() -> None:
     # Execute
-    _, rows_a = _run(InProcessGrid(client_app, num_nodes=4), rounds=2)
-    _, rows_b = _run(InProcessGrid(client_app, num_nodes=4), rounds=2)
+    _, rows_a = _run(InProcessGrid(client_app, run_config=RUN, num_nodes=4), rounds=2)
+    _, rows_b = _run(InProcessGrid(client_app, run_config=RUN, num_nodes=4), rounds=2)
     # Assert: identical in-process (float64 sums; replies folded in sampling order)
     assert [r["accuracy"] for r in rows_a] == [r["accuracy"] for r in rows_b]
 
@@ -163,7 +163,7 @@ class _SlowGrid(InProcessGrid):
 def test_poll_yields_each_reply_once_and_stops_at_the_timeout() -> None:
     # Prepare: a fake clock; one of three nodes is silent
     now = [0.0]
-    grid = _SlowGrid(client_app, num_nodes=3, silent={3})
+    grid = _SlowGrid(client_app, run_config=RUN, num_nodes=3, silent={3})
     with server_identity():
         msgs = [Message(RecordDict({}), dst_node_id=n, message_type="query") for n in (1, 2, 3)]
         ids = list(grid.push_messages(msgs))

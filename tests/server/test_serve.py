@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flowerpress.client.app import app as client_app
+from flowerpress.simulations.app import app as client_app
 from flowerpress.config import validate
 from flowerpress.server.app import serve
 from flowerpress.testing import InProcessGrid, server_identity
@@ -21,7 +21,7 @@ BASE = {"dataset": "digits", "partition": "iid", "num-clients": 4, "clients-per-
 def _serve(out: Path | None = None, **overrides: Any) -> dict[str, Any]:
     config = validate({**BASE, **overrides})
     with server_identity():
-        return serve(InProcessGrid(client_app, 4), config, out_dir=out)
+        return serve(InProcessGrid(client_app, 4, run_config=config), config, out_dir=out)
 
 
 def test_compressed_uploads_shrink_and_results_are_written(tmp_path: Path) -> None:

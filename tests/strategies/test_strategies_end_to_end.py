@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
-from flowerpress.client.app import app as client_app
+from flowerpress.simulations.app import app as client_app
 from flowerpress.config import validate
 from flowerpress.server.app import serve
 from flowerpress.testing import InProcessGrid
@@ -60,7 +60,8 @@ def _run(strategy: str, *, compression: str = "none", attack: str = "none", roun
             "attack": attack,
         }
     )
-    return serve(InProcessGrid(client_app=client_app, num_nodes=NUM_CLIENTS), config)
+    return serve(InProcessGrid(client_app=client_app, run_config=config,
+                                num_nodes=NUM_CLIENTS), config)
 
 
 def _assert_ran(results: Any, rounds: int = 2) -> None:
