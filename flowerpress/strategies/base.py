@@ -65,8 +65,9 @@ class ClientUpdate:
         The reply's validated metrics (finite numbers), e.g.
         ``"local-steps"`` (local SGD steps this round, sent by the bundled
         tasks) and ``"train-loss"``, plus whatever a user's ClientApp sends.
-        Empty under differential privacy: the DP mod withholds metrics, which
-        could leak what the noise hides.
+        Empty under differential privacy: the DP mod withholds metrics
+        derived from the private data without noise, which could leak what
+        the noise hides.
     """
 
     delta: Sequence[NDArray]
