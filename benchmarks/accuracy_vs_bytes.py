@@ -97,8 +97,8 @@ class _Stop(Exception):  # noqa: N818 (control flow, not an error)
 def run_inprocess(config: Mapping[str, Any], *, target: float, min_rounds: int,
                   ) -> list[dict[str, Any]]:
     """Run ``config`` through ``serve`` on the in-process grid; return the round rows."""
-    from flowerpress.simulations.app import app as client_app
     from flowerpress.server.app import serve
+    from flowerpress.simulations.app import app as client_app
     from flowerpress.testing import InProcessGrid, server_identity
 
     rows: list[dict[str, Any]] = []
@@ -112,7 +112,8 @@ def run_inprocess(config: Mapping[str, Any], *, target: float, min_rounds: int,
 
     try:
         with server_identity():
-            serve(InProcessGrid(client_app, int(config["num-clients"]), run_config=config), dict(config),
+            serve(InProcessGrid(client_app, int(config["num-clients"]), run_config=config),
+                  dict(config),
                   on_round=on_round)
     except _Stop:
         pass

@@ -95,7 +95,8 @@ def run_inprocess(config: Mapping[str, Any]) -> dict[str, Any]:
               f"upload {row['upload_bytes']:>9} B {row['seconds']:.1f} s", flush=True)
 
     with server_identity():
-        return serve(InProcessGrid(client_app, int(config["num-clients"]), run_config=config), dict(config),
+        return serve(InProcessGrid(client_app, int(config["num-clients"]), run_config=config),
+                     dict(config),
                      on_round=on_round)
 
 

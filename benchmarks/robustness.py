@@ -33,9 +33,9 @@ from typing import Any
 
 from flwr.supercore.task_identity import TaskIdentity
 
-from flowerpress.simulations.app import app as client_app
 from flowerpress.config import validate
 from flowerpress.server.app import serve
+from flowerpress.simulations.app import app as client_app
 from flowerpress.testing import InProcessGrid
 
 STRATEGIES = [  # the robust rules first: a sweep cut short still answers the main question
@@ -71,7 +71,8 @@ def run_one(strategy: str, attack: str, args: argparse.Namespace) -> dict[str, A
         }
     )
     start = time.perf_counter()
-    results = serve(InProcessGrid(client_app=client_app, run_config=config, num_nodes=args.num_clients), config)
+    grid = InProcessGrid(client_app=client_app, run_config=config, num_nodes=args.num_clients)
+    results = serve(grid, config)
     accuracies = [r["accuracy"] for r in results["rounds"]]
     return {
         "strategy": strategy,

@@ -190,7 +190,8 @@ def train_reply(msg: Message, weights: Sequence[NDArray[np.float32]], *, num_exa
 def eval_reply(msg: Message, *, num_examples: int, loss: float, accuracy: float | None,
                metrics: Mapping[str, float] | None = None) -> Message:
     """The device's reply to an evaluate message."""
-    values: dict[str, float | int] = {NUM_EXAMPLES: int(num_examples), EVAL_LOSS: float(loss)}
+    values: dict[str, int | float | list[int] | list[float]] = {
+        NUM_EXAMPLES: int(num_examples), EVAL_LOSS: float(loss)}
     if accuracy is not None:
         values[EVAL_ACC] = float(accuracy)
     values.update({k: float(v) for k, v in (metrics or {}).items()})
@@ -239,8 +240,8 @@ def _npy_array(name: str, data: bytes, shape: tuple[int, ...]) -> NDArray[np.flo
         raise UpdateRejected(f"array {name!r}: {len(data) - offset} data bytes, expected "
                              f"{count * dtype.itemsize}")
     values = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-    order = "F" if fortran else "C"
-    return np.asarray(values.reshape(shape, order=order), dtype=np.float32)
+    shaped = values.reshape(shape, order="F") if fortran else values.reshape(shape)
+    return np.asarray(shaped, dtype=np.float32)
 
 
 def decode_weights(record: ArrayRecord, reference: Sequence[NDArray[np.float32]]) -> Weights:

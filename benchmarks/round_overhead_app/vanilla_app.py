@@ -17,9 +17,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from flowerpress.client.app import client_app
-from flowerpress.tasks.training import evaluate
 from flowerpress.tasks import data
 from flowerpress.tasks.models import build_model, get_weights, set_weights
+from flowerpress.tasks.training import evaluate
 
 # flowerpress's task and train handler without its mods: the same client work.
 client = client_app(mods=False)

@@ -27,7 +27,7 @@ from flowerpress.config import SCHEMA, Config, Scalar, validate
 from flowerpress.server.loop import (
     LoopSettings,
     RoundCallback,
-    StrategyFailed,
+    StrategyFailedError,
     run_federation,
 )
 from flowerpress.server.results import (
@@ -71,13 +71,13 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
 
     Raises
     ------
-    StrategyFailed
+    StrategyFailedError
         The strategy produced an unusable model (results.json and the last
         good model.npz are written first).
     """
     from flowerpress.compression import parse as parse_codec
     from flowerpress.privacy import ServerPrivacy, parse_dp
-    from flowerpress.strategies import MeanStrategy, build_strategy
+    from flowerpress.strategies import build_strategy
     from flowerpress.tasks.registry import build_task, task_spec
 
     if task is None:
@@ -104,7 +104,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
             delta=float(config["dp-delta"]), max_epsilon=max_eps if max_eps > 0 else None))
         return ledgers[-1]
 
-    if dp is not None and not isinstance(strategy, MeanStrategy):
+    if dp is not None and not strategy.weighted_sum:
         # The accounting bounds the sensitivity of a mean of clipped updates.
         log.warning("strategy %s is not a mean of the updates: the reported epsilon "
                     "assumes one and does not hold for it", config["strategy"])
@@ -154,7 +154,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
             grid, initial, strategy, settings, evaluate_fn=evaluate_fn if central is not None
             else None, privacy=None if dp is None else make_ledger, download=download,
             on_round=after_round, on_model=after_model)
-    except StrategyFailed as exc:
+    except StrategyFailedError as exc:
         if out_dir is not None:
             write_json_atomic(out_dir / "results.json", results(rows_so_far, failed=str(exc)))
             # The last good global model: the one the failed round started from.

@@ -155,28 +155,28 @@ def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
     return sorted(nodes, key=lambda n: (partition.get(n, big), n))
 
 
-class StrategyFailed(RuntimeError):
+class StrategyFailedError(RuntimeError):
     """The strategy's result is not a usable model; the round's result was not applied."""
 
 
 def check_strategy_result(result: Sequence[NDArray[Any]], reference: Sequence[NDArray[np.float32]],
                           name: str) -> Weights:
-    """The strategy's new global weights as float32, or StrategyFailed naming the problem."""
+    """The strategy's new global weights as float32, or StrategyFailedError naming the problem."""
     if len(result) != len(reference):
-        raise StrategyFailed(f"strategy {name} returned {len(result)} tensors, expected "
+        raise StrategyFailedError(f"strategy {name} returned {len(result)} tensors, expected "
                              f"{len(reference)}")
     out: Weights = []
     for i, (r, g) in enumerate(zip(result, reference, strict=True)):
         arr = np.asarray(r)
         if arr.shape != g.shape:
-            raise StrategyFailed(f"strategy {name} returned tensor {i} of shape {arr.shape}, "
+            raise StrategyFailedError(f"strategy {name} returned tensor {i} of shape {arr.shape}, "
                                  f"expected {g.shape}")
         if arr.dtype.kind not in "fiu":
-            raise StrategyFailed(f"strategy {name} returned tensor {i} of dtype {arr.dtype}")
+            raise StrategyFailedError(f"strategy {name} returned tensor {i} of dtype {arr.dtype}")
         with np.errstate(over="ignore", invalid="ignore"):
             f32 = arr.astype(np.float32)
         if not np.isfinite(f32).all():
-            raise StrategyFailed(f"strategy {name} returned NaN or Inf in tensor {i} "
+            raise StrategyFailedError(f"strategy {name} returned NaN or Inf in tensor {i} "
                                  "(as float32)")
         out.append(f32)
     return out
@@ -352,7 +352,7 @@ def run_federation(
 
     Raises
     ------
-    StrategyFailed
+    StrategyFailedError
         The strategy returned an unusable model; the last good one is in
         ``on_round``'s rows so far (the caller keeps it).
     """

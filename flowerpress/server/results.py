@@ -31,7 +31,7 @@ def build_results(
     rows: Sequence[Mapping[str, Any]],
     *,
     model_elements: int,
-    initial: Mapping[str, float] | None = None,
+    initial: Mapping[str, float | None] | None = None,
     privacy: Mapping[str, Any] | None = None,
     stopped: str | None = None,
     failed: str | None = None,
@@ -50,15 +50,17 @@ def build_results(
         "model_parameters": model_elements,
         "rounds_completed": len(rows),
     }
-    if initial is not None and initial.get("accuracy") is not None:
-        summary["initial_accuracy"] = float(initial["accuracy"])
+    start = None if initial is None else initial.get("accuracy")
+    if start is not None:
+        summary["initial_accuracy"] = float(start)
     if stopped is not None:
         summary["stopped"] = stopped
     if failed is not None:
         summary["failed"] = failed
     document = {"config": dict(config), "rounds": [dict(r) for r in rows], "summary": summary,
                 "privacy": dict(privacy) if privacy is not None else None}
-    return finite_json(document)
+    cleaned: dict[str, Any] = finite_json(document)
+    return cleaned
 
 
 def finite_json(value: Any) -> Any:

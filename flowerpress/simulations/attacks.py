@@ -220,9 +220,10 @@ class AttackedTask(Task):
     def load_data(self, node_config: Mapping[str, Scalar]) -> _NodeData:
         """The inner task's data and the node's partition id (-1 when it has none)."""
         pid, n = node_config.get("partition-id"), node_config.get("num-partitions")
-        ok = isinstance(pid, int) and isinstance(n, int) and 0 <= pid < n
-        return _NodeData(self.inner.load_data(node_config), int(pid) if ok else -1,
-                         int(n) if ok else 0)
+        inner = self.inner.load_data(node_config)
+        if isinstance(pid, int) and isinstance(n, int) and 0 <= pid < n:
+            return _NodeData(inner, pid, n)
+        return _NodeData(inner, -1, 0)
 
     def train(self, weights: Weights, data: Any, context: TrainContext) -> TrainResult:
         """Honest training, then the attack's delta on malicious partitions."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from flowerpress.tasks import data as datasets
 from flowerpress.tasks.base import Scalar, Task, TaskError
-from flowerpress.tasks.classifier import TorchClassifierTask, run_config_int
+from flowerpress.tasks.classifier import TorchClassifierTask
 from flowerpress.tasks.models import MODELS, build_model
 
 

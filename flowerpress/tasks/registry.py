@@ -15,7 +15,7 @@ from flowerpress.registry import Registry
 from flowerpress.tasks.base import Scalar, Task, TaskError
 from flowerpress.tasks.bundled import BundledTask, Digits, Hub, Mnist, Synthetic
 
-TASKS: Registry[Task] = Registry("task", Task, error=TaskError)
+TASKS: Registry[Task] = Registry("task", Task, error=TaskError)  # type: ignore[type-abstract]
 
 
 def register_task(name: str, cls: type[Task], *, force: bool = False) -> None:

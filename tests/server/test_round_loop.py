@@ -10,12 +10,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from flowerpress.client.app import app as client_app
-from flowerpress.tasks.training import evaluate
 from flowerpress.protocol import record_bytes
 from flowerpress.server.loop import LoopSettings, poll_replies, run_federation
+from flowerpress.strategies import build_strategy
 from flowerpress.tasks import data
 from flowerpress.tasks.models import build_model, get_weights, set_weights
-from flowerpress.strategies import build_strategy
+from flowerpress.tasks.training import evaluate
 from flowerpress.testing import InProcessGrid, server_identity
 
 RUN = {"dataset": "digits", "partition": "iid", "local-epochs": 1, "batch-size": 32,
@@ -38,7 +38,7 @@ def _run(grid: InProcessGrid, rounds: int = 3, cpr: int = 3, min_replies: int = 
          timeout: float = 0.5) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
     _, initial, evaluate_fn = _setup(grid.num_nodes)
     settings = LoopSettings(rounds=rounds, clients_per_round=cpr, round_timeout=timeout,
-                            min_replies=min_replies, seed=0, 
+                            min_replies=min_replies, seed=0,
                             node_wait_timeout=1.0)
     with server_identity():
         weights, rows, stop = run_federation(grid, initial, build_strategy("fedavg"), settings,
@@ -120,7 +120,8 @@ def _too_many(reply: Message) -> Message:
 @pytest.mark.parametrize("tamper", [_garbage, _nan, _wrong_shape, _too_many])
 def test_bad_replies_are_counted_and_never_touch_the_model(tamper: Any) -> None:
     # Prepare: nodes 1-3 send bad updates, node 4 a good one
-    bad = InProcessGrid(client_app, run_config=RUN, num_nodes=4, tamper={1: tamper, 2: tamper, 3: tamper})
+    bad = InProcessGrid(client_app, run_config=RUN, num_nodes=4,
+                        tamper={1: tamper, 2: tamper, 3: tamper})
     good_only = InProcessGrid(client_app, run_config=RUN, num_nodes=4, silent={1, 2, 3})
     # Execute
     w_bad, rows = _run(bad, rounds=1, cpr=4)

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flowerpress.simulations.app import app as client_app
 from flowerpress.config import validate
 from flowerpress.server.app import serve
+from flowerpress.simulations.app import app as client_app
 from flowerpress.testing import InProcessGrid, server_identity
 
 BASE = {"dataset": "digits", "partition": "iid", "num-clients": 4, "clients-per-round": 4,

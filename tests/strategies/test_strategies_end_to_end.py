@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
-from flowerpress.simulations.app import app as client_app
 from flowerpress.config import validate
 from flowerpress.server.app import serve
+from flowerpress.simulations.app import app as client_app
 from flowerpress.testing import InProcessGrid
 
 REPO = Path(__file__).resolve().parents[2]

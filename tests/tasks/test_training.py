@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flowerpress.tasks.training import TrainSettings, evaluate, train
 from flowerpress.tasks import data
 from flowerpress.tasks.models import build_model, get_weights
+from flowerpress.tasks.training import TrainSettings, evaluate, train
 
 
 def test_training_lowers_the_loss() -> None:
