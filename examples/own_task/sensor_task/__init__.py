@@ -1,0 +1,1 @@
+"""A user's own task for flowerpress: activity recognition from sensor windows."""
