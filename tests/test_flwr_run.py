@@ -118,18 +118,16 @@ def test_flwr_run_uses_installed_env_and_run_config_size(flwr_home: Path,
                                                          tmp_path: Path) -> None:
     # Prepare
     out = tmp_path / "out"
-    run_config = tmp_path / "run-config.toml"
-    run_config.write_text(
-        f'dataset = "digits"\nmodel = "logreg"\nnum-clients = {NUM_CLIENTS}\n'
-        f"clients-per-round = {CLIENTS_PER_ROUND}\nrounds = 1\nlocal-epochs = 1\n"
-        f'out-dir = "{out}"\n', encoding="utf-8")
+    run_config = (f"dataset='digits' model='logreg' num-clients={NUM_CLIENTS} "
+                  f"clients-per-round={CLIENTS_PER_ROUND} rounds=1 local-epochs=1 "
+                  f"out-dir='{out}'")
     env = _env(flwr_home)
     flwr = str(Path(sys.executable).parent / "flwr")
 
-    # Execute
+    # Execute: the README's command, tiny.
     proc = subprocess.run(
-        [flwr, "run", ".", "--stream", "--run-config", str(run_config),
-         "--federation-config", f"num-supernodes={NUM_CLIENTS}"],
+        [flwr, "run", ".", "--stream", "--federation-config", f"num-supernodes={NUM_CLIENTS}",
+         "--run-config", run_config],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     log = proc.stdout + proc.stderr
     started = _started_by(flwr_home)
