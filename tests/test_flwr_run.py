@@ -140,8 +140,11 @@ def test_flwr_run_uses_installed_env_and_run_config_size(flwr_home: Path,
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["config"]["num-clients"] == NUM_CLIENTS
     assert [row["clients"] for row in results["rounds"]] == [CLIENTS_PER_ROUND]
-    # ...in the installed environment (Flower creates $FLWR_HOME/runtime-envs/<run> when
-    # it installs the app's dependencies)...
+    # ...in the installed environment: the SuperLink's SuperExec was not told to install
+    # (flwr/superlink/cli/flower_superlink.py) and no $FLWR_HOME/runtime-envs/<run> exists.
+    superexec = [cmd for cmd in started.values() if "flower-superexec" in cmd]
+    assert superexec, started
+    assert all("--allow-runtime-dependency-installation" not in cmd for cmd in superexec)
     assert not (flwr_home / "runtime-envs").exists()
     # ...and what `flwr run` left running was the local SuperLink, now stopped.
     assert any("flower-superlink" in cmd for cmd in started.values()), started
