@@ -14,6 +14,7 @@ run config; tests call :func:`serve` on an in-process grid.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         node_wait_timeout=max(60.0, float(config["round-timeout"])),
         compression=str(config["compression"]),
         max_client_weight=float(config["max-client-weight"]),
+        num_clients=int(config["num-clients"]),
     )
     start = evaluate_fn(initial) if central is not None else None
     if start is not None:
@@ -220,6 +222,11 @@ def server_app(task: Task | None = None, *, strategy: Strategy | str | None = No
         if strategy_object is not None:
             values.pop("strategy", None)
         config = validate(values, strict=False)
+        from flowerpress.federation import runtime_env_mismatch
+
+        warning = runtime_env_mismatch(os.environ)
+        if warning:
+            log.warning("%s", warning)
         if strategy_object is not None:
             config["strategy"] = type(strategy_object).__name__
         out = str(config["out-dir"])

@@ -89,6 +89,9 @@ class LoopSettings:
     node_wait_timeout: float = 60.0  # seconds to wait for enough nodes to connect
     compression: str = "none"  # the upload codec devices apply (their compression_mod)
     max_client_weight: float = protocol.DEFAULT_MAX_WEIGHT  # cap on a reply's num-examples
+    # The federation size the run config describes; simulation nodes reporting
+    # another number of partitions stop the run (None: not checked).
+    num_clients: int | None = None
 
 
 def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
@@ -114,14 +117,25 @@ def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
         sleep(min(delay, remaining))
 
 
+class FederationMismatchError(RuntimeError):
+    """The federation Flower started is not the one the run config describes."""
+
+
 def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
                    clock: Callable[[], float] = time.monotonic,
-                   sleep: Callable[[float], None] = time.sleep) -> list[int]:
+                   sleep: Callable[[float], None] = time.sleep,
+                   num_clients: int | None = None) -> list[int]:
     """Connected node ids, sorted by the partition each holds.
 
     Waits (bounded) for ``wanted`` nodes, then asks every node for its
     ``partition-id`` with a query message, so that sampling by seed picks the
     same partitions in every run although node ids are random.
+
+    Raises
+    ------
+    FederationMismatchError
+        ``num_clients`` is given and simulation nodes report another number of
+        partitions (``flwr run .`` started a federation of another size).
     """
     deadline = clock() + timeout
     nodes = sorted(grid.get_node_ids())
@@ -138,6 +152,7 @@ def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
     ids = list(grid.push_messages(msgs))
     id_to_node = dict(zip(ids, nodes, strict=True))
     partition: dict[int, int] = {}
+    reported_sizes: set[int] = set()
     # The first messages wait for the simulation engine's actors (or a device)
     # to start: give the query the whole node-wait budget.
     for reply in poll_replies(grid, ids, timeout=max(deadline - clock(), 5.0), clock=clock,
@@ -148,6 +163,15 @@ def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
         pid = protocol.partition_of_reply(reply)
         if pid is not None:
             partition[node] = pid
+        info = reply.content.config_records.get(protocol.INFO)
+        size = None if info is None else info.get(protocol.NUM_PARTITIONS)
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            reported_sizes.add(size)
+    if num_clients is not None and reported_sizes and reported_sizes != {num_clients}:
+        from flowerpress.federation import federation_mismatch
+
+        line = federation_mismatch(max(reported_sizes), {"num-clients": num_clients})
+        raise FederationMismatchError(line or "the federation size differs from num-clients")
     if len(partition) < len(nodes):
         log.warning("%s of %s nodes did not report a partition id; sampling is not "
                     "reproducible across runs for them", len(nodes) - len(partition), len(nodes))
@@ -358,7 +382,8 @@ def run_federation(
     """
     rng = np.random.default_rng([settings.seed, 1])
     nodes = discover_nodes(grid, wanted=settings.clients_per_round,
-                           timeout=settings.node_wait_timeout, clock=clock, sleep=sleep)
+                           timeout=settings.node_wait_timeout, clock=clock, sleep=sleep,
+                           num_clients=settings.num_clients)
     ledger = None if privacy is None else privacy(len(nodes))
     weights = [np.asarray(w, dtype=np.float32) for w in initial_weights]
     rows: list[dict[str, Any]] = []

@@ -177,3 +177,18 @@ def test_poll_yields_each_reply_once_and_stops_at_the_timeout() -> None:
     # Assert
     assert len(got) == 2
     assert 2.0 <= now[0] < 2.3  # gave up at the deadline, not after a fixed long sleep
+
+
+def test_a_federation_of_another_size_is_refused_in_one_line() -> None:
+    # Prepare: 4 simulation nodes (num-partitions=4) but the run config asks for 10
+    from flowerpress.server.loop import FederationMismatchError
+
+    grid = InProcessGrid(client_app, run_config=RUN, num_nodes=4)
+    _, initial, evaluate_fn = _setup()
+    settings = LoopSettings(rounds=1, clients_per_round=2, round_timeout=1.0, min_replies=1,
+                            seed=0, node_wait_timeout=1.0, num_clients=10)
+    # Execute / Assert
+    with server_identity(), pytest.raises(FederationMismatchError) as info:
+        run_federation(grid, initial, build_strategy("fedavg"), settings, evaluate_fn=evaluate_fn)
+    assert "4 nodes" in str(info.value) and "num-clients=10" in str(info.value)
+    assert "\n" not in str(info.value)
