@@ -54,7 +54,29 @@ _EXPORTS = {
     "validate_config": "flowerpress.config",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "BatchStrategy",
+    "ClientUpdate",
+    "ConfigError",
+    "Evaluation",
+    "MeanStrategy",
+    "Strategy",
+    "Task",
+    "TaskError",
+    "TorchClassifierTask",
+    "TrainContext",
+    "TrainResult",
+    "build_strategy",
+    "build_task",
+    "client_app",
+    "compression_mod",
+    "dp_mod",
+    "register_strategy",
+    "register_task",
+    "serve",
+    "server_app",
+    "validate_config",
+]
 
 if TYPE_CHECKING:
     from flowerpress.client.app import client_app

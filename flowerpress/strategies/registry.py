@@ -28,8 +28,8 @@ from flowerpress.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 from flowerpress.strategies.robust import Krum, Median, MultiKrum, TrimmedMean
 
 #: The strategies selectable by name (the spec grammar is flowerpress.registry's).
-STRATEGIES: Registry[Strategy] = Registry(  # type: ignore[type-abstract]
-    "strategy", Strategy, error=StrategyError, reserved=("flwr",))
+STRATEGIES: Registry[Strategy] = Registry(
+    "strategy", Strategy, error=StrategyError, reserved=("flwr",))  # type: ignore[type-abstract]
 #: The registry's own mapping (tests save and restore it).
 _REGISTRY = STRATEGIES._classes
 

@@ -5,7 +5,6 @@
 """
 
 from flowerpress import client_app, server_app
-
 from sensor_task.task import SensorTask
 
 task = SensorTask()
