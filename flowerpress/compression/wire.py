@@ -68,6 +68,10 @@ class Writer:
         flat = np.ascontiguousarray(arr).reshape(-1)
         self._chunks.append(flat.data.cast("B"))
 
+    def extend(self, other: Writer) -> None:
+        """Append everything written to ``other`` (zero-copy)."""
+        self._chunks.extend(other._chunks)
+
     def getvalue(self) -> bytes:
         """Return everything written so far as one ``bytes`` object."""
         return b"".join(self._chunks)
@@ -112,6 +116,14 @@ class Reader:
     def u64(self, what: str) -> int:
         """Read an unsigned 64-bit integer."""
         return int(_U64.unpack(self._take(8, what))[0])
+
+    def u32s(self, count: int, what: str) -> tuple[int, ...]:
+        """Read ``count`` unsigned 32-bit integers as a tuple (e.g. a shape)."""
+        if count == 0:
+            return ()
+        pos = self._pos
+        self._take(4 * count, what)
+        return struct.unpack_from(f"<{count}I", self._view, pos)
 
     def f32(self, what: str) -> float:
         """Read a float32 scalar (may be non-finite; callers validate)."""
