@@ -299,8 +299,10 @@ def _mark_first_distinct_inplace(seed: int, n: int, k: int, mask: npt.NDArray[np
     got = 0
     scale = _TWO_POW_M53 * n
     # k <= n / 2 here: ~n ln 2 draws on average; the cap only bounds the loop.
-    for _ in range(64 * (n // _SEED_BATCH + 1)):
-        raw = np.asarray(bitgen.random_raw(_SEED_BATCH), dtype=np.uint64)
+    # Batches shrink with what is still needed (the stream, hence the result,
+    # is the same whatever the batch sizes).
+    for _ in range(64 * (n // 64 + 1)):
+        raw = np.asarray(bitgen.random_raw(min(_SEED_BATCH, 2 * (k - got) + 64)), dtype=np.uint64)
         raw >>= np.uint64(11)
         vals = (raw.astype(np.float64) * scale).astype(np.int64)
         np.minimum(vals, n - 1, out=vals)

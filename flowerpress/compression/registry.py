@@ -87,13 +87,10 @@ def register_stage(cls: type[st.Stage], *, force: bool = False) -> None:
         If ``cls`` is not a concrete stage class.
     """
     if not (isinstance(cls, type) and issubclass(cls, _BASES)) or cls in _BASES[:2]:
-        raise TypeError(
-            f"cls must subclass ValueStage or StructureStage, got {cls!r}"
-        )
-    if getattr(cls, "__abstractmethods__", None):
-        raise TypeError(
-            f"stage {cls.__qualname__} leaves {sorted(cls.__abstractmethods__)} unimplemented"
-        )
+        raise TypeError(f"cls must subclass ValueStage or StructureStage, got {cls!r}")
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise TypeError(f"stage {cls.__qualname__} leaves {missing} unimplemented")
     name = cls.name
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(
