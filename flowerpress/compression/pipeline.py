@@ -18,9 +18,13 @@ misreading it; a body may use no user wire id that its manifest omits.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
+import os
 import re
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import overload
@@ -102,9 +106,11 @@ def parse(spec: str) -> Pipeline:
 
     Grammar: ``spec := stage ("+" stage)*``, ``stage := NAME [":" ARG ("," ARG)*]``.
     Examples: ``q:8``, ``topk:0.01+q:8+ef+zstd``, ``lowrank:4+q:8+ef``, ``sign+ef``.
-    ``NAME`` is any registered stage (:func:`~flowerpress.compression.register_stage`);
-    a pipeline takes at most one structure stage, one value stage, ``ef`` once,
-    and ``zstd`` last.
+    ``NAME`` is any registered stage (:func:`~flowerpress.compression.register_stage`),
+    or ``package.module:Class`` (a dotted module path, imported with the working
+    directory on ``sys.path``), which registers that stage class, e.g.
+    ``examples.custom_codec.ternary:Ternary+zstd``.  A pipeline takes at most
+    one structure stage, one value stage, ``ef`` once, and ``zstd`` last.
 
     Raises
     ------
@@ -120,11 +126,16 @@ def parse(spec: str) -> Pipeline:
     for raw in spec.split("+"):
         stage = raw.strip()
         name, _, argstr = stage.partition(":")
-        name = name.strip().lower()
+        name = name.strip()
+        if "." in name:  # package.module:Class[:ARG,...]: import and register it
+            class_name, _, argstr = argstr.partition(":")
+            cls = _import_stage(stage, spec, name, class_name.strip())
+        else:
+            name = name.lower()
+            cls = registry.stage_class(name)
+            if cls is None:
+                raise _bad(stage, spec, f"unknown name {name!r}")
         args = [a.strip() for a in argstr.split(",")] if argstr else []
-        cls = registry.stage_class(name)
-        if cls is None:
-            raise _bad(stage, spec, f"unknown name {name!r}")
         if zstd_level is not None:
             raise _bad(stage, spec, "zstd must be the last stage")
         try:
@@ -155,6 +166,36 @@ def parse(spec: str) -> Pipeline:
         error_feedback=ef,
         zstd_level=zstd_level,
     )
+
+
+def _import_stage(stage: str, spec: str, module_name: str, class_name: str) -> type[st.Stage]:
+    """Import ``module_name:class_name`` (the working directory on the path) and register it.
+
+    Registering the class already registered under its name is a no-op, so
+    the same spec can be parsed any number of times; another class under that
+    name is refused, as :func:`~flowerpress.compression.register_stage` does.
+    """
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _bad(stage, spec, f"cannot import {module_name!r}: {exc}") from None
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+    cls = getattr(module, class_name, None) if class_name else None
+    if not (isinstance(cls, type) and issubclass(cls, st.Stage)):
+        raise _bad(stage, spec, f"{module_name} has no stage class {class_name!r}")
+    if registry.stage_class(cls.name) is not cls:
+        try:
+            registry.register_stage(cls)
+        except (TypeError, ValueError) as exc:
+            raise _bad(stage, spec, str(exc)) from None
+    return cls
 
 
 # --------------------------------------------------------------------------- helpers
