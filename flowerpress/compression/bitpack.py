@@ -21,6 +21,7 @@ __all__ = [
     "rice_decode",
     "rice_decode_into",
     "rice_encode",
+    "rice_max_parameter",
     "seeded_indices",
     "seeded_mask",
     "unpack_uint",
@@ -108,10 +109,12 @@ def unpack_uint(data: bytes | memoryview, count: int, bits: int) -> UIntArray:
     buf = np.frombuffer(data, dtype=np.uint8)
     if bits == 8:
         return buf  # read-only view of the payload; callers only read it
-    if bits == 16:
-        return buf.view("<u2").astype(np.uint16)
+    if bits == 16:  # read-only views too: no copy of the payload
+        out16: UIntArray = np.frombuffer(data, dtype="<u2")
+        return out16
     if bits == 32:
-        return buf.view("<u4").astype(np.uint32)
+        out32: UIntArray = np.frombuffer(data, dtype="<u4")
+        return out32
     if bits in (1, 2, 4):
         # One gather per packed byte from a table of little-endian words whose
         # bytes are the unpacked values (far faster than fancy 2-D indexing).
@@ -165,9 +168,8 @@ def rice_encode(indices: IntArray, n: int) -> tuple[int, bytes, bytes]:
     if k == 0:
         return 0, b"", b""
     gaps = np.diff(indices, prepend=np.int64(-1)) - 1
-    mean_gap = max((n - k) / k, 1e-9)
-    centre = max(0, int(math.log2(mean_gap * math.log(2) + 1e-12)) if mean_gap > 1 else 0)
-    candidates = range(max(0, centre - 2), min(31, centre + 3) + 1)
+    centre = _rice_centre(n, k)
+    candidates = range(max(0, centre - 2), rice_max_parameter(n, k) + 1)
     b = min(candidates, key=lambda c: _rice_cost(gaps, c))
     q = gaps >> b
     ends = np.cumsum(q + 1) - 1
@@ -183,15 +185,37 @@ def rice_max_unary_nbytes(n: int, k: int, b: int) -> int:
 
 
 def _unpack_range(buf: npt.NDArray[np.uint8], j0: int, m: int, b: int) -> IntArray:
-    """Values ``j0 .. j0+m-1`` of a stream of ``b``-bit fields (``0 < b <= 32``)."""
-    bit0 = j0 * b
-    byte0 = bit0 // 8
-    skip = bit0 - 8 * byte0
-    nbits = m * b
-    bits = np.unpackbits(buf[byte0 : (bit0 + nbits + 7) // 8], bitorder="little")
-    bitmat = bits[skip : skip + nbits].reshape(m, b).astype(np.int64)
-    out: IntArray = bitmat @ np.left_shift(np.int64(1), np.arange(b, dtype=np.int64))
-    return out
+    """Values ``j0 .. j0+m-1`` of a stream of ``b``-bit fields (``0 < b <= 32``).
+
+    Gathers the (at most 5) bytes under each field into a 64-bit word and
+    shifts: a few ``8 m``-byte temporaries, whatever ``b`` is.
+    """
+    off = np.arange(j0, j0 + m, dtype=np.int64) * b
+    byte = off >> 3
+    last = buf.size - 1
+    word = np.zeros(m, dtype=np.uint64)
+    for t in range((b + 14) // 8):
+        # Bytes past the end only feed bits above the field, which the mask drops.
+        word |= buf[np.minimum(byte + t, last)].astype(np.uint64) << np.uint64(8 * t)
+    word >>= (off & 7).astype(np.uint64)
+    word &= np.uint64((1 << b) - 1)
+    return word.astype(np.int64)
+
+
+def rice_max_parameter(n: int, k: int) -> int:
+    """Largest Rice parameter :func:`rice_encode` may choose for ``k`` of ``n`` indices.
+
+    The decoder rejects larger ones: a hostile ``b`` would only inflate the
+    remainder section (up to 31 bits per index) without encoding anything new.
+    """
+    return min(31, _rice_centre(n, k) + 3)
+
+
+def _rice_centre(n: int, k: int) -> int:
+    if k <= 0:
+        return 0
+    mean_gap = max((n - k) / k, 1e-9)
+    return max(0, int(math.log2(mean_gap * math.log(2) + 1e-12)) if mean_gap > 1 else 0)
 
 
 def _rice_runs(
@@ -206,8 +230,10 @@ def _rice_runs(
         if len(unary) or len(remainder):
             raise PayloadError("empty index set carries index bytes")
         return
-    if not 0 <= b <= 31:
-        raise PayloadError(f"rice parameter {b} outside [0, 31]")
+    if not 0 <= b <= rice_max_parameter(n, k):
+        raise PayloadError(
+            f"rice parameter {b} outside [0, {rice_max_parameter(n, k)}] for {k} of {n} indices"
+        )
     if len(unary) > rice_max_unary_nbytes(n, k, b):
         raise PayloadError("unary index section longer than any valid encoding")
     if len(remainder) != packed_nbytes(k, b):

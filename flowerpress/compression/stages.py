@@ -52,6 +52,7 @@ from flowerpress.compression.bitpack import (
     packed_nbytes,
     rice_decode_into,
     rice_encode,
+    rice_max_parameter,
     seeded_indices,
     seeded_mask,
     unpack_uint,
@@ -553,8 +554,11 @@ class TopKStage(StructureStage):
         if k > numel:
             raise PayloadError(f"keeps {k} of {numel} elements")
         b = r.u8("rice parameter")
-        if b > 31:
-            raise PayloadError(f"rice parameter {b} outside [0, 31]")
+        if b > rice_max_parameter(numel, k):
+            raise PayloadError(
+                f"rice parameter {b} outside [0, {rice_max_parameter(numel, k)}] "
+                f"for {k} of {numel} indices"
+            )
         unary_len = r.u32("index section length")
         unary = r.raw(unary_len, "index section")
         rem = r.raw(packed_nbytes(k, b), "index remainders")
