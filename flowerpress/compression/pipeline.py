@@ -127,6 +127,7 @@ def parse(spec: str) -> Pipeline:
         stage = raw.strip()
         name, _, argstr = stage.partition(":")
         name = name.strip()
+        cls: type[st.Stage] | None
         if "." in name:  # package.module:Class[:ARG,...]: import and register it
             class_name, _, argstr = argstr.partition(":")
             cls = _import_stage(stage, spec, name, class_name.strip())
