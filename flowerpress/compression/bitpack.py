@@ -309,6 +309,7 @@ _TWO_POW_M53 = float(2.0**-53)
 _MAX_SEEDED_N = 1 << 30
 # Draws per batch when deriving a random-k support (bounded temporaries).
 _SEED_BATCH = 1 << 16
+_POS_BITS = 16  # bits of a draw's position inside a batch (<= _SEED_BATCH)
 
 
 def _mark_first_distinct_inplace(seed: int, n: int, k: int, mask: npt.NDArray[np.bool_]) -> None:
@@ -332,13 +333,20 @@ def _mark_first_distinct_inplace(seed: int, n: int, k: int, mask: npt.NDArray[np
         raw >>= np.uint64(11)
         vals = (raw.astype(np.float64) * scale).astype(np.int64)
         np.minimum(vals, n - 1, out=vals)
-        uniq, first = np.unique(vals, return_index=True)  # first occurrence in the batch
-        fresh = ~mask[uniq]
-        uniq = uniq[fresh]
+        # Fresh draws as sort keys (value, position in the batch); one plain sort
+        # (no reliance on sort stability) puts each value's first draw first.
+        fresh = ~mask[vals]
+        keys = (vals << _POS_BITS) | np.arange(vals.size, dtype=np.int64)
+        keys = keys[fresh]
+        keys.sort()
+        sv = keys >> _POS_BITS
+        head = np.ones(sv.size, dtype=bool)
+        np.not_equal(sv[1:], sv[:-1], out=head[1:])
+        uniq = sv[head]
         need = k - got
         if uniq.size >= need:
             if uniq.size > need:
-                first = first[fresh]
+                first = keys[head] & ((1 << _POS_BITS) - 1)
                 kth = np.partition(first, need - 1)[need - 1]
                 uniq = uniq[first <= kth]
             mask[uniq] = True

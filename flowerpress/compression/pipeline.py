@@ -682,14 +682,25 @@ def _all_finite(a: F32) -> bool:
     return math.isfinite(float(np.add.reduce(a, axis=None, dtype=np.float64)))
 
 
-def _checked(out: object, count: int, what: str) -> F32:
-    """The framework's check of a stage decoder's result: float32, ``count`` values, finite."""
+# Built-in decoders whose results are finite by construction (validated ranges and
+# scales, scatters of checked values, a checked product): the framework skips
+# only their finiteness pass.  Matched by identity, so a subclass is checked.
+_FINITE_BY_CONSTRUCTION: frozenset[type[st.Stage]] = frozenset(
+    {st.QuantStage, st.SignStage, st.TopKStage, st.RandKStage, st.LowRankStage}
+)
+
+
+def _checked(out: object, count: int, what: str, *, finite: bool = False) -> F32:
+    """The framework's check of a stage decoder's result: float32, ``count`` values, finite.
+
+    ``finite`` says the decoder already guarantees finiteness (built-ins only).
+    """
     if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.size != count:
         got = type(out).__name__
         if isinstance(out, np.ndarray):
             got = f"{out.dtype} array of {out.size}"
         raise PayloadError(f"{what} decoded {got}, expected {count} float32 values")
-    if not _all_finite(out):
+    if not finite and not _all_finite(out):
         raise PayloadError(f"non-finite value from the {what}")
     return out if out.ndim == 1 else out.reshape(-1)
 
@@ -705,7 +716,7 @@ def _decode_values(r: Reader, count: int, allowed: _Allowed) -> F32:
         raise
     except Exception as exc:  # whatever a stage's decoder raises on bad bytes
         raise PayloadError(f"value stage {cls.name!r}: {_one_line(exc)}") from None
-    return _checked(out, count, f"value stage {cls.name!r}")
+    return _checked(out, count, f"value stage {cls.name!r}", finite=cls in _FINITE_BY_CONSTRUCTION)
 
 
 def _decode_tensor(r: Reader, shape: tuple[int, ...], numel: int, allowed: _Allowed) -> F32:
@@ -737,5 +748,7 @@ def _decode_tensor(r: Reader, shape: tuple[int, ...], numel: int, allowed: _Allo
         raise
     except Exception as exc:  # whatever a stage's decoder raises on bad bytes
         raise PayloadError(f"structure stage {cls.name!r}: {_one_line(exc)}") from None
-    out = _checked(out, numel, f"structure stage {cls.name!r}")
+    out = _checked(
+        out, numel, f"structure stage {cls.name!r}", finite=cls in _FINITE_BY_CONSTRUCTION
+    )
     return (out if out.flags.writeable else out.copy()).reshape(shape)
