@@ -342,3 +342,45 @@ def test_builtin_stage_classes_are_registered_by_wire_id() -> None:
     assert registry.value_stage_class(st.KIND_QUANT) is st.QuantStage
     assert registry.structure_stage_class(st.STRUCT_LOWRANK) is st.LowRankStage
     assert registry.structure_stage_class(st.STRUCT_DENSE) is None
+
+
+# Version 2 is pinned too: magic, version 2, flags, one manifest entry (value
+# stage, wire id 200, "halves"), then the version-1 body with kind byte 200.
+GOLDEN_V2 = (
+    "4650430200" + "01" + "00c8" + "06" + "68616c766573"  # header + manifest
+    + "01000000" + "0102000000" + "00" + "c8" + "0000003f" + "0038" + "00c1"  # body
+)  # fmt: skip
+
+
+def test_version_2_payload_is_pinned() -> None:
+    # Prepare
+    register_stage(Halves)
+    x = [np.array([1.0, -2.0], np.float32)]
+
+    # Execute
+    payload, _ = parse("halves:0.5").encode(x)
+
+    # Assert
+    assert payload.hex() == GOLDEN_V2
+    np.testing.assert_array_equal(decode(bytes.fromhex(GOLDEN_V2), max_elements=2)[0], x[0])
+
+
+@pytest.mark.parametrize(
+    ("manifest", "reason"),
+    [
+        ("00", "lists no extension stage"),
+        ("01" + "02c8" + "06" + "68616c766573", "role 2"),
+        ("01" + "0005" + "06" + "68616c766573", "wire id 5"),
+        ("01" + "00c8" + "06" + "48414c564553", "invalid"),
+        ("02" + ("00c8" + "06" + "68616c766573") * 2, "twice"),
+        ("01" + "00c8" + "ff" + "68", "truncated"),
+    ],
+)
+def test_malformed_manifests_are_rejected(manifest: str, reason: str) -> None:
+    # Prepare
+    register_stage(Halves)
+    payload = bytes.fromhex("4650430200" + manifest + GOLDEN_V2[len("4650430200") + 22 :])
+
+    # Execute / Assert
+    with pytest.raises(PayloadError, match=reason):
+        decode(payload, max_elements=2)
