@@ -640,8 +640,8 @@ def _decode_body(r: Reader, max_elements: int, max_tensors: int, allowed: _Allow
     ntensors = r.u32("tensor count")
     if ntensors > max_tensors:
         raise PayloadError(f"{ntensors} tensors exceed the bound {max_tensors}")
-    # Every tensor takes at least 3 bytes (ndim, structure id, value kind): a
-    # count the body cannot hold is rejected before looping over it.
+    # Every tensor takes at least one byte (in fact 3: ndim, structure id, value
+    # kind), so a count the body cannot hold is rejected before the loop.
     if ntensors > r.remaining:
         raise PayloadError(f"{ntensors} tensors cannot fit in {r.remaining} bytes")
     budget = max_elements
