@@ -8,7 +8,9 @@ physical floor).  Baselines: float32 ``.npy``, fp16 by
 ``astype``, and zlib of the float32 bytes.  Times are the best of
 ``--repeat`` runs; nothing here asserts.
 
-Run: ``.venv/bin/python benchmarks/codecs.py [--params 10000000] [--repeat 3]``
+Run: ``.venv/bin/python benchmarks/codecs.py [--params 10000000] [--repeat 3]``;
+``--bytes-1m`` prints only the sizes on the ~1M update, ``--decode-cost`` only the
+decoder's peak memory (tracemalloc) and CPU there, for honest and hostile payloads.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import io
 import os
 import platform
 import statistics
+import struct
 import time
+import tracemalloc
 import zlib
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+import zstandard
 
-from flowerpress.compression import CodecState, decode, fp32_nbytes, parse
+from flowerpress.compression import CodecState, PayloadError, decode, fp32_nbytes, parse
 
 SPECS = [
     "none",
@@ -72,6 +77,11 @@ SHAPES_1M: list[tuple[int, ...]] = [
     (32, 3, 3, 3), (32,), (64, 32, 3, 3), (64,), (128, 64, 3, 3), (128,),
     (128, 128, 3, 3), (128,), (256, 3200), (256,), (10, 256), (10,),
 ]  # fmt: skip
+DECODE_SPECS_1M = [
+    "none", "none+zstd", "q:8", "q:16", "fp16", "sign", "randk:0.01+q:8", "randk:0.5",
+    "randk:0.5+zstd", "topk:0.01+q:8+zstd", "topk:0.5+fp16", "topk:0.99", "topk:0.99+zstd",
+    "lowrank:4+q:8",
+]  # fmt: skip
 SPECS_1M = [
     "none", "fp16", "q:8", "q:4", "q:2", "sign", "sign+ef", "q:8+zstd", "topk:0.01",
     "topk:0.01+q:8", "topk:0.01+q:8+zstd", "topk:0.01+q:4+ef+zstd", "randk:0.01+q:8",
@@ -96,6 +106,95 @@ def bytes_table_1m(seed: int) -> None:
             f"| `{spec}` | {size:,} | {8 * size / n:.3f} | {fp32_nbytes(update) / size:.1f}x "
             f"| {npy / size:.1f}x |"
         )
+
+
+def _frame(body: bytes, *, zstd: bool = False) -> bytes:
+    """A version-1 payload around a hand-made body (optionally as a zstd frame)."""
+    if zstd:
+        frame = zstandard.ZstdCompressor(level=3).compress(body)
+        return b"FPC\x01\x01" + struct.pack("<Q", len(body)) + frame
+    return b"FPC\x01\x00" + body
+
+
+def hostile_payloads(n: int) -> dict[str, bytes]:
+    """Payloads a hostile device can send for a model of ``n`` elements (all within bounds)."""
+    unary = np.packbits(np.ones(n, np.uint8), bitorder="little").tobytes()
+
+    def topk_all(values: bytes, b: int) -> bytes:  # one tensor, every element "kept"
+        head = struct.pack("<IBI", 1, 1, n) + struct.pack("<BIBI", 1, n, b, len(unary))
+        return head + unary + bytes((n * b + 7) // 8) + values
+
+    tiny = struct.pack("<I", 65536) + (b"\x00\x00\x00" + bytes(4)) * 65536
+    rows = 1000
+    cols = n // rows
+    rank = min(256, (rows * cols) // (rows + cols) - 1)
+    lowrank = (
+        struct.pack("<IBII", 1, 2, rows, cols) + struct.pack("<BIIH", 3, rows, cols, rank)
+        + b"\x00" + np.full(rows * rank, 1e-3, "<f4").tobytes()
+        + b"\x00" + np.full(cols * rank, 1e-3, "<f4").tobytes()
+    )  # fmt: skip
+    return {
+        "65,536 scalar tensors in zstd": _frame(tiny, zstd=True),
+        "topk k=n, float32 values": _frame(topk_all(b"\x00" + bytes(4 * n), 0)),
+        "topk k=n, sign values, zstd": _frame(
+            topk_all(b"\x03" + struct.pack("<f", 1.0) + bytes((n + 7) // 8), 3), zstd=True
+        ),
+        "randk k=n/2, float32 values": _frame(
+            struct.pack("<IBI", 1, 1, n) + struct.pack("<BIQ", 2, n // 2, 12345) + b"\x00"
+            + bytes(4 * (n // 2))
+        ),
+        "q:16 near float32 max (float64 path)": _frame(
+            struct.pack("<IBI", 1, 1, n) + struct.pack("<BBBI", 0, 2, 16, 1 << 24)
+            + struct.pack("<ff", -3e38, 3e38) + bytes(2 * n)
+        ),
+        "dense zeros, largest zstd body": _frame(
+            struct.pack("<IBI", 1, 1, n) + b"\x00\x00" + bytes(4 * n), zstd=True
+        ),
+        f"lowrank rank {rank} ({rows}x{cols})": _frame(lowrank),
+    }  # fmt: skip
+
+
+def decode_cost_1m(seed: int, repeat: int) -> None:
+    """Print decode peak memory (x the model's float32 size) and CPU, honest and hostile."""
+    rng = np.random.default_rng(seed)
+    update = [(0.01 * rng.standard_normal(s)).astype(np.float32) for s in SHAPES_1M]
+    n = sum(a.size for a in update)
+    model_bytes = 4 * n
+    print(f"update: {n:,} float32 parameters in {len(update)} tensors ({model_bytes:,} bytes)")
+    print("bounds: max_elements = parameters, max_tensors = tensors (12)")
+    print()
+    print("| payload | bytes | decode peak / model | CPU ms (best) | result |")
+    print("|---|---:|---:|---:|---|")
+    cases = {
+        f"`{spec}`": parse(spec).encode(update, rng=np.random.default_rng(1))[0]
+        for spec in DECODE_SPECS_1M
+    }
+    cases.update({f"hostile: {k}": v for k, v in hostile_payloads(n).items()})
+    for name, payload in cases.items():
+
+        def run(payload: bytes = payload) -> str:
+            try:
+                decode(payload, max_elements=n, max_tensors=len(update))
+            except PayloadError as exc:
+                return f"PayloadError: {str(exc)[:40]}"
+            return "decoded"
+
+        tracemalloc.start()
+        result = run()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        cpu = float("inf")
+        for _ in range(repeat):
+            start = time.process_time()
+            run()
+            cpu = min(cpu, time.process_time() - start)
+        print(
+            f"| {name} | {len(payload):,} | {peak / model_bytes:.2f}x | {1e3 * cpu:.1f} "
+            f"| {result} |"
+        )
+    print()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}, "
+          f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
 
 
 def best_time(fn: Callable[[], object], repeat: int) -> float:
@@ -131,7 +230,15 @@ def main() -> None:
     parser.add_argument(
         "--bytes-1m", action="store_true", help="only print payload sizes on the ~1M update"
     )
+    parser.add_argument(
+        "--decode-cost",
+        action="store_true",
+        help="only print decode peak memory and CPU on the ~1M update, honest and hostile",
+    )
     args = parser.parse_args()
+    if args.decode_cost:
+        decode_cost_1m(args.seed, args.repeat)
+        return
     if args.bytes_1m:
         bytes_table_1m(args.seed)
         return

@@ -4,7 +4,8 @@ Public API::
 
     pipe = parse("topk:0.01+q:8+ef+zstd")                   # ValueError on a bad spec
     payload, state = pipe.encode(update, state, rng=rng)     # bytes, CodecState
-    arrays = decode(payload, max_elements=model_size)        # list of float32 arrays
+    arrays = decode(payload, max_elements=model_size,        # list of float32 arrays
+                    max_tensors=len(model))
     fp32_nbytes(update)                                      # the same update as float32
 
 ``decode`` needs no spec (the payload is self-describing and versioned),
@@ -16,7 +17,26 @@ trips through a Flower ``ArrayRecord`` (``to_record`` / ``from_record``), e.g.
 
 Stages (see :mod:`flowerpress.compression.stages`): ``none``, ``fp16``,
 ``q:BITS``, ``sign``, ``topk:FRACTION``, ``randk:FRACTION[,unbiased]``,
-``lowrank:RANK``, ``ef``, ``zstd[:LEVEL]``.
+``lowrank:RANK``, ``ef``, ``zstd[:LEVEL]``, and any stage registered with
+:func:`register_stage`.  A user's stage subclasses :class:`ValueStage` (how
+each number is written) or :class:`StructureStage` (which numbers are
+sent), sets ``name`` and a ``wire_id`` in 64-255, and is registered the way
+the built-ins are::
+
+    @dataclass(frozen=True)
+    class Ternary(ValueStage):
+        name: ClassVar[str] = "ternary"
+        wire_id: ClassVar[int | None] = 64
+        def encode(self, x, w, *, rng, need_recon): ...
+        @classmethod
+        def decode(cls, r, count): ...
+
+    register_stage(Ternary)
+    parse("topk:0.1+ternary+ef")
+
+The decoder keeps every bound for a user's stage: it tells the stage's
+decoder how many values to produce, reads go through the bounded
+:class:`Reader`, and the result's length, dtype and finiteness are checked.
 """
 
 from flowerpress.compression.pipeline import (
@@ -26,15 +46,36 @@ from flowerpress.compression.pipeline import (
     fp32_nbytes,
     parse,
 )
+from flowerpress.compression.registry import available_stages, register_stage
+from flowerpress.compression.stages import (
+    SparseRecon,
+    Stage,
+    StructureEncoding,
+    StructureStage,
+    ValueDecoder,
+    ValueEncoder,
+    ValueStage,
+)
 from flowerpress.compression.state import CodecState
-from flowerpress.compression.wire import PayloadError
+from flowerpress.compression.wire import PayloadError, Reader, Writer
 
 __all__ = [
     "VALID_NAMES",
     "CodecState",
     "PayloadError",
     "Pipeline",
+    "Reader",
+    "SparseRecon",
+    "Stage",
+    "StructureEncoding",
+    "StructureStage",
+    "ValueDecoder",
+    "ValueEncoder",
+    "ValueStage",
+    "Writer",
+    "available_stages",
     "decode",
     "fp32_nbytes",
     "parse",
+    "register_stage",
 ]

@@ -8,6 +8,7 @@ caller's bounds before allocating.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -18,8 +19,11 @@ __all__ = [
     "pack_uint",
     "packed_nbytes",
     "rice_decode",
+    "rice_decode_into",
     "rice_encode",
+    "rice_max_parameter",
     "seeded_indices",
+    "seeded_mask",
     "unpack_uint",
 ]
 
@@ -27,6 +31,8 @@ UIntArray = npt.NDArray[np.unsignedinteger]
 
 # Values per chunk in the general-width bit packer (a multiple of 8).
 _BIT_CHUNK = 1 << 15
+# Unary-section bytes per Rice decoding run (<= 8x as many indices).
+_RICE_CHUNK_BYTES = 1 << 11
 IntArray = npt.NDArray[np.int64]
 
 
@@ -103,10 +109,12 @@ def unpack_uint(data: bytes | memoryview, count: int, bits: int) -> UIntArray:
     buf = np.frombuffer(data, dtype=np.uint8)
     if bits == 8:
         return buf  # read-only view of the payload; callers only read it
-    if bits == 16:
-        return buf.view("<u2").astype(np.uint16)
+    if bits == 16:  # read-only views too: no copy of the payload
+        out16: UIntArray = np.frombuffer(data, dtype="<u2")
+        return out16
     if bits == 32:
-        return buf.view("<u4").astype(np.uint32)
+        out32: UIntArray = np.frombuffer(data, dtype="<u4")
+        return out32
     if bits in (1, 2, 4):
         # One gather per packed byte from a table of little-endian words whose
         # bytes are the unpacked values (far faster than fancy 2-D indexing).
@@ -160,9 +168,8 @@ def rice_encode(indices: IntArray, n: int) -> tuple[int, bytes, bytes]:
     if k == 0:
         return 0, b"", b""
     gaps = np.diff(indices, prepend=np.int64(-1)) - 1
-    mean_gap = max((n - k) / k, 1e-9)
-    centre = max(0, int(math.log2(mean_gap * math.log(2) + 1e-12)) if mean_gap > 1 else 0)
-    candidates = range(max(0, centre - 2), min(31, centre + 3) + 1)
+    centre = _rice_centre(n, k)
+    candidates = range(max(0, centre - 2), rice_max_parameter(n, k) + 1)
     b = min(candidates, key=lambda c: _rice_cost(gaps, c))
     q = gaps >> b
     ends = np.cumsum(q + 1) - 1
@@ -177,90 +184,207 @@ def rice_max_unary_nbytes(n: int, k: int, b: int) -> int:
     return ((n >> b) + k + 7) // 8 + 1
 
 
+def _unpack_range(buf: npt.NDArray[np.uint8], j0: int, m: int, b: int) -> IntArray:
+    """Values ``j0 .. j0+m-1`` of a stream of ``b``-bit fields (``0 < b <= 32``).
+
+    Gathers the (at most 5) bytes under each field into a 64-bit word and
+    shifts: a few ``8 m``-byte temporaries, whatever ``b`` is.
+    """
+    off = np.arange(j0, j0 + m, dtype=np.int64) * b
+    byte = off >> 3
+    last = buf.size - 1
+    word = np.zeros(m, dtype=np.uint64)
+    for t in range((b + 14) // 8):
+        # Bytes past the end only feed bits above the field, which the mask drops.
+        word |= buf[np.minimum(byte + t, last)].astype(np.uint64) << np.uint64(8 * t)
+    word >>= (off & 7).astype(np.uint64)
+    word &= np.uint64((1 << b) - 1)
+    return word.astype(np.int64)
+
+
+def rice_max_parameter(n: int, k: int) -> int:
+    """Largest Rice parameter :func:`rice_encode` may choose for ``k`` of ``n`` indices.
+
+    The decoder rejects larger ones: a hostile ``b`` would only inflate the
+    remainder section (up to 31 bits per index) without encoding anything new.
+    """
+    return min(31, _rice_centre(n, k) + 3)
+
+
+def _rice_centre(n: int, k: int) -> int:
+    if k <= 0:
+        return 0
+    mean_gap = max((n - k) / k, 1e-9)
+    return max(0, int(math.log2(mean_gap * math.log(2) + 1e-12)) if mean_gap > 1 else 0)
+
+
+def _rice_runs(
+    unary: bytes | memoryview, remainder: bytes | memoryview, k: int, b: int, n: int
+) -> Iterator[tuple[int, IntArray]]:
+    """Decode Rice-coded indices in runs: yield ``(j0, idx[j0:j0+m])``, validating all.
+
+    Works through the unary section :data:`_RICE_CHUNK_BYTES` at a time, so
+    the temporaries are a few hundred KiB whatever ``k`` and ``n`` are.
+    """
+    if k == 0:
+        if len(unary) or len(remainder):
+            raise PayloadError("empty index set carries index bytes")
+        return
+    if not 0 <= b <= rice_max_parameter(n, k):
+        raise PayloadError(
+            f"rice parameter {b} outside [0, {rice_max_parameter(n, k)}] for {k} of {n} indices"
+        )
+    if len(unary) > rice_max_unary_nbytes(n, k, b):
+        raise PayloadError("unary index section longer than any valid encoding")
+    if len(remainder) != packed_nbytes(k, b):
+        raise PayloadError(
+            f"packed section has {len(remainder)} bytes, expected {packed_nbytes(k, b)}"
+        )
+    ubuf = np.frombuffer(unary, dtype=np.uint8)
+    rbuf = np.frombuffer(remainder, dtype=np.uint8)
+    qmax = n >> b
+    j = 0
+    last_end = -1  # bit position of the previous terminating one
+    last_idx = -1
+    for c0 in range(0, ubuf.size, _RICE_CHUNK_BYTES):
+        ends = np.flatnonzero(
+            np.unpackbits(ubuf[c0 : c0 + _RICE_CHUNK_BYTES], bitorder="little")
+        )
+        m = ends.size
+        if m == 0:
+            continue
+        if j + m > k:
+            raise PayloadError(f"index section holds more than the {k} indices in the header")
+        ends += 8 * c0
+        gaps = np.diff(ends, prepend=np.int64(last_end))
+        gaps -= 1  # quotients
+        last_end = int(ends[-1])
+        if int(gaps.max()) > qmax:
+            raise PayloadError("index gap exceeds the tensor size")
+        if b:
+            gaps <<= b
+            gaps |= _unpack_range(rbuf, j, m, b)
+        gaps += 1
+        idx = np.cumsum(gaps, out=gaps)
+        idx += last_idx
+        last_idx = int(idx[-1])
+        if last_idx >= n:
+            raise PayloadError(f"index {last_idx} out of range for a tensor of {n} elements")
+        yield j, idx
+        j += m
+    if j != k:
+        raise PayloadError(f"index section holds {j} indices, header says {k}")
+
+
 def rice_decode(
     unary: bytes | memoryview, remainder: bytes | memoryview, k: int, b: int, n: int
 ) -> IntArray:
     """Inverse of :func:`rice_encode`, validating every index against ``n``."""
-    if k == 0:
-        if len(unary) or len(remainder):
-            raise PayloadError("empty index set carries index bytes")
+    runs = [idx for _, idx in _rice_runs(unary, remainder, k, b, n)]
+    if not runs:
         return np.zeros(0, dtype=np.int64)
-    if not 0 <= b <= 31:
-        raise PayloadError(f"rice parameter {b} outside [0, 31]")
-    if len(unary) > rice_max_unary_nbytes(n, k, b):
-        raise PayloadError("unary index section longer than any valid encoding")
-    bits = np.unpackbits(np.frombuffer(unary, dtype=np.uint8), bitorder="little")
-    ends = np.flatnonzero(bits)
-    if ends.size != k:
-        raise PayloadError(f"index section holds {ends.size} indices, header says {k}")
-    q = np.diff(ends, prepend=np.int64(-1)).astype(np.int64) - 1
-    if int(q.max()) > (n >> b):
-        raise PayloadError("index gap exceeds the tensor size")
-    r = unpack_uint(remainder, k, b).astype(np.int64)
-    gaps = (q << b) | r
-    idx = np.cumsum(gaps + 1) - 1
-    if int(idx[-1]) >= n:
-        raise PayloadError(f"index {int(idx[-1])} out of range for a tensor of {n} elements")
-    return idx
+    return np.concatenate(runs) if len(runs) > 1 else runs[0]
+
+
+def rice_decode_into(
+    unary: bytes | memoryview,
+    remainder: bytes | memoryview,
+    k: int,
+    b: int,
+    n: int,
+    out: npt.NDArray[np.float32],
+    values: npt.NDArray[np.float32],
+) -> None:
+    """Scatter ``values[i]`` to ``out[idx_i]`` for the Rice-coded indices, run by run.
+
+    Same validation as :func:`rice_decode`, but never holds all ``k`` indices.
+    """
+    if values.size != k or out.size != n:
+        raise PayloadError(f"{values.size} values for {k} indices into {out.size} of {n}")
+    for j0, idx in _rice_runs(unary, remainder, k, b, n):
+        out[idx] = values[j0 : j0 + idx.size]
 
 
 _TWO_POW_M53 = float(2.0**-53)
-# Keeps the (value, position) sort keys of _first_distinct inside int64.
 _MAX_SEEDED_N = 1 << 30
+# Draws per batch when deriving a random-k support (bounded temporaries).
+_SEED_BATCH = 1 << 16
+_POS_BITS = 16  # bits of a draw's position inside a batch (<= _SEED_BATCH)
 
 
-def _first_distinct(seed: int, n: int, k: int) -> IntArray:
-    """The first ``k`` distinct values of an i.i.d. uniform stream over ``[0, n)``.
+def _mark_first_distinct_inplace(seed: int, n: int, k: int, mask: npt.NDArray[np.bool_]) -> None:
+    """Set ``mask`` at the first ``k`` distinct values of an i.i.d. uniform stream over ``[0, n)``.
 
     Uses only the raw output of ``PCG64(seed)`` (bit generators are stream-stable
     across numpy versions) and IEEE float64 arithmetic, so every platform
     derives the same set.  By symmetry the result is a uniform ``k``-subset.
+    The stream is consumed in fixed batches with ``mask`` as the set of values
+    seen so far, so memory is ``n`` bits plus one batch, and the result does
+    not depend on the batch size.
     """
     bitgen = np.random.PCG64(seed)
-    drawn: list[IntArray] = []
-    batch = k + k // 2 + 64
-    for _ in range(64):
-        raw = np.asarray(bitgen.random_raw(batch), dtype=np.uint64)
-        vals = ((raw >> np.uint64(11)).astype(np.float64) * (_TWO_POW_M53 * n)).astype(np.int64)
+    got = 0
+    scale = _TWO_POW_M53 * n
+    # k <= n / 2 here: ~n ln 2 draws on average; the cap only bounds the loop.
+    # Batches shrink with what is still needed (the stream, hence the result,
+    # is the same whatever the batch sizes).
+    for _ in range(64 * (n // 64 + 1)):
+        raw = np.asarray(bitgen.random_raw(min(_SEED_BATCH, 2 * (k - got) + 64)), dtype=np.uint64)
+        raw >>= np.uint64(11)
+        vals = (raw.astype(np.float64) * scale).astype(np.int64)
         np.minimum(vals, n - 1, out=vals)
-        drawn.append(vals)
-        allv = np.concatenate(drawn) if len(drawn) > 1 else vals
-        m = allv.size
-        if n * m >= 1 << 63:
-            raise ValueError(f"random-k over {n} elements is too large to sample")
-        # One sort of distinct keys (value, draw position): no reliance on sort
-        # stability, so every numpy version orders them identically.
-        keys = np.sort(allv * m + np.arange(m, dtype=np.int64))
-        sv, pos = np.divmod(keys, m)
-        first = np.ones(m, dtype=bool)
-        first[1:] = sv[1:] != sv[:-1]
-        uniq: IntArray = sv[first]
-        firstpos: IntArray = pos[first]
-        if uniq.size >= k:
-            kth = np.partition(firstpos, k - 1)[k - 1]
-            chosen: IntArray = uniq[firstpos <= kth]
-            return chosen
-        batch *= 2
+        # Fresh draws as sort keys (value, position in the batch); one plain sort
+        # (no reliance on sort stability) puts each value's first draw first.
+        fresh = ~mask[vals]
+        keys = (vals << _POS_BITS) | np.arange(vals.size, dtype=np.int64)
+        keys = keys[fresh]
+        keys.sort()
+        sv = keys >> _POS_BITS
+        head = np.ones(sv.size, dtype=bool)
+        np.not_equal(sv[1:], sv[:-1], out=head[1:])
+        uniq = sv[head]
+        need = k - got
+        if uniq.size >= need:
+            if uniq.size > need:
+                first = keys[head] & ((1 << _POS_BITS) - 1)
+                kth = np.partition(first, need - 1)[need - 1]
+                uniq = uniq[first <= kth]
+            mask[uniq] = True
+            return
+        mask[uniq] = True
+        got += uniq.size
     raise PayloadError("seeded index sampling did not converge")  # pragma: no cover
 
 
-def seeded_indices(seed: int, n: int, k: int) -> IntArray:
-    """Sorted uniform random ``k``-subset of ``range(n)`` derived from ``seed``.
+def seeded_mask(seed: int, n: int, k: int) -> npt.NDArray[np.bool_]:
+    """Boolean mask of the uniform random ``k``-subset of ``range(n)`` derived from ``seed``.
 
-    Encoder and decoder call this with the same ``(seed, n, k)`` so random-k
-    sparsification transmits 8 bytes of seed instead of ``k`` indices.  For
-    ``k > n / 2`` the complement is sampled so the cost stays ``O(k)``-ish.
+    The decoder's form of :func:`seeded_indices` (``n`` bytes instead of
+    ``8 k``).  For ``k > n / 2`` the complement is sampled so the cost stays
+    ``O(n)`` with at most ``n / 2`` distinct draws.
     """
     if not 0 <= k <= n:
         raise PayloadError(f"cannot choose {k} of {n} elements")
     if n > _MAX_SEEDED_N:
         raise ValueError(f"random-k supports tensors up to {_MAX_SEEDED_N} elements, got {n}")
-    if k == 0:
-        return np.zeros(0, dtype=np.int64)
     if k == n:
-        return np.arange(n, dtype=np.int64)
+        return np.ones(n, dtype=bool)
+    mask = np.zeros(n, dtype=bool)
+    if k == 0:
+        return mask
     if 2 * k > n:
-        mask = np.ones(n, dtype=bool)
-        mask[_first_distinct(seed, n, n - k)] = False
-        return np.flatnonzero(mask).astype(np.int64)
-    return _first_distinct(seed, n, k)
+        _mark_first_distinct_inplace(seed, n, n - k, mask)
+        np.logical_not(mask, out=mask)
+    else:
+        _mark_first_distinct_inplace(seed, n, k, mask)
+    return mask
+
+
+def seeded_indices(seed: int, n: int, k: int) -> IntArray:
+    """Sorted uniform random ``k``-subset of ``range(n)`` derived from ``seed``.
+
+    Encoder and decoder derive the same subset from ``(seed, n, k)`` so random-k
+    sparsification transmits 8 bytes of seed instead of ``k`` indices.
+    """
+    out: IntArray = np.flatnonzero(seeded_mask(seed, n, k)).astype(np.int64, copy=False)
+    return out

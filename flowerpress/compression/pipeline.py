@@ -1,38 +1,46 @@
 """Spec parsing, the :class:`Pipeline` encoder, and the untrusted-payload decoder.
 
-Payload layout (version 1, little-endian)::
+Payload layout (little-endian)::
 
-    magic "FPC" | version:u8 | flags:u8 | [body_len:u64 zstd_frame] or body
-    body := ntensors:u32 tensor*          (tensor: see flowerpress.compression.stages)
+    magic "FPC" | version:u8 | flags:u8 | [manifest] | [body_len:u64 zstd_frame] or body
+    body     := ntensors:u32 tensor*    (tensor: see flowerpress.compression.stages)
+    manifest := nstages:u8 (role:u8 wire_id:u8 name_len:u8 name)*       (version 2 only)
 
 ``flags`` bit 0 means the body is one zstd frame of exactly ``body_len``
-decompressed bytes; every other bit must be zero.
+decompressed bytes; every other bit must be zero.  Version 1 payloads use
+only flowerpress's built-in stages (wire ids below 64) and are what the
+encoder writes for them, byte for byte as before.  Version 2 adds the
+manifest: every user stage the body uses (role 0 = value, 1 = structure),
+with its name, so a decoder whose registry maps a wire id to a different
+stage (or to none) rejects the payload naming the stage instead of
+misreading it; a body may use no user wire id that its manifest omits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
+import os
+import re
 import struct
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from flowerpress.compression import registry
 from flowerpress.compression import stages as st
-from flowerpress.compression.bitpack import (
-    packed_nbytes,
-    rice_decode,
-    rice_encode,
-    rice_max_unary_nbytes,
-    seeded_indices,
-)
 from flowerpress.compression.state import CodecState
 from flowerpress.compression.wire import PayloadError, Reader, Writer
 
 __all__ = [
     "MAGIC",
+    "VALID_NAMES",
     "VERSION",
     "Pipeline",
     "decode",
@@ -41,26 +49,56 @@ __all__ = [
 ]
 
 F32 = npt.NDArray[np.float32]
+_HeaderFn = Callable[[int, int | None], bytes]
 
 MAGIC = b"FPC"
-VERSION = 1
+#: Newest wire version this module writes and reads (it reads 1 and 2).
+VERSION = 2
+_V1 = 1
 _FLAG_ZSTD = 1
 _MAX_NDIM = 32
 _MAX_DIM = 0xFFFFFFFF
-#: Default cap on the number of tensors a payload may declare.
+#: Default cap on the number of tensors a payload may declare (pass the model's count).
 DEFAULT_MAX_TENSORS = 1 << 16
 #: Header slack allowed on top of the element budget when bounding a body.
 _BODY_SLACK = 1 << 20
+_MANIFEST_NAME = re.compile(rb"^[a-z][a-z0-9_-]{0,31}$")
+_ROLE_NAMES = {registry.ROLE_VALUE: "value", registry.ROLE_STRUCTURE: "structure"}
 
-VALID_NAMES = ("ef", "fp16", "lowrank", "none", "q", "randk", "sign", "topk", "zstd")
+
+class _RegisteredNames(Sequence[str]):
+    """Live, sorted view of the registered stage names (``VALID_NAMES``)."""
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        return registry.available_stages()[index]
+
+    def __len__(self) -> int:
+        return len(registry.available_stages())
+
+    def __repr__(self) -> str:
+        return repr(tuple(registry.available_stages()))
+
+
+#: The registered stage names, sorted (a live view of the registry).
+VALID_NAMES: Sequence[str] = _RegisteredNames()
 
 
 # --------------------------------------------------------------------------- spec parsing
 def _bad(stage: str, spec: str, why: str) -> ValueError:
+    why = " ".join(why.split())
     return ValueError(
         f"invalid compression stage {stage!r} in spec {spec!r}: {why}; "
         f"valid names: {', '.join(VALID_NAMES)}"
     )
+
+
+def _names_of(base: type[st.Stage]) -> str:
+    names = registry.available_stages()
+    return ", ".join(n for n in names if issubclass(registry.stage_class(n) or object, base))
 
 
 def parse(spec: str) -> Pipeline:
@@ -68,6 +106,11 @@ def parse(spec: str) -> Pipeline:
 
     Grammar: ``spec := stage ("+" stage)*``, ``stage := NAME [":" ARG ("," ARG)*]``.
     Examples: ``q:8``, ``topk:0.01+q:8+ef+zstd``, ``lowrank:4+q:8+ef``, ``sign+ef``.
+    ``NAME`` is any registered stage (:func:`~flowerpress.compression.register_stage`),
+    or ``package.module:Class`` (a dotted module path, imported with the working
+    directory on ``sys.path``), which registers that stage class, e.g.
+    ``examples.custom_codec.ternary:Ternary+zstd``.  A pipeline takes at most
+    one structure stage, one value stage, ``ef`` once, and ``zstd`` last.
 
     Raises
     ------
@@ -83,54 +126,41 @@ def parse(spec: str) -> Pipeline:
     for raw in spec.split("+"):
         stage = raw.strip()
         name, _, argstr = stage.partition(":")
-        name = name.strip().lower()
+        name = name.strip()
+        cls: type[st.Stage] | None
+        if "." in name:  # package.module:Class[:ARG,...]: import and register it
+            class_name, _, argstr = argstr.partition(":")
+            cls = _import_stage(stage, spec, name, class_name.strip())
+        else:
+            name = name.lower()
+            cls = registry.stage_class(name)
+            if cls is None:
+                raise _bad(stage, spec, f"unknown name {name!r}")
         args = [a.strip() for a in argstr.split(",")] if argstr else []
-        if name not in VALID_NAMES:
-            raise _bad(stage, spec, f"unknown name {name!r}")
         if zstd_level is not None:
             raise _bad(stage, spec, "zstd must be the last stage")
         try:
-            if name in ("topk", "randk", "lowrank"):
-                if structure is not None:
-                    raise _bad(stage, spec, "only one of topk, randk, lowrank per pipeline")
-                if name == "topk":
-                    _nargs(args, 1, 1)
-                    structure = st.TopKStage(fraction=float(args[0]))
-                elif name == "randk":
-                    _nargs(args, 1, 2)
-                    if len(args) == 2 and args[1] not in ("unbiased", "biased"):
-                        raise ValueError(f"second argument must be 'unbiased', got {args[1]!r}")
-                    structure = st.RandKStage(
-                        fraction=float(args[0]), unbiased=args[1:] == ["unbiased"]
-                    )
-                else:
-                    _nargs(args, 1, 1)
-                    structure = st.LowRankStage(rank=int(args[0]))
-            elif name in ("none", "fp16", "q", "sign"):
-                if value is not None:
-                    raise _bad(stage, spec, "only one of none, fp16, q, sign per pipeline")
-                if name == "q":
-                    _nargs(args, 1, 1)
-                    value = st.QuantStage(bits=int(args[0]))
-                else:
-                    _nargs(args, 0, 0)
-                    value = {"none": st.NoneStage, "fp16": st.Fp16Stage, "sign": st.SignStage}[
-                        name
-                    ]()
-            elif name == "ef":
-                _nargs(args, 0, 0)
-                if ef:
-                    raise _bad(stage, spec, "ef given twice")
-                ef = True
-            else:  # zstd
-                _nargs(args, 0, 1)
-                zstd_level = int(args[0]) if args else 3
-                if not 1 <= zstd_level <= 22:
-                    raise ValueError(f"LEVEL must be in [1, 22], got {zstd_level}")
-        except ValueError as exc:
-            if str(exc).startswith("invalid compression stage"):
-                raise
-            raise _bad(stage, spec, str(exc)) from None
+            built = cls.from_args(args)
+        except Exception as exc:  # a user's from_args: any failure is a bad spec
+            raise _bad(stage, spec, str(exc) or type(exc).__name__) from None
+        if isinstance(built, st.StructureStage):
+            if structure is not None:
+                raise _bad(
+                    stage, spec, f"only one of {_names_of(st.StructureStage)} per pipeline"
+                )
+            structure = built
+        elif isinstance(built, st.ValueStage):
+            if value is not None:
+                raise _bad(stage, spec, f"only one of {_names_of(st.ValueStage)} per pipeline")
+            value = built
+        elif isinstance(built, st.ErrorFeedbackStage):
+            if ef:
+                raise _bad(stage, spec, "ef given twice")
+            ef = True
+        elif isinstance(built, st.ZstdStage):
+            zstd_level = built.level
+        else:  # pragma: no cover - the registry only holds these four kinds
+            raise _bad(stage, spec, f"{type(built).__name__} is not a stage")
     return Pipeline(
         structure=structure,
         value=value if value is not None else st.NoneStage(),
@@ -139,10 +169,34 @@ def parse(spec: str) -> Pipeline:
     )
 
 
-def _nargs(args: list[str], lo: int, hi: int) -> None:
-    if not lo <= len(args) <= hi:
-        want = str(lo) if lo == hi else f"{lo} to {hi}"
-        raise ValueError(f"takes {want} argument(s), got {len(args)}")
+def _import_stage(stage: str, spec: str, module_name: str, class_name: str) -> type[st.Stage]:
+    """Import ``module_name:class_name`` (the working directory on the path) and register it.
+
+    Registering the class already registered under its name is a no-op, so
+    the same spec can be parsed any number of times; another class under that
+    name is refused, as :func:`~flowerpress.compression.register_stage` does.
+    """
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _bad(stage, spec, f"cannot import {module_name!r}: {exc}") from None
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+    cls = getattr(module, class_name, None) if class_name else None
+    if not (isinstance(cls, type) and issubclass(cls, st.Stage)):
+        raise _bad(stage, spec, f"{module_name} has no stage class {class_name!r}")
+    if registry.stage_class(cls.name) is not cls:
+        try:
+            registry.register_stage(cls)
+        except (TypeError, ValueError) as exc:
+            raise _bad(stage, spec, str(exc)) from None
+    return cls
 
 
 # --------------------------------------------------------------------------- helpers
@@ -159,6 +213,32 @@ def _as_f32(update: Sequence[npt.ArrayLike]) -> list[F32]:
             raise ValueError(f"update tensor {i}: shape {arr.shape} not encodable")
         arrays.append(arr)
     return arrays
+
+
+def _put_values(
+    stage: st.ValueStage, x: F32, w: Writer, rng: np.random.Generator, need_recon: bool
+) -> F32 | None:
+    """Write a value section (wire id, then the stage's bytes); check its reconstruction."""
+    assert stage.wire_id is not None
+    w.u8(stage.wire_id)
+    recon = stage.encode(x, w, rng=rng, need_recon=need_recon)
+    if need_recon and not (
+        isinstance(recon, np.ndarray) and recon.dtype == np.float32 and recon.size == x.size
+    ):
+        raise TypeError(
+            f"value stage {stage.name!r}: encode must return float32 of {x.size} values "
+            f"when need_recon, got {type(recon).__name__}"
+        )
+    return recon
+
+
+# Value stages whose reconstruction never aliases the input or the payload, so
+# error feedback may overwrite the input with the residual.
+_COPYING_VALUE_STAGES: tuple[type[st.ValueStage], ...] = (
+    st.QuantStage,
+    st.SignStage,
+    st.Fp16Stage,
+)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -278,25 +358,28 @@ class Pipeline:
             owned = True  # fresh arrays: the new residual may overwrite them
         else:
             owned = False
-        # The float32 passthrough writes tensors into the payload zero-copy, so
-        # only other value stages may reuse ``x`` for the residual.
-        reuse = owned and not isinstance(self.value, st.NoneStage)
+        # Only value stages known to copy may have ``x`` reused for the residual
+        # (the float32 passthrough, or a user stage, may write ``x`` zero-copy).
+        reuse = owned and type(self.value) in _COPYING_VALUE_STAGES
+        header = self._header()
         w = Writer()
         if self.zstd_level is None:
-            w.raw(MAGIC + struct.pack("<BB", VERSION, 0))
+            w.raw(header(0, None))
         w.u32(len(arrays))
         residuals: list[F32] = []
         warm: dict[int, F32] = {}
         for i, x in enumerate(arrays):
-            recon = self._encode_tensor(i, x, w, rng, state, warm)
+            try:
+                recon = self._encode_tensor(x, w, rng, state.lowrank_q.get(i), warm, i)
+            except ValueError as exc:
+                raise ValueError(f"update tensor {i}: {exc}") from None
             if self.error_feedback:
                 assert recon is not None
-                if isinstance(recon, tuple):
+                if isinstance(recon, st.SparseRecon):
                     # Sparse: the residual is x with the sent values subtracted at
                     # their positions (x itself never enters the payload).
-                    idx, vrec = recon
                     res = x if owned else x.copy()
-                    res.reshape(-1)[idx] -= vrec
+                    res.reshape(-1)[recon.indices] -= recon.values
                     residuals.append(res)
                 elif reuse:
                     residuals.append(np.subtract(x, recon.reshape(x.shape), out=x))
@@ -309,147 +392,77 @@ class Pipeline:
             frame = zstandard.ZstdCompressor(
                 level=self.zstd_level, write_content_size=True
             ).compress(body)
-            header = MAGIC + struct.pack("<BBQ", VERSION, _FLAG_ZSTD, len(body))
-            payload = header + frame
+            payload = header(_FLAG_ZSTD, len(body)) + frame
         else:
             payload = body  # already starts with the header
         return payload, CodecState.from_arrays(residuals, warm)
 
+    def _header(self) -> _HeaderFn:
+        """The payload header writer: version 1 unless a user stage needs the manifest."""
+        entries: list[tuple[int, st.Stage]] = []
+        if self.structure is not None:
+            entries.append((registry.ROLE_STRUCTURE, self.structure))
+        entries.append((registry.ROLE_VALUE, self.value))
+        manifest = b""
+        user = [(role, s) for role, s in entries if (s.wire_id or 0) >= st.FIRST_USER_WIRE_ID]
+        if user:
+            manifest = struct.pack("<B", len(user)) + b"".join(
+                struct.pack("<BBB", role, s.wire_id or 0, len(s.name)) + s.name.encode("ascii")
+                for role, s in user
+            )
+        version = VERSION if user else _V1
+
+        def header(flags: int, body_len: int | None) -> bytes:
+            out = MAGIC + struct.pack("<BB", version, flags) + manifest
+            return out if body_len is None else out + struct.pack("<Q", body_len)
+
+        return header
+
     def _encode_tensor(
         self,
-        index: int,
         x: F32,
         w: Writer,
         rng: np.random.Generator,
-        state: CodecState,
+        warm_in: F32 | None,
         warm: dict[int, F32],
-    ) -> F32 | tuple[npt.NDArray[np.int64], F32] | None:
-        """Write one tensor; with ``ef`` return its reconstruction.
-
-        The reconstruction is dense, or ``(indices, values)`` for sparse stages.
-        """
+        index: int,
+    ) -> F32 | st.SparseRecon | None:
+        """Write one tensor; with ``ef`` return its reconstruction (dense or sparse)."""
         need = self.error_feedback
         w.u8(x.ndim)
         for d in x.shape:
             w.u32(d)
-        flat = x.ravel()
-        n = flat.size
+        flat = x.reshape(-1)
         s = self.structure
         # Dense quantization detects NaN/Inf from its block minima and maxima for free.
         if not (s is None and isinstance(self.value, st.QuantStage)) and not bool(
             np.isfinite(flat).all()
         ):
             raise ValueError(
-                f"update tensor {index}: contains NaN or Inf; expected finite values"
+                "contains NaN or Inf; expected finite values"
                 + (" (after adding the error-feedback residual)" if self.error_feedback else "")
             )
-        if isinstance(s, st.LowRankStage):
-            mshape = s.matrix_shape(x.shape)
-            if mshape is not None:
-                return self._encode_lowrank(index, x.reshape(mshape), w, rng, state, warm)
-        elif isinstance(s, st.TopKStage | st.RandKStage) and n > 0:
-            k = st.kept_count(s.fraction, n)
-            if k < n:
-                if isinstance(s, st.TopKStage):
-                    idx = st.topk_indices(flat, k)
-                    b, unary, rem = rice_encode(idx, n)
-                    w.u8(st.STRUCT_TOPK)
-                    w.u32(k)
-                    w.u8(b)
-                    w.u32(len(unary))
-                    w.raw(unary)
-                    w.raw(rem)
-                    vals = flat[idx]
-                else:
-                    seed = int(rng.integers(0, 1 << 63))
-                    idx = seeded_indices(seed, n, k)
-                    w.u8(st.STRUCT_RANDK)
-                    w.u32(k)
-                    w.u64(seed)
-                    vals = flat[idx]
-                    if s.unbiased:
-                        with np.errstate(over="ignore"):
-                            vals = (vals * np.float32(n / k)).astype(np.float32)
-                        if not np.isfinite(vals).all():
-                            raise ValueError(
-                                f"randk unbiased: tensor {index} overflows float32 after "
-                                f"scaling by n/k = {n / k:g}"
-                            )
-                vrec = st.encode_values(self.value, vals, w, rng, need)
-                if not need:
-                    return None
-                assert vrec is not None
-                return idx, vrec
+        if s is not None:
+            sub = Writer()
+
+            def put_values(v: F32, need_recon: bool) -> F32 | None:
+                return _put_values(self.value, v, sub, rng, need_recon)
+
+            result = s.encode(x, sub, put_values=put_values, rng=rng, need_recon=need, warm=warm_in)
+            if result is not None:
+                assert s.wire_id is not None
+                w.u8(s.wire_id)
+                w.extend(sub)
+                if result.warm is not None:
+                    warm[index] = result.warm
+                if need and result.recon is None:
+                    raise TypeError(
+                        f"structure stage {s.name!r}: encode must return a reconstruction "
+                        "when need_recon"
+                    )
+                return result.recon
         w.u8(st.STRUCT_DENSE)
-        try:
-            return st.encode_values(self.value, flat, w, rng, need)
-        except ValueError as exc:
-            raise ValueError(f"update tensor {index}: {exc}") from None
-
-    def _encode_lowrank(
-        self,
-        index: int,
-        m: F32,
-        w: Writer,
-        rng: np.random.Generator,
-        state: CodecState,
-        warm: dict[int, F32],
-    ) -> F32 | None:
-        assert isinstance(self.structure, st.LowRankStage)
-        cols = m.shape[1]
-        rank = self.structure.rank
-        q = state.lowrank_q.get(index)
-        if q is None or q.shape != (cols, rank):
-            q = rng.standard_normal((cols, rank), dtype=np.float32)
-        sub = Writer()
-        factors = _powersgd_step(m, q, rank, self.value, sub, rng)
-        if factors is None:
-            # Only reachable near the float32 overflow limit: send the tensor dense.
-            w.u8(st.STRUCT_DENSE)
-            return st.encode_values(self.value, m.ravel(), w, rng, self.error_feedback)
-        q_new, recon = factors
-        w.raw(sub.getvalue())
-        warm[index] = q_new
-        return recon
-
-
-def _powersgd_step(
-    m: F32,
-    q: F32,
-    rank: int,
-    value: st.ValueStage,
-    w: Writer,
-    rng: np.random.Generator,
-) -> tuple[F32, F32] | None:
-    """One warm-started PowerSGD iteration written to ``w``: ``(Q, P_hat Q_hat^T)``.
-
-    ``P = orth(M Q)`` goes through the value stage first and ``Q = M^T P_hat``
-    is computed from the *transmitted* ``P_hat``, so the second factor absorbs
-    the quantization error of the first (Vogels et al. 2019, Algorithm 1, with
-    one worker).  Returns ``None`` if anything overflows float32.
-    """
-    rows, cols = m.shape
-    with np.errstate(all="ignore"):
-        p = m @ q
-        if not np.isfinite(p).all():
-            return None
-        p = np.ascontiguousarray(np.linalg.qr(p)[0], dtype=np.float32)
-        w.u8(st.STRUCT_LOWRANK)
-        w.u32(rows)
-        w.u32(cols)
-        w.u16(rank)
-        p_hat = st.encode_values(value, p.ravel(), w, rng, True)
-        assert p_hat is not None
-        p_hat2 = p_hat.reshape(rows, rank)
-        q_new = np.ascontiguousarray(m.T @ p_hat2, dtype=np.float32)
-        if not np.isfinite(q_new).all():
-            return None
-        q_hat = st.encode_values(value, q_new.ravel(), w, rng, True)
-        assert q_hat is not None
-        recon = np.asarray(p_hat2 @ q_hat.reshape(cols, rank).T, dtype=np.float32)
-        if not np.isfinite(recon).all():
-            return None
-    return q_new, recon
+        return _put_values(self.value, flat, w, rng, need)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -474,7 +487,10 @@ def decode(
         model's parameter count).  Also bounds the decompressed body of a
         ``zstd`` payload to ``5 * max_elements + 1 MiB``.
     max_tensors
-        Upper bound on the number of tensors.
+        Upper bound on the number of tensors: pass the model's tensor count
+        (``len(model)``), so a payload declaring many tiny tensors is
+        rejected before any per-tensor work.  The default, 65,536, exists for
+        compatibility only.
 
     Raises
     ------
@@ -522,30 +538,82 @@ def decode(
         raise PayloadError(f"malformed payload ({type(exc).__name__}: {exc})") from None
 
 
+@dataclass(frozen=True)
+class _Allowed:
+    """Wire ids a payload may use: the built-ins, plus its manifest's user stages."""
+
+    values: frozenset[int] = frozenset()
+    structures: frozenset[int] = frozenset()
+
+
 def _decode(payload: memoryview, max_elements: int, max_tensors: int, body_limit: int) -> list[F32]:
-    if len(payload) > body_limit + 64:
+    if len(payload) > body_limit + 64 + _MAX_MANIFEST:
         raise PayloadError(f"payload of {len(payload)} bytes exceeds the bound {body_limit}")
     r = Reader(payload)
     if bytes(r.raw(3, "magic")) != MAGIC:
         raise PayloadError("bad magic: not a flowerpress payload")
     version = r.u8("version")
-    if version != VERSION:
-        raise PayloadError(f"unsupported payload version {version} (this decoder reads {VERSION})")
+    if version not in (_V1, VERSION):
+        raise PayloadError(
+            f"unsupported payload version {version} (this decoder reads {_V1} and {VERSION})"
+        )
     flags = r.u8("flags")
     if flags & ~_FLAG_ZSTD:
         raise PayloadError(f"unknown flags {flags:#04x}")
+    allowed = _read_manifest(r) if version == VERSION else _Allowed()
     if flags & _FLAG_ZSTD:
         body_len = r.u64("body length")
         if body_len > body_limit:
             raise PayloadError(f"declared body of {body_len} bytes exceeds the bound {body_limit}")
-        frame = bytes(r.raw(r.remaining, "zstd frame"))
-        body: bytes | memoryview = _unzstd(frame, body_len)
+        body: bytes | memoryview = _unzstd(r.raw(r.remaining, "zstd frame"), body_len)
     else:
         body = r.raw(r.remaining, "body")
-    return _decode_body(Reader(body), max_elements, max_tensors)
+    if len(body) > body_limit:
+        raise PayloadError(f"body of {len(body)} bytes exceeds the bound {body_limit}")
+    return _decode_body(Reader(body), max_elements, max_tensors, allowed)
 
 
-def _unzstd(frame: bytes, body_len: int) -> bytes:
+_MAX_MANIFEST = 1 + 255 * 35
+
+
+def _read_manifest(r: Reader) -> _Allowed:
+    count = r.u8("manifest length")
+    if count == 0:
+        raise PayloadError("version 2 payload lists no extension stage (use version 1)")
+    values: set[int] = set()
+    structures: set[int] = set()
+    for _ in range(count):
+        role = r.u8("manifest role")
+        wire_id = r.u8("manifest wire id")
+        name_b = bytes(r.raw(r.u8("manifest name length"), "manifest name"))
+        if role not in _ROLE_NAMES:
+            raise PayloadError(f"manifest role {role} is neither 0 (value) nor 1 (structure)")
+        if wire_id < st.FIRST_USER_WIRE_ID or not _MANIFEST_NAME.match(name_b):
+            raise PayloadError(f"manifest entry {name_b[:32]!r} (wire id {wire_id}) is invalid")
+        name = name_b.decode("ascii")
+        seen = values if role == registry.ROLE_VALUE else structures
+        if wire_id in seen:
+            raise PayloadError(f"manifest lists {_ROLE_NAMES[role]} wire id {wire_id} twice")
+        cls: type[st.Stage] | None = (
+            registry.value_stage_class(wire_id)
+            if role == registry.ROLE_VALUE
+            else registry.structure_stage_class(wire_id)
+        )
+        if cls is None:
+            raise PayloadError(
+                f"payload uses {_ROLE_NAMES[role]} stage {name!r} (wire id {wire_id}), "
+                "which is not registered here"
+            )
+        if cls.name != name:
+            raise PayloadError(
+                f"payload's {_ROLE_NAMES[role]} wire id {wire_id} is stage {name!r}, "
+                f"registered here as {cls.name!r}"
+            )
+        seen.add(wire_id)
+    return _Allowed(frozenset(values), frozenset(structures))
+
+
+def _unzstd(frame: memoryview, body_len: int) -> bytes:
     try:
         params = zstandard.get_frame_parameters(frame)
     except zstandard.ZstdError as exc:
@@ -568,17 +636,21 @@ def _unzstd(frame: bytes, body_len: int) -> bytes:
     return out
 
 
-def _decode_body(r: Reader, max_elements: int, max_tensors: int) -> list[F32]:
+def _decode_body(r: Reader, max_elements: int, max_tensors: int, allowed: _Allowed) -> list[F32]:
     ntensors = r.u32("tensor count")
     if ntensors > max_tensors:
         raise PayloadError(f"{ntensors} tensors exceed the bound {max_tensors}")
+    # Every tensor takes at least one byte (in fact 3: ndim, structure id, value
+    # kind), so a count the body cannot hold is rejected before the loop.
+    if ntensors > r.remaining:
+        raise PayloadError(f"{ntensors} tensors cannot fit in {r.remaining} bytes")
     budget = max_elements
     out: list[F32] = []
     for i in range(ntensors):
         ndim = r.u8("ndim")
         if ndim > _MAX_NDIM:
             raise PayloadError(f"tensor {i}: ndim {ndim} exceeds {_MAX_NDIM}")
-        shape = tuple(int(d) for d in r.array(np.uint32, ndim, "shape"))
+        shape = r.u32s(ndim, "shape")
         numel = math.prod(shape)
         if numel > budget:
             raise PayloadError(
@@ -586,50 +658,97 @@ def _decode_body(r: Reader, max_elements: int, max_tensors: int) -> list[F32]:
             )
         budget -= numel
         try:
-            out.append(_decode_tensor(r, shape, numel))
+            out.append(_decode_tensor(r, shape, numel, allowed))
         except PayloadError as exc:
             raise PayloadError(f"tensor {i}: {exc}") from None
     r.expect_end()
     return out
 
 
-def _decode_tensor(r: Reader, shape: tuple[int, ...], numel: int) -> F32:
-    structure = r.u8("structure id")
-    if structure == st.STRUCT_DENSE:
-        return st.decode_values(r, numel).reshape(shape)
-    if structure in (st.STRUCT_TOPK, st.STRUCT_RANDK):
-        k = r.u32("kept count")
-        if k > numel:
-            raise PayloadError(f"keeps {k} of {numel} elements")
-        if structure == st.STRUCT_TOPK:
-            b = r.u8("rice parameter")
-            if b > 31:
-                raise PayloadError(f"rice parameter {b} outside [0, 31]")
-            unary_len = r.u32("index section length")
-            if unary_len > rice_max_unary_nbytes(numel, k, b):
-                raise PayloadError("index section longer than any valid encoding")
-            unary = r.raw(unary_len, "index section")
-            rem = r.raw(packed_nbytes(k, b), "index remainders")
-            idx = rice_decode(unary, rem, k, b, numel)
-        else:
-            seed = r.u64("random-k seed")
-            idx = seeded_indices(seed, numel, k)
-        vals = st.decode_values(r, k)
-        dense = np.zeros(numel, dtype=np.float32)
-        dense[idx] = vals
-        return dense.reshape(shape)
-    if structure == st.STRUCT_LOWRANK:
-        rows = r.u32("rows")
-        cols = r.u32("cols")
-        rank = r.u16("rank")
-        if len(shape) < 2 or rows != shape[0] or rows * cols != numel:
-            raise PayloadError(f"low-rank factors {rows}x{cols} do not match shape {shape}")
-        if not 1 <= rank <= st.MAX_LOWRANK_RANK or (rows + cols) * rank >= numel:
-            raise PayloadError(f"low-rank rank {rank} invalid for a {rows}x{cols} matrix")
-        p = st.decode_values(r, rows * rank).reshape(rows, rank)
-        q = st.decode_values(r, cols * rank).reshape(cols, rank)
-        prod = np.ascontiguousarray(p @ q.T, dtype=np.float32)
-        if not np.isfinite(prod).all():  # finite factors can still overflow
-            raise PayloadError("non-finite value in the low-rank product")
-        return prod.reshape(shape)
-    raise PayloadError(f"unknown structure id {structure}")
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _all_finite(a: F32) -> bool:
+    """Whether a float32 array is all finite, in one reduction and no temporaries.
+
+    A float64 sum of float32 values cannot overflow (``3.4e38 * 2**32 <<
+    1.8e308``), so it is finite exactly when every element is: any NaN or
+    infinity propagates (``inf - inf`` is NaN).
+    """
+    if a.size <= 16:  # cheaper than a ufunc call for the tiny tensors (biases, scalars)
+        return all(map(math.isfinite, a.ravel().tolist()))
+    return math.isfinite(float(np.add.reduce(a, axis=None, dtype=np.float64)))
+
+
+# Built-in decoders whose results are finite by construction (validated ranges and
+# scales, scatters of checked values, a checked product): the framework skips
+# only their finiteness pass.  Matched by identity, so a subclass is checked.
+_FINITE_BY_CONSTRUCTION: frozenset[type[st.Stage]] = frozenset(
+    {st.QuantStage, st.SignStage, st.TopKStage, st.RandKStage, st.LowRankStage}
+)
+
+
+def _checked(out: object, count: int, what: str, *, finite: bool = False) -> F32:
+    """The framework's check of a stage decoder's result: float32, ``count`` values, finite.
+
+    ``finite`` says the decoder already guarantees finiteness (built-ins only).
+    """
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.size != count:
+        got = type(out).__name__
+        if isinstance(out, np.ndarray):
+            got = f"{out.dtype} array of {out.size}"
+        raise PayloadError(f"{what} decoded {got}, expected {count} float32 values")
+    if not finite and not _all_finite(out):
+        raise PayloadError(f"non-finite value from the {what}")
+    return out if out.ndim == 1 else out.reshape(-1)
+
+
+def _decode_values(r: Reader, count: int, allowed: _Allowed) -> F32:
+    kind = r.u8("value kind")
+    cls = registry.value_stage_class(kind)
+    if cls is None or (kind >= st.FIRST_USER_WIRE_ID and kind not in allowed.values):
+        raise PayloadError(f"unknown value kind {kind}")
+    try:
+        out = cls.decode(r, count)
+    except PayloadError:
+        raise
+    except Exception as exc:  # whatever a stage's decoder raises on bad bytes
+        raise PayloadError(f"value stage {cls.name!r}: {_one_line(exc)}") from None
+    return _checked(out, count, f"value stage {cls.name!r}", finite=cls in _FINITE_BY_CONSTRUCTION)
+
+
+def _decode_tensor(r: Reader, shape: tuple[int, ...], numel: int, allowed: _Allowed) -> F32:
+    sid = r.u8("structure id")
+    if sid == st.STRUCT_DENSE:
+        vals = _decode_values(r, numel, allowed)
+        if not vals.flags.writeable:  # a view into the payload: the caller gets its own array
+            vals = vals.copy()
+        return vals if len(shape) == 1 else vals.reshape(shape)
+    cls = registry.structure_stage_class(sid)
+    if cls is None or (sid >= st.FIRST_USER_WIRE_ID and sid not in allowed.structures):
+        raise PayloadError(f"unknown structure id {sid}")
+    left = numel
+
+    def values(count: int) -> F32:
+        # The framework's bound: all value sections of a tensor hold <= numel values.
+        nonlocal left
+        if not isinstance(count, int) or not 0 <= count <= left:
+            raise PayloadError(
+                f"structure stage {cls.name!r} asked for {count!r} values, "
+                f"at most {left} left for a tensor of {numel}"
+            )
+        left -= count
+        return _decode_values(r, count, allowed)
+
+    try:
+        out = cls.decode(r, shape, values=values)
+    except PayloadError:
+        raise
+    except Exception as exc:  # whatever a stage's decoder raises on bad bytes
+        raise PayloadError(f"structure stage {cls.name!r}: {_one_line(exc)}") from None
+    out = _checked(
+        out, numel, f"structure stage {cls.name!r}", finite=cls in _FINITE_BY_CONSTRUCTION
+    )
+    return (out if out.flags.writeable else out.copy()).reshape(shape)

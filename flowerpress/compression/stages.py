@@ -1,16 +1,25 @@
-"""Compression stages: value codecs, structure codecs, and their wire encodings.
+"""Compression stages: the public stage interfaces, the built-in stages, their wire encodings.
 
-A pipeline has at most one *structure* stage (``topk``, ``randk``, ``lowrank``)
-choosing which numbers are sent, at most one *value* stage (``none``, ``fp16``,
-``q``, ``sign``) choosing how each number is written, an optional ``ef`` flag
-(error feedback around the whole pipeline) and an optional final ``zstd``.
+A pipeline has at most one *structure* stage (built-ins ``topk``, ``randk``,
+``lowrank``) choosing which numbers are sent, at most one *value* stage
+(built-ins ``none``, ``fp16``, ``q``, ``sign``) choosing how each number is
+written, an optional ``ef`` (error feedback around the whole pipeline) and an
+optional final ``zstd``.  Each is a class registered by name (and, for value
+and structure stages, by wire id) in :mod:`flowerpress.compression.registry`;
+a user's stage subclasses :class:`ValueStage` or :class:`StructureStage` and
+registers the same way the built-ins do.
 
-All stages are deterministic functions of the (already privatized) update and
-of randomness drawn from an injected generator, i.e. post-processing in the
-sense of differential privacy: applied after the DP noise they never weaken
-the guarantee.  None of them *adds* privacy.
+All built-in stages are deterministic functions of the (already privatized)
+update and of randomness drawn from an injected generator, i.e.
+post-processing in the sense of differential privacy: applied after the DP
+noise they never weaken the guarantee.  None of them *adds* privacy.
 
-Wire encodings (little-endian) written by this module::
+The framework owns every bound when decoding: a stage's decoder is told how
+many values it must produce (never more than the tensor's validated element
+count), reads through the bounds-checked :class:`~flowerpress.compression.wire.Reader`,
+and its result is checked (length, dtype, finiteness) before anyone sees it.
+
+Wire encodings (little-endian) of the built-in stages::
 
     tensor  := ndim:u8 dims:u32*ndim struct:u8 ...
     struct 0 (dense)   := values(numel)
@@ -22,13 +31,18 @@ Wire encodings (little-endian) written by this module::
     kind 1 (float16)   := f16*count
     kind 2 (quant)     := bits:u8 block:u32 lo:f32*nblocks hi:f32*nblocks packed_codes
     kind 3 (sign)      := scale:f32 packed_sign_bits
+
+A user stage's ``struct`` / ``kind`` byte is its registered wire id (64-255);
+what follows is whatever its ``encode`` wrote.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -36,14 +50,48 @@ import numpy.typing as npt
 from flowerpress.compression.bitpack import (
     pack_uint,
     packed_nbytes,
+    rice_decode_into,
+    rice_encode,
+    rice_max_parameter,
+    seeded_indices,
+    seeded_mask,
     unpack_uint,
 )
 from flowerpress.compression.wire import PayloadError, Reader, Writer
 
+__all__ = [
+    "ErrorFeedbackStage",
+    "Fp16Stage",
+    "LowRankStage",
+    "NoneStage",
+    "QuantStage",
+    "RandKStage",
+    "SignStage",
+    "SparseRecon",
+    "Stage",
+    "StructureEncoding",
+    "StructureStage",
+    "TopKStage",
+    "ValueDecoder",
+    "ValueEncoder",
+    "ValueStage",
+    "ZstdStage",
+]
+
 F32 = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+#: ``put_values(x, need_recon)``: the framework's value writer handed to a
+#: structure stage's ``encode``; writes the pipeline's value stage (with its
+#: wire id) and returns the reconstruction when ``need_recon``.
+ValueEncoder = Callable[[F32, bool], "F32 | None"]
+#: ``values(count)``: the framework's bounded value reader handed to a
+#: structure stage's ``decode``; returns exactly ``count`` finite float32 values
+#: and raises :class:`PayloadError` if ``count`` exceeds what the tensor allows.
+ValueDecoder = Callable[[int], F32]
 
 # Value kinds and structure ids on the wire. Never renumber: decoders of older
-# payloads depend on them. New kinds get new numbers and a version bump.
+# payloads depend on them. Ids below FIRST_USER_WIRE_ID belong to flowerpress.
 KIND_F32 = 0
 KIND_F16 = 1
 KIND_QUANT = 2
@@ -52,12 +100,18 @@ STRUCT_DENSE = 0
 STRUCT_TOPK = 1
 STRUCT_RANDK = 2
 STRUCT_LOWRANK = 3
+#: Wire ids from here to 255 are for user stages; lower ids are reserved.
+FIRST_USER_WIRE_ID = 64
 
 #: Largest accepted low-rank rank.  Bounds the decoder's matmul to
 #: ``MAX_LOWRANK_RANK * max_elements`` multiply-adds (PowerSGD uses ranks 1-32).
 MAX_LOWRANK_RANK = 256
 #: Elements per quantization block (one float32 ``lo``/``hi`` pair per block).
 QUANT_BLOCK = 2048
+# The decoder accepts blocks in [_MIN_QUANT_BLOCK, _MAX_QUANT_BLOCK]: the
+# encoder always writes QUANT_BLOCK, and a floor keeps the per-block ranges of
+# a hostile payload at most 1/8 of the values' size.
+_MIN_QUANT_BLOCK = 64
 _MAX_QUANT_BLOCK = 1 << 24
 _F16_MAX = float(np.finfo(np.float16).max)
 # Ranges/bounds beyond this (or scales beyond _F32_SAFE_SCALE) take the float64
@@ -68,18 +122,192 @@ _F32_SAFE_SCALE = 1e36
 _CHUNK = 1 << 16
 
 
-# --------------------------------------------------------------------------- value stages
+# --------------------------------------------------------------------------- interfaces
 @dataclass(frozen=True)
-class ValueStage:
-    """Base class of the stages that write each transmitted number."""
+class Stage:
+    """Base of every pipeline stage: a spec name, spec arguments, a canonical spec.
+
+    Subclasses are frozen dataclasses whose fields are the spec arguments, and
+    set the class attributes below.  Register a subclass with
+    :func:`flowerpress.compression.register_stage` to make it usable in specs.
+
+    Attributes
+    ----------
+    name
+        Spec name: lower-case letters, digits, ``-`` and ``_`` (at most 32).
+    wire_id
+        For value and structure stages, the byte identifying the stage in a
+        payload (user stages: 64-255; unique per role); ``None`` for ``ef``
+        and ``zstd``, which have no per-tensor encoding.
+    """
 
     name: ClassVar[str] = ""
+    wire_id: ClassVar[int | None] = None
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Self:
+        """Build the stage from the spec arguments after ``NAME:`` (already stripped).
+
+        The default accepts no arguments.  Raise ``ValueError`` naming the
+        argument and its bound on bad input; the spec parser adds the stage.
+        """
+        if args:
+            raise ValueError(f"takes no arguments, got {len(args)}")
+        return cls()
 
     def spec(self) -> str:
-        """Canonical spec fragment."""
+        """Canonical spec fragment: ``parse`` of it builds an equal stage."""
         return self.name
 
 
+@dataclass(frozen=True)
+class ValueStage(Stage, ABC):
+    """A stage that writes each transmitted number (public interface).
+
+    Implement :meth:`encode` and :meth:`decode`.  The framework writes the
+    stage's wire id before :meth:`encode` and reads it before :meth:`decode`;
+    it passes :meth:`decode` the exact number of values to produce (already
+    validated against the model), and rejects the payload unless the result
+    is a finite float32 vector of that length.  Anything :meth:`decode` raises
+    on bad bytes becomes a :class:`PayloadError`.
+
+    Keep the encoding at most 4 bytes per value plus a small header: a
+    ``zstd`` body is bounded by ``5 * max_elements + 1 MiB`` bytes.
+    """
+
+    @abstractmethod
+    def encode(
+        self, x: F32, w: Writer, *, rng: np.random.Generator, need_recon: bool
+    ) -> F32 | None:
+        """Write the flat, finite float32 vector ``x`` to ``w``.
+
+        Draw every random number from ``rng``.  Do not modify ``x``.  If
+        ``need_recon`` (error feedback is on), return what :meth:`decode` will
+        produce for these bytes, as float32 of ``x.size``; otherwise ``None``.
+        """
+
+    @classmethod
+    @abstractmethod
+    def decode(cls, r: Reader, count: int) -> F32:
+        """Read the bytes :meth:`encode` wrote for ``count`` values and return them.
+
+        ``r`` is bounded: reading past the payload raises :class:`PayloadError`.
+        Allocate nothing larger than ``count`` values (or the bytes you read);
+        the framework already bounded ``count``.  Read-only views into the
+        payload are fine.
+        """
+
+
+class SparseRecon(NamedTuple):
+    """Reconstruction of a sparse tensor: flat ``indices`` and their decoded ``values``."""
+
+    indices: IntArray
+    values: F32
+
+
+class StructureEncoding(NamedTuple):
+    """What a structure stage's ``encode`` returns.
+
+    Attributes
+    ----------
+    recon
+        With error feedback: the decoded tensor, dense (float32, any shape of
+        ``x.size`` elements) or as :class:`SparseRecon`; otherwise ``None``.
+    warm
+        State to hand back to this tensor's next ``encode`` (e.g. PowerSGD's
+        ``Q``), kept in :class:`~flowerpress.compression.CodecState`; or ``None``.
+    """
+
+    recon: F32 | SparseRecon | None
+    warm: F32 | None = None
+
+
+@dataclass(frozen=True)
+class StructureStage(Stage, ABC):
+    """A stage that chooses which numbers are transmitted (public interface).
+
+    :meth:`encode` writes its own header and sends numbers through the
+    framework's ``put_values`` (the pipeline's value stage); :meth:`decode`
+    reads them back through the framework's bounded ``values``.  The framework
+    writes and reads the wire id, and rejects the payload unless the decoded
+    tensor is finite float32 with the declared number of elements.
+    """
+
+    @abstractmethod
+    def encode(
+        self,
+        x: F32,
+        w: Writer,
+        *,
+        put_values: ValueEncoder,
+        rng: np.random.Generator,
+        need_recon: bool,
+        warm: F32 | None,
+    ) -> StructureEncoding | None:
+        """Write the finite float32 tensor ``x`` (original shape) to ``w``.
+
+        Return ``None`` to send this tensor dense instead (what was written to
+        ``w`` is then discarded).  ``warm`` is what the previous round's call
+        returned for this tensor, or ``None``.
+        """
+
+    @classmethod
+    @abstractmethod
+    def decode(cls, r: Reader, shape: tuple[int, ...], *, values: ValueDecoder) -> F32:
+        """Read one tensor of ``shape`` and return its ``prod(shape)`` float32 values.
+
+        ``values(count)`` reads a value section; the counts of all calls for one
+        tensor may not exceed its element count.
+        """
+
+
+@dataclass(frozen=True)
+class ErrorFeedbackStage(Stage):
+    """``ef``: error feedback around the whole pipeline.
+
+    Seide et al., 1-bit SGD, Interspeech 2014; Stich et al., "Sparsified SGD
+    with Memory", NeurIPS 2018; Karimireddy et al., "Error Feedback Fixes
+    SignSGD and other Gradient Compression Schemes", ICML 2019.  Encodes
+    ``update + residual`` and keeps what was not transmitted as the next
+    residual.  Safe after DP noise (the residual never leaves the device).
+    """
+
+    name: ClassVar[str] = "ef"
+
+
+@dataclass(frozen=True)
+class ZstdStage(Stage):
+    """``zstd[:LEVEL]``: Zstandard (Collet & Kucherawy, RFC 8878) over the encoded body.
+
+    Lossless, hence unbiased and trivially post-processing.  Level 1-22
+    (default 3).  Marked by a flag bit in the payload header, not a wire id.
+    """
+
+    name: ClassVar[str] = "zstd"
+    level: int = 3
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.level, int) or not 1 <= self.level <= 22:
+            raise ValueError(f"LEVEL must be in [1, 22], got {self.level!r}")
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Self:
+        """``zstd`` or ``zstd:LEVEL``."""
+        _nargs(args, 0, 1)
+        return cls(level=int(args[0])) if args else cls()
+
+    def spec(self) -> str:
+        """Canonical spec fragment."""
+        return f"zstd:{self.level}"
+
+
+def _nargs(args: Sequence[str], lo: int, hi: int) -> None:
+    if not lo <= len(args) <= hi:
+        want = str(lo) if lo == hi else f"{lo} to {hi}"
+        raise ValueError(f"takes {want} argument(s), got {len(args)}")
+
+
+# --------------------------------------------------------------------------- value stages
 @dataclass(frozen=True)
 class NoneStage(ValueStage):
     """``none``: float32 passthrough (32 bits per value).
@@ -88,6 +316,19 @@ class NoneStage(ValueStage):
     """
 
     name: ClassVar[str] = "none"
+    wire_id: ClassVar[int | None] = KIND_F32
+
+    def encode(
+        self, x: F32, w: Writer, *, rng: np.random.Generator, need_recon: bool
+    ) -> F32 | None:
+        """Write ``x`` as little-endian float32 (zero-copy)."""
+        w.array(x.astype("<f4", copy=False))
+        return x if need_recon else None
+
+    @classmethod
+    def decode(cls, r: Reader, count: int) -> F32:
+        """A read-only float32 view of the payload."""
+        return r.array(np.float32, count, "float values")  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -101,6 +342,20 @@ class Fp16Stage(ValueStage):
     """
 
     name: ClassVar[str] = "fp16"
+    wire_id: ClassVar[int | None] = KIND_F16
+
+    def encode(
+        self, x: F32, w: Writer, *, rng: np.random.Generator, need_recon: bool
+    ) -> F32 | None:
+        """Write ``x`` as saturated little-endian float16."""
+        half = np.clip(x, -_F16_MAX, _F16_MAX).astype("<f2")
+        w.array(half)
+        return half.astype(np.float32) if need_recon else None
+
+    @classmethod
+    def decode(cls, r: Reader, count: int) -> F32:
+        """Widen the float16 values to float32."""
+        return r.array(np.float16, count, "float values").astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -125,15 +380,58 @@ class QuantStage(ValueStage):
     """
 
     name: ClassVar[str] = "q"
+    wire_id: ClassVar[int | None] = KIND_QUANT
     bits: int = 8
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
             raise ValueError(f"q: BITS must be an integer in [1, 16], got {self.bits!r}")
 
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Self:
+        """``q:BITS``."""
+        _nargs(args, 1, 1)
+        return cls(bits=int(args[0]))
+
     def spec(self) -> str:
         """Canonical spec fragment."""
         return f"q:{self.bits}"
+
+    def encode(
+        self, x: F32, w: Writer, *, rng: np.random.Generator, need_recon: bool
+    ) -> F32 | None:
+        """Quantize blockwise and write the ranges and the packed codes."""
+        w.u8(self.bits)
+        w.u32(QUANT_BLOCK)
+        lo, hi, codes = quantize(x, self.bits, rng)
+        w.array(lo.astype("<f4"))
+        w.array(hi.astype("<f4"))
+        if self.bits in (8, 16):
+            w.array(codes.astype("<u1" if self.bits == 8 else "<u2", copy=False))
+        else:
+            w.raw(pack_uint(codes, self.bits))
+        return dequantize(lo, hi, codes, self.bits, QUANT_BLOCK) if need_recon else None
+
+    @classmethod
+    def decode(cls, r: Reader, count: int) -> F32:
+        """Validate the header and ranges, then dequantize (finite by construction)."""
+        bits = r.u8("quantization bits")
+        if not 1 <= bits <= 16:
+            raise PayloadError(f"quantization bits {bits} outside [1, 16]")
+        block = r.u32("quantization block")
+        if not _MIN_QUANT_BLOCK <= block <= _MAX_QUANT_BLOCK:
+            raise PayloadError(
+                f"quantization block {block} outside [{_MIN_QUANT_BLOCK}, {_MAX_QUANT_BLOCK}]"
+            )
+        nblocks = -(-count // block)
+        lo: F32 = r.array(np.float32, nblocks, "block minima")  # type: ignore[assignment]
+        hi: F32 = r.array(np.float32, nblocks, "block maxima")  # type: ignore[assignment]
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+            raise PayloadError("non-finite quantization range")
+        if np.any(lo > hi):
+            raise PayloadError("quantization block with minimum above maximum")
+        codes = unpack_uint(r.raw(packed_nbytes(count, bits), "quantized codes"), count, bits)
+        return dequantize(lo, hi, codes, bits, block)
 
 
 @dataclass(frozen=True)
@@ -147,20 +445,30 @@ class SignStage(ValueStage):
     """
 
     name: ClassVar[str] = "sign"
+    wire_id: ClassVar[int | None] = KIND_SIGN
+
+    def encode(
+        self, x: F32, w: Writer, *, rng: np.random.Generator, need_recon: bool
+    ) -> F32 | None:
+        """Write the mean magnitude and the packed sign bits."""
+        scale = np.float32(np.abs(x).mean(dtype=np.float64)) if x.size else np.float32(0.0)
+        packed = np.packbits(x < 0, bitorder="little")
+        w.f32(float(scale))
+        w.array(packed)
+        # The decoder's own table expansion: bit-identical and much faster than np.where.
+        return _sign_decode(packed, x.size, scale) if need_recon else None
+
+    @classmethod
+    def decode(cls, r: Reader, count: int) -> F32:
+        """Expand the sign bits times the (validated) scale."""
+        scale = r.f32("sign scale")
+        if not (math.isfinite(scale) and scale >= 0.0):
+            raise PayloadError(f"sign scale {scale} is not a finite non-negative number")
+        packed = np.frombuffer(r.raw((count + 7) // 8, "sign bits"), dtype=np.uint8)
+        return _sign_decode(packed, count, np.float32(scale))
 
 
 # --------------------------------------------------------------------------- structure stages
-@dataclass(frozen=True)
-class StructureStage:
-    """Base class of the stages choosing which numbers are transmitted."""
-
-    name: ClassVar[str] = ""
-
-    def spec(self) -> str:
-        """Canonical spec fragment."""
-        raise NotImplementedError
-
-
 def _check_fraction(stage: str, fraction: float) -> None:
     if not isinstance(fraction, float) or not (0.0 < fraction <= 1.0):
         raise ValueError(f"{stage}: FRACTION must be a float in (0, 1], got {fraction!r}")
@@ -169,6 +477,16 @@ def _check_fraction(stage: str, fraction: float) -> None:
 def kept_count(fraction: float, n: int) -> int:
     """Values ``topk`` / ``randk`` keep of ``n``: ``ceil(fraction * n)`` clipped to [1, n]."""
     return min(n, max(1, math.ceil(fraction * n)))
+
+
+def _sparse_result(
+    idx: IntArray, vals: F32, put_values: ValueEncoder, need_recon: bool
+) -> StructureEncoding:
+    vrec = put_values(vals, need_recon)
+    if not need_recon:
+        return StructureEncoding(None)
+    assert vrec is not None
+    return StructureEncoding(SparseRecon(idx, vrec))
 
 
 @dataclass(frozen=True)
@@ -187,14 +505,67 @@ class TopKStage(StructureStage):
     """
 
     name: ClassVar[str] = "topk"
+    wire_id: ClassVar[int | None] = STRUCT_TOPK
     fraction: float = 0.01
 
     def __post_init__(self) -> None:
         _check_fraction("topk", self.fraction)
 
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Self:
+        """``topk:FRACTION``."""
+        _nargs(args, 1, 1)
+        return cls(fraction=float(args[0]))
+
     def spec(self) -> str:
         """Canonical spec fragment."""
         return f"topk:{self.fraction!r}"
+
+    def encode(
+        self,
+        x: F32,
+        w: Writer,
+        *,
+        put_values: ValueEncoder,
+        rng: np.random.Generator,
+        need_recon: bool,
+        warm: F32 | None,
+    ) -> StructureEncoding | None:
+        """Rice-code the top-k positions, then send their values."""
+        flat = x.reshape(-1)
+        n = flat.size
+        k = kept_count(self.fraction, n) if n else 0
+        if k >= n:
+            return None
+        idx = topk_indices(flat, k)
+        b, unary, rem = rice_encode(idx, n)
+        w.u32(k)
+        w.u8(b)
+        w.u32(len(unary))
+        w.raw(unary)
+        w.raw(rem)
+        return _sparse_result(idx, flat[idx], put_values, need_recon)
+
+    @classmethod
+    def decode(cls, r: Reader, shape: tuple[int, ...], *, values: ValueDecoder) -> F32:
+        """Scatter the values at the Rice-decoded positions, chunk by chunk."""
+        numel = math.prod(shape)
+        k = r.u32("kept count")
+        if k > numel:
+            raise PayloadError(f"keeps {k} of {numel} elements")
+        b = r.u8("rice parameter")
+        if b > rice_max_parameter(numel, k):
+            raise PayloadError(
+                f"rice parameter {b} outside [0, {rice_max_parameter(numel, k)}] "
+                f"for {k} of {numel} indices"
+            )
+        unary_len = r.u32("index section length")
+        unary = r.raw(unary_len, "index section")
+        rem = r.raw(packed_nbytes(k, b), "index remainders")
+        vals = values(k)
+        dense = np.zeros(numel, dtype=np.float32)
+        rice_decode_into(unary, rem, k, b, numel, dense, vals)
+        return dense
 
 
 @dataclass(frozen=True)
@@ -212,15 +583,68 @@ class RandKStage(StructureStage):
     """
 
     name: ClassVar[str] = "randk"
+    wire_id: ClassVar[int | None] = STRUCT_RANDK
     fraction: float = 0.01
     unbiased: bool = False
 
     def __post_init__(self) -> None:
         _check_fraction("randk", self.fraction)
 
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Self:
+        """``randk:FRACTION`` or ``randk:FRACTION,unbiased``."""
+        _nargs(args, 1, 2)
+        if len(args) == 2 and args[1] not in ("unbiased", "biased"):
+            raise ValueError(f"second argument must be 'unbiased', got {args[1]!r}")
+        return cls(fraction=float(args[0]), unbiased=list(args[1:]) == ["unbiased"])
+
     def spec(self) -> str:
         """Canonical spec fragment."""
         return f"randk:{self.fraction!r}" + (",unbiased" if self.unbiased else "")
+
+    def encode(
+        self,
+        x: F32,
+        w: Writer,
+        *,
+        put_values: ValueEncoder,
+        rng: np.random.Generator,
+        need_recon: bool,
+        warm: F32 | None,
+    ) -> StructureEncoding | None:
+        """Send a seed and the values at the positions it derives."""
+        flat = x.reshape(-1)
+        n = flat.size
+        k = kept_count(self.fraction, n) if n else 0
+        if k >= n:
+            return None
+        seed = int(rng.integers(0, 1 << 63))
+        idx = seeded_indices(seed, n, k)
+        w.u32(k)
+        w.u64(seed)
+        vals = flat[idx]
+        if self.unbiased:
+            with np.errstate(over="ignore"):
+                vals = (vals * np.float32(n / k)).astype(np.float32)
+            if not np.isfinite(vals).all():
+                raise ValueError(
+                    f"randk unbiased: overflows float32 after scaling by n/k = {n / k:g}"
+                )
+        return _sparse_result(idx, vals, put_values, need_recon)
+
+    @classmethod
+    def decode(cls, r: Reader, shape: tuple[int, ...], *, values: ValueDecoder) -> F32:
+        """Re-derive the support from the seed (as a mask) and scatter the values."""
+        numel = math.prod(shape)
+        k = r.u32("kept count")
+        if k > numel:
+            raise PayloadError(f"keeps {k} of {numel} elements")
+        seed = r.u64("random-k seed")
+        mask = seeded_mask(seed, numel, k)
+        vals = values(k)
+        dense = np.zeros(numel, dtype=np.float32)
+        dense[mask] = vals
+        return dense
 
 
 @dataclass(frozen=True)
@@ -242,6 +666,7 @@ class LowRankStage(StructureStage):
     """
 
     name: ClassVar[str] = "lowrank"
+    wire_id: ClassVar[int | None] = STRUCT_LOWRANK
     rank: int = 4
 
     def __post_init__(self) -> None:
@@ -249,6 +674,12 @@ class LowRankStage(StructureStage):
             raise ValueError(
                 f"lowrank: RANK must be an integer in [1, {MAX_LOWRANK_RANK}], got {self.rank!r}"
             )
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> Self:
+        """``lowrank:RANK``."""
+        _nargs(args, 1, 1)
+        return cls(rank=int(args[0]))
 
     def spec(self) -> str:
         """Canonical spec fragment."""
@@ -267,7 +698,74 @@ class LowRankStage(StructureStage):
             return None
         return rows, cols
 
+    def encode(
+        self,
+        x: F32,
+        w: Writer,
+        *,
+        put_values: ValueEncoder,
+        rng: np.random.Generator,
+        need_recon: bool,
+        warm: F32 | None,
+    ) -> StructureEncoding | None:
+        """One warm-started PowerSGD iteration (``None``: dense, e.g. on overflow).
 
+        ``P = orth(M Q)`` goes through the value stage first and ``Q = M^T
+        P_hat`` is computed from the *transmitted* ``P_hat``, so the second
+        factor absorbs the quantization error of the first (Vogels et al.
+        2019, Algorithm 1, with one worker).
+        """
+        mshape = self.matrix_shape(x.shape)
+        if mshape is None:
+            return None
+        rows, cols = mshape
+        m = x.reshape(mshape)
+        rank = self.rank
+        q = warm
+        if q is None or q.shape != (cols, rank):
+            q = rng.standard_normal((cols, rank), dtype=np.float32)
+        with np.errstate(all="ignore"):
+            p = m @ q
+            if not np.isfinite(p).all():
+                return None  # only near the float32 overflow limit
+            p = np.ascontiguousarray(np.linalg.qr(p)[0], dtype=np.float32)
+            w.u32(rows)
+            w.u32(cols)
+            w.u16(rank)
+            p_hat = put_values(p.ravel(), True)
+            assert p_hat is not None
+            p_hat2 = p_hat.reshape(rows, rank)
+            q_new = np.ascontiguousarray(m.T @ p_hat2, dtype=np.float32)
+            if not np.isfinite(q_new).all():
+                return None
+            q_hat = put_values(q_new.ravel(), True)
+            assert q_hat is not None
+            recon = np.asarray(p_hat2 @ q_hat.reshape(cols, rank).T, dtype=np.float32)
+            if not np.isfinite(recon).all():
+                return None
+        return StructureEncoding(recon if need_recon else None, q_new)
+
+    @classmethod
+    def decode(cls, r: Reader, shape: tuple[int, ...], *, values: ValueDecoder) -> F32:
+        """Multiply the two factors (at most ``MAX_LOWRANK_RANK`` multiply-adds per element)."""
+        numel = math.prod(shape)
+        rows = r.u32("rows")
+        cols = r.u32("cols")
+        rank = r.u16("rank")
+        if len(shape) < 2 or rows != shape[0] or rows * cols != numel:
+            raise PayloadError(f"low-rank factors {rows}x{cols} do not match shape {shape}")
+        if not 1 <= rank <= MAX_LOWRANK_RANK or (rows + cols) * rank >= numel:
+            raise PayloadError(f"low-rank rank {rank} invalid for a {rows}x{cols} matrix")
+        p = values(rows * rank).reshape(rows, rank)
+        q = values(cols * rank).reshape(cols, rank)
+        with np.errstate(all="ignore"):
+            prod = np.ascontiguousarray(p @ q.T, dtype=np.float32)
+        if not np.isfinite(prod).all():  # finite factors can still overflow
+            raise PayloadError("non-finite value in the low-rank product")
+        return prod.reshape(-1)
+
+
+# --------------------------------------------------------------------------- helpers
 def topk_indices(flat: F32, k: int) -> npt.NDArray[np.int64]:
     """Sorted positions of the ``k`` largest magnitudes (ties broken arbitrarily).
 
@@ -419,9 +917,13 @@ def dequantize(
         return out
     step64 = (hi.astype(np.float64) - lo.astype(np.float64)) / levels
     if not _f32_safe(lo, hi):
-        # Near the float32 limits: evaluate in float64 (stays within [lo, hi]).
-        idx = np.arange(n) // block
-        out[:] = lo.astype(np.float64)[idx] + codes * step64[idx]
+        # Near the float32 limits: evaluate in float64 (stays within [lo, hi]),
+        # a chunk at a time so the float64 temporaries stay small.
+        lo64 = lo.astype(np.float64)
+        for e0 in range(0, n, _CHUNK):
+            e1 = min(n, e0 + _CHUNK)
+            bidx = np.arange(e0, e1) // block
+            out[e0:e1] = lo64[bidx] + codes[e0:e1] * step64[bidx]
         return out
     step32 = step64.astype(np.float32)
     nblocks = lo.size
@@ -448,42 +950,6 @@ def dequantize(
     return out
 
 
-def encode_values(
-    stage: ValueStage, x: F32, w: Writer, rng: np.random.Generator, need_recon: bool
-) -> F32 | None:
-    """Write a flat float32 vector with ``stage``; return its reconstruction if asked."""
-    if isinstance(stage, QuantStage):
-        w.u8(KIND_QUANT)
-        w.u8(stage.bits)
-        w.u32(QUANT_BLOCK)
-        lo, hi, codes = quantize(x, stage.bits, rng)
-        w.array(lo.astype("<f4"))
-        w.array(hi.astype("<f4"))
-        if stage.bits in (8, 16):
-            w.array(codes.astype("<u1" if stage.bits == 8 else "<u2", copy=False))
-        else:
-            w.raw(pack_uint(codes, stage.bits))
-        return dequantize(lo, hi, codes, stage.bits, QUANT_BLOCK) if need_recon else None
-    if isinstance(stage, SignStage):
-        w.u8(KIND_SIGN)
-        scale = np.float32(np.abs(x).mean(dtype=np.float64)) if x.size else np.float32(0.0)
-        packed = np.packbits(x < 0, bitorder="little")
-        w.f32(float(scale))
-        w.array(packed)
-        # The decoder's own table expansion: bit-identical and much faster than np.where.
-        return _sign_decode(packed, x.size, scale) if need_recon else None
-    if isinstance(stage, Fp16Stage):
-        w.u8(KIND_F16)
-        half = np.clip(x, -_F16_MAX, _F16_MAX).astype("<f2")
-        w.array(half)
-        return half.astype(np.float32) if need_recon else None
-    if isinstance(stage, NoneStage):
-        w.u8(KIND_F32)
-        w.array(x.astype("<f4", copy=False))
-        return x if need_recon else None
-    raise TypeError(f"unknown value stage {stage!r}")  # pragma: no cover
-
-
 _BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
 _BYTE_BITS.setflags(write=False)
 
@@ -494,40 +960,3 @@ def _sign_decode(packed: npt.NDArray[np.uint8], count: int, scale: np.float32) -
     return np.take(table, packed, axis=0).reshape(-1)[:count]
 
 
-def decode_values(r: Reader, count: int) -> F32:
-    """Read one ``values`` section of ``count`` elements (see module docstring).
-
-    The result is always finite: float sections are checked, and quantized and
-    sign sections are finite by construction once their scales are validated
-    (quantized values stay within their block's finite ``[lo, hi]``).
-    """
-    kind = r.u8("value kind")
-    if kind in (KIND_F32, KIND_F16):
-        dtype = np.float32 if kind == KIND_F32 else np.float16
-        raw = r.array(dtype, count, "float values")
-        if not np.isfinite(raw).all():
-            raise PayloadError("non-finite value")
-        return raw.astype(np.float32)
-    if kind == KIND_QUANT:
-        bits = r.u8("quantization bits")
-        if not 1 <= bits <= 16:
-            raise PayloadError(f"quantization bits {bits} outside [1, 16]")
-        block = r.u32("quantization block")
-        if not 1 <= block <= _MAX_QUANT_BLOCK:
-            raise PayloadError(f"quantization block {block} outside [1, {_MAX_QUANT_BLOCK}]")
-        nblocks = -(-count // block)
-        lo = r.array(np.float32, nblocks, "block minima").astype(np.float32)
-        hi = r.array(np.float32, nblocks, "block maxima").astype(np.float32)
-        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-            raise PayloadError("non-finite quantization range")
-        if np.any(lo > hi):
-            raise PayloadError("quantization block with minimum above maximum")
-        codes = unpack_uint(r.raw(packed_nbytes(count, bits), "quantized codes"), count, bits)
-        return dequantize(lo, hi, codes, bits, block)
-    if kind == KIND_SIGN:
-        scale = r.f32("sign scale")
-        if not (math.isfinite(scale) and scale >= 0.0):
-            raise PayloadError(f"sign scale {scale} is not a finite non-negative number")
-        packed = np.frombuffer(r.raw((count + 7) // 8, "sign bits"), dtype=np.uint8)
-        return _sign_decode(packed, count, np.float32(scale))
-    raise PayloadError(f"unknown value kind {kind}")

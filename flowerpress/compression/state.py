@@ -33,8 +33,10 @@ class CodecState:
         (Karimireddy et al. 2019): what previous rounds failed to transmit.
         Empty when the pipeline has no ``ef`` stage.
     lowrank_q
-        PowerSGD warm-start ``Q`` factors (``cols x rank``), keyed by tensor
-        position (Vogels et al. 2019).  Empty without ``lowrank``.
+        Warm starts of the structure stage, keyed by tensor position: PowerSGD's
+        ``Q`` factors (``cols x rank``, Vogels et al. 2019) for ``lowrank``, or
+        whatever a user's structure stage returned as ``StructureEncoding.warm``.
+        Empty for stages that keep none.
 
     Notes
     -----

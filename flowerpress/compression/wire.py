@@ -20,6 +20,7 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _F32 = struct.Struct("<f")
+_LE_DTYPES: dict[type[np.generic], np.dtype[np.generic]] = {}
 
 
 class PayloadError(ValueError):
@@ -68,6 +69,10 @@ class Writer:
         flat = np.ascontiguousarray(arr).reshape(-1)
         self._chunks.append(flat.data.cast("B"))
 
+    def extend(self, other: Writer) -> None:
+        """Append everything written to ``other`` (zero-copy)."""
+        self._chunks.extend(other._chunks)
+
     def getvalue(self) -> bytes:
         """Return everything written so far as one ``bytes`` object."""
         return b"".join(self._chunks)
@@ -79,43 +84,62 @@ class Reader:
     Every read raises :class:`PayloadError` instead of reading past the end.
     """
 
-    def __init__(self, data: bytes | memoryview) -> None:
-        self._view = memoryview(data)
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        self._view = view
         self._pos = 0
+        self._end = len(view)
 
     @property
     def remaining(self) -> int:
         """Number of unread bytes."""
-        return len(self._view) - self._pos
+        return self._end - self._pos
+
+    def _advance(self, n: int, what: str) -> int:
+        """Claim ``n`` bytes; return their start offset."""
+        pos = self._pos
+        if n < 0 or n > self._end - pos:
+            raise PayloadError(
+                f"truncated payload: {what} needs {n} bytes, {self._end - pos} left"
+            )
+        self._pos = pos + n
+        return pos
 
     def _take(self, n: int, what: str) -> memoryview:
-        if n < 0 or n > self.remaining:
-            raise PayloadError(
-                f"truncated payload: {what} needs {n} bytes, {self.remaining} left"
-            )
-        out = self._view[self._pos : self._pos + n]
-        self._pos += n
-        return out
+        pos = self._advance(n, what)
+        return self._view[pos : pos + n]
 
     def u8(self, what: str) -> int:
         """Read an unsigned 8-bit integer."""
-        return int(_U8.unpack(self._take(1, what))[0])
+        pos = self._pos
+        if pos >= self._end:
+            raise PayloadError(f"truncated payload: {what} needs 1 bytes, 0 left")
+        self._pos = pos + 1
+        return int(self._view[pos])
 
     def u16(self, what: str) -> int:
         """Read an unsigned 16-bit integer."""
-        return int(_U16.unpack(self._take(2, what))[0])
+        return int(_U16.unpack_from(self._view, self._advance(2, what))[0])
 
     def u32(self, what: str) -> int:
         """Read an unsigned 32-bit integer."""
-        return int(_U32.unpack(self._take(4, what))[0])
+        return int(_U32.unpack_from(self._view, self._advance(4, what))[0])
 
     def u64(self, what: str) -> int:
         """Read an unsigned 64-bit integer."""
-        return int(_U64.unpack(self._take(8, what))[0])
+        return int(_U64.unpack_from(self._view, self._advance(8, what))[0])
+
+    def u32s(self, count: int, what: str) -> tuple[int, ...]:
+        """Read ``count`` unsigned 32-bit integers as a tuple (e.g. a shape)."""
+        if count == 0:
+            return ()
+        return struct.unpack_from(f"<{count}I", self._view, self._advance(4 * count, what))
 
     def f32(self, what: str) -> float:
         """Read a float32 scalar (may be non-finite; callers validate)."""
-        return float(_F32.unpack(self._take(4, what))[0])
+        return float(_F32.unpack_from(self._view, self._advance(4, what))[0])
 
     def raw(self, n: int, what: str) -> memoryview:
         """Read ``n`` raw bytes (a zero-copy view)."""
@@ -123,9 +147,11 @@ class Reader:
 
     def array(self, dtype: type[np.generic], count: int, what: str) -> npt.NDArray[np.generic]:
         """Read ``count`` little-endian items of ``dtype`` (read-only view)."""
-        itemsize = np.dtype(dtype).itemsize
-        buf = self._take(count * itemsize, what)
-        return np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<"), count=count)
+        dt = _LE_DTYPES.get(dtype)
+        if dt is None:
+            dt = _LE_DTYPES[dtype] = np.dtype(dtype).newbyteorder("<")
+        pos = self._advance(count * dt.itemsize, what)
+        return np.frombuffer(self._view, dtype=dt, count=count, offset=pos)
 
     def expect_end(self) -> None:
         """Raise :class:`PayloadError` if unread bytes remain."""

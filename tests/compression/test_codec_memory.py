@@ -1,0 +1,143 @@
+"""Decoding cost is bounded by the model, honest or hostile payload alike.
+
+Peak traced memory (``tracemalloc``, which sees numpy's buffers) of one
+``decode`` stays within ``PEAK_BOUND`` times the model's float32 size, the
+output included, for a ~1M-element model.  No timing is asserted here; the
+numbers are in the benchmark notes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import tracemalloc
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import zstandard
+
+from flowerpress.compression import PayloadError, decode, parse
+
+SHAPES: list[tuple[int, ...]] = [
+    (32, 3, 3, 3), (32,), (64, 32, 3, 3), (64,), (128, 64, 3, 3), (128,),
+    (128, 128, 3, 3), (128,), (256, 3200), (256,), (10, 256), (10,),
+]  # fmt: skip
+N = sum(int(np.prod(s)) for s in SHAPES)
+MODEL_BYTES = 4 * N
+PEAK_BOUND = 3.0
+
+
+def _peak(fn: Callable[[], object]) -> float:
+    tracemalloc.start()
+    try:
+        fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak / MODEL_BYTES
+
+
+def _frame(body: bytes, *, zstd: bool = False) -> bytes:
+    if zstd:
+        frame = zstandard.ZstdCompressor(level=3).compress(body)
+        return b"FPC\x01\x01" + struct.pack("<Q", len(body)) + frame
+    return b"FPC\x01\x00" + body
+
+
+@pytest.fixture(scope="module")
+def update() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["none", "none+zstd", "q:16", "fp16", "randk:0.5", "randk:0.5+zstd", "topk:0.99",
+     "topk:0.99+zstd", "topk:0.5+fp16", "lowrank:4+q:8"],
+)  # fmt: skip
+def test_honest_decode_peak_is_bounded_by_the_model(update: list[np.ndarray], spec: str) -> None:
+    # Prepare
+    payload, _ = parse(spec).encode(update, rng=np.random.default_rng(1))
+
+    # Execute
+    peak = _peak(lambda: decode(payload, max_elements=N, max_tensors=len(SHAPES)))
+
+    # Assert
+    assert peak <= PEAK_BOUND, f"{spec}: decode peak {peak:.2f}x the model"
+
+
+def _hostile_topk(value_section: bytes, b: int) -> bytes:
+    # One tensor holding every element, all kept (the encoder would send it dense).
+    unary = np.packbits(np.ones(N, np.uint8), bitorder="little").tobytes()
+    rem = bytes((N * b + 7) // 8)
+    head = struct.pack("<IBI", 1, 1, N) + struct.pack("<BIBI", 1, N, b, len(unary))
+    return head + unary + rem + value_section
+
+
+HOSTILE = {
+    "topk k=n, float32": lambda: _frame(_hostile_topk(b"\x00" + bytes(4 * N), 0)),
+    "topk k=n, sign, zstd": lambda: _frame(
+        _hostile_topk(b"\x03" + struct.pack("<f", 1.0) + bytes((N + 7) // 8), 3), zstd=True
+    ),
+    "topk k=n, fp16, zstd": lambda: _frame(_hostile_topk(b"\x01" + bytes(2 * N), 0), zstd=True),
+    "randk k=n/2, float32": lambda: _frame(
+        struct.pack("<IBI", 1, 1, N) + struct.pack("<BIQ", 2, N // 2, 12345) + b"\x00"
+        + bytes(4 * (N // 2))
+    ),
+    "q:16 near float32 max (float64 path)": lambda: _frame(
+        struct.pack("<IBI", 1, 1, N) + struct.pack("<BBBI", 0, 2, 16, 1 << 24)
+        + struct.pack("<ff", -3e38, 3e38) + bytes(2 * N)
+    ),
+    "dense zeros, max zstd body": lambda: _frame(
+        struct.pack("<IBI", 1, 1, N) + b"\x00\x00" + bytes(4 * N), zstd=True
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_decode_peak_is_bounded_by_the_model(name: str) -> None:
+    # Prepare
+    payload = HOSTILE[name]()
+
+    # Execute
+    def run() -> None:
+        with contextlib.suppress(PayloadError):
+            decode(payload, max_elements=N, max_tensors=len(SHAPES))
+
+    peak = _peak(run)
+
+    # Assert
+    assert peak <= PEAK_BOUND, f"{name}: decode peak {peak:.2f}x the model"
+
+
+def test_hostile_rice_parameter_is_rejected() -> None:
+    # Prepare: b = 31 would inflate the remainders to 31 bits per index
+    payload = _frame(_hostile_topk(b"\x03" + struct.pack("<f", 1.0) + bytes((N + 7) // 8), 31))
+
+    # Execute / Assert
+    with pytest.raises(PayloadError, match="rice parameter 31 outside"):
+        decode(payload, max_elements=N)
+
+
+def test_many_tiny_tensors_are_rejected_by_the_model_tensor_count() -> None:
+    # Prepare: 65,536 empty-shaped scalars in a few hundred bytes of zstd
+    body = struct.pack("<I", 65536) + (b"\x00\x00\x00" + bytes(4)) * 65536
+    payload = _frame(body, zstd=True)
+    assert len(payload) < 1024
+
+    # Execute
+    def run() -> None:
+        with pytest.raises(PayloadError, match="65536 tensors exceed the bound 12"):
+            decode(payload, max_elements=N, max_tensors=len(SHAPES))
+
+    peak = _peak(run)
+
+    # Assert: rejected before any per-tensor work (the body is ~460 KB)
+    assert peak * MODEL_BYTES < 1 << 20
+
+
+def test_tensor_count_beyond_the_body_is_rejected_before_looping() -> None:
+    payload = _frame(struct.pack("<I", 60000) + bytes(100))
+    with pytest.raises(PayloadError, match="60000 tensors cannot fit in 100 bytes"):
+        decode(payload, max_elements=N)
