@@ -8,7 +8,7 @@ path only:
 
 ``streaming``
     flowerpress's server path: each reply Message (payload ArrayRecord + ``num-examples``)
-    goes through ``flowerpress.server.decoding.extract_update`` as it arrives, is folded
+    goes through ``flowerpress.protocol.validate_train_reply`` as it arrives, is folded
     into ``flowerpress.strategies.FedAvg`` with ``add``, and dropped. Memory is
     O(model + one payload).
 ``flower``
@@ -92,7 +92,8 @@ def reply_message(content: Any, client_id: int) -> Any:
 def run_streaming(global_weights: list[F32], payloads: Sequence[bytes], clients: int) -> list[F32]:
     from flwr.app import MetricRecord, RecordDict
 
-    from flowerpress.server.decoding import extract_update, payload_record
+    from flowerpress.compression.envelope import payload_record
+    from flowerpress.protocol import validate_train_reply
     from flowerpress.strategies import ClientUpdate, FedAvg
 
     strategy = FedAvg()
@@ -100,9 +101,10 @@ def run_streaming(global_weights: list[F32], payloads: Sequence[bytes], clients:
     for client_id, payload, weight in arrivals(payloads, clients):
         content = RecordDict({"arrays": payload_record(payload),
                               "metrics": MetricRecord({"num-examples": weight})})
-        delta = extract_update(reply_message(content, client_id), global_weights)
-        strategy.add(ClientUpdate(delta=delta, weight=weight, node_id=client_id))
-        del content, delta
+        checked = validate_train_reply(reply_message(content, client_id), global_weights)
+        strategy.add(ClientUpdate(delta=checked.delta, weight=checked.weight,
+                                  node_id=client_id))
+        del content, checked
     return [np.asarray(a, dtype=np.float32) for a in strategy.result()]
 
 
@@ -115,7 +117,7 @@ def run_flower(global_weights: list[F32], payloads: Sequence[bytes], clients: in
     max_elements = sum(int(g.size) for g in global_weights)
     replies = []
     for client_id, payload, weight in arrivals(payloads, clients):
-        delta = decode(payload, max_elements=max_elements)
+        delta = decode(payload, max_elements=max_elements, max_tensors=len(global_weights))
         local = [g + np.asarray(d, dtype=np.float32)
                  for g, d in zip(global_weights, delta, strict=True)]
         content = RecordDict({"arrays": ArrayRecord(local),

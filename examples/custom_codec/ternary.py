@@ -17,7 +17,8 @@ It is written only against the public interface of
 
 or name it by import path, which registers it too (run from the project root)::
 
-    flowerpress simulate --out runs/tern --set compression=examples.custom_codec.ternary:Ternary+zstd
+    flowerpress simulate --out runs/tern \
+        --set compression=examples.custom_codec.ternary:Ternary+zstd
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from flowerpress.client.mods import STATE_KEY, compression_mod
 from flowerpress.compression import decode, parse
 from flowerpress.compression.envelope import is_payload, payload_record
-from flowerpress.server.decoding import extract_update
+from flowerpress.protocol import validate_train_reply
 from flowerpress.testing import server_identity
 
 SHAPES = [(20, 10), (10,)]
@@ -71,7 +71,7 @@ def test_compressed_broadcast_is_decoded_and_delta_taken_against_it() -> None:
         msg = _train_msg(payload_record(payload), "none")
         # Execute
         reply = app(msg, ctx)
-        delta = extract_update(reply, received)
+        delta = validate_train_reply(reply, received).delta
     # Assert: the delta is exactly what the app added to what it received
     for d in delta:
         np.testing.assert_allclose(d, 1.0, atol=1e-6)
