@@ -44,7 +44,7 @@ from typing import Any
 
 import dp_accounting
 import numpy as np
-from dp_accounting.pld import PLDAccountant
+from dp_accounting.pld import privacy_loss_distribution
 from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS, compute_epsilon
 from numpy.typing import NDArray
@@ -147,7 +147,7 @@ def _release_rdp(release: GaussianRelease, orders: tuple[float, ...]) -> tuple[f
         orders=list(orders), neighboring_relation=_DP_RELATION[release.relation]
     )
     accountant.compose(dp_event(release))
-    return tuple(float(v) for v in accountant._rdp)  # noqa: SLF001 - the composed vector
+    return tuple(float(v) for v in accountant.rdp)
 
 
 class RdpGaussianAccountant(Accountant):
@@ -191,51 +191,83 @@ def _rdp_epsilon(rdp: NDArray[np.float64], orders: Sequence[float], delta: float
     return float(compute_epsilon(np.asarray(orders), rdp, delta)[0])
 
 
+@functools.lru_cache(maxsize=256)
+def _release_pld(
+    release: GaussianRelease, interval: float
+) -> privacy_loss_distribution.PrivacyLossDistribution:
+    """PLD of one release, built as dp_accounting's ``PLDAccountant`` builds it; memoized.
+
+    Building a subsampled-Gaussian PLD costs seconds; composing built ones is cheap.
+    """
+    if release.sampling == "fixed" and release.sample_size < release.population:
+        raise ValueError("pld accountant: sampling without replacement is not supported")
+    q = release.probability if release.sampling == "poisson" else 1.0
+    return privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=release.noise_multiplier,
+        value_discretization_interval=interval,
+        sampling_prob=q,
+        neighboring_relation=_DP_RELATION[release.relation],
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _release_pld_composed(
+    release: GaussianRelease, count: int, interval: float
+) -> privacy_loss_distribution.PrivacyLossDistribution:
+    return _release_pld(release, interval).self_compose(count)
+
+
 class PldAccountant(Accountant):
-    """Privacy loss distributions with dp_accounting's ``PLDAccountant`` (pessimistic).
+    """Privacy loss distributions, as dp_accounting's ``PLDAccountant`` (pessimistic).
 
     Numerically tight for plain and Poisson-subsampled Gaussians (Koskela, Jälkö &
     Honkela 2020; Doroshenko et al. 2022, "Connect the Dots"). dp_accounting has no PLD
     for sampling without replacement, so ``fixed`` releases are not supported. All
-    releases composed into one instance must share a neighbouring relation.
+    releases composed into one instance must share a neighbouring relation. The same
+    PLDs as ``PLDAccountant`` builds, memoized per distinct release and composed on
+    demand, so a run that repeats a release pays for building it once.
     """
 
     def __init__(self, value_discretization_interval: float = 1e-4) -> None:
         self.value_discretization_interval = value_discretization_interval
-        self._relation: Relation | None = None
-        self._accountant: PLDAccountant | None = None
+        self._counts: Counter[GaussianRelease] = Counter()
+        self._cached: tuple[tuple[tuple[GaussianRelease, int], ...], float, float] | None = None
 
     def supports(self, release: GaussianRelease) -> bool:
         """Plain and Poisson Gaussians with one relation."""
         if release.sampling == "fixed" and release.sample_size < release.population:
             return False
         if release.sampling == "poisson" and release.probability < 1.0:
-            ok = release.relation == "zero-out"
-        else:
-            ok = True
-        return ok and self._relation in (None, release.relation)
+            if release.relation != "zero-out":
+                return False
+        return all(r.relation == release.relation for r in self._counts)
 
     def compose(self, release: GaussianRelease, count: int = 1) -> None:
         """Compose ``count`` copies of ``release``."""
         if not self.supports(release):
             raise ValueError(f"pld accountant: unsupported release {release!r}")
-        if self._accountant is None:
-            self._relation = release.relation
-            self._accountant = PLDAccountant(
-                neighboring_relation=_DP_RELATION[release.relation],
-                value_discretization_interval=self.value_discretization_interval,
-            )
-        self._accountant.compose(dp_event(release), count)
+        self._counts[release] += count
 
     def get_epsilon(self, delta: float) -> float:
         """Epsilon at ``delta`` (an upper bound: pessimistic discretization)."""
-        if self._accountant is None:
+        if not self._counts:
             return 0.0
-        return float(self._accountant.get_epsilon(delta))
+        key = tuple(self._counts.items())
+        if self._cached is not None and self._cached[0] == key and self._cached[1] == delta:
+            return self._cached[2]
+        interval = self.value_discretization_interval
+        pld = None
+        for release, count in key:
+            part = _release_pld_composed(release, count, interval)
+            pld = part if pld is None else pld.compose(part)
+        assert pld is not None
+        epsilon = float(pld.get_epsilon_for_delta(delta))
+        self._cached = (key, delta, epsilon)
+        return epsilon
 
     def describe(self) -> str:
         """Library and method."""
-        return f"dp_accounting {version('dp-accounting')} PLDAccountant (pessimistic)"
+        return f"dp_accounting {version('dp-accounting')} PLD (pessimistic, as PLDAccountant)"
 
 
 register_accountant("rdp", RdpGaussianAccountant)
@@ -546,6 +578,7 @@ class ServerPrivacy:
         self._participation: Counter[ClientId] = Counter()
         self._nominal = 0.0
         self._exceeded = False
+        self._by_accountant: tuple[int, dict[str, float | None]] | None = None
 
     # -- per round ---------------------------------------------------------------------
 
@@ -766,26 +799,24 @@ class ServerPrivacy:
         _check_int("aggregated", k, 0, len(ids) if ids else 0)
         clip_used = self._clip
         self._rounds += 1
-        if ids:
+        per_update = self.mechanism.per_update or not self.weighted_sum
+        # Without per-update releases, a round that aggregated nothing released nothing
+        # data-dependent (dropouts are assumed independent of the private data).
+        if ids and (per_update or k > 0):
             release = self._release(cohort=cohort, aggregated=k, population=n_r,
                                     topped_up=topped_up)
             if self.per_client:
-                if self.mechanism.per_update or not self.weighted_sum:
-                    charged = ids  # every released update
-                elif k == 0:
-                    charged = []  # nothing data-dependent reached the model
-                else:
-                    charged = ids if aggregated_ids is None else [
-                        _check_client_id(i) for i in aggregated_ids
-                    ]
+                charged = ids if per_update or aggregated_ids is None else [
+                    _check_client_id(i) for i in aggregated_ids
+                ]
                 for client in charged:
                     self._clients.setdefault(client, Counter())[release.noise_multiplier] += 1
                 self._nominal = self._client_epsilon(self._worst_client())
-            elif k > 0:
+            else:
                 self._aggregate.compose(release)
                 self._history.append(release)
                 self._nominal = self._aggregate.get_epsilon(self.delta)
-            self._participation.update(ids)
+        self._participation.update(ids)
         if self.max_epsilon is not None and self._nominal > self.max_epsilon:
             self._exceeded = True
         if self.clip_rule.releases_indicator:
@@ -804,6 +835,8 @@ class ServerPrivacy:
         """
         from flowerpress.privacy.registry import available_accountants
 
+        if self._by_accountant is not None and self._by_accountant[0] == self._rounds:
+            return dict(self._by_accountant[1])
         out: dict[str, float | None] = {}
         for name in available_accountants():
             try:
@@ -816,7 +849,8 @@ class ServerPrivacy:
                     out[name] = acc.get_epsilon(self.delta)
             except (ValueError, TypeError, NotImplementedError):
                 out[name] = None
-        return out
+        self._by_accountant = (self._rounds, out)
+        return dict(out)
 
     def privacy_block(self) -> dict[str, Any]:
         """The ``privacy`` block of results.json (valid JSON: no infinities)."""
@@ -941,6 +975,7 @@ class ServerPrivacy:
         self._clients = clients
         self._participation = participation
         self._clip = clip
+        self._by_accountant = None
         self._rounds = _check_int("privacy state rounds", state["rounds"], 0)
         self._exceeded = bool(state.get("budget_exceeded", False))
         if self.per_client:

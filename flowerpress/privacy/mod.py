@@ -320,7 +320,7 @@ def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
     received = _ordered_arrays(msg.content, "incoming")
     try:
         reply = call_next(msg, context)
-    except Exception as exc:  # noqa: BLE001 - its text may quote private values
+    except Exception as exc:  # any failure: its text may quote private values
         return _withheld(msg, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, repr(exc))
     if reply.has_error():
         return _withheld(msg, reply.error.code, str(reply.error.reason))

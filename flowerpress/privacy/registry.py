@@ -177,7 +177,8 @@ T = TypeVar("T")
 
 
 class _Registry(Generic[T]):
-    def __init__(self, what: str, base: type[T]) -> None:
+    def __init__(self, what: str, base: type) -> None:
+        # ``type`` rather than ``type[T]``: the bases are abstract (mypy type-abstract).
         self.what = what
         self.base = base
         self.entries: dict[str, type[T]] = {}
