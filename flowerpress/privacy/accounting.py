@@ -237,9 +237,9 @@ class PldAccountant(Accountant):
         """Plain and Poisson Gaussians with one relation."""
         if release.sampling == "fixed" and release.sample_size < release.population:
             return False
-        if release.sampling == "poisson" and release.probability < 1.0:
-            if release.relation != "zero-out":
-                return False
+        poisson = release.sampling == "poisson" and release.probability < 1.0
+        if poisson and release.relation != "zero-out":
+            return False
         return all(r.relation == release.relation for r in self._counts)
 
     def compose(self, release: GaussianRelease, count: int = 1) -> None:
