@@ -202,8 +202,15 @@ def _release_pld(
     if release.sampling == "fixed" and release.sample_size < release.population:
         raise ValueError("pld accountant: sampling without replacement is not supported")
     q = release.probability if release.sampling == "poisson" else 1.0
+    # dp_accounting's PLD under REPLACE_ONE compares N(-s, sigma^2) with N(+s, sigma^2):
+    # its ``sensitivity`` is the per-record bound and the means differ by 2s, while its
+    # RDP accountant reads a GaussianDpEvent multiplier against the whole difference.
+    # Our multipliers are against the whole difference (2C), so s = 1/2 here; passing
+    # s = 1 would silently charge twice the sensitivity.
+    sensitivity = 0.5 if release.relation == "replace-one" else 1.0
     return privacy_loss_distribution.from_gaussian_mechanism(
         standard_deviation=release.noise_multiplier,
+        sensitivity=sensitivity,
         value_discretization_interval=interval,
         sampling_prob=q,
         neighboring_relation=_DP_RELATION[release.relation],

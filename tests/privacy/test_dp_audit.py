@@ -357,3 +357,18 @@ def test_reported_epsilon_never_below_the_released_mechanism(run: dict[str, Any]
     assert eps >= _reference(run, device_std) * (1 - 1e-9)
     assert Counter(server.participation()) == Counter(
         c for _, ids, _ in run["rounds"] for c in ids)
+
+
+def test_pld_reads_replace_one_multipliers_like_rdp() -> None:
+    # dp_accounting's PLD shifts by 2*sensitivity under REPLACE_ONE; our multipliers are
+    # against the whole difference, so a replace-one release must cost what the same
+    # Gaussian costs under zero-out (one shift of the same size), and no more than RDP.
+    from flowerpress.privacy import GaussianRelease, make_accountant
+
+    replace_one, zero_out, rdp = (make_accountant(n) for n in ("pld", "pld", "rdp"))
+    replace_one.compose(GaussianRelease(1.0, "replace-one"), 20)
+    zero_out.compose(GaussianRelease(1.0, "zero-out"), 20)
+    rdp.compose(GaussianRelease(1.0, "replace-one"), 20)
+
+    assert replace_one.get_epsilon(DELTA) == pytest.approx(zero_out.get_epsilon(DELTA), rel=1e-6)
+    assert 0.9 * rdp.get_epsilon(DELTA) < replace_one.get_epsilon(DELTA) <= rdp.get_epsilon(DELTA)
