@@ -804,18 +804,29 @@ class ServerPrivacy:
         _check_int("population", n_r, cohort, self.num_clients)
         k = len(ids) if aggregated is None else aggregated
         _check_int("aggregated", k, 0, len(ids) if ids else 0)
+        per_update = self.mechanism.per_update or not self.weighted_sum
+        charged = ids
+        if aggregated_ids is not None and not per_update:
+            charged = [_check_client_id(i) for i in aggregated_ids]
+            distinct = set(charged)
+            if not distinct <= set(ids) or len(distinct) != len(charged) or len(charged) != k:
+                raise ValueError(
+                    f"aggregated_ids must be {k} distinct participants, got {aggregated_ids!r}"
+                )
+        indicators = [
+            float(m[METRIC_CLIP_INDICATOR]) for m in reply_metrics if METRIC_CLIP_INDICATOR in m
+        ]
+        if not all(math.isfinite(b) for b in indicators):
+            raise ValueError(f"{METRIC_CLIP_INDICATOR} values must be finite")
+        # Validated: from here on the ledger changes.
         clip_used = self._clip
         self._rounds += 1
-        per_update = self.mechanism.per_update or not self.weighted_sum
         # Without per-update releases, a round that aggregated nothing released nothing
         # data-dependent (dropouts are assumed independent of the private data).
         if ids and (per_update or k > 0):
             release = self._release(cohort=cohort, aggregated=k, population=n_r,
                                     topped_up=topped_up)
             if self.per_client:
-                charged = ids if per_update or aggregated_ids is None else [
-                    _check_client_id(i) for i in aggregated_ids
-                ]
                 for client in charged:
                     self._clients.setdefault(client, Counter())[release.noise_multiplier] += 1
                 self._nominal = self._client_epsilon(self._worst_client())
@@ -827,9 +838,6 @@ class ServerPrivacy:
         if self.max_epsilon is not None and self._nominal > self.max_epsilon:
             self._exceeded = True
         if self.clip_rule.releases_indicator:
-            indicators = [
-                float(m[METRIC_CLIP_INDICATOR]) for m in reply_metrics if METRIC_CLIP_INDICATOR in m
-            ]
             self._clip = self.clip_rule.next_clip(clip_used, indicators, self.settings)
         return self.epsilon
 

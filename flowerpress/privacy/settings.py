@@ -26,7 +26,7 @@ from typing import Literal
 
 # Registers the built-in mechanisms and clipping rules (numpy only, device-safe).
 import flowerpress.privacy.mechanisms  # noqa: F401
-from flowerpress.privacy.registry import available_clippings, available_mechanisms
+from flowerpress.privacy.registry import available_clippings, available_mechanisms, get_clipping
 
 Mode = str  # a registered DP mechanism name
 RngMode = Literal["secure", "seeded"]
@@ -123,8 +123,6 @@ class DpSettings:
     @property
     def adaptive(self) -> bool:
         """Whether the clip rule releases a noised clip indicator (adaptive clipping)."""
-        from flowerpress.privacy.registry import get_clipping
-
         return get_clipping(self.clipping).releases_indicator
 
     def to_spec(self) -> str:

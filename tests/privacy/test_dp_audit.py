@@ -372,3 +372,28 @@ def test_pld_reads_replace_one_multipliers_like_rdp() -> None:
 
     assert replace_one.get_epsilon(DELTA) == pytest.approx(zero_out.get_epsilon(DELTA), rel=1e-6)
     assert 0.9 * rdp.get_epsilon(DELTA) < replace_one.get_epsilon(DELTA) <= rdp.get_epsilon(DELTA)
+
+
+def test_predictable_charges_only_the_aggregated_clients() -> None:
+    server = _server("distributed:clip=1.0,noise=2.0", m=3, sampling="predictable")
+
+    server.end_round(["a", "b", "c"], [], aggregated=2, aggregated_ids=["a", "b"])
+    eps = server.end_round(["a", "d", "e"], [], aggregated=3)
+
+    # "a": two aggregates, std 2*sqrt(2/3) then 2 (sensitivity 2): multipliers below.
+    assert eps == pytest.approx(_gaussian_epsilon([math.sqrt(2 / 3), 1.0]), rel=1e-12)
+    with pytest.raises(ValueError, match="aggregated_ids"):
+        server.end_round(["x", "y"], [], aggregated=1, aggregated_ids=["z"])
+
+
+def test_a_refused_end_round_changes_nothing() -> None:
+    server = _server("distributed:clip=1.0,noise=1.0,quantile=0.5", m=3, sampling="predictable")
+    before = server.state_dict()
+
+    with pytest.raises(ValueError, match="aggregated_ids"):
+        server.end_round([1, 2, 3], [{"dp-clip-indicator": 0.0}], aggregated=2,
+                         aggregated_ids=[1, 1])
+    with pytest.raises(ValueError, match="dp-clip-indicator"):
+        server.end_round([1, 2, 3], [{"dp-clip-indicator": float("nan")}])
+
+    assert server.state_dict() == before
