@@ -57,6 +57,7 @@ from flowerpress.privacy.mechanisms import (
     add_gaussian_noise,
     clip_inplace,
     gaussian_like,
+    opendp_gaussian,
     secure_generator,
     seeded_generator,
 )
@@ -338,7 +339,10 @@ def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
     delta = [local[k].astype(np.float64) - received[k].astype(np.float64) for k in local]
     norm = clip_inplace(delta, clip=clip)
     own = device_noise_multiplier(settings, cohort_size=clients)
-    noised = add_gaussian_noise(delta, std=own * clip, rng=rng_update)
+    if settings.rng == "opendp":
+        noised = [opendp_gaussian(d, std=own * clip) for d in delta]
+    else:
+        noised = add_gaussian_noise(delta, std=own * clip, rng=rng_update)
     del delta
 
     out = ArrayRecord()
@@ -348,7 +352,10 @@ def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
     if settings.adaptive and settings.count_noise is not None:
         indicator = 1.0 if norm <= clip else 0.0
         count_std = mechanism.device_noise_multiplier(settings.count_noise, cohort_size=clients)
-        noise = gaussian_like((), std=count_std, rng=rng_count)
-        metrics[METRIC_CLIP_INDICATOR] = float(indicator + float(noise))
+        if settings.rng == "opendp":
+            released = float(opendp_gaussian(np.array([indicator]), std=count_std)[0])
+        else:
+            released = indicator + float(gaussian_like((), std=count_std, rng=rng_count))
+        metrics[METRIC_CLIP_INDICATOR] = released
     reply.content = RecordDict({ARRAYS: out, METRICS: metrics})
     return reply

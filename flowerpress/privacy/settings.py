@@ -11,7 +11,8 @@ Required keys: ``clip`` (L2 clip norm C > 0) and ``noise`` (noise multiplier z >
 Optional keys: ``quantile`` (turns on adaptive clipping, target quantile in (0, 1)),
 ``clip-lr`` (adaptive clipping learning rate, default 0.2), ``count-noise`` (std of the
 noise on the clip-indicator count, default chosen by the server), ``rng`` (``secure``
-default, or ``seeded`` for reproducible simulations, which is not private),
+default; ``opendp`` for OpenDP's floating-point-safe sampler, slow, small models only;
+or ``seeded`` for reproducible simulations, which is not private),
 ``clipping`` (a registered clipping rule; default ``adaptive`` with ``quantile``, else
 ``fixed``).
 
@@ -29,9 +30,9 @@ import flowerpress.privacy.mechanisms  # noqa: F401
 from flowerpress.privacy.registry import available_clippings, available_mechanisms, get_clipping
 
 Mode = str  # a registered DP mechanism name
-RngMode = Literal["secure", "seeded"]
+RngMode = Literal["secure", "seeded", "opendp"]
 
-RNG_MODES: tuple[RngMode, ...] = ("secure", "seeded")
+RNG_MODES: tuple[RngMode, ...] = ("secure", "seeded", "opendp")
 _KEYS = ("clip", "noise", "quantile", "clip-lr", "count-noise", "rng", "clipping")
 
 DEFAULT_CLIP_LR = 0.2  # Andrew et al. 2021 use eta_C = 0.2 in their experiments.
@@ -69,8 +70,9 @@ class DpSettings:
     count_noise : float or None
         Std sigma_b of the noise on the clip-indicator sum; ``None`` lets the server pick
         ``max(clients_per_round / 20, noise)`` (Andrew et al. suggest m/20).
-    rng : {"secure", "seeded"}
-        ``secure`` draws noise from a generator seeded with OS entropy (deployment);
+    rng : {"secure", "seeded", "opendp"}
+        ``secure`` draws noise from a generator keyed with OS entropy (deployment);
+        ``opendp`` from OpenDP's exact, floating-point-safe sampler (small models);
         ``seeded`` derives it from the run seed (reproducible simulations only; the
         accountant reports epsilon = infinity).
     clipping : str

@@ -20,7 +20,13 @@ from flwr.app import (
 )
 from flwr.common.constant import ErrorCode
 
-from flowerpress.privacy import add_gaussian_noise, clip_inplace, dp_mod, seeded_generator
+from flowerpress.privacy import (
+    adaptive_update_noise,
+    add_gaussian_noise,
+    clip_inplace,
+    dp_mod,
+    seeded_generator,
+)
 from flowerpress.privacy.mod import WITHHELD_REASON
 
 SIM_NODE = {"partition-id": 3, "num-partitions": 10, "dp-allow-seeded": True}
@@ -282,3 +288,21 @@ def test_reply_with_other_keys_is_rejected() -> None:
 
     with pytest.raises(ValueError, match="keys"):
         dp_mod(msg, _context(SIM_NODE), wrong)
+
+
+def test_opendp_sampler_noises_small_models() -> None:
+    # Prepare: OpenDP is optional (pip install opendp).
+    pytest.importorskip("opendp")
+    received = [np.zeros(3000, np.float32)]
+    spec = "distributed:clip=2.0,noise=1.5,quantile=0.5,count-noise=2.0,rng=opendp"
+    msg = _message(_config(spec, **{"dp-clip": 2.0, "clients-per-round": 9}), received)
+
+    # Execute
+    reply = dp_mod(msg, _context({}), _trainer(0.0))
+
+    # Assert: float32 out, std z_u*C/sqrt(9) within 5 standard errors, noised indicator.
+    noise = _arrays(reply)[0]
+    assert noise.dtype == np.float32
+    expected = adaptive_update_noise(1.5, 2.0) * 2.0 / 3.0
+    assert abs(noise.astype(np.float64).std() / expected - 1) < 5 / math.sqrt(2 * noise.size)
+    assert reply.content["metrics"]["dp-clip-indicator"] not in (0.0, 1.0)
