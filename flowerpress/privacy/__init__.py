@@ -40,6 +40,7 @@ from flowerpress.privacy.registry import (
     register_clipping,
     register_mechanism,
 )
+from flowerpress.privacy.sampling import sample_cohort
 from flowerpress.privacy.settings import DpSettings, parse_dp
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ __all__ = [
     "register_accountant",
     "register_clipping",
     "register_mechanism",
+    "sample_cohort",
     "secure_generator",
     "seeded_generator",
 ]
