@@ -634,6 +634,8 @@ class ServerPrivacy:
         """
         if isinstance(server_round, bool) or not isinstance(server_round, int):
             raise ValueError(f"server_round must be an int, got {server_round!r}")
+        if cohort_size is None and self.sampling == "poisson":
+            raise ValueError("cohort_size is required with poisson sampling (its size varies)")
         cohort = self._cohort(cohort_size)
         self._sent_cohort = cohort
         return {
@@ -696,6 +698,8 @@ class ServerPrivacy:
         (unless the server tops the noise up, ``topped_up=True``), and, for per-client
         ledgers, the round's cohort includes the client charged most so far.
         """
+        if cohort_size is None and self.sampling == "poisson":
+            cohort_size = self.num_clients  # a Poisson cohort can be everyone: worst case
         cohort = self._cohort(cohort_size)
         n_r = self.num_clients if population is None else population
         _check_int("population", n_r, cohort, self.num_clients)
@@ -721,8 +725,9 @@ class ServerPrivacy:
         """Whether the next round stays within ``max_epsilon`` in its worst case.
 
         Pass the cohort the round will use (``cohort_size``; for Poisson sampling draw it
-        first) and the number of nodes it is drawn from (``population``). Under
-        ``rng=seeded`` the check uses the nominal epsilon.
+        first, else the worst case ``num_clients`` is assumed) and the number of nodes it
+        is drawn from (``population``). Under ``rng=seeded`` the check uses the nominal
+        epsilon.
         """
         if self.max_epsilon is None:
             return True, ""
@@ -732,7 +737,7 @@ class ServerPrivacy:
             return False, (
                 f"privacy budget: the next round could bring epsilon to {nxt:.4g} "
                 f"> max-epsilon {self.max_epsilon:g} at delta {self.delta:g} "
-                f"(worst case {min(self.min_replies, self._cohort(cohort_size))} valid "
+                f"(worst case {self.min_replies} valid "
                 f"replies; spent so far {self._nominal:.4g})"
             )
         return True, ""

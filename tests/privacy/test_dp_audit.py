@@ -397,3 +397,14 @@ def test_a_refused_end_round_changes_nothing() -> None:
         server.end_round([1, 2, 3], [{"dp-clip-indicator": float("nan")}])
 
     assert server.state_dict() == before
+
+
+def test_poisson_needs_the_drawn_cohort_size() -> None:
+    server = _server("distributed:clip=1.0,noise=1.0", sampling="poisson", min_replies=2,
+                     max_epsilon=1e6)
+
+    with pytest.raises(ValueError, match="cohort_size"):
+        server.train_config(1)
+    # Without the drawn size the budget check assumes the largest cohort: everyone.
+    assert server.peek_epsilon() == server.peek_epsilon(cohort_size=50)
+    assert server.peek_epsilon() > server.peek_epsilon(cohort_size=10)
