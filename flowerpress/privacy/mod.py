@@ -8,7 +8,12 @@ train -> clip -> noise -> compress::
 Everything the reply carries with DP on is either the noised update (added back to
 the weights the client received), the noised clip indicator, or a constant:
 ``num-examples`` is reported as 1 and other metrics (train loss, ...) and records are
-withheld, because they are derived from the private data without noise.
+withheld, because they are derived from the private data without noise. Error replies
+are generic for the same reason: a failing ClientApp's message or exception text (a
+loss, a norm) is logged on the device and replaced by a fixed sentence.
+
+This module imports only numpy, Flower and the light parts of ``flowerpress.privacy``:
+never ``dp_accounting`` or ``scipy`` (the server's accountant).
 """
 
 from __future__ import annotations
@@ -34,17 +39,29 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from numpy.typing import NDArray
 
-from flowerpress.privacy.accounting import CONFIG_CLIP, CONFIG_DP, METRIC_CLIP_INDICATOR
+from flowerpress.privacy.keys import (
+    CONFIG_CLIENTS_PER_ROUND,
+    CONFIG_CLIP,
+    CONFIG_DP,
+    CONFIG_ROUND,
+    CONFIG_SEED,
+    METRIC_CLIP_INDICATOR,
+    NODE_ALLOW_SEEDED,
+    NODE_MAX_CLIP,
+    NODE_MIN_NOISE,
+    NODE_MODES,
+)
 from flowerpress.privacy.mechanisms import (
     STREAM_COUNT_NOISE,
     STREAM_UPDATE_NOISE,
-    adaptive_update_noise,
     add_gaussian_noise,
     clip_inplace,
     gaussian_like,
+    opendp_gaussian,
     secure_generator,
     seeded_generator,
 )
+from flowerpress.privacy.registry import get_clipping, get_mechanism
 from flowerpress.privacy.settings import DpSettings, parse_dp
 
 log = logging.getLogger(__name__)
@@ -54,17 +71,14 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 METRIC_NUM_EXAMPLES = "num-examples"
-CONFIG_ROUND = "server-round"
-CONFIG_SEED = "seed"
-CONFIG_CLIENTS_PER_ROUND = "clients-per-round"
-
-# Node config keys a device sets to protect itself.
-NODE_MIN_NOISE = "dp-min-noise"
-NODE_MAX_CLIP = "dp-max-clip"
-NODE_ALLOW_SEEDED = "dp-allow-seeded"
 PARTITION_ID = "partition-id"
 
 REFUSAL_CODE = ErrorCode.MOD_FAILED_PRECONDITION
+#: The only text an error reply carries when the ClientApp fails under DP.
+WITHHELD_REASON = (
+    "dp_mod: the client app failed; details withheld under differential privacy "
+    "(they may depend on the private data) and logged on the device"
+)
 
 
 def _node_float(node_config: Mapping[str, object], key: str) -> float | None:
@@ -101,31 +115,51 @@ class DevicePolicy:
     Attributes
     ----------
     min_noise : float or None
-        ``dp-min-noise``: refuse a noise multiplier below this (and refuse DP off).
+        ``dp-min-noise``: refuse a request that leaves this device's own update with a
+        noise multiplier (std / clip) below this: ``z_u/sqrt(clients-per-round)`` in
+        distributed mode, ``z_u`` in local mode (and refuse DP off).
     max_clip : float or None
         ``dp-max-clip``: refuse a clip norm above this (and refuse DP off).
     allow_seeded : bool
-        ``dp-allow-seeded``: accept ``rng=seeded`` (whose noise the server can recompute).
-        Defaults to True only on simulation nodes (node config has ``partition-id`` and
-        ``num-partitions``, as Flower's simulation engine sets).
+        ``dp-allow-seeded``: accept ``rng=seeded`` (whose noise anyone with the run seed
+        can recompute). False unless the node config sets it, on simulation nodes too.
+    modes : tuple of str or None
+        ``dp-modes``: comma-separated mechanisms this node accepts (e.g. ``local``);
+        ``None`` accepts every registered one.
     """
 
     min_noise: float | None
     max_clip: float | None
-    allow_seeded: bool
+    allow_seeded: bool = False
+    modes: tuple[str, ...] | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> DevicePolicy:
         """Read the policy; ValueError naming a malformed key."""
-        simulated = PARTITION_ID in node_config and "num-partitions" in node_config
+        modes: tuple[str, ...] | None = None
+        if NODE_MODES in node_config:
+            raw = node_config[NODE_MODES]
+            if not isinstance(raw, str) or not raw.strip():
+                raise ValueError(
+                    f"node config {NODE_MODES} must be a comma-separated list of DP mechanisms, "
+                    f"got {raw!r}"
+                )
+            modes = tuple(m.strip().lower() for m in raw.split(",") if m.strip())
         return cls(
             min_noise=_node_float(node_config, NODE_MIN_NOISE),
             max_clip=_node_float(node_config, NODE_MAX_CLIP),
-            allow_seeded=_node_bool(node_config, NODE_ALLOW_SEEDED, simulated),
+            allow_seeded=_node_bool(node_config, NODE_ALLOW_SEEDED, False),
+            modes=modes,
         )
 
-    def refusal(self, settings: DpSettings | None, clip: float | None) -> str | None:
-        """Reason to refuse this request, or None to accept it."""
+    def refusal(
+        self, settings: DpSettings | None, clip: float | None, *, cohort_size: int = 1
+    ) -> str | None:
+        """Reason to refuse this request, or None to accept it.
+
+        ``cohort_size`` is the request's ``clients-per-round``: in distributed mode this
+        device adds only ``1/sqrt(cohort_size)`` of the noise.
+        """
         if settings is None:
             if self.min_noise or self.max_clip is not None:
                 return (
@@ -134,10 +168,18 @@ class DevicePolicy:
                     f"{self.max_clip if self.max_clip is not None else 'inf'} ({NODE_MAX_CLIP})"
                 )
             return None
-        if self.min_noise is not None and settings.noise < self.min_noise:
+        if self.modes is not None and settings.mode not in self.modes:
             return (
-                f"dp_mod refused: requested noise multiplier {settings.noise:g} is below this "
-                f"node's {NODE_MIN_NOISE}={self.min_noise:g}"
+                f"dp_mod refused: requested mode {settings.mode} is not in this node's "
+                f"{NODE_MODES}={','.join(self.modes)}"
+            )
+        own = device_noise_multiplier(settings, cohort_size=cohort_size)
+        if self.min_noise is not None and own < self.min_noise:
+            return (
+                f"dp_mod refused: the request leaves this device's update with noise "
+                f"multiplier {own:g} (mode {settings.mode}, z={settings.noise:g}, "
+                f"{CONFIG_CLIENTS_PER_ROUND}={cohort_size}), below this node's "
+                f"{NODE_MIN_NOISE}={self.min_noise:g}"
             )
         if self.max_clip is not None and clip is not None and clip > self.max_clip:
             return (
@@ -150,6 +192,14 @@ class DevicePolicy:
                 f"accepts it only with {NODE_ALLOW_SEEDED}=true"
             )
         return None
+
+
+def device_noise_multiplier(settings: DpSettings, *, cohort_size: int) -> float:
+    """Noise std / clip this device adds to its own update for ``settings``."""
+    update_noise = get_clipping(settings.clipping).update_noise_multiplier(settings)
+    return get_mechanism(settings.mode).device_noise_multiplier(
+        update_noise, cohort_size=cohort_size
+    )
 
 
 def _is_train(msg: Message) -> bool:
@@ -196,6 +246,12 @@ def _refuse(msg: Message, reason: str) -> Message:
     return Message(Error(code=REFUSAL_CODE, reason=reason), reply_to=msg)
 
 
+def _withheld(msg: Message, code: int, detail: str) -> Message:
+    # The detail may quote a local loss or norm: it stays in the device's log.
+    log.warning("dp_mod: client app failed (withheld from the reply): %s", detail)
+    return Message(Error(code=code, reason=WITHHELD_REASON), reply_to=msg)
+
+
 def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Clip the client's update to C and add Gaussian noise before it leaves the device.
 
@@ -219,7 +275,9 @@ def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
         The reply with ``"arrays"`` = received weights + privatized delta and a metric
         record holding only ``num-examples`` = 1 and, with adaptive clipping, the noised
         ``dp-clip-indicator``; or an error reply with code ``MOD_FAILED_PRECONDITION``
-        when the request is weaker than the node's ``dp-min-noise`` / ``dp-max-clip``.
+        when the request is weaker than the node's ``dp-min-noise`` / ``dp-max-clip`` /
+        ``dp-modes`` / ``dp-allow-seeded``; or, when the ClientApp fails, an error reply
+        with its code and the fixed :data:`WITHHELD_REASON`.
     """
     if not _is_train(msg):
         return call_next(msg, context)
@@ -238,12 +296,11 @@ def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
         raise ValueError(f"dp_mod: train config {CONFIG_CLIP!r} must be > 0, got {clip!r}")
     if settings.adaptive and settings.count_noise is None:
         raise ValueError("dp_mod: adaptive clipping request lacks count-noise in 'dp'")
+    mechanism = get_mechanism(settings.mode)
     clients = (
-        _config_int(config, CONFIG_CLIENTS_PER_ROUND, minimum=1)
-        if settings.mode == "distributed"
-        else 1
+        1 if mechanism.per_update else _config_int(config, CONFIG_CLIENTS_PER_ROUND, minimum=1)
     )
-    reason = policy.refusal(settings, clip)
+    reason = policy.refusal(settings, clip, cohort_size=clients)
     if reason:
         return _refuse(msg, reason)
 
@@ -262,9 +319,12 @@ def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
         rng_count = rng_update
 
     received = _ordered_arrays(msg.content, "incoming")
-    reply = call_next(msg, context)
+    try:
+        reply = call_next(msg, context)
+    except Exception as exc:  # any failure: its text may quote private values
+        return _withheld(msg, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, repr(exc))
     if reply.has_error():
-        return reply
+        return _withheld(msg, reply.error.code, str(reply.error.reason))
     local = _ordered_arrays(reply.content, "reply")
     if list(local) != list(received):
         raise ValueError("dp_mod: reply array keys differ from the received model's keys")
@@ -278,13 +338,11 @@ def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
     # clip -> noise, all in float64; the raw norm stays in this frame.
     delta = [local[k].astype(np.float64) - received[k].astype(np.float64) for k in local]
     norm = clip_inplace(delta, clip=clip)
-    update_noise = (
-        adaptive_update_noise(settings.noise, settings.count_noise)
-        if settings.adaptive and settings.count_noise is not None
-        else settings.noise
-    )
-    share = 1.0 / math.sqrt(clients)
-    noised = add_gaussian_noise(delta, std=update_noise * clip * share, rng=rng_update)
+    own = device_noise_multiplier(settings, cohort_size=clients)
+    if settings.rng == "opendp":
+        noised = [opendp_gaussian(d, std=own * clip) for d in delta]
+    else:
+        noised = add_gaussian_noise(delta, std=own * clip, rng=rng_update)
     del delta
 
     out = ArrayRecord()
@@ -293,7 +351,11 @@ def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
     metrics = MetricRecord({METRIC_NUM_EXAMPLES: 1})
     if settings.adaptive and settings.count_noise is not None:
         indicator = 1.0 if norm <= clip else 0.0
-        noise = gaussian_like((), std=settings.count_noise * share, rng=rng_count)
-        metrics[METRIC_CLIP_INDICATOR] = float(indicator + float(noise))
+        count_std = mechanism.device_noise_multiplier(settings.count_noise, cohort_size=clients)
+        if settings.rng == "opendp":
+            released = float(opendp_gaussian(np.array([indicator]), std=count_std)[0])
+        else:
+            released = indicator + float(gaussian_like((), std=count_std, rng=rng_count))
+        metrics[METRIC_CLIP_INDICATOR] = released
     reply.content = RecordDict({ARRAYS: out, METRICS: metrics})
     return reply

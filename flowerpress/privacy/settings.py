@@ -3,14 +3,18 @@
 Grammar (the same in run config, CLI and Python)::
 
     dp := "off" | MODE ":" ARG ("," ARG)*
-    MODE := "distributed" | "local"
+    MODE := a registered DP mechanism ("distributed", "local", or a user's,
+            see flowerpress.privacy.registry.register_mechanism)
     ARG := KEY "=" VALUE
 
 Required keys: ``clip`` (L2 clip norm C > 0) and ``noise`` (noise multiplier z > 0).
 Optional keys: ``quantile`` (turns on adaptive clipping, target quantile in (0, 1)),
 ``clip-lr`` (adaptive clipping learning rate, default 0.2), ``count-noise`` (std of the
 noise on the clip-indicator count, default chosen by the server), ``rng`` (``secure``
-default, or ``seeded`` for reproducible simulations).
+default; ``opendp`` for OpenDP's floating-point-safe sampler, slow, small models only;
+or ``seeded`` for reproducible simulations, which is not private),
+``clipping`` (a registered clipping rule; default ``adaptive`` with ``quantile``, else
+``fixed``).
 
 Example: ``distributed:clip=1.0,noise=1.0,quantile=0.5,clip-lr=0.2,rng=seeded``.
 """
@@ -21,12 +25,15 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-Mode = Literal["distributed", "local"]
-RngMode = Literal["secure", "seeded"]
+# Registers the built-in mechanisms and clipping rules (numpy only, device-safe).
+import flowerpress.privacy.mechanisms  # noqa: F401
+from flowerpress.privacy.registry import available_clippings, available_mechanisms, get_clipping
 
-MODES: tuple[Mode, ...] = ("distributed", "local")
-RNG_MODES: tuple[RngMode, ...] = ("secure", "seeded")
-_KEYS = ("clip", "noise", "quantile", "clip-lr", "count-noise", "rng")
+Mode = str  # a registered DP mechanism name
+RngMode = Literal["secure", "seeded", "opendp"]
+
+RNG_MODES: tuple[RngMode, ...] = ("secure", "seeded", "opendp")
+_KEYS = ("clip", "noise", "quantile", "clip-lr", "count-noise", "rng", "clipping")
 
 DEFAULT_CLIP_LR = 0.2  # Andrew et al. 2021 use eta_C = 0.2 in their experiments.
 
@@ -47,9 +54,10 @@ class DpSettings:
 
     Parameters
     ----------
-    mode : {"distributed", "local"}
-        ``distributed``: each of the m sampled clients adds std ``z*C/sqrt(m)`` so the
-        sum carries std ``z*C``. ``local``: every update carries std ``z*C`` on its own.
+    mode : str
+        A registered mechanism. ``distributed``: each of the m sampled clients adds std
+        ``z*C/sqrt(m)`` so the sum carries std ``z*C``. ``local``: every update carries
+        std ``z*C`` on its own.
     clip : float
         L2 norm bound C on the whole update (initial value when adaptive).
     noise : float
@@ -62,9 +70,14 @@ class DpSettings:
     count_noise : float or None
         Std sigma_b of the noise on the clip-indicator sum; ``None`` lets the server pick
         ``max(clients_per_round / 20, noise)`` (Andrew et al. suggest m/20).
-    rng : {"secure", "seeded"}
-        ``secure`` draws noise from a generator seeded with OS entropy (deployment);
-        ``seeded`` derives it from the run seed (reproducible simulations only).
+    rng : {"secure", "seeded", "opendp"}
+        ``secure`` draws noise from a generator keyed with OS entropy (deployment);
+        ``opendp`` from OpenDP's exact, floating-point-safe sampler (small models);
+        ``seeded`` derives it from the run seed (reproducible simulations only; the
+        accountant reports epsilon = infinity).
+    clipping : str
+        A registered clipping rule; ``""`` resolves to ``adaptive`` when ``quantile``
+        is set, else ``fixed``.
     """
 
     # Tuned every run.
@@ -77,10 +90,23 @@ class DpSettings:
     count_noise: float | None = None
     # Randomness source.
     rng: RngMode = "secure"
+    # Clip schedule (resolved at construction).
+    clipping: str = ""
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"dp: mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode not in available_mechanisms():
+            raise ValueError(
+                f"dp: mode must be one of {', '.join(available_mechanisms())}, got {self.mode!r}"
+            )
+        if not self.clipping:
+            object.__setattr__(self, "clipping", "fixed" if self.quantile is None else "adaptive")
+        if self.clipping not in available_clippings():
+            raise ValueError(
+                f"dp: clipping must be one of {', '.join(available_clippings())}, "
+                f"got {self.clipping!r}"
+            )
+        if self.clipping == "adaptive" and self.quantile is None:
+            raise ValueError("dp: clipping=adaptive needs quantile=<q>")
         _positive_finite("clip", self.clip)
         _positive_finite("noise", self.noise)
         if self.quantile is not None and not (0.0 < self.quantile < 1.0):
@@ -98,8 +124,8 @@ class DpSettings:
 
     @property
     def adaptive(self) -> bool:
-        """Whether adaptive clipping is on."""
-        return self.quantile is not None
+        """Whether the clip rule releases a noised clip indicator (adaptive clipping)."""
+        return get_clipping(self.clipping).releases_indicator
 
     def to_spec(self) -> str:
         """Return the canonical spec string; ``parse_dp(s.to_spec()) == s``."""
@@ -111,6 +137,8 @@ class DpSettings:
         if self.count_noise is not None:
             args.append(f"count-noise={self.count_noise!r}")
         args.append(f"rng={self.rng}")
+        if self.clipping != ("fixed" if self.quantile is None else "adaptive"):
+            args.append(f"clipping={self.clipping}")
         return f"{self.mode}:{','.join(args)}"
 
 
@@ -147,10 +175,10 @@ def parse_dp(spec: str) -> DpSettings | None:
         return None
     mode, sep, rest = text.partition(":")
     mode = mode.strip().lower()
-    if mode not in MODES:
+    if mode not in available_mechanisms():
         raise ValueError(
-            f"dp: mode must be off, {' or '.join(MODES)} (e.g. 'distributed:clip=1.0,"
-            f"noise=1.0'), got {mode!r}"
+            f"dp: mode must be off or one of {', '.join(available_mechanisms())} (e.g. "
+            f"'distributed:clip=1.0,noise=1.0'), got {mode!r}"
         )
     if not sep or not rest.strip():
         raise ValueError(f"dp: {mode} needs arguments clip=<C>,noise=<z>, got {spec!r}")
@@ -183,4 +211,5 @@ def parse_dp(spec: str) -> DpSettings | None:
             _float("count-noise", values["count-noise"]) if "count-noise" in values else None
         ),
         rng=rng,  # checked against RNG_MODES above
+        clipping=values.get("clipping", "").lower(),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import dp_accounting
 import pytest
@@ -30,11 +31,14 @@ def _direct_wor_epsilon(z: float, n: int, m: int, rounds: int, delta: float) -> 
     return float(accountant.get_epsilon(delta))
 
 
-def _server(spec: str, n: int = 50, m: int = 10, max_epsilon: float | None = None) -> ServerPrivacy:
+def _server(
+    spec: str, n: int = 50, m: int = 10, max_epsilon: float | None = None, **kwargs: Any
+) -> ServerPrivacy:
     settings = parse_dp(spec)
     assert settings is not None
     return ServerPrivacy(
-        settings, num_clients=n, clients_per_round=m, delta=1e-5, max_epsilon=max_epsilon
+        settings, num_clients=n, clients_per_round=m, delta=1e-5, max_epsilon=max_epsilon,
+        **kwargs,
     )
 
 
@@ -87,7 +91,7 @@ def test_can_run_round_stops_before_budget() -> None:
     probe = _server("distributed:clip=1.0,noise=1.0")
     e2 = [probe.end_round(list(range(10)), []) for _ in range(2)][-1]
     e3 = probe.end_round(list(range(10)), [])
-    server = _server("distributed:clip=1.0,noise=1.0", max_epsilon=(e2 + e3) / 2)
+    server = _server("distributed:clip=1.0,noise=1.0", max_epsilon=(e2 + e3) / 2, min_replies=10)
 
     # Execute / Assert
     ran = 0
@@ -176,8 +180,10 @@ def test_server_privacy_rejects_bad_params(kwargs: dict[str, float], named: str)
 
 
 def test_end_round_rejects_more_than_sampled() -> None:
-    with pytest.raises(ValueError, match="aggregated"):
+    with pytest.raises(ValueError, match="cohort_size"):
         _server("distributed:clip=1.0,noise=1.0").end_round(list(range(11)), [])
+    with pytest.raises(ValueError, match="aggregated"):
+        _server("distributed:clip=1.0,noise=1.0").end_round(list(range(3)), [], aggregated=4)
 
 
 def test_calibration_rejects_bad_target() -> None:
@@ -217,7 +223,7 @@ def test_calibration_local_mode() -> None:
     z = noise_multiplier_for(
         8.0, delta=1e-5, rounds=20, num_clients=50, clients_per_round=10, mode="local"
     )
-    server = _server(f"local:clip=1.0,noise={z!r}", max_epsilon=8.0)
+    server = _server(f"local:clip=1.0,noise={z!r}", max_epsilon=8.0, min_replies=10)
     for _ in range(20):
         assert server.can_run_round()[0]
         server.end_round([1], [])

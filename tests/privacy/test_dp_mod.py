@@ -20,9 +20,16 @@ from flwr.app import (
 )
 from flwr.common.constant import ErrorCode
 
-from flowerpress.privacy import add_gaussian_noise, clip_inplace, dp_mod, seeded_generator
+from flowerpress.privacy import (
+    adaptive_update_noise,
+    add_gaussian_noise,
+    clip_inplace,
+    dp_mod,
+    seeded_generator,
+)
+from flowerpress.privacy.mod import WITHHELD_REASON
 
-SIM_NODE = {"partition-id": 3, "num-partitions": 10}
+SIM_NODE = {"partition-id": 3, "num-partitions": 10, "dp-allow-seeded": True}
 SPEC = "distributed:clip=1.0,noise=1.0,rng=seeded"
 
 
@@ -226,13 +233,31 @@ def test_device_accepts_request_within_its_limits() -> None:
     assert reply.has_content()
 
 
-def test_error_reply_from_app_is_returned() -> None:
+def test_error_reply_from_app_keeps_its_code_not_its_text() -> None:
+    # Prepare: the app's error text quotes a (private) local loss.
     msg = _message(_config(), _global())
-    failed = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="boom"), reply_to=msg)
+    failed = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                           reason="loss 0.731942 diverged"), reply_to=msg)
 
+    # Execute
     reply = dp_mod(msg, _context(SIM_NODE), lambda m, c: failed)
 
-    assert reply is failed
+    # Assert
+    assert reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert reply.error.reason == WITHHELD_REASON
+    assert "0.731942" not in str(reply.error.reason)
+
+
+def test_exception_in_app_is_withheld_under_dp() -> None:
+    msg = _message(_config(), _global())
+
+    def crash(m: Message, c: Context) -> Message:
+        raise FloatingPointError("update norm 1234.5678 is not finite")
+
+    reply = dp_mod(msg, _context(SIM_NODE), crash)
+
+    assert reply.has_error() and reply.error.reason == WITHHELD_REASON
+    assert "1234.5678" not in str(reply.error.reason)
 
 
 @pytest.mark.parametrize(
@@ -263,3 +288,21 @@ def test_reply_with_other_keys_is_rejected() -> None:
 
     with pytest.raises(ValueError, match="keys"):
         dp_mod(msg, _context(SIM_NODE), wrong)
+
+
+def test_opendp_sampler_noises_small_models() -> None:
+    # Prepare: OpenDP is optional (pip install opendp).
+    pytest.importorskip("opendp")
+    received = [np.zeros(3000, np.float32)]
+    spec = "distributed:clip=2.0,noise=1.5,quantile=0.5,count-noise=2.0,rng=opendp"
+    msg = _message(_config(spec, **{"dp-clip": 2.0, "clients-per-round": 9}), received)
+
+    # Execute
+    reply = dp_mod(msg, _context({}), _trainer(0.0))
+
+    # Assert: float32 out, std z_u*C/sqrt(9) within 5 standard errors, noised indicator.
+    noise = _arrays(reply)[0]
+    assert noise.dtype == np.float32
+    expected = adaptive_update_noise(1.5, 2.0) * 2.0 / 3.0
+    assert abs(noise.astype(np.float64).std() / expected - 1) < 5 / math.sqrt(2 * noise.size)
+    assert reply.content["metrics"]["dp-clip-indicator"] not in (0.0, 1.0)
