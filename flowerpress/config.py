@@ -89,6 +89,13 @@ def _check_dp(value: str) -> object:
     return parse_dp(value)
 
 
+def _check_sampling(value: str) -> object:
+    if value not in ("fixed", "poisson", "predictable"):
+        raise ValueError("expected fixed (OS CSPRNG, amplified), poisson (OS CSPRNG) or "
+                         "predictable (seeded, reproducible, no amplification)")
+    return value
+
+
 def _check_strategy(value: str) -> object:
     from flowerpress.strategies import build_strategy
 
@@ -129,6 +136,8 @@ SCHEMA: dict[str, Key] = {
                                 check=_check_compression),
     "dp": Key(str, "off", "off | local:clip=C,noise=Z | distributed:clip=C,noise=Z",
               check=_check_dp),
+    "dp-sampling": Key(str, "fixed", "fixed | poisson | predictable: how DP cohorts are drawn",
+                       check=_check_sampling),
     "dp-delta": Key(float, 1e-5, "delta of the (epsilon, delta) guarantee", minimum=0.0,
                     maximum=1.0),
     "max-epsilon": Key(float, 0.0, "stop before exceeding this epsilon (0: no limit)",

@@ -65,6 +65,7 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 LOCAL_STEPS = "local-steps"
 CLIP_INDICATOR = "dp-clip-indicator"
+DP_NOISED = "dp-noised"  # 1: the reply went through dp_mod (clipped and noised)
 EVAL_LOSS = "eval-loss"
 EVAL_ACC = "eval-acc"
 PARTITION_ID = "partition-id"
@@ -75,6 +76,7 @@ METRIC_RANGES: Mapping[str, tuple[float, float]] = {
     TRAIN_LOSS: (0.0, math.inf),
     LOCAL_STEPS: (0.0, 1e12),
     CLIP_INDICATOR: (-1e6, 1e6),  # noised in [0, 1]; the noise can move it far
+    DP_NOISED: (1.0, 1.0),
     EVAL_LOSS: (0.0, math.inf),
     EVAL_ACC: (0.0, 1.0),
 }
@@ -336,8 +338,25 @@ class ValidatedReply:
     metrics: Mapping[str, float]
 
 
+#: The only metrics a reply under differential privacy may carry.
+DP_REPLY_METRICS = frozenset({NUM_EXAMPLES, DP_NOISED, CLIP_INDICATOR})
+
+
+def _check_dp_contract(metrics: Mapping[str, float]) -> None:
+    """A DP reply went through dp_mod: num-examples 1, the marker, nothing data-derived."""
+    if metrics.get(DP_NOISED) != 1.0:
+        raise UpdateRejected(f"reply lacks {DP_NOISED}=1: it did not go through dp_mod")
+    if metrics.get(NUM_EXAMPLES) != 1.0:
+        raise UpdateRejected(f"{NUM_EXAMPLES}={metrics.get(NUM_EXAMPLES)} under DP; expected 1")
+    extra = sorted(set(metrics) - DP_REPLY_METRICS)
+    if extra:
+        raise UpdateRejected(f"metrics {extra} are not allowed under DP (only "
+                             f"{sorted(DP_REPLY_METRICS)})")
+
+
 def validate_train_reply(reply: Message, received: Sequence[NDArray[np.float32]], *,
-                         max_weight: float = DEFAULT_MAX_WEIGHT) -> ValidatedReply:
+                         max_weight: float = DEFAULT_MAX_WEIGHT,
+                         dp: bool = False) -> ValidatedReply:
     """Check every field of a train reply; return the delta against ``received``.
 
     Parameters
@@ -348,6 +367,10 @@ def validate_train_reply(reply: Message, received: Sequence[NDArray[np.float32]]
         The global weights exactly as the devices decoded them this round.
     max_weight
         Cap on ``num-examples``.
+    dp
+        The run is differentially private: the reply must follow dp_mod's
+        contract (``num-examples`` 1, the ``dp-noised`` marker, no other metric
+        than the noised clip indicator).
 
     Raises
     ------
@@ -357,6 +380,8 @@ def validate_train_reply(reply: Message, received: Sequence[NDArray[np.float32]]
     content = reply.content
     metrics = validate_metrics(content.metric_records.get(METRICS), required=(NUM_EXAMPLES,))
     weight = validate_weight(metrics, max_weight=max_weight)
+    if dp:
+        _check_dp_contract(metrics)
     record = content.array_records.get(ARRAYS)
     if record is None:
         raise UpdateRejected(f"reply has no ArrayRecord {ARRAYS!r}")

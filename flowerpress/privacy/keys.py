@@ -1,26 +1,33 @@
 """Names shared by the device (``dp_mod``) and the server (``ServerPrivacy``).
 
-This module imports nothing: a device imports it without the server's accountant
-(``dp_accounting``, ``scipy``), see ARCHITECTURE.md ("Nothing a device runs imports
-... the server's accountant").
+The message keys are the contract's (:mod:`flowerpress.protocol`), re-exported
+under the names privacy code uses. Nothing here loads the server's accountant
+(``dp_accounting``, ``scipy``): a device imports it too.
 """
 
 from __future__ import annotations
 
 from typing import Final, Literal
 
+from flowerpress import protocol
+
+ARRAYS: Final = protocol.ARRAYS
+CONFIG: Final = protocol.CONFIG
+METRICS: Final = protocol.METRICS
+PARTITION_ID: Final = protocol.PARTITION_ID
 # Train ConfigRecord keys the server sets and the device reads.
-CONFIG_DP: Final = "dp"
-CONFIG_CLIP: Final = "dp-clip"
+CONFIG_DP: Final = protocol.DP
+CONFIG_CLIP: Final = protocol.DP_CLIP
 #: Size of the cohort the train message went to; each device sizes its share of the
 #: distributed noise as ``1/sqrt(clients-per-round)``, so the server must send the
 #: size of the cohort that actually runs (``ServerPrivacy.train_config(cohort_size=)``).
-CONFIG_CLIENTS_PER_ROUND: Final = "clients-per-round"
-CONFIG_ROUND: Final = "server-round"
-CONFIG_SEED: Final = "seed"
-
-# Reply MetricRecord key (noised on the device).
-METRIC_CLIP_INDICATOR: Final = "dp-clip-indicator"
+CONFIG_CLIENTS_PER_ROUND: Final = protocol.COHORT_SIZE
+CONFIG_ROUND: Final = protocol.SERVER_ROUND
+CONFIG_SEED: Final = protocol.SEED
+# Reply MetricRecord keys: the noised clip indicator and dp_mod's marker.
+METRIC_CLIP_INDICATOR: Final = protocol.CLIP_INDICATOR
+METRIC_DP_NOISED: Final = protocol.DP_NOISED
+METRIC_NUM_EXAMPLES: Final = protocol.NUM_EXAMPLES
 
 # Node config keys a device sets to protect itself (never set by the server).
 NODE_MIN_NOISE: Final = "dp-min-noise"

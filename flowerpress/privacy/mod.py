@@ -40,16 +40,22 @@ from flwr.common.constant import ErrorCode
 from numpy.typing import NDArray
 
 from flowerpress.privacy.keys import (
+    ARRAYS,
+    CONFIG,
     CONFIG_CLIENTS_PER_ROUND,
     CONFIG_CLIP,
     CONFIG_DP,
     CONFIG_ROUND,
     CONFIG_SEED,
     METRIC_CLIP_INDICATOR,
+    METRIC_DP_NOISED,
+    METRIC_NUM_EXAMPLES,
+    METRICS,
     NODE_ALLOW_SEEDED,
     NODE_MAX_CLIP,
     NODE_MIN_NOISE,
     NODE_MODES,
+    PARTITION_ID,
 )
 from flowerpress.privacy.mechanisms import (
     STREAM_COUNT_NOISE,
@@ -65,13 +71,6 @@ from flowerpress.privacy.registry import get_clipping, get_mechanism
 from flowerpress.privacy.settings import DpSettings, parse_dp
 
 log = logging.getLogger(__name__)
-
-# Message content keys (shared with flowerpress.client / flowerpress.server).
-ARRAYS = "arrays"
-CONFIG = "config"
-METRICS = "metrics"
-METRIC_NUM_EXAMPLES = "num-examples"
-PARTITION_ID = "partition-id"
 
 REFUSAL_CODE = ErrorCode.MOD_FAILED_PRECONDITION
 #: The only text an error reply carries when the ClientApp fails under DP.
@@ -348,7 +347,9 @@ def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
     out = ArrayRecord()
     for (key, value), noisy in zip(local.items(), noised, strict=True):
         out[key] = Array((received[key].astype(np.float64) + noisy).astype(value.dtype))
-    metrics = MetricRecord({METRIC_NUM_EXAMPLES: 1})
+    # The marker tells the server this reply went through dp_mod (the DP reply
+    # contract); nothing else derived from the data leaves the device.
+    metrics = MetricRecord({METRIC_NUM_EXAMPLES: 1, METRIC_DP_NOISED: 1})
     if settings.adaptive and settings.count_noise is not None:
         indicator = 1.0 if norm <= clip else 0.0
         count_std = mechanism.device_noise_multiplier(settings.count_noise, cohort_size=clients)

@@ -78,6 +78,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     """
     from flowerpress.compression import parse as parse_codec
     from flowerpress.privacy import ServerPrivacy, parse_dp
+    from flowerpress.privacy.keys import Sampling
     from flowerpress.strategies import build_strategy
     from flowerpress.tasks.registry import build_task, task_spec
 
@@ -96,19 +97,26 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     max_eps = float(config["max-epsilon"])
     ledgers: list[ServerPrivacy] = []
 
+    dp_sampling: Sampling = "fixed"
+    if config["dp-sampling"] in ("poisson", "predictable"):
+        dp_sampling = "poisson" if config["dp-sampling"] == "poisson" else "predictable"
+
     def make_ledger(population: int) -> ServerPrivacy:
         # The sampling rate is clients-per-round over the nodes actually there.
         assert dp is not None
         ledgers.append(ServerPrivacy(
             dp, num_clients=population,
             clients_per_round=min(int(config["clients-per-round"]), population),
-            delta=float(config["dp-delta"]), max_epsilon=max_eps if max_eps > 0 else None))
+            delta=float(config["dp-delta"]), max_epsilon=max_eps if max_eps > 0 else None,
+            sampling=dp_sampling, weighted_sum=strategy.weighted_sum,
+            min_replies=min(int(config["min-replies"]), population)))
         return ledgers[-1]
 
     if dp is not None and not strategy.weighted_sum:
-        # The accounting bounds the sensitivity of a mean of clipped updates.
-        log.warning("strategy %s is not a mean of the updates: the reported epsilon "
-                    "assumes one and does not hold for it", config["strategy"])
+        # The sum's noise does not protect a rule that reads single updates:
+        # the ledger charges every released update on its own.
+        log.warning("strategy %s is not a weighted sum of the updates: epsilon is "
+                    "accounted per released update (no amplification)", config["strategy"])
     download = parse_codec(str(config["download-compression"]))
     settings = LoopSettings(
         rounds=int(config["rounds"]),
@@ -120,6 +128,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         compression=str(config["compression"]),
         max_client_weight=float(config["max-client-weight"]),
         num_clients=int(config["num-clients"]),
+        dp=dp is not None,
     )
     start = evaluate_fn(initial) if central is not None else None
     if start is not None:

@@ -57,11 +57,18 @@ class AggregationStrategy(Protocol):
 class PrivacyLedger(Protocol):
     """What the loop needs of the server side of privacy (``flowerpress.privacy``)."""
 
-    def train_config(self, server_round: int) -> dict[str, Scalar]: ...
-    def can_run_round(self) -> tuple[bool, str]: ...
+    @property
+    def sampling(self) -> str: ...
+    @property
+    def epsilon_json(self) -> float | None: ...
+    def train_config(self, server_round: int, *,
+                     cohort_size: int | None = None) -> dict[str, int | float | str | bool]: ...
+    def can_run_round(self, *, cohort_size: int | None = None,
+                      population: int | None = None) -> tuple[bool, str]: ...
     def end_round(self, participants: Sequence[int],
                   reply_metrics: Sequence[Mapping[str, float | int]], *,
-                  aggregated: int | None = None) -> float: ...
+                  aggregated: int | None = None, cohort_size: int | None = None,
+                  population: int | None = None) -> float: ...
     def privacy_block(self) -> dict[str, Any]: ...
 
 
@@ -89,6 +96,8 @@ class LoopSettings:
     node_wait_timeout: float = 60.0  # seconds to wait for enough nodes to connect
     compression: str = "none"  # the upload codec devices apply (their compression_mod)
     max_client_weight: float = protocol.DEFAULT_MAX_WEIGHT  # cap on a reply's num-examples
+    # Under DP every reply must follow dp_mod's contract and weighs 1.
+    dp: bool = False
     # The federation size the run config describes; simulation nodes reporting
     # another number of partitions stop the run (None: not checked).
     num_clients: int | None = None
@@ -279,7 +288,8 @@ def run_round(
         try:
             upload += record_bytes(reply.content)
             checked = protocol.validate_train_reply(reply, received,
-                                                    max_weight=settings.max_client_weight)
+                                                    max_weight=settings.max_client_weight,
+                                                    dp=settings.dp)
             strategy.add(ClientUpdate(delta=checked.delta, weight=checked.weight,
                                       node_id=node, metrics=checked.metrics))
         except UpdateRejected as exc:
@@ -389,19 +399,18 @@ def run_federation(
     rows: list[dict[str, Any]] = []
     stop: str | None = None
     for server_round in range(1, settings.rounds + 1):
+        started = clock()
+        sampled = sample_round(nodes, settings.clients_per_round, rng,
+                               None if ledger is None else ledger.sampling)
         if ledger is not None:
-            ok, reason = ledger.can_run_round()
+            ok, reason = ledger.can_run_round(cohort_size=len(sampled), population=len(nodes))
             if not ok:
                 stop = f"stopped before round {server_round}: {reason}"
                 log.warning("%s", stop)
                 break
-        started = clock()
-        k = min(settings.clients_per_round, len(nodes))
-        picked = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
-        sampled = [nodes[i] for i in picked]
         extra: dict[str, Scalar] = dict(strategy.client_config(server_round))
         if ledger is not None:
-            extra.update(ledger.train_config(server_round))
+            extra.update(ledger.train_config(server_round, cohort_size=len(sampled)))
         outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
                             extra_config=extra, download=download, rng=rng,
                             clock=clock, sleep=sleep)
@@ -411,9 +420,11 @@ def run_federation(
             # Every sampled client may have released a noised update, whether or
             # not it reached us in time: local mode charges all of them. The
             # aggregate holds only the valid replies' noise: distributed mode
-            # accounts z * sqrt(valid / sampled).
-            epsilon = ledger.end_round(sampled, outcome.reply_metrics,
-                                       aggregated=outcome.valid)
+            # accounts z * sqrt(valid / sampled); an unchanged model released none.
+            released = outcome.valid if outcome.valid >= settings.min_replies else 0
+            ledger.end_round(sampled, outcome.reply_metrics, aggregated=released,
+                             cohort_size=len(sampled), population=len(nodes))
+            epsilon = ledger.epsilon_json
         if evaluate_fn is not None:
             metrics: Mapping[str, float | None] = evaluate_fn(weights)
         else:
@@ -440,6 +451,26 @@ def run_federation(
         if on_round is not None:
             on_round(row)
     return weights, rows, stop
+
+
+def sample_round(nodes: Sequence[int], clients_per_round: int, rng: np.random.Generator,
+                 sampling: str | None) -> list[int]:
+    """The round's cohort.
+
+    Without DP: ``clients_per_round`` nodes uniformly without replacement from
+    the run's seeded generator (reproducible). Under DP the scheme the privacy
+    ledger accounts: ``fixed`` and ``poisson`` draw from the operating system's
+    CSPRNG (not derivable from the published seed), ``predictable`` from the
+    seeded generator (accounted without amplification).
+    """
+    k = min(clients_per_round, len(nodes))
+    if sampling in ("fixed", "poisson"):
+        from flowerpress.privacy.sampling import sample_cohort
+
+        return sample_cohort(list(nodes), sampling=sampling, size=k,
+                             probability=k / len(nodes))
+    picked = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
+    return [nodes[i] for i in picked]
 
 
 def _opt_float(value: float | None) -> float | None:

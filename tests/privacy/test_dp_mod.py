@@ -117,7 +117,7 @@ def test_custom_train_actions_are_privatized() -> None:
 
     reply = dp_mod(msg, _context(SIM_NODE), _trainer(0.5))
 
-    assert set(reply.content["metrics"].keys()) == {"num-examples"}
+    assert set(reply.content["metrics"].keys()) == {"num-examples", "dp-noised"}
 
 
 def test_dp_off_passes_through() -> None:
@@ -163,7 +163,8 @@ def test_nothing_unnoised_leaves_the_client() -> None:
     # Assert: only the privatized arrays and vetted metrics leave ...
     for reply in (reply_a, reply_b):
         assert set(reply.content.keys()) == {"arrays", "metrics"}
-        assert set(reply.content["metrics"].keys()) == {"num-examples", "dp-clip-indicator"}
+        assert set(reply.content["metrics"].keys()) == {"num-examples", "dp-noised",
+                                                        "dp-clip-indicator"}
         assert reply.content["metrics"]["num-examples"] == 1
     # ... and they are bit-identical: nothing else about the raw update got through.
     for a, b in zip(_arrays(reply_a), _arrays(reply_b), strict=True):

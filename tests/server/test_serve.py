@@ -48,7 +48,7 @@ def test_download_compression_halves_the_broadcast() -> None:
 
 def test_privacy_is_accounted_every_round(tmp_path: Path) -> None:
     # Execute
-    result = _serve(tmp_path, dp="distributed:clip=1.0,noise=1.0,rng=seeded", rounds=3)
+    result = _serve(tmp_path, dp="distributed:clip=1.0,noise=1.0", rounds=3)
     # Assert
     eps = [r["epsilon"] for r in result["rounds"]]
     assert all(e is not None and e > 0 for e in eps)
@@ -62,7 +62,7 @@ def test_privacy_is_accounted_every_round(tmp_path: Path) -> None:
 
 def test_max_epsilon_stops_before_the_round_that_would_exceed_it() -> None:
     # Prepare: epsilon after two and after three rounds
-    dp = "local:clip=1.0,noise=2.0,rng=seeded"
+    dp = "local:clip=1.0,noise=2.0"
     eps = [r["epsilon"] for r in _serve(dp=dp, rounds=3)["rounds"]]
     budget = (eps[1] + eps[2]) / 2
     # Execute: a budget that allows two rounds but not three
