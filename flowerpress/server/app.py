@@ -32,6 +32,7 @@ from flowerpress.server.checkpoint import (
     config_differences,
     load_checkpoint,
     save_checkpoint,
+    unfinished_run,
 )
 from flowerpress.server.loop import (
     LoopSettings,
@@ -208,14 +209,12 @@ def resume_state(config: Config, out_dir: Path | None,
             raise ConfigError("resume=true is not allowed without out-dir (where the "
                               "checkpoint is)")
         return None
-    saved = load_checkpoint(out_dir)
     if not config.get("resume"):
-        if saved is not None and saved.state.server_round < int(saved.config.get("rounds", 0)):
-            raise CheckpointError(
-                f"{out_dir} holds the checkpoint of an unfinished run (round "
-                f"{saved.state.server_round} of {saved.config.get('rounds')}); set resume=true "
-                "(flowerpress simulate --resume DIR) to continue it, or choose another out-dir")
+        reason = unfinished_run(out_dir)
+        if reason is not None:
+            raise CheckpointError(reason)
         return None
+    saved = load_checkpoint(out_dir)
     if saved is None:
         log.warning("resume: no checkpoint in %s; starting a new run", out_dir)
         return None

@@ -132,8 +132,10 @@ def save_checkpoint(out_dir: Path, state: LoopState, config: Mapping[str, Any]) 
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=CHECKPOINT_NAME, suffix=".tmp")
     try:
+        named: dict[str, Any] = {f"a/{i}": a for i, a in enumerate(arrays)}
+        savez: Any = np.savez  # its stubs type **kwds as its keyword-only flags
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, state=np.array(text), **{f"a/{i}": a for i, a in enumerate(arrays)})
+            savez(fh, state=np.array(text), **named)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -184,6 +186,23 @@ def load_checkpoint(out_dir: Path) -> Checkpoint | None:
         resumed_at=[int(r) for r in document.get("resumed_at", [])],
     )
     return Checkpoint(state=state, config=dict(document["config"]))
+
+
+def unfinished_run(out_dir: Path) -> str | None:
+    """Why a new run must not start in ``out_dir`` (it holds an unfinished run's checkpoint).
+
+    Returns None when ``out_dir`` has no checkpoint or a finished run's. A new
+    run would overwrite the checkpoint, and with it the privacy already spent.
+    """
+    saved = load_checkpoint(out_dir)
+    if saved is None:
+        return None
+    planned = int(saved.config.get("rounds", 0))
+    if saved.state.server_round >= planned:
+        return None
+    return (f"{out_dir} holds the checkpoint of an unfinished run (round "
+            f"{saved.state.server_round} of {planned}); set resume=true "
+            "(flowerpress simulate --resume DIR) to continue it, or choose another out-dir")
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],

@@ -524,7 +524,7 @@ def run_federation(
             privacy_state = getattr(ledger, "state_dict", None)
             on_state(LoopState(
                 server_round=server_round, weights=weights, rows=rows,
-                rng=rng.bit_generator.state, membership=membership.state_dict(),
+                rng=dict(rng.bit_generator.state), membership=membership.state_dict(),
                 strategy=state_dict() if callable(state_dict) else {},
                 privacy=privacy_state() if callable(privacy_state) else None,
                 privacy_population=population, resumed_at=resumed_at))
