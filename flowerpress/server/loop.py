@@ -445,18 +445,18 @@ def run_federation(
         population = resume.privacy_population
         resumed_at = [*resume.resumed_at, resume.server_round]
         log.info("resuming after round %s of %s", resume.server_round, settings.rounds)
-        if first > settings.rounds:
-            return weights, rows, None
+    ledger = None
+    if privacy is not None and population is not None:  # resumed: the saved population
+        ledger = privacy(population)
+        _load_privacy_state(ledger, None if resume is None else resume.privacy)
+    if first > settings.rounds:  # a finished run, resumed: nothing left to do
+        return weights, rows, None
     membership.add_discovered(discover_partitions(
         grid, wanted=settings.clients_per_round, timeout=settings.node_wait_timeout,
         clock=clock, sleep=sleep, num_clients=settings.num_clients))
-    ledger = None
-    if privacy is not None:
-        if population is None:
-            population = len(membership.known(first))
+    if privacy is not None and ledger is None:
+        population = len(membership.known(first))
         ledger = privacy(population)
-        if resume is not None:
-            _load_privacy_state(ledger, resume.privacy)
     stop: str | None = None
     for server_round in range(first, settings.rounds + 1):
         if ledger is not None:
@@ -469,7 +469,7 @@ def run_federation(
         membership.refresh(grid, server_round)
         known = membership.known(server_round)
         available = membership.available(server_round)
-        if population is not None:
+        if ledger is not None and population is not None:
             # Under DP: draw from the whole population, at most the accounted cohort.
             pool, k = known, min(settings.clients_per_round, population, len(known))
         else:

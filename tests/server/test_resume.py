@@ -106,6 +106,7 @@ def test_epsilon_continues_and_a_finished_run_resumes_to_itself(tmp_path: Path) 
     assert eps[1] == spent and eps[2] > spent and eps == sorted(eps)
     assert _without_time(again["rounds"]) == _without_time(resumed["rounds"])
     assert again["summary"]["resumed_after_rounds"] == [2, 4]
+    assert again["privacy"] == resumed["privacy"] and again["privacy"]["epsilon"] == eps[-1]
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path: Path) -> None:
