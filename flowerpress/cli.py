@@ -1,7 +1,8 @@
 """The ``flowerpress`` command.
 
 ``flowerpress simulate --out DIR [--config FILE.toml] [--set KEY=VALUE ...]``
-runs a simulated federation; ``flowerpress certs ...`` writes TLS and
+runs a simulated federation; ``flowerpress simulate --resume DIR`` continues
+the run checkpointed in DIR; ``flowerpress certs ...`` writes TLS and
 SuperNode keys for a deployment. Bad input exits with status 2 and one line.
 """
 
@@ -20,7 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate",
                          help="run a simulated federation on Flower's simulation engine")
-    sim.add_argument("--out", required=True, type=Path, help="output directory")
+    sim.add_argument("--out", type=Path, help="output directory (required unless --resume)")
+    sim.add_argument("--resume", type=Path, metavar="DIR",
+                     help="continue the run checkpointed in DIR, with its run config "
+                     "(--config and --set may change rounds, timeouts, max-epsilon)")
     sim.add_argument("--config", type=Path, help="TOML file with run-config keys")
     sim.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                      help="override one run-config key (repeatable)")
@@ -30,23 +34,61 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_values(directory: Path, out: Path | None) -> dict[str, object]:
+    """The run config saved in ``directory``'s checkpoint (ConfigError if there is none)."""
+    from flowerpress.config import SCHEMA
+    from flowerpress.server.checkpoint import CheckpointError, load_checkpoint
+
+    if out is not None and out.resolve() != directory.resolve():
+        raise ConfigError(f"--out {out} and --resume {directory} differ; a resumed run "
+                          "writes where it was checkpointed")
+    try:
+        saved = load_checkpoint(directory)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    if saved is None:
+        raise ConfigError(f"--resume {directory}: no checkpoint.npz there")
+    return {k: v for k, v in saved.config.items()
+            if k in SCHEMA and k not in ("out-dir", "resume")}
+
+
+def _check_resumable(directory: Path, config: dict[str, object]) -> None:
+    from flowerpress.config import DEFAULTS
+    from flowerpress.server.checkpoint import config_differences, load_checkpoint
+
+    saved = load_checkpoint(directory)
+    assert saved is not None  # _resume_values found it
+    differences = config_differences(saved.config, config, DEFAULTS)
+    if differences:
+        raise ConfigError(f"--resume {directory}: these keys cannot change in a resumed run: "
+                          f"{'; '.join(differences)}")
+
+
 def _simulate(args: argparse.Namespace) -> int:
+    if args.out is None and args.resume is None:
+        raise ConfigError("simulate needs --out DIR (or --resume DIR)")
     values: dict[str, object] = {}
+    if args.resume is not None:
+        values.update(_resume_values(args.resume, args.out))
     if args.config is not None:
         values.update(load_toml(args.config))
     values.update(parse_assignments(args.assignments))
     config = validate(values)
+    out: Path = args.out if args.resume is None else args.resume
+    if args.resume is not None:
+        _check_resumable(args.resume, {**config, "out-dir": str(out.resolve())})
     from flowerpress.simulations.runner import SimulationError, simulate
 
     try:
-        results = simulate(config, args.out, progress=not args.quiet)
+        results = simulate(config, out, progress=not args.quiet,
+                           resume=args.resume is not None)
     except SimulationError as exc:
         print(f"flowerpress: simulation failed: {exc}", file=sys.stderr)
         return 1
     s = results["summary"]
     up, fp32 = s["total_upload_bytes"], s["fp32_upload_bytes"]
     print(f"final accuracy {s['final_accuracy']:.4f}; uploaded {up / 1e6:.3f} MB "
-          f"({fp32 / max(up, 1):.1f}x less than float32); results in {args.out}/results.json")
+          f"({fp32 / max(up, 1):.1f}x less than float32); results in {out}/results.json")
     if s.get("stopped"):
         print(s["stopped"])
     return 0

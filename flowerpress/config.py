@@ -129,6 +129,9 @@ SCHEMA: dict[str, Key] = {
     "min-replies": Key(int, 1, "valid replies a round needs", minimum=1, maximum=100_000),
     "max-client-weight": Key(float, 1_000_000.0, "cap on a reply's num-examples weight",
                              minimum=1.0, maximum=1e12),
+    "max-missed-rounds": Key(int, 3, "skip a node that missed this many rounds in a row "
+                             "until it answers again (0: never skip)", minimum=0,
+                             maximum=100_000),
     # --- later capabilities -------------------------------------------------------
     "compression": Key(str, "none", "upload codec spec, e.g. topk:0.01+q:8+ef+zstd",
                        check=_check_compression),
@@ -147,6 +150,7 @@ SCHEMA: dict[str, Key] = {
     "attack": Key(str, "none", "none | signflip:fraction=F,scale=S | noise:fraction=F,std=S",
                   check=_check_attack),
     "out-dir": Key(str, "", "where the ServerApp writes results.json (empty: not written)"),
+    "resume": Key(bool, False, "continue from the checkpoint in out-dir (none there: start)"),
 }
 
 DEFAULTS: Config = {name: key.default for name, key in SCHEMA.items()}

@@ -24,7 +24,16 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
-from flowerpress.config import SCHEMA, Config, Scalar, validate
+from flowerpress.config import DEFAULTS, SCHEMA, Config, ConfigError, Scalar, validate
+from flowerpress.server.checkpoint import (
+    CheckpointError,
+    LoopState,
+    check_weights,
+    config_differences,
+    load_checkpoint,
+    save_checkpoint,
+    unfinished_run,
+)
 from flowerpress.server.loop import (
     LoopSettings,
     RoundCallback,
@@ -66,7 +75,9 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     strategy
         A strategy object; ``None`` builds the run config's ``strategy`` spec.
     out_dir
-        Where results.json, report.png, model.npz and server_state.json go.
+        Where results.json, report.png, model.npz and checkpoint.npz go. With
+        ``resume = true`` in ``config`` the run continues from the checkpoint
+        there (or starts, if there is none).
     on_round
         Called with every finished round row.
 
@@ -75,6 +86,10 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     StrategyFailedError
         The strategy produced an unusable model (results.json and the last
         good model.npz are written first).
+    CheckpointError
+        ``resume`` and the checkpoint belongs to another configuration or
+        model; or not ``resume`` and ``out_dir`` holds an unfinished run's
+        checkpoint (it is never overwritten by a new run).
     """
     from flowerpress.compression import parse as parse_codec
     from flowerpress.privacy import ServerPrivacy, parse_dp
@@ -86,6 +101,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         task = build_task(task_spec(config), config)
     initial = task.initial_weights()
     elements = sum(int(w.size) for w in initial)
+    resume = resume_state(config, out_dir, initial)
     central = task.central_data()
 
     def evaluate_fn(weights: Sequence[NDArray[np.float32]]) -> Mapping[str, float | None]:
@@ -129,12 +145,15 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         max_client_weight=float(config["max-client-weight"]),
         num_clients=int(config["num-clients"]),
         dp=dp is not None,
+        max_missed_rounds=int(config["max-missed-rounds"]),
     )
     start = evaluate_fn(initial) if central is not None else None
     if start is not None:
         log.info("initial accuracy %s on the central test set", start["accuracy"])
-    rows_so_far: list[dict[str, Any]] = []
-    last_good: list[list[NDArray[np.float32]]] = [list(initial)]
+    rows_so_far: list[dict[str, Any]] = [] if resume is None else [dict(r) for r in resume.rows]
+    last_good: list[list[NDArray[np.float32]]] = [
+        list(initial) if resume is None else list(resume.weights)]
+    resumed_at = [] if resume is None else [*resume.resumed_at, resume.server_round]
 
     def after_model(server_round: int, weights: list[NDArray[np.float32]]) -> None:
         del server_round
@@ -146,17 +165,18 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
                 failed: str | None = None) -> dict[str, Any]:
         return build_results(config, rows, model_elements=elements, initial=start,
                              privacy=ledgers[-1].privacy_block() if ledgers else None,
-                             stopped=stopped, failed=failed)
+                             stopped=stopped, failed=failed, resumed_at=resumed_at)
+
+    def after_state(state: LoopState) -> None:
+        # The checkpoint first: it is what a resumed run reads; results.json
+        # and model.npz are rebuilt from it.
+        if out_dir is not None:
+            save_checkpoint(out_dir, state, config)
 
     def after_round(row: Mapping[str, Any]) -> None:
         rows_so_far.append(dict(row))
         if out_dir is not None:  # keep results current, so a long run can be watched
             write_json_atomic(out_dir / "results.json", results(rows_so_far))
-            # The server state a resumed run needs besides the model: the
-            # privacy spent so far (accountant and adaptive clip).
-            write_json_atomic(out_dir / "server_state.json", {
-                "round": int(row["round"]),
-                "privacy": ledgers[-1].state_dict() if ledgers else None})
         if on_round is not None:
             on_round(row)
 
@@ -164,7 +184,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         final, rows, stopped = run_federation(
             grid, initial, strategy, settings, evaluate_fn=evaluate_fn if central is not None
             else None, privacy=None if dp is None else make_ledger, download=download,
-            on_round=after_round, on_model=after_model)
+            on_round=after_round, on_model=after_model, on_state=after_state, resume=resume)
     except StrategyFailedError as exc:
         if out_dir is not None:
             write_json_atomic(out_dir / "results.json", results(rows_so_far, failed=str(exc)))
@@ -177,6 +197,43 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         write_json_atomic(out_dir / "results.json", document)
         write_report(out_dir / "report.png", document)
     return document
+
+
+def resume_state(config: Config, out_dir: Path | None,
+                 initial: Sequence[NDArray[np.float32]]) -> LoopState | None:
+    """The checkpointed state to continue from, or None to start a new run.
+
+    Raises
+    ------
+    CheckpointError
+        With ``resume``: the checkpoint was written with other run-config keys
+        (besides those a resume may change: rounds, timeouts, ...) or for
+        another model. Without ``resume``: ``out_dir`` holds the checkpoint of
+        an unfinished run, which a new run would overwrite.
+    ConfigError
+        ``resume`` without ``out-dir``.
+    """
+    if out_dir is None:
+        if config.get("resume"):
+            raise ConfigError("resume=true is not allowed without out-dir (where the "
+                              "checkpoint is)")
+        return None
+    if not config.get("resume"):
+        reason = unfinished_run(out_dir)
+        if reason is not None:
+            raise CheckpointError(reason)
+        return None
+    saved = load_checkpoint(out_dir)
+    if saved is None:
+        log.warning("resume: no checkpoint in %s; starting a new run", out_dir)
+        return None
+    differences = config_differences(saved.config, config, DEFAULTS)
+    if differences:
+        raise CheckpointError(f"cannot resume from {out_dir}: the run config differs from the "
+                              f"checkpoint's in {'; '.join(differences)}")
+    check_weights(saved.state.weights, initial)
+    log.info("resuming from %s after round %s", out_dir, saved.state.server_round)
+    return saved.state
 
 
 def settings_config(settings: Mapping[str, Scalar]) -> dict[str, Scalar]:

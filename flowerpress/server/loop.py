@@ -27,6 +27,8 @@ from numpy.typing import NDArray
 from flowerpress import protocol
 from flowerpress.compression.envelope import payload_record
 from flowerpress.protocol import UpdateRejected, record_bytes
+from flowerpress.server.checkpoint import LoopState
+from flowerpress.server.membership import EXPIRED_ERROR_CODE, Membership, is_unavailable_error
 from flowerpress.strategies.base import ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ EvaluateFn = Callable[[Sequence[NDArray[np.float32]]], Mapping[str, float | None
 RoundCallback = Callable[[Mapping[str, Any]], None]
 #: Called with the round and the new global model after every round (checkpoints).
 ModelCallback = Callable[[int, "Weights"], None]
+#: Called with the loop's whole state after every round, before the round's row
+#: and model are reported (the checkpoint).
+StateCallback = Callable[[LoopState], None]
 
 POLL_MIN_S = 0.005
 POLL_MAX_S = 0.05
@@ -101,6 +106,9 @@ class LoopSettings:
     # The federation size the run config describes; simulation nodes reporting
     # another number of partitions stop the run (None: not checked).
     num_clients: int | None = None
+    # Skip a node that missed this many consecutive rounds until it answers a
+    # probe (0: never skip for missed rounds).
+    max_missed_rounds: int = 3
 
 
 def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
@@ -130,11 +138,11 @@ class FederationMismatchError(RuntimeError):
     """The federation Flower started is not the one the run config describes."""
 
 
-def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
-                   clock: Callable[[], float] = time.monotonic,
-                   sleep: Callable[[float], None] = time.sleep,
-                   num_clients: int | None = None) -> list[int]:
-    """Connected node ids, sorted by the partition each holds.
+def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
+                        clock: Callable[[], float] = time.monotonic,
+                        sleep: Callable[[float], None] = time.sleep,
+                        num_clients: int | None = None) -> dict[int, int | None]:
+    """Connected node ids and the partition each reports (None: no answer).
 
     Waits (bounded) for ``wanted`` nodes, then asks every node for its
     ``partition-id`` with a query message, so that sampling by seed picks the
@@ -160,7 +168,7 @@ def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
                     message_type=MessageType.QUERY) for n in nodes]
     ids = list(grid.push_messages(msgs))
     id_to_node = dict(zip(ids, nodes, strict=True))
-    partition: dict[int, int] = {}
+    partition: dict[int, int | None] = dict.fromkeys(nodes)
     reported_sizes: set[int] = set()
     # The first messages wait for the simulation engine's actors (or a device)
     # to start: give the query the whole node-wait budget.
@@ -169,9 +177,7 @@ def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
         node = id_to_node.get(reply.metadata.reply_to_message_id)
         if node is None or reply.has_error():
             continue
-        pid = protocol.partition_of_reply(reply)
-        if pid is not None:
-            partition[node] = pid
+        partition[node] = protocol.partition_of_reply(reply)
         info = reply.content.config_records.get(protocol.INFO)
         size = None if info is None else info.get(protocol.NUM_PARTITIONS)
         if isinstance(size, int) and not isinstance(size, bool) and size > 0:
@@ -181,11 +187,28 @@ def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
 
         line = federation_mismatch(max(reported_sizes), {"num-clients": num_clients})
         raise FederationMismatchError(line or "the federation size differs from num-clients")
-    if len(partition) < len(nodes):
+    missing = sum(p is None for p in partition.values())
+    if missing:
         log.warning("%s of %s nodes did not report a partition id; sampling is not "
-                    "reproducible across runs for them", len(nodes) - len(partition), len(nodes))
+                    "reproducible across runs for them", missing, len(nodes))
+    return partition
+
+
+def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
+                   clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep,
+                   num_clients: int | None = None) -> list[int]:
+    """Connected node ids, sorted by the partition each holds (see :func:`discover_partitions`).
+
+    Raises
+    ------
+    FederationMismatchError
+        As :func:`discover_partitions`.
+    """
+    partition = discover_partitions(grid, wanted=wanted, timeout=timeout, clock=clock,
+                                    sleep=sleep, num_clients=num_clients)
     big = 1 << 62
-    return sorted(nodes, key=lambda n: (partition.get(n, big), n))
+    return sorted(partition, key=lambda n: (big if partition[n] is None else partition[n], n))
 
 
 class StrategyFailedError(RuntimeError):
@@ -227,6 +250,10 @@ class RoundOutcome:
     download_bytes: int
     participants: list[int]
     reply_metrics: list[dict[str, float]]
+    # Flower answered "node unavailable" instead of the node.
+    unavailable: int = 0
+    # Nodes that answered (valid or rejected): they are there.
+    replied: list[int] = field(default_factory=list)
 
 
 def _broadcast(global_weights: Weights, download: DownloadCodec | None,
@@ -275,11 +302,20 @@ def run_round(
     id_to_node = dict(zip(ids, nodes, strict=True))
 
     strategy.begin_round(server_round, received)
-    valid = rejected = upload = 0
+    valid = rejected = upload = unavailable = 0
     participants: list[int] = []
+    replied: list[int] = []
     reply_metrics: list[dict[str, float]] = []
     for reply in poll_replies(grid, ids, timeout=settings.round_timeout, clock=clock, sleep=sleep):
         node = id_to_node[reply.metadata.reply_to_message_id]
+        if reply.has_error() and is_unavailable_error(reply):
+            unavailable += 1  # Flower's answer, not the node's: it is not there
+            log.info("round %s: node %s is unavailable: %.200s", server_round, node,
+                     reply.error.reason)
+            continue
+        if reply.has_error() and int(reply.error.code) == EXPIRED_ERROR_CODE:
+            continue  # the reply expired before it was pulled: counted as timed out
+        replied.append(node)
         if reply.has_error():
             rejected += 1
             log.warning("round %s: node %s replied with an error: %.200s", server_round, node,
@@ -305,7 +341,7 @@ def run_round(
         valid += 1
         participants.append(node)
         reply_metrics.append(dict(checked.metrics))
-    timed_out = len(nodes) - valid - rejected
+    timed_out = len(nodes) - valid - rejected - unavailable
     if timed_out:
         log.warning("round %s: %s of %s clients did not reply within %.1f s", server_round,
                     timed_out, len(nodes), settings.round_timeout)
@@ -316,7 +352,7 @@ def run_round(
                     server_round, valid, settings.min_replies)
         new_global = global_weights
     return RoundOutcome(new_global, valid, rejected, timed_out, upload, download_bytes,
-                        participants, reply_metrics)
+                        participants, reply_metrics, unavailable=unavailable, replied=replied)
 
 
 def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weights: Weights,
@@ -369,6 +405,8 @@ def run_federation(
     download: DownloadCodec | None = None,
     on_round: RoundCallback | None = None,
     on_model: ModelCallback | None = None,
+    on_state: StateCallback | None = None,
+    resume: LoopState | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[Weights, list[dict[str, Any]], str | None]:
@@ -384,6 +422,16 @@ def run_federation(
     from (the number of connected nodes), which the accounting's sampling
     rate depends on.
 
+    Membership follows the devices (:mod:`flowerpress.server.membership`):
+    before every round the connected nodes are refreshed; without DP the
+    cohort is drawn from the nodes available now, under DP from every node the
+    server knows (so a device's chance of being sampled never exceeds the
+    rate the accountant assumes), and unavailable members are not asked.
+
+    ``on_state`` receives the loop's whole state after every round (for the
+    checkpoint); ``resume`` continues from such a state: the rows, model,
+    strategy state, privacy ledger, sampling generator and membership.
+
     Raises
     ------
     StrategyFailedError
@@ -391,39 +439,78 @@ def run_federation(
         ``on_round``'s rows so far (the caller keeps it).
     """
     rng = np.random.default_rng([settings.seed, 1])
-    nodes = discover_nodes(grid, wanted=settings.clients_per_round,
-                           timeout=settings.node_wait_timeout, clock=clock, sleep=sleep,
-                           num_clients=settings.num_clients)
-    ledger = None if privacy is None else privacy(len(nodes))
+    membership = Membership(max_missed=settings.max_missed_rounds)
     weights = [np.asarray(w, dtype=np.float32) for w in initial_weights]
     rows: list[dict[str, Any]] = []
+    first = 1
+    population: int | None = None
+    resumed_at: list[int] = []
+    if resume is not None:
+        weights = [np.asarray(w, dtype=np.float32) for w in resume.weights]
+        rows = [dict(r) for r in resume.rows]
+        rng.bit_generator.state = resume.rng
+        membership.load_state_dict(resume.membership)
+        _load_strategy_state(strategy, resume.strategy)
+        first = resume.server_round + 1
+        population = resume.privacy_population
+        resumed_at = [*resume.resumed_at, resume.server_round]
+        log.info("resuming after round %s of %s", resume.server_round, settings.rounds)
+    ledger = None
+    if privacy is not None and population is not None:  # resumed: the saved population
+        ledger = privacy(population)
+        _load_privacy_state(ledger, None if resume is None else resume.privacy)
+    if first > settings.rounds:  # a finished run, resumed: nothing left to do
+        return weights, rows, None
+    membership.add_discovered(discover_partitions(
+        grid, wanted=settings.clients_per_round, timeout=settings.node_wait_timeout,
+        clock=clock, sleep=sleep, num_clients=settings.num_clients))
+    if privacy is not None and ledger is None:
+        population = len(membership.known(first))
+        ledger = privacy(population)
     stop: str | None = None
-    for server_round in range(1, settings.rounds + 1):
+    for server_round in range(first, settings.rounds + 1):
         started = clock()
-        sampled = sample_round(nodes, settings.clients_per_round, rng,
-                               None if ledger is None else ledger.sampling)
+        membership.refresh(grid, server_round)
+        known = membership.known(server_round)
+        available = membership.available(server_round)
+        if ledger is not None and population is not None:
+            # Under DP: draw from the whole population (the one accounted), at
+            # most the accounted cohort; drawn nodes that are away are dropouts.
+            pool, k = known, min(settings.clients_per_round, population, len(known))
+        else:
+            pool, k = available, min(settings.clients_per_round, len(available))
+        drawn = sample_round(pool, k, rng, None if ledger is None else ledger.sampling)
+        can_ask = set(available)
+        sampled = [n for n in drawn if n in can_ask]
         if ledger is not None:
-            ok, reason = ledger.can_run_round(cohort_size=len(sampled), population=len(nodes))
+            # Accounted as a draw of len(drawn) from len(pool); devices size their
+            # noise by the len(sampled) <= len(drawn) actually asked (more noise).
+            ok, reason = ledger.can_run_round(cohort_size=len(drawn), population=len(pool))
             if not ok:
                 stop = f"stopped before round {server_round}: {reason}"
                 log.warning("%s", stop)
                 break
+        if not sampled:
+            log.warning("round %s: none of the %s known nodes can be asked; waiting %.0f s",
+                        server_round, len(known), settings.round_timeout)
+            sleep(settings.round_timeout)
         extra: dict[str, Scalar] = dict(strategy.client_config(server_round))
         if ledger is not None:
             extra.update(ledger.train_config(server_round, cohort_size=len(sampled)))
         outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
                             extra_config=extra, download=download, rng=rng,
                             clock=clock, sleep=sleep)
+        membership.record_round(sampled, outcome.replied)
         weights = outcome.new_global
         epsilon = None
         if ledger is not None:
-            # Every sampled client may have released a noised update, whether or
+            # Every asked client may have released a noised update, whether or
             # not it reached us in time: local mode charges all of them. The
             # aggregate holds only the valid replies' noise: distributed mode
             # accounts z * sqrt(valid / sampled); an unchanged model released none.
             released = outcome.valid if outcome.valid >= settings.min_replies else 0
             ledger.end_round(sampled, outcome.reply_metrics, aggregated=released,
-                             cohort_size=len(sampled), population=len(nodes))
+                             cohort_size=len(drawn), population=len(pool))
             epsilon = ledger.epsilon_json
         if evaluate_fn is not None:
             metrics: Mapping[str, float | None] = evaluate_fn(weights)
@@ -438,6 +525,7 @@ def run_federation(
             "clients": outcome.valid,
             "rejected": outcome.rejected,
             "timed_out": outcome.timed_out,
+            "unavailable": len(known) - len(available) + outcome.unavailable,
             "upload_bytes": outcome.upload_bytes,
             "download_bytes": outcome.download_bytes,
             "epsilon": epsilon,
@@ -446,6 +534,15 @@ def run_federation(
         if evaluate_fn is None:
             row["evaluated_by"] = int(metrics.get("evaluated_by") or 0)
         rows.append(row)
+        if on_state is not None:
+            state_dict = getattr(strategy, "state_dict", None)
+            privacy_state = getattr(ledger, "state_dict", None)
+            on_state(LoopState(
+                server_round=server_round, weights=weights, rows=rows,
+                rng=dict(rng.bit_generator.state), membership=membership.state_dict(),
+                strategy=state_dict() if callable(state_dict) else {},
+                privacy=privacy_state() if callable(privacy_state) else None,
+                privacy_population=population, resumed_at=resumed_at))
         if on_model is not None:
             on_model(server_round, weights)
         if on_round is not None:
@@ -471,6 +568,38 @@ def sample_round(nodes: Sequence[int], clients_per_round: int, rng: np.random.Ge
                              probability=k / len(nodes))
     picked = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
     return [nodes[i] for i in picked]
+
+
+class ResumeError(RuntimeError):
+    """The saved state cannot be loaded into this run's strategy or privacy ledger."""
+
+
+def _load_strategy_state(strategy: AggregationStrategy, state: Mapping[str, Any]) -> None:
+    load = getattr(strategy, "load_state_dict", None)
+    if callable(load):
+        try:
+            load(dict(state))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ResumeError(f"the checkpoint's strategy state does not fit strategy "
+                              f"{type(strategy).__name__}: {exc}") from None
+    elif state:
+        raise ResumeError(f"strategy {type(strategy).__name__} has no load_state_dict; its "
+                          "saved state cannot be restored")
+
+
+def _load_privacy_state(ledger: PrivacyLedger, state: Mapping[str, Any] | None) -> None:
+    # Epsilon must continue where it was: a ledger that cannot load its state
+    # would silently restart the accounting, so that refuses the resume.
+    if state is None:
+        raise ResumeError("the checkpoint has no privacy ledger state but this run uses DP")
+    load = getattr(ledger, "load_state_dict", None)
+    if not callable(load):
+        raise ResumeError("the privacy ledger has no load_state_dict; resuming would restart "
+                          "the privacy accounting")
+    try:
+        load(state)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ResumeError(f"the checkpoint's privacy state does not fit this run: {exc}") from None
 
 
 def _opt_float(value: float | None) -> float | None:

@@ -4,7 +4,8 @@ The layout is the contract of ARCHITECTURE.md::
 
     {"config": {...},
      "rounds": [{"round", "accuracy", "loss", "f1_macro", "clients", "rejected",
-                 "upload_bytes", "download_bytes", "epsilon", "seconds"}, ...],
+                 "timed_out", "unavailable", "upload_bytes", "download_bytes",
+                 "epsilon", "seconds"}, ...],
      "summary": {"final_accuracy", "total_upload_bytes", "total_download_bytes",
                  "fp32_upload_bytes"},
      "privacy": {...} | null}
@@ -22,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-ROUND_FIELDS = ("round", "accuracy", "loss", "f1_macro", "clients", "rejected",
-                "upload_bytes", "download_bytes", "epsilon", "seconds")
+ROUND_FIELDS = ("round", "accuracy", "loss", "f1_macro", "clients", "rejected", "timed_out",
+                "unavailable", "upload_bytes", "download_bytes", "epsilon", "seconds")
 
 
 def build_results(
@@ -35,11 +36,14 @@ def build_results(
     privacy: Mapping[str, Any] | None = None,
     stopped: str | None = None,
     failed: str | None = None,
+    resumed_at: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Assemble the results document from the round rows.
 
     ``failed`` is the one-line reason a run ended in error (the strategy
     produced an unusable model, ...); the rows so far are kept.
+    ``resumed_at`` lists the rounds after which the run was resumed from its
+    checkpoint (``summary.resumed_after_rounds``).
     """
     fp32 = sum(int(r["clients"]) + int(r["rejected"]) for r in rows) * model_elements * 4
     summary: dict[str, Any] = {
@@ -57,6 +61,8 @@ def build_results(
         summary["stopped"] = stopped
     if failed is not None:
         summary["failed"] = failed
+    if resumed_at:
+        summary["resumed_after_rounds"] = [int(r) for r in resumed_at]
     document = {"config": dict(config), "rounds": [dict(r) for r in rows], "summary": summary,
                 "privacy": dict(privacy) if privacy is not None else None}
     cleaned: dict[str, Any] = finite_json(document)

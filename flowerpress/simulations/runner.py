@@ -153,7 +153,8 @@ class SimulationLink:
 
 
 def simulate(config: Config, out_dir: Path, *, progress: bool = True,
-             stream: TextIO = sys.stdout, timeout: float = DEFAULT_RUN_TIMEOUT) -> dict[str, Any]:
+             stream: TextIO = sys.stdout, timeout: float = DEFAULT_RUN_TIMEOUT,
+             resume: bool = False) -> dict[str, Any]:
     """Run ``config`` on Flower's simulation engine and return the results document.
 
     Parameters
@@ -161,23 +162,37 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
     config
         A validated run config (:func:`flowerpress.config.validate`).
     out_dir
-        Where ``results.json`` and ``report.png`` go.
+        Where ``results.json``, ``report.png``, ``model.npz`` and the
+        checkpoint go.
     progress
         Print a line per round to ``stream`` as rounds finish.
     timeout
         Upper bound on the whole run in seconds.
+    resume
+        Continue from the checkpoint in ``out_dir`` (run-config ``resume``).
 
     Raises
     ------
     SimulationError
         If the SuperLink does not start or the run fails; the message ends
-        with the last lines of the relevant log.
+        with the last lines of the relevant log. Also, without ``resume``,
+        if ``out_dir`` holds an unfinished run's checkpoint.
     """
+    from flowerpress.server.checkpoint import CheckpointError, unfinished_run
+
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.json"
-    results.unlink(missing_ok=True)
-    run_config = {**config, "out-dir": str(out_dir)}
+    resume = resume or bool(config.get("resume"))
+    if not resume:
+        try:
+            reason = unfinished_run(out_dir)
+        except CheckpointError as exc:
+            reason = str(exc)
+        if reason is not None:
+            raise SimulationError(reason)
+        results.unlink(missing_ok=True)
+    run_config = {**config, "out-dir": str(out_dir), "resume": resume}
     printer = ProgressPrinter(int(config["rounds"]), stream) if progress else None
 
     with tempfile.TemporaryDirectory(prefix="flowerpress-sim-") as tmp_name:

@@ -40,6 +40,13 @@ _WEIGHT_KEY = "num-examples"
 """The metric under which the adapter passes the server's weight of an update."""
 _METRIC_KEY_ATTRS = ("weighted_by_key", "train_loss_key")
 """Flower strategy attributes that name a metric the strategy reads from each reply."""
+_FLWR_STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")
+"""Attributes in which Flower's strategies keep state between rounds (flwr 1.x).
+
+``FedAvgM``: ``momentum_vector`` (a list of arrays) and ``current_arrays`` (an
+``ArrayRecord``); ``FedAdagrad``/``FedAdam``/``FedYogi``: ``m_t``, ``v_t`` and
+``current_arrays`` (dicts of arrays). ``None`` before the first round.
+"""
 _WEIGHTED_MEAN_RULES = ("FedAvg", "FedProx", "FedAvgM", "FedAdagrad", "FedAdam", "FedYogi")
 """Flower strategies whose ``aggregate_train`` is (a server step on) FedAvg's weighted mean.
 
@@ -147,8 +154,9 @@ class FlwrStrategy(BatchStrategy):
     Memory is O(clients x model): every reply of the round is held until
     :meth:`result`. If the round's weights sum to zero the global model is
     returned unchanged (Flower would divide by zero). :meth:`state_dict`
-    is empty: Flower strategies keep their moments in private attributes, so
-    a resumed run restarts them.
+    holds the server-side state Flower's strategies keep in public attributes
+    (:data:`_FLWR_STATE_ATTRS`: FedAvgM's momentum, the FedOpt family's
+    moments, the arrays they step from), so a resumed run continues them.
     """
 
     weighted_sum: ClassVar[bool] = False
@@ -194,6 +202,50 @@ class FlwrStrategy(BatchStrategy):
         finally:
             random.setstate(saved)
             flwr_logger.setLevel(level)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the Flower strategy's state attributes as arrays (``None`` where unset)."""
+        from flwr.app import ArrayRecord
+
+        state: dict[str, Any] = {}
+        for attr in _FLWR_STATE_ATTRS:
+            if not hasattr(self.strategy, attr):
+                continue
+            value = getattr(self.strategy, attr)
+            if value is None:
+                state[attr] = None
+            elif isinstance(value, ArrayRecord):
+                state[attr] = {"record": {k: np.array(a.numpy()) for k, a in value.items()}}
+            elif isinstance(value, dict):
+                state[attr] = {"dict": {str(k): np.array(v) for k, v in value.items()}}
+            else:
+                state[attr] = {"list": [np.array(v) for v in value]}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into the Flower strategy.
+
+        Raises
+        ------
+        ValueError
+            If ``state`` names an attribute this Flower strategy does not have.
+        """
+        from flwr.app import Array, ArrayRecord
+
+        name = type(self.strategy).__name__
+        for attr, value in state.items():
+            if attr not in _FLWR_STATE_ATTRS or not hasattr(self.strategy, attr):
+                raise ValueError(f"flwr:{name} has no state attribute {attr!r}")
+            if value is None:
+                restored: Any = None
+            elif "record" in value:
+                restored = ArrayRecord({k: Array(np.asarray(v))
+                                        for k, v in value["record"].items()})
+            elif "dict" in value:
+                restored = {k: np.asarray(v) for k, v in value["dict"].items()}
+            else:
+                restored = [np.asarray(v) for v in value["list"]]
+            setattr(self.strategy, attr, restored)
 
     def client_config(self, server_round: int) -> dict[str, ConfigValue]:
         """Forward Flower FedProx's ``proximal_mu`` as ``"proximal-mu"``."""

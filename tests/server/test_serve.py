@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 
 from flowerpress.config import validate
 from flowerpress.server.app import serve
+from flowerpress.server.checkpoint import load_checkpoint
 from flowerpress.simulations.app import app as client_app
 from flowerpress.testing import InProcessGrid, server_identity
 
@@ -55,8 +55,9 @@ def test_privacy_is_accounted_every_round(tmp_path: Path) -> None:
     assert eps == sorted(eps) and eps[0] < eps[-1]
     assert result["privacy"]["mode"] == "distributed"
     assert result["privacy"]["clients_per_round"] == 4
-    state = json.loads((tmp_path / "server_state.json").read_text())
-    assert state["round"] == 3 and state["privacy"] is not None
+    saved = load_checkpoint(tmp_path)
+    assert saved is not None and saved.state.server_round == 3
+    assert saved.state.privacy is not None and saved.state.privacy["epsilon"] == eps[-1]
     assert np.load(tmp_path / "model.npz")["arr_0"].dtype == np.float32
 
 

@@ -1,0 +1,226 @@
+"""Which nodes a round may use: membership that follows the devices.
+
+Flower's ``Grid.get_node_ids()`` lists the nodes that are online now (a
+SuperNode that stops sending heartbeats drops out of it). :class:`Membership`
+refreshes that list before every round:
+
+- a node seen for the first time is asked once for its partition id (the
+  ``query`` message of :mod:`flowerpress.protocol`, not waited for) and may be
+  sampled from the next round on;
+- a node Flower no longer lists is skipped until Flower lists it again;
+- a node that was asked in its last ``max_missed`` rounds and never answered
+  (timed out, or Flower answered "node unavailable") is skipped and probed
+  with the same query message, one probe at a time; its answer brings it back
+  from the next round on.
+
+Nodes are ordered by the partition each reports (then by node id), so that a
+fixed membership gives the same sampled partitions in every run although
+Flower's node ids are random. The whole bookkeeping is one serializable value
+(:meth:`Membership.state_dict`), saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from flowerpress import protocol
+
+log = logging.getLogger(__name__)
+
+#: Flower's error codes for "the destination node is not there"
+#: (``flwr.common.constant.ErrorCode``): MESSAGE_UNAVAILABLE (3, the instruction
+#: expired or the node was removed) and NODE_UNAVAILABLE (5, no heartbeat).
+UNAVAILABLE_ERROR_CODES = frozenset({3, 5})
+#: REPLY_MESSAGE_UNAVAILABLE: the node answered, but its reply expired unread.
+EXPIRED_ERROR_CODE = 4
+#: A probe without an answer is sent again after this many rounds.
+PROBE_RETRY_ROUNDS = 3
+_LAST = 1 << 62  # sort key of a node that reported no partition
+
+
+def is_unavailable_error(reply: Message) -> bool:
+    """Whether ``reply`` is Flower's error saying the node was not there (not the node's)."""
+    return reply.has_error() and int(reply.error.code) in UNAVAILABLE_ERROR_CODES
+
+
+def hello_message(node_id: int) -> Message:
+    """The query that asks a node for its partition id (and proves it is there)."""
+    return Message(RecordDict({protocol.CONFIG: ConfigRecord({protocol.HELLO: True})}),
+                   dst_node_id=node_id, message_type=MessageType.QUERY)
+
+
+@dataclass
+class NodeRecord:
+    """What the server knows about one node."""
+
+    node_id: int
+    partition: int | None = None  # from its query reply; None until it answered
+    since: int = 0  # the round before which it became known (sampled from since + 1)
+    missed: int = 0  # consecutive rounds it was asked and did not answer
+    listed: bool = True  # Flower listed it at the last refresh
+
+
+class Membership:
+    """The nodes the server knows, which of them a round may use, and why not.
+
+    Parameters
+    ----------
+    max_missed : int
+        Skip a node that missed this many consecutive rounds (no reply in
+        time, or Flower said it is unavailable) until it answers a probe.
+        ``0`` never skips for missed rounds.
+    """
+
+    def __init__(self, *, max_missed: int) -> None:
+        if isinstance(max_missed, bool) or not isinstance(max_missed, int) or max_missed < 0:
+            raise ValueError(f"max_missed must be an int >= 0, got {max_missed!r}")
+        self.max_missed = max_missed
+        self.records: dict[int, NodeRecord] = {}
+        # Query message id -> (node id, round it was sent in).
+        self._queries: dict[str, tuple[int, int]] = {}
+
+    # -- building ----------------------------------------------------------------------
+
+    def add_discovered(self, partitions: Mapping[int, int | None]) -> None:
+        """Add nodes found by the blocking discovery at the start (sampled from round 1).
+
+        A node id the records already hold keeps its bookkeeping; a new node id
+        that reports the partition of a known node Flower no longer lists takes
+        that node's place (a simulation restarted with new node ids, a device
+        re-registered): the old record is dropped.
+        """
+        by_partition = {r.partition: r for r in self.records.values()
+                        if r.partition is not None and r.node_id not in partitions}
+        for node, pid in partitions.items():
+            record = self.records.get(node)
+            if record is None:
+                old = by_partition.pop(pid, None) if pid is not None else None
+                if old is not None:
+                    del self.records[old.node_id]
+                    record = NodeRecord(node, pid, since=old.since, missed=old.missed)
+                else:
+                    record = NodeRecord(node, pid, since=0)
+                self.records[node] = record
+            if record.partition is None:
+                record.partition = pid
+            record.listed = True
+
+    # -- every round --------------------------------------------------------------------
+
+    def refresh(self, grid: Grid, server_round: int) -> None:
+        """Bring the records up to date before ``server_round``; never blocks.
+
+        Reads Flower's node list, collects the answers to earlier queries,
+        asks new nodes for their partition id and probes skipped ones.
+        """
+        listed = set(grid.get_node_ids())
+        self._collect(grid)
+        for node in sorted(listed - set(self.records)):
+            self.records[node] = NodeRecord(node, since=server_round)
+            log.info("round %s: node %s joined; it is sampled from round %s on", server_round,
+                     node, server_round + 1)
+        for record in self.records.values():
+            back = record.node_id in listed
+            if back and not record.listed:
+                log.info("round %s: node %s is listed again", server_round, record.node_id)
+                record.missed = 0
+            elif record.listed and not back:
+                log.info("round %s: node %s is no longer listed by Flower; skipped until it "
+                         "is back", server_round, record.node_id)
+            record.listed = back
+        due = [r.node_id for r in self.records.values() if r.listed and (
+            (r.partition is None and r.since == server_round) or self._skipped(r))]
+        self._ask(grid, due, server_round)
+
+    def _skipped(self, record: NodeRecord) -> bool:
+        return self.max_missed > 0 and record.missed >= self.max_missed
+
+    def _ask(self, grid: Grid, nodes: Iterable[int], server_round: int) -> None:
+        """Send one query to each of ``nodes`` that has none outstanding (or a stale one)."""
+        outstanding = {node: (mid, sent) for mid, (node, sent) in self._queries.items()}
+        wanted = []
+        for node in nodes:
+            old = outstanding.get(node)
+            if old is not None and server_round - old[1] < PROBE_RETRY_ROUNDS:
+                continue
+            if old is not None:
+                del self._queries[old[0]]
+            wanted.append(node)
+        if not wanted:
+            return
+        ids = list(grid.push_messages([hello_message(n) for n in wanted]))
+        for mid, node in zip(ids, wanted, strict=True):
+            if mid:
+                self._queries[mid] = (node, server_round)
+
+    def _collect(self, grid: Grid) -> None:
+        """Take the answers to queries that arrived since the last refresh."""
+        if not self._queries:
+            return
+        for reply in grid.pull_messages(list(self._queries)):
+            entry = self._queries.pop(reply.metadata.reply_to_message_id, None)
+            if entry is None:
+                continue
+            record = self.records.get(entry[0])
+            if record is None or reply.has_error():
+                continue
+            if record.partition is None:
+                record.partition = protocol.partition_of_reply(reply)
+            if self._skipped(record):
+                log.info("node %s answered a probe; it is sampled again", record.node_id)
+            record.missed = 0
+
+    def record_round(self, asked: Iterable[int], answered: Iterable[int]) -> None:
+        """Count a missed round for every node in ``asked`` that did not answer."""
+        got = set(answered)
+        for node in asked:
+            record = self.records.get(node)
+            if record is None:
+                continue
+            record.missed = 0 if node in got else record.missed + 1
+            if node not in got and record.missed == self.max_missed:
+                log.warning("node %s missed its last %s rounds; skipped until it answers",
+                            node, record.missed)
+
+    # -- views --------------------------------------------------------------------------
+
+    def _order(self, records: Iterable[NodeRecord]) -> list[int]:
+        keyed = sorted(records, key=lambda r: (_LAST if r.partition is None else r.partition,
+                                               r.node_id))
+        return [r.node_id for r in keyed]
+
+    def known(self, server_round: int) -> list[int]:
+        """Nodes known before ``server_round`` (the population), in sampling order."""
+        return self._order(r for r in self.records.values() if r.since < server_round)
+
+    def available(self, server_round: int) -> list[int]:
+        """Known nodes ``server_round`` may ask: listed and not skipped, in sampling order."""
+        return self._order(r for r in self.records.values()
+                           if r.since < server_round and r.listed and not self._skipped(r))
+
+    # -- persistence --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable bookkeeping (outstanding queries are not kept)."""
+        return {"max_missed": self.max_missed,
+                "nodes": [asdict(r) for r in sorted(self.records.values(),
+                                                    key=lambda r: r.node_id)]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s records (``max_missed`` stays this run's)."""
+        records: dict[int, NodeRecord] = {}
+        for item in state["nodes"]:
+            pid = item.get("partition")
+            record = NodeRecord(node_id=int(item["node_id"]),
+                                partition=None if pid is None else int(pid),
+                                since=int(item.get("since", 0)), missed=int(item.get("missed", 0)),
+                                listed=bool(item.get("listed", True)))
+            records[record.node_id] = record
+        self.records = records
+        self._queries = {}

@@ -1,0 +1,180 @@
+"""Checkpoint and resume in process: a run that crashes and resumes is the same run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+from flowerpress.config import validate
+from flowerpress.server import checkpoint as ckpt
+from flowerpress.server.app import serve
+from flowerpress.server.checkpoint import CheckpointError, LoopState, load_checkpoint
+from flowerpress.simulations.app import app as client_app
+from flowerpress.testing import InProcessGrid, server_identity
+
+BASE = {"dataset": "digits", "partition": "iid", "model": "logreg", "num-clients": 4,
+        "clients-per-round": 3, "rounds": 4, "local-epochs": 1, "round-timeout": 5.0}
+
+
+class CrashError(RuntimeError):
+    """The server process dies (raised from inside a round)."""
+
+
+@dataclass
+class CrashingGrid(InProcessGrid):
+    """Raises when the train messages of round ``crash_round`` are pushed."""
+
+    crash_round: int = 0
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        msgs = list(messages)
+        for msg in msgs:
+            if msg.metadata.message_type == "train":
+                rnd = int(msg.content.config_records["config"]["server-round"])
+                if rnd == self.crash_round:
+                    raise CrashError(f"killed in round {rnd}")
+        return super().push_messages(msgs)
+
+
+def _serve(out: Path, *, crash_round: int = 0, **overrides: Any) -> dict[str, Any]:
+    config = validate({**BASE, "out-dir": str(out), **overrides})
+    grid = CrashingGrid(client_app, 4, run_config=config, crash_round=crash_round)
+    with server_identity():
+        return serve(grid, config, out_dir=out)
+
+
+def _without_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+# flowerpress's own rules fold replies in float64, so an in-process run is
+# bit-identical to itself; Flower's aggregate in float32 in arrival order, which
+# the in-process grid does not fix, so a run differs from itself in the last bits.
+@pytest.mark.parametrize(("strategy", "dp", "exact"), [
+    ("fedavgm", "off", True),
+    ("fedadam:lr=0.05", "distributed:clip=1.0,noise=1.0,rng=seeded", True),
+    ("flwr:FedAdam:eta=0.05", "off", False),
+])
+def test_a_run_resumed_twice_is_the_uninterrupted_run(tmp_path: Path, strategy: str,
+                                                      dp: str, exact: bool) -> None:
+    # Prepare: the uninterrupted run
+    whole = _serve(tmp_path / "whole", strategy=strategy, dp=dp)
+    out = tmp_path / "crashed"
+    # Execute: crash in round 2, resume and crash in round 4, resume to the end
+    with pytest.raises(CrashError):
+        _serve(out, crash_round=2, strategy=strategy, dp=dp)
+    assert [r["round"] for r in json.loads((out / "results.json").read_text())["rounds"]] == [1]
+    with pytest.raises(CrashError):
+        _serve(out, crash_round=4, strategy=strategy, dp=dp, resume=True)
+    resumed = _serve(out, strategy=strategy, dp=dp, resume=True)
+    # Assert: one consistent results.json, the same rows, epsilon and model as without crashes
+    on_disk = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in on_disk["rounds"]] == [1, 2, 3, 4]
+    assert _without_time(on_disk["rounds"]) == _without_time(resumed["rounds"])
+    assert resumed["summary"]["resumed_after_rounds"] == [1, 3]
+    assert resumed["privacy"] == whole["privacy"]
+    if exact:
+        assert _without_time(resumed["rounds"]) == _without_time(whole["rounds"])
+    else:
+        for mine, theirs in zip(resumed["rounds"], whole["rounds"], strict=True):
+            assert mine["accuracy"] == pytest.approx(theirs["accuracy"], abs=0.005)
+    with np.load(out / "model.npz") as a, np.load(tmp_path / "whole" / "model.npz") as b:
+        for key in a.files:
+            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=0 if exact else 1e-5)
+
+
+def test_epsilon_continues_and_a_finished_run_resumes_to_itself(tmp_path: Path) -> None:
+    # Prepare
+    dp = "distributed:clip=1.0,noise=1.0,rng=seeded"
+    with pytest.raises(CrashError):
+        _serve(tmp_path, crash_round=3, dp=dp)
+    saved = load_checkpoint(tmp_path)
+    assert saved is not None and saved.state.privacy is not None
+    spent = saved.state.privacy["epsilon"]
+    # Execute
+    resumed = _serve(tmp_path, dp=dp, resume=True)
+    again = _serve(tmp_path, dp=dp, resume=True)
+    # Assert: epsilon never restarts; resuming a finished run changes nothing
+    eps = [r["epsilon"] for r in resumed["rounds"]]
+    assert eps[1] == spent and eps[2] > spent and eps == sorted(eps)
+    assert _without_time(again["rounds"]) == _without_time(resumed["rounds"])
+    assert again["summary"]["resumed_after_rounds"] == [2, 4]
+    assert again["privacy"] == resumed["privacy"] and again["privacy"]["epsilon"] == eps[-1]
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path: Path) -> None:
+    # Prepare
+    with pytest.raises(CrashError):
+        _serve(tmp_path, crash_round=2)
+    # Execute / Assert: another seed is another run; more rounds are allowed
+    with pytest.raises(CheckpointError, match="seed: 0 -> 7"):
+        _serve(tmp_path, seed=7, resume=True)
+    result = _serve(tmp_path, rounds=5, resume=True)
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3, 4, 5]
+
+
+def test_a_new_run_does_not_overwrite_an_unfinished_checkpoint(tmp_path: Path) -> None:
+    # Prepare
+    with pytest.raises(CrashError):
+        _serve(tmp_path, crash_round=2)
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match=r"unfinished run \(round 1 of 4\); set resume=true"):
+        _serve(tmp_path)
+
+
+def test_resume_without_a_checkpoint_starts_a_new_run(tmp_path: Path) -> None:
+    result = _serve(tmp_path, rounds=1, resume=True)
+    assert [r["round"] for r in result["rounds"]] == [1]
+    assert "resumed_after_rounds" not in result["summary"]
+
+
+def _state(**arrays: Any) -> LoopState:
+    return LoopState(server_round=2, weights=[np.arange(6, dtype=np.float32).reshape(2, 3)],
+                     rows=[{"round": 1, "accuracy": None}, {"round": 2, "accuracy": 0.5}],
+                     rng=np.random.default_rng(3).bit_generator.state,
+                     membership={"max_missed": 3, "nodes": []},
+                     strategy=dict(arrays), privacy=None, resumed_at=[1])
+
+
+def test_checkpoint_round_trips_arrays_with_their_dtype(tmp_path: Path) -> None:
+    # Prepare
+    moments = {"m": [np.full(3, 1 / 3, dtype=np.float64)], "v": None,
+               "named": {"w": np.ones((2, 2), dtype=np.float32)}}
+    state = _state(**moments)
+    # Execute
+    ckpt.save_checkpoint(tmp_path, state, {"seed": 0})
+    loaded = load_checkpoint(tmp_path)
+    # Assert
+    assert loaded is not None and loaded.config == {"seed": 0}
+    assert loaded.state.strategy["m"][0].dtype == np.float64
+    np.testing.assert_array_equal(loaded.state.strategy["m"][0], moments["m"][0])
+    assert loaded.state.strategy["v"] is None
+    assert loaded.state.rows == state.rows and loaded.state.resumed_at == [1]
+    rng = np.random.default_rng(0)
+    rng.bit_generator.state = loaded.state.rng
+    assert rng.random() == np.random.default_rng(3).random()
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path: Path,
+                                                              monkeypatch: Any) -> None:
+    # Prepare
+    ckpt.save_checkpoint(tmp_path, _state(), {"round": 2})
+
+    def dies(*args: Any, **kwargs: Any) -> None:
+        raise CrashError("killed while writing")
+
+    monkeypatch.setattr(ckpt.np, "savez", dies)
+    # Execute
+    with pytest.raises(CrashError):
+        ckpt.save_checkpoint(tmp_path, _state(), {"round": 3})
+    # Assert
+    loaded = load_checkpoint(tmp_path)
+    assert loaded is not None and loaded.config == {"round": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]
