@@ -17,12 +17,13 @@ engine reuses a process for many messages).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from flowerpress import protocol
 from flowerpress.client.mods import compression_mod
@@ -75,7 +76,7 @@ def received_weights(msg: Message) -> Weights:
 
 
 def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
-               mods: bool = True) -> ClientApp:
+               mods: bool = True, outer_mods: Sequence[Mod] = ()) -> ClientApp:
     """A Flower ClientApp that trains and evaluates ``task`` on the node's data.
 
     Parameters
@@ -90,6 +91,8 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
         Install flowerpress's mods, outer to inner ``compression_mod, dp_mod``:
         the broadcast is decoded first and the update encoded last, so it is
         clipped and noised before it is compressed.
+    outer_mods
+        Further Flower mods placed outside flowerpress's.
     """
 
     def resolve(context: Context) -> Task:
@@ -115,7 +118,7 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
             _remember(_DATA, key, current.load_data(config))
         return _DATA[key]
 
-    app = ClientApp(mods=[compression_mod, dp_mod] if mods else [])
+    app = ClientApp(mods=[*outer_mods, *([compression_mod, dp_mod] if mods else [])])
 
     @app.query()
     def hello(msg: Message, context: Context) -> Message:

@@ -66,6 +66,10 @@ class PrivacyLedger(Protocol):
     def sampling(self) -> str: ...
     @property
     def epsilon_json(self) -> float | None: ...
+    @property
+    def private(self) -> bool: ...
+    @property
+    def nominal_epsilon(self) -> float: ...
     def train_config(self, server_round: int, *,
                      cohort_size: int | None = None) -> dict[str, int | float | str | bool]: ...
     def can_run_round(self, *, cohort_size: int | None = None,
@@ -502,7 +506,7 @@ def run_federation(
                             clock=clock, sleep=sleep)
         membership.record_round(sampled, outcome.replied)
         weights = outcome.new_global
-        epsilon = None
+        epsilon = nominal = None
         if ledger is not None:
             # Every asked client may have released a noised update, whether or
             # not it reached us in time: local mode charges all of them. The
@@ -512,6 +516,8 @@ def run_federation(
             ledger.end_round(sampled, outcome.reply_metrics, aggregated=released,
                              cohort_size=len(drawn), population=len(pool))
             epsilon = ledger.epsilon_json
+            if not ledger.private:  # rng=seeded: no guarantee, the nominal value apart
+                nominal = ledger.nominal_epsilon
         if evaluate_fn is not None:
             metrics: Mapping[str, float | None] = evaluate_fn(weights)
         else:
@@ -533,6 +539,8 @@ def run_federation(
         }
         if evaluate_fn is None:
             row["evaluated_by"] = int(metrics.get("evaluated_by") or 0)
+        if nominal is not None:
+            row["nominal_epsilon"] = nominal
         rows.append(row)
         if on_state is not None:
             state_dict = getattr(strategy, "state_dict", None)
