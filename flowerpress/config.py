@@ -122,6 +122,8 @@ SCHEMA: dict[str, Key] = {
     "min-replies": Key(int, 1, "valid replies a round needs", minimum=1, maximum=100_000),
     "max-client-weight": Key(float, 1_000_000.0, "cap on a reply's num-examples weight",
                              minimum=1.0, maximum=1e12),
+    "max-update-norm": Key(float, 0.0, "clip each update to this L2 norm before the strategy "
+                           "(Sun et al. 2019); 0: off", minimum=0.0, maximum=1e30),
     # --- later capabilities -------------------------------------------------------
     "compression": Key(str, "none", "upload codec spec, e.g. topk:0.01+q:8+ef+zstd",
                        check=_check_compression),

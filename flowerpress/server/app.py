@@ -119,6 +119,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         node_wait_timeout=max(60.0, float(config["round-timeout"])),
         compression=str(config["compression"]),
         max_client_weight=float(config["max-client-weight"]),
+        max_update_norm=float(config["max-update-norm"]),
         num_clients=int(config["num-clients"]),
     )
     start = evaluate_fn(initial) if central is not None else None

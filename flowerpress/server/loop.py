@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 from flowerpress import protocol
 from flowerpress.compression.envelope import payload_record
 from flowerpress.protocol import UpdateRejected, record_bytes
+from flowerpress.server.bounds import bound_update_norm
 from flowerpress.strategies.base import ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class LoopSettings:
     # The federation size the run config describes; simulation nodes reporting
     # another number of partitions stop the run (None: not checked).
     num_clients: int | None = None
+    # L2 bound on each validated update before the strategy sees it; 0 = off
+    # (run-config max-update-norm; flowerpress.server.bounds).
+    max_update_norm: float = 0.0
 
 
 def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
@@ -102,7 +106,13 @@ def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
     deadline = clock() + timeout
     delay = POLL_MIN_S
     while pending:
-        got = list(grid.pull_messages(pending))
+        try:
+            got = list(grid.pull_messages(pending))
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            # Flower inflates replies inside pull_messages: a reply it cannot
+            # inflate must not end the run. Transport errors still propagate.
+            log.warning("a reply could not be read: %s: %.300s", type(exc).__name__, exc)
+            got = []
         for reply in got:
             mid = reply.metadata.reply_to_message_id
             if mid in pending:
@@ -218,6 +228,7 @@ class RoundOutcome:
     download_bytes: int
     participants: list[int]
     reply_metrics: list[dict[str, float]]
+    clipped: int = 0  # updates scaled down to max-update-norm
 
 
 def _broadcast(global_weights: Weights, download: DownloadCodec | None,
@@ -266,7 +277,7 @@ def run_round(
     id_to_node = dict(zip(ids, nodes, strict=True))
 
     strategy.begin_round(server_round, received)
-    valid = rejected = upload = 0
+    valid = rejected = upload = clipped = 0
     participants: list[int] = []
     reply_metrics: list[dict[str, float]] = []
     for reply in poll_replies(grid, ids, timeout=settings.round_timeout, clock=clock, sleep=sleep):
@@ -280,7 +291,8 @@ def run_round(
             upload += record_bytes(reply.content)
             checked = protocol.validate_train_reply(reply, received,
                                                     max_weight=settings.max_client_weight)
-            strategy.add(ClientUpdate(delta=checked.delta, weight=checked.weight,
+            delta, norm, was_clipped = bound_update_norm(checked.delta, settings.max_update_norm)
+            strategy.add(ClientUpdate(delta=delta, weight=checked.weight,
                                       node_id=node, metrics=checked.metrics))
         except UpdateRejected as exc:
             rejected += 1
@@ -293,6 +305,10 @@ def run_round(
                         node, type(exc).__name__, exc)
             continue
         valid += 1
+        if was_clipped:
+            clipped += 1
+            log.info("round %s: update of node %s clipped from norm %.4g to max-update-norm=%g",
+                     server_round, node, norm, settings.max_update_norm)
         participants.append(node)
         reply_metrics.append(dict(checked.metrics))
     timed_out = len(nodes) - valid - rejected
@@ -306,7 +322,7 @@ def run_round(
                     server_round, valid, settings.min_replies)
         new_global = global_weights
     return RoundOutcome(new_global, valid, rejected, timed_out, upload, download_bytes,
-                        participants, reply_metrics)
+                        participants, reply_metrics, clipped)
 
 
 def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weights: Weights,
@@ -334,6 +350,10 @@ def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weigh
                 reply, max_weight=settings.max_client_weight)
         except UpdateRejected as exc:
             log.warning("round %s: dropped an evaluation reply: %.300s", server_round, exc)
+            continue
+        except Exception as exc:  # one reply never ends the run
+            log.warning("round %s: dropped an evaluation reply: %s: %.300s", server_round,
+                        type(exc).__name__, exc)
             continue
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + weight * value
@@ -427,6 +447,7 @@ def run_federation(
             "clients": outcome.valid,
             "rejected": outcome.rejected,
             "timed_out": outcome.timed_out,
+            "clipped": outcome.clipped,
             "upload_bytes": outcome.upload_bytes,
             "download_bytes": outcome.download_bytes,
             "epsilon": epsilon,
