@@ -94,8 +94,8 @@ ALLOWED_DTYPES: Mapping[str, str] = {"<f2": "float16", "<f4": "float32", "<f8": 
 MAX_NPY_HEADER = 4096
 #: Largest finite float32: a local model beyond it is not a float32 model.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-#: Elements converted to float64 at a time when checking ranges (bounds temporary memory).
-_CHUNK = 1 << 16
+#: Elements checked at a time (bounds temporary memory).
+_CHUNK = 1 << 14
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -224,10 +224,16 @@ def record_bytes(content: RecordDict) -> int:
     return sum(len(arr.data) for rec in content.array_records.values() for arr in rec.values())
 
 
-def _short(name: object) -> str:
-    """A sender-chosen name, cut for log lines and error messages."""
-    text = repr(name)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _short(value: object) -> str:
+    """A sender-chosen value, cut for log lines and error messages (never repr'd whole)."""
+    if isinstance(value, str | bytes) and len(value) > 60:
+        return repr(value[:60]) + f"... ({len(value)} long)"
+    if isinstance(value, list | tuple) and len(value) > 8:
+        return f"a {type(value).__name__} of {len(value)} items"
+    if not isinstance(value, str | bytes | int | float | list | tuple | type(None)):
+        return f"a {type(value).__name__}"
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _npy_array(name: str, data: object, shape: tuple[int, ...],
@@ -252,6 +258,12 @@ def _npy_array(name: str, data: object, shape: tuple[int, ...],
     if len(data) > limit:
         raise UpdateRejected(f"{label}: {len(data)} bytes, more than the {limit} a tensor of "
                              f"shape {shape} takes in float64 with its npy header")
+    # The header length field, read before numpy copies that many bytes.
+    if len(data) >= 12 and data[:6] == b"\x93NUMPY" and data[6] in (1, 2):
+        size = int.from_bytes(data[8:10] if data[6] == 1 else data[8:12], "little")
+        if size > MAX_NPY_HEADER:
+            raise UpdateRejected(f"{label}: npy header of {size} bytes, at most "
+                                 f"{MAX_NPY_HEADER} allowed")
     stream = io.BytesIO(data)
     try:
         version = npy.read_magic(stream)
@@ -342,16 +354,19 @@ def check_float32_model(received: Sequence[NDArray[np.float32]],
                         delta: Sequence[NDArray[np.float32]], what: str = "update") -> None:
     """Raise UpdateRejected unless ``received + delta`` is a finite float32 model.
 
-    Computed in float64, a chunk at a time (memory bounded by ``_CHUNK``). A
-    delta that passes keeps every convex combination of such deltas (FedAvg's
-    mean) inside the float32 range as well.
+    The sum is formed in float32, where IEEE rounding turns exactly the sums
+    beyond the float32 range into inf; a chunk at a time, in one reused
+    buffer (memory bounded by ``_CHUNK`` elements). A delta that passes keeps
+    every convex combination of such deltas (FedAvg's mean) in range too.
     """
+    buffer = np.empty(min(_CHUNK, max((int(d.size) for d in delta), default=0)), np.float32)
     for i, (g, d) in enumerate(zip(received, delta, strict=True)):
         flat_g, flat_d = g.reshape(-1), d.reshape(-1)
         for lo in range(0, flat_d.size, _CHUNK):
-            local = (flat_g[lo:lo + _CHUNK].astype(np.float64)
-                     + flat_d[lo:lo + _CHUNK].astype(np.float64))
-            if not (np.abs(local) <= FLOAT32_MAX).all():  # NaN fails too
+            out = buffer[:min(_CHUNK, flat_d.size - lo)]
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.add(flat_g[lo:lo + _CHUNK], flat_d[lo:lo + _CHUNK], out=out)
+            if not np.isfinite(out).all():
                 raise UpdateRejected(f"{what} tensor {i}: received + delta leaves the "
                                      f"float32 range (|x| <= {FLOAT32_MAX:.4g})")
 

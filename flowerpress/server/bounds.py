@@ -24,22 +24,31 @@ from numpy.typing import NDArray
 
 Weights = list[NDArray[np.float32]]
 
-#: Elements converted to float64 at a time (bounds the temporary memory).
-_CHUNK = 1 << 16
+#: Elements handled at a time (bounds the temporary memory).
+_CHUNK = 1 << 14
 
 
 def l2_norm(update: Sequence[NDArray[np.float32]]) -> float:
-    """The L2 norm of all tensors together, in float64 (finite for any finite float32 input).
+    """The L2 norm of all tensors together; finite for any finite float32 input.
 
-    Squares of float32 values up to 3.4e38 overflow float32 but not float64
-    (the largest sum is below 1.2e77 times the element count).
+    Squares of float32 values up to 3.4e38 overflow float32, so each chunk is
+    scaled by its largest magnitude first (``||x|| = m ||x / m||``) and the
+    scaled squares summed into a float64 total. One reused float32 buffer of
+    ``_CHUNK`` elements is the only temporary memory.
     """
     total = 0.0
+    size = max((int(np.size(t)) for t in update), default=0)
+    buffer = np.empty(min(_CHUNK, size), np.float32)
     for tensor in update:
-        flat = np.asarray(tensor).reshape(-1)
+        flat = np.asarray(tensor, dtype=np.float32).reshape(-1)
         for lo in range(0, flat.size, _CHUNK):
-            chunk = flat[lo:lo + _CHUNK].astype(np.float64)
-            total += float(np.dot(chunk, chunk))
+            chunk = buffer[:min(_CHUNK, flat.size - lo)]
+            np.abs(flat[lo:lo + _CHUNK], out=chunk)
+            peak = float(chunk.max())
+            if peak == 0.0:
+                continue
+            np.multiply(chunk, np.float32(1.0 / peak), out=chunk)
+            total += peak * peak * float(np.dot(chunk, chunk))
     return math.sqrt(total)
 
 

@@ -37,6 +37,7 @@ NDArray: TypeAlias = npt.NDArray[Any]
 """One array of a model's weights (float32 on the wire)."""
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+_ADD_CHUNK = 1 << 14  # elements folded into the running sum at a time
 """The largest finite float32: state and results are kept within +-FLOAT32_MAX."""
 
 
@@ -277,8 +278,11 @@ class MeanStrategy(_RoundMixin, Strategy):
         if self._sum is None:
             self._sum = [np.zeros(np.shape(g), dtype=np.float64) for g in global_weights]
         for acc, d in zip(self._sum, update.delta, strict=True):
-            # One float64 temporary per tensor (not two): memory stays O(model).
-            acc += np.multiply(d, w, dtype=np.float64)
+            # In chunks: the temporary float64 product stays small, whatever the tensor.
+            flat_acc, flat_d = acc.reshape(-1), np.asarray(d).reshape(-1)
+            for lo in range(0, flat_d.size, _ADD_CHUNK):
+                flat_acc[lo:lo + _ADD_CHUNK] += np.multiply(
+                    flat_d[lo:lo + _ADD_CHUNK], w, dtype=np.float64)
         self._total_weight += w
         self._count += 1
 
