@@ -266,11 +266,13 @@ def test_twenty_percent_hostile_devices_with_fedavg_and_the_norm_bound(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("spec", ["fedavg", "fedavgm", "fedadam:lr=0.01"])
+@pytest.mark.parametrize(("spec", "download"), [("fedavg", "q:8"), ("fedavgm", "none"),
+                                              ("fedadam:lr=0.01", "fp16")])
 def test_without_the_norm_bound_a_huge_update_wrecks_the_model_but_not_the_run(
-        tmp_path: Path, spec: str) -> None:
-    # Execute
-    result = _hostile_run(tmp_path, hostile=True, rounds=2, strategy=spec)
+        tmp_path: Path, spec: str, download: str) -> None:
+    # Execute: a compressed broadcast of the wrecked model too (it once crashed the server)
+    result = _hostile_run(tmp_path, hostile=True, rounds=2, strategy=spec,
+                          **{"download-compression": download})
     # Assert: the run completes, results.json is strict JSON, the model is finite
     assert result["summary"]["rounds_completed"] == 2
     assert "failed" not in result["summary"]
