@@ -338,6 +338,7 @@ def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weigh
     messages = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
                 for n in nodes]
     ids = list(grid.push_messages(messages))
+    id_to_node = dict(zip(ids, nodes, strict=True))
     totals: dict[str, float] = {}
     weight_sum = 0.0
     used = 0
@@ -349,10 +350,12 @@ def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weigh
             weight, metrics = protocol.validate_eval_reply(
                 reply, max_weight=settings.max_client_weight)
         except UpdateRejected as exc:
-            log.warning("round %s: dropped an evaluation reply: %.300s", server_round, exc)
+            log.warning("round %s: dropped the evaluation of node %s: %.300s", server_round,
+                        id_to_node.get(reply.metadata.reply_to_message_id), exc)
             continue
         except Exception as exc:  # one reply never ends the run
-            log.warning("round %s: dropped an evaluation reply: %s: %.300s", server_round,
+            log.warning("round %s: dropped the evaluation of node %s: %s: %.300s", server_round,
+                        id_to_node.get(reply.metadata.reply_to_message_id),
                         type(exc).__name__, exc)
             continue
         for key, value in metrics.items():
