@@ -87,7 +87,8 @@ def _simulate(args: argparse.Namespace) -> int:
         return 1
     s = results["summary"]
     up, fp32 = s["total_upload_bytes"], s["fp32_upload_bytes"]
-    print(f"final accuracy {s['final_accuracy']:.4f}; uploaded {up / 1e6:.3f} MB "
+    acc = "-" if s["final_accuracy"] is None else format(s["final_accuracy"], ".4f")
+    print(f"final accuracy {acc}; uploaded {up / 1e6:.3f} MB "
           f"({fp32 / max(up, 1):.1f}x less than float32); results in {out}/results.json")
     if s.get("stopped"):
         print(s["stopped"])

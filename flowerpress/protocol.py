@@ -75,17 +75,29 @@ NUM_PARTITIONS = "num-partitions"
 METRIC_RANGES: Mapping[str, tuple[float, float]] = {
     TRAIN_LOSS: (0.0, math.inf),
     LOCAL_STEPS: (0.0, 1e12),
-    CLIP_INDICATOR: (-1e6, 1e6),  # noised in [0, 1]; the noise can move it far
+    # A clip indicator is 0 or 1 plus Gaussian noise of std count-noise / sqrt(cohort)
+    # (Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping").
+    # Honest values lie far inside +-1000; the adaptive clip update
+    # exp(-clip_lr * (mean - quantile)) overflows a float beyond about 709 / clip_lr.
+    CLIP_INDICATOR: (-1e3, 1e3),
     DP_NOISED: (1.0, 1.0),
     EVAL_LOSS: (0.0, math.inf),
     EVAL_ACC: (0.0, 1.0),
 }
 #: Upper bound on the number of metrics a reply may carry.
 MAX_METRICS = 64
+#: Upper bound on the length of a metric's name.
+MAX_METRIC_NAME = 256
 #: Default cap on a reply's ``num-examples`` weight (run-config ``max-client-weight``).
 DEFAULT_MAX_WEIGHT = 1_000_000
-#: Floating dtypes a plain ArrayRecord reply may use (npy ``descr``).
-ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8"})
+#: Floating dtypes a plain ArrayRecord reply may use (npy ``descr``), with Flower's names.
+ALLOWED_DTYPES: Mapping[str, str] = {"<f2": "float16", "<f4": "float32", "<f8": "float64"}
+#: Largest npy header accepted (numpy writes 128 bytes; its own parser allows 10,000).
+MAX_NPY_HEADER = 4096
+#: Largest finite float32: a local model beyond it is not a float32 model.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Elements checked at a time (bounds temporary memory).
+_CHUNK = 1 << 14
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -214,65 +226,151 @@ def record_bytes(content: RecordDict) -> int:
     return sum(len(arr.data) for rec in content.array_records.values() for arr in rec.values())
 
 
-def _npy_array(name: str, data: bytes, shape: tuple[int, ...]) -> NDArray[np.float32]:
-    """Parse one npy blob whose shape must be ``shape``; allocate nothing the sender sized."""
+def _short(value: object) -> str:
+    """A sender-chosen value, cut for log lines and error messages (never repr'd whole)."""
+    if isinstance(value, str | bytes) and len(value) > 60:
+        return repr(value[:60]) + f"... ({len(value)} long)"
+    if isinstance(value, list | tuple) and len(value) > 8:
+        return f"a {type(value).__name__} of {len(value)} items"
+    if not isinstance(value, str | bytes | int | float | list | tuple | type(None)):
+        return f"a {type(value).__name__}"
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _npy_array(name: str, data: object, shape: tuple[int, ...],
+               declared_dtype: object) -> NDArray[np.float32]:
+    """Parse one npy blob whose shape must be ``shape`` (the model's tensor).
+
+    Every size comes from ``shape``, never from the sender: the blob may be at
+    most ``MAX_NPY_HEADER`` bytes plus the tensor at float64 before any of it
+    is parsed, the header is parsed with that bound, its dtype must be one of
+    :data:`ALLOWED_DTYPES` (no structured, object or zero-itemsize dtype), its
+    shape must equal ``shape`` (compared, never multiplied), and the data must
+    hold exactly the tensor's bytes. The array is a view of ``data`` until it
+    is converted to float32, so the only allocation is one tensor.
+    """
     from numpy.lib import format as npy
 
+    label = f"array {_short(name)}"
+    if not isinstance(data, bytes):
+        raise UpdateRejected(f"{label}: data is {type(data).__name__}, expected bytes")
+    count = math.prod(shape)  # the model's tensor: small, exact
+    limit = MAX_NPY_HEADER + 16 + 8 * count
+    if len(data) > limit:
+        raise UpdateRejected(f"{label}: {len(data)} bytes, more than the {limit} a tensor of "
+                             f"shape {shape} takes in float64 with its npy header")
+    # The header length field, read before numpy copies that many bytes.
+    if len(data) >= 12 and data[:6] == b"\x93NUMPY" and data[6] in (1, 2):
+        size = int.from_bytes(data[8:10] if data[6] == 1 else data[8:12], "little")
+        if size > MAX_NPY_HEADER:
+            raise UpdateRejected(f"{label}: npy header of {size} bytes, at most "
+                                 f"{MAX_NPY_HEADER} allowed")
     stream = io.BytesIO(data)
     try:
         version = npy.read_magic(stream)
         if version == (1, 0):
-            header = npy.read_array_header_1_0(stream)
+            header = npy.read_array_header_1_0(stream, max_header_size=MAX_NPY_HEADER)
         elif version == (2, 0):
-            header = npy.read_array_header_2_0(stream)
+            header = npy.read_array_header_2_0(stream, max_header_size=MAX_NPY_HEADER)
         else:
-            raise ValueError(f"npy version {version}")
+            raise ValueError(f"npy version {version} is not 1.0 or 2.0")
     except Exception as exc:  # numpy raises several types for a malformed header
-        raise UpdateRejected(f"array {name!r}: malformed npy header ({exc})") from None
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UpdateRejected(f"{label}: malformed npy header ({reason})") from None
     got_shape, fortran, dtype = header
-    descr = dtype.str if isinstance(dtype, np.dtype) else str(dtype)
-    if descr not in ALLOWED_DTYPES or dtype.fields is not None:
-        raise UpdateRejected(f"array {name!r}: dtype {descr!r} is not one of "
-                             f"{sorted(ALLOWED_DTYPES)}")
-    if tuple(got_shape) != shape:
-        raise UpdateRejected(f"array {name!r}: npy shape {tuple(got_shape)}, expected {shape}")
-    count = math.prod(shape)
+    descr = dtype.str if isinstance(dtype, np.dtype) else repr(dtype)[:40]
+    if (not isinstance(dtype, np.dtype) or dtype.fields is not None
+            or dtype.subdtype is not None or descr not in ALLOWED_DTYPES):
+        raise UpdateRejected(f"{label}: dtype {descr!r} is not one of {sorted(ALLOWED_DTYPES)}")
+    if declared_dtype != ALLOWED_DTYPES[descr]:
+        raise UpdateRejected(f"{label}: declares dtype {_short(declared_dtype)} but its npy "
+                             f"header says {ALLOWED_DTYPES[descr]}")
+    if not isinstance(got_shape, tuple) or got_shape != shape:
+        raise UpdateRejected(f"{label}: npy shape {_short(got_shape)}, expected {shape}")
     offset = stream.tell()
     if len(data) - offset != count * dtype.itemsize:
-        raise UpdateRejected(f"array {name!r}: {len(data) - offset} data bytes, expected "
-                             f"{count * dtype.itemsize}")
+        raise UpdateRejected(f"{label}: {len(data) - offset} data bytes, expected "
+                             f"{count * dtype.itemsize} ({count} x {descr})")
     values = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     shaped = values.reshape(shape, order="F") if fortran else values.reshape(shape)
-    return np.asarray(shaped, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range float64 -> inf, refused
+        return np.asarray(shaped, dtype=np.float32)
+
+
+def _declared_shape(value: object) -> tuple[int, ...] | None:
+    """``Array.shape`` as a tuple of ints, or None if it is anything else."""
+    if not isinstance(value, list | tuple) or len(value) > 64:
+        return None
+    if not all(type(d) is int for d in value):  # no bools, floats or int subclasses
+        return None
+    return tuple(value)
 
 
 def decode_weights(record: ArrayRecord, reference: Sequence[NDArray[np.float32]]) -> Weights:
     """The float32 arrays of a reply's ArrayRecord, plain or a compressed payload.
 
     Bounds come from ``reference`` (the model): tensor count, every shape, the
-    total element count; nothing is allocated from a size the sender claims.
+    total element count, the bytes of each blob; nothing is allocated from a
+    size the sender claims.
+
+    Raises
+    ------
+    UpdateRejected
+        Naming the array and the bound. (A compressed payload is decoded by
+        :func:`flowerpress.compression.decode`, whose contract is to raise
+        ``PayloadError`` and nothing else for bad bytes.)
     """
+    if not isinstance(record, ArrayRecord):
+        raise UpdateRejected(f"{ARRAYS!r} is a {type(record).__name__}, expected an ArrayRecord")
     if is_payload(record):
         from flowerpress.compression import PayloadError, decode
 
+        payload = payload_bytes(record)
+        if not isinstance(payload, bytes):
+            raise UpdateRejected(f"payload is {type(payload).__name__}, expected bytes")
         try:
-            arrays = decode(payload_bytes(record),
-                            max_elements=sum(int(g.size) for g in reference),
+            arrays = decode(payload, max_elements=sum(int(g.size) for g in reference),
                             max_tensors=len(reference))
         except PayloadError as exc:
-            raise UpdateRejected(f"payload could not be decoded: {exc}") from None
+            raise UpdateRejected(f"payload could not be decoded: {str(exc)[:300]}") from None
         return [np.asarray(a, dtype=np.float32) for a in arrays]
     if len(record) != len(reference):
         raise UpdateRejected(f"reply has {len(record)} arrays, expected {len(reference)}")
     out: Weights = []
     for (name, arr), ref in zip(record.items(), reference, strict=True):
-        declared = tuple(arr.shape) if isinstance(arr.shape, list | tuple) else None
+        label = f"array {_short(name)}"
+        declared = _declared_shape(getattr(arr, "shape", None))
         if declared != ref.shape:
-            raise UpdateRejected(f"array {name!r} declares shape {declared}, expected {ref.shape}")
-        if arr.stype != "numpy.ndarray":
-            raise UpdateRejected(f"array {name!r} has stype {arr.stype!r}, expected numpy.ndarray")
-        out.append(_npy_array(name, arr.data, ref.shape))
+            raise UpdateRejected(f"{label} declares shape "
+                                 f"{_short(getattr(arr, 'shape', None))}, expected {ref.shape}")
+        stype = getattr(arr, "stype", None)
+        if stype != "numpy.ndarray":
+            raise UpdateRejected(f"{label} has stype {_short(stype)}, expected numpy.ndarray")
+        out.append(_npy_array(str(name), getattr(arr, "data", None), ref.shape,
+                              getattr(arr, "dtype", None)))
     return out
+
+
+def check_float32_model(received: Sequence[NDArray[np.float32]],
+                        delta: Sequence[NDArray[np.float32]], what: str = "update") -> None:
+    """Raise UpdateRejected unless ``received + delta`` is a finite float32 model.
+
+    The sum is formed in float32, where IEEE rounding turns exactly the sums
+    beyond the float32 range into inf; a chunk at a time, in one reused
+    buffer (memory bounded by ``_CHUNK`` elements). A delta that passes keeps
+    every convex combination of such deltas (FedAvg's mean) in range too.
+    """
+    buffer = np.empty(min(_CHUNK, max((int(d.size) for d in delta), default=0)), np.float32)
+    for i, (g, d) in enumerate(zip(received, delta, strict=True)):
+        flat_g, flat_d = g.reshape(-1), d.reshape(-1)
+        for lo in range(0, flat_d.size, _CHUNK):
+            out = buffer[:min(_CHUNK, flat_d.size - lo)]
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.add(flat_g[lo:lo + _CHUNK], flat_d[lo:lo + _CHUNK], out=out)
+            if not np.isfinite(out).all():
+                raise UpdateRejected(f"{what} tensor {i}: received + delta leaves the "
+                                     f"float32 range (|x| <= {FLOAT32_MAX:.4g})")
 
 
 def _check_finite(update: Sequence[NDArray[np.float32]], what: str) -> None:
@@ -297,18 +395,28 @@ def validate_metrics(record: MetricRecord | None, *, required: Sequence[str] = (
         if required:
             raise UpdateRejected(f"reply has no MetricRecord {METRICS!r}")
         return {}
+    if not isinstance(record, MetricRecord):
+        raise UpdateRejected(f"{METRICS!r} is a {type(record).__name__}, expected a MetricRecord")
     if len(record) > MAX_METRICS:
         raise UpdateRejected(f"reply has {len(record)} metrics, at most {MAX_METRICS} allowed")
     out: dict[str, float] = {}
     for key, value in record.items():
+        if not isinstance(key, str) or len(key) > MAX_METRIC_NAME:
+            raise UpdateRejected(f"metric name {_short(key)} is not a string of at most "
+                                 f"{MAX_METRIC_NAME} characters")
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise UpdateRejected(f"metric {key!r}={value!r} is not a number")
-        number = float(value)
+            raise UpdateRejected(f"metric {_short(key)} is a {type(value).__name__}, "
+                                 "not a number")
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            raise UpdateRejected(f"metric {_short(key)} is an int beyond the float "
+                                 "range") from None
         if not math.isfinite(number):
-            raise UpdateRejected(f"metric {key!r}={value!r} is not finite")
+            raise UpdateRejected(f"metric {_short(key)}={number!r} is not finite")
         lo, hi = METRIC_RANGES.get(key, (-math.inf, math.inf))
         if not lo <= number <= hi:
-            raise UpdateRejected(f"metric {key!r}={value!r} is outside [{lo:g}, {hi:g}]")
+            raise UpdateRejected(f"metric {_short(key)}={number!r} is outside [{lo:g}, {hi:g}]")
         out[key] = number
     for key in required:
         if key not in out:
@@ -392,8 +500,11 @@ def validate_train_reply(reply: Message, received: Sequence[NDArray[np.float32]]
         delta = values  # the compression mod encodes the delta itself
     else:
         with np.errstate(over="ignore", invalid="ignore"):
-            delta = [(v - g).astype(np.float32) for v, g in zip(values, received, strict=True)]
+            delta = [np.subtract(v, g, dtype=np.float32)
+                     for v, g in zip(values, received, strict=True)]
+        del values
         _check_finite(delta, "delta")  # float32-max weights overflow after subtraction
+    check_float32_model(received, delta)
     return ValidatedReply(delta, weight, {k: v for k, v in metrics.items() if k != NUM_EXAMPLES})
 
 

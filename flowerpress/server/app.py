@@ -42,7 +42,9 @@ from flowerpress.server.loop import (
 )
 from flowerpress.server.results import (
     build_results,
+    failure_line,
     save_model_atomic,
+    write_error_log,
     write_json_atomic,
     write_report,
 )
@@ -50,6 +52,9 @@ from flowerpress.strategies.base import Strategy
 from flowerpress.tasks.base import Evaluation, Task
 
 log = logging.getLogger(__name__)
+
+#: The file in out-dir that holds the traceback of a failed run.
+ERROR_LOG = "error.log"
 
 
 def evaluation_row(res: Evaluation) -> dict[str, float | None]:
@@ -84,8 +89,9 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     Raises
     ------
     StrategyFailedError
-        The strategy produced an unusable model (results.json and the last
-        good model.npz are written first).
+        The strategy produced an unusable model. Like any other error during
+        the rounds, results.json (with ``summary.failed``, one line), the last
+        good model.npz and ``error.log`` (the traceback) are written first.
     CheckpointError
         ``resume`` and the checkpoint belongs to another configuration or
         model; or not ``resume`` and ``out_dir`` holds an unfinished run's
@@ -97,6 +103,8 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     from flowerpress.strategies import build_strategy
     from flowerpress.tasks.registry import build_task, task_spec
 
+    if out_dir is not None:  # an error.log is always this run's
+        (out_dir / ERROR_LOG).unlink(missing_ok=True)
     if task is None:
         task = build_task(task_spec(config), config)
     initial = task.initial_weights()
@@ -143,6 +151,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         node_wait_timeout=max(60.0, float(config["round-timeout"])),
         compression=str(config["compression"]),
         max_client_weight=float(config["max-client-weight"]),
+        max_update_norm=float(config["max-update-norm"]),
         num_clients=int(config["num-clients"]),
         dp=dp is not None,
         max_missed_rounds=int(config["max-missed-rounds"]),
@@ -185,9 +194,11 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
             grid, initial, strategy, settings, evaluate_fn=evaluate_fn if central is not None
             else None, privacy=None if dp is None else make_ledger, download=download,
             on_round=after_round, on_model=after_model, on_state=after_state, resume=resume)
-    except StrategyFailedError as exc:
+    except Exception as exc:  # StrategyFailedError and anything unforeseen
         if out_dir is not None:
-            write_json_atomic(out_dir / "results.json", results(rows_so_far, failed=str(exc)))
+            line = str(exc) if isinstance(exc, StrategyFailedError) else failure_line(exc)
+            write_error_log(out_dir / ERROR_LOG, exc)
+            write_json_atomic(out_dir / "results.json", results(rows_so_far, failed=line))
             # The last good global model: the one the failed round started from.
             save_model_atomic(out_dir / "model.npz", last_good[-1])
         raise
@@ -295,9 +306,18 @@ def server_app(task: Task | None = None, *, strategy: Strategy | str | None = No
             log.warning("%s", warning)
         if strategy_object is not None:
             config["strategy"] = type(strategy_object).__name__
-        out = str(config["out-dir"])
-        serve(grid, config, task=task, strategy=strategy_object,
-              out_dir=Path(out) if out else None, on_round=_log_row)
+        out_dir = Path(str(config["out-dir"])) if config["out-dir"] else None
+        try:
+            serve(grid, config, task=task, strategy=strategy_object, out_dir=out_dir,
+                  on_round=_log_row)
+        except Exception as exc:
+            if out_dir is not None and not (out_dir / ERROR_LOG).exists():
+                # Failed before the rounds (task, data, nodes): no results yet.
+                write_error_log(out_dir / ERROR_LOG, exc)
+                write_json_atomic(out_dir / "results.json", build_results(
+                    config, [], model_elements=0, failed=failure_line(exc)))
+            log.error("flowerpress: run failed: %s", failure_line(exc))
+            raise
 
     return app
 

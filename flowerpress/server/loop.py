@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 from flowerpress import protocol
 from flowerpress.compression.envelope import payload_record
 from flowerpress.protocol import UpdateRejected, record_bytes
+from flowerpress.server.bounds import bound_update_norm
 from flowerpress.server.checkpoint import LoopState
 from flowerpress.server.membership import EXPIRED_ERROR_CODE, Membership, is_unavailable_error
 from flowerpress.strategies.base import ClientUpdate
@@ -113,6 +114,9 @@ class LoopSettings:
     # Skip a node that missed this many consecutive rounds until it answers a
     # probe (0: never skip for missed rounds).
     max_missed_rounds: int = 3
+    # L2 bound on each validated update before the strategy sees it; 0 = off
+    # (run-config max-update-norm; flowerpress.server.bounds).
+    max_update_norm: float = 0.0
 
 
 def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
@@ -123,7 +127,13 @@ def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
     deadline = clock() + timeout
     delay = POLL_MIN_S
     while pending:
-        got = list(grid.pull_messages(pending))
+        try:
+            got = list(grid.pull_messages(pending))
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            # Flower inflates replies inside pull_messages: a reply it cannot
+            # inflate must not end the run. Transport errors still propagate.
+            log.warning("a reply could not be read: %s: %.300s", type(exc).__name__, exc)
+            got = []
         for reply in got:
             mid = reply.metadata.reply_to_message_id
             if mid in pending:
@@ -258,6 +268,7 @@ class RoundOutcome:
     unavailable: int = 0
     # Nodes that answered (valid or rejected): they are there.
     replied: list[int] = field(default_factory=list)
+    clipped: int = 0  # updates scaled down to max-update-norm
 
 
 def _broadcast(global_weights: Weights, download: DownloadCodec | None,
@@ -306,7 +317,7 @@ def run_round(
     id_to_node = dict(zip(ids, nodes, strict=True))
 
     strategy.begin_round(server_round, received)
-    valid = rejected = upload = unavailable = 0
+    valid = rejected = upload = unavailable = clipped = 0
     participants: list[int] = []
     replied: list[int] = []
     reply_metrics: list[dict[str, float]] = []
@@ -330,7 +341,8 @@ def run_round(
             checked = protocol.validate_train_reply(reply, received,
                                                     max_weight=settings.max_client_weight,
                                                     dp=settings.dp)
-            strategy.add(ClientUpdate(delta=checked.delta, weight=checked.weight,
+            delta, norm, was_clipped = bound_update_norm(checked.delta, settings.max_update_norm)
+            strategy.add(ClientUpdate(delta=delta, weight=checked.weight,
                                       node_id=node, metrics=checked.metrics))
         except UpdateRejected as exc:
             rejected += 1
@@ -343,6 +355,10 @@ def run_round(
                         node, type(exc).__name__, exc)
             continue
         valid += 1
+        if was_clipped:
+            clipped += 1
+            log.info("round %s: update of node %s clipped from norm %.4g to max-update-norm=%g",
+                     server_round, node, norm, settings.max_update_norm)
         participants.append(node)
         reply_metrics.append(dict(checked.metrics))
     timed_out = len(nodes) - valid - rejected - unavailable
@@ -356,7 +372,8 @@ def run_round(
                     server_round, valid, settings.min_replies)
         new_global = global_weights
     return RoundOutcome(new_global, valid, rejected, timed_out, upload, download_bytes,
-                        participants, reply_metrics, unavailable=unavailable, replied=replied)
+                        participants, reply_metrics, unavailable=unavailable, replied=replied,
+                        clipped=clipped)
 
 
 def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weights: Weights,
@@ -372,6 +389,7 @@ def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weigh
     messages = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
                 for n in nodes]
     ids = list(grid.push_messages(messages))
+    id_to_node = dict(zip(ids, nodes, strict=True))
     totals: dict[str, float] = {}
     weight_sum = 0.0
     used = 0
@@ -383,7 +401,13 @@ def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weigh
             weight, metrics = protocol.validate_eval_reply(
                 reply, max_weight=settings.max_client_weight)
         except UpdateRejected as exc:
-            log.warning("round %s: dropped an evaluation reply: %.300s", server_round, exc)
+            log.warning("round %s: dropped the evaluation of node %s: %.300s", server_round,
+                        id_to_node.get(reply.metadata.reply_to_message_id), exc)
+            continue
+        except Exception as exc:  # one reply never ends the run
+            log.warning("round %s: dropped the evaluation of node %s: %s: %.300s", server_round,
+                        id_to_node.get(reply.metadata.reply_to_message_id),
+                        type(exc).__name__, exc)
             continue
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + weight * value
@@ -532,6 +556,7 @@ def run_federation(
             "rejected": outcome.rejected,
             "timed_out": outcome.timed_out,
             "unavailable": len(known) - len(available) + outcome.unavailable,
+            "clipped": outcome.clipped,
             "upload_bytes": outcome.upload_bytes,
             "download_bytes": outcome.download_bytes,
             "epsilon": epsilon,

@@ -80,6 +80,21 @@ def finite_json(value: Any) -> Any:
     return value
 
 
+def failure_line(exc: BaseException) -> str:
+    """One line naming an exception and its cause (for results.json and the CLI)."""
+    text = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return line if len(line) <= 500 else line[:497] + "..."
+
+
+def write_error_log(path: Path, exc: BaseException) -> None:
+    """Write ``exc``'s full traceback to ``path`` (the file a one-line failure names)."""
+    import traceback
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+
+
 def save_model_atomic(path: Path, weights: Sequence[Any]) -> None:
     """Write the global weights (``arr_0``, ``arr_1``, ... in state_dict order) atomically."""
     import numpy as np

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +26,11 @@ from flowerpress.deploy.local import DeploymentError, ManagedProcess, free_port
 
 #: How long a simulation may take at most before it is stopped (seconds).
 DEFAULT_RUN_TIMEOUT = 6 * 3600.0
+#: Files in the out dir that a failed run leaves: the ServerApp's traceback,
+#: the ``flwr run`` log (the ServerApp's log as Flower streams it), the SuperLink's.
+ERROR_LOG = "error.log"
+RUN_LOG = "flwr-run.log"
+SUPERLINK_LOG = "superlink.log"
 
 
 class SimulationError(RuntimeError):
@@ -47,10 +53,15 @@ class ProgressPrinter:
     def __call__(self, row: Mapping[str, Any]) -> None:
         self.upload += int(row["upload_bytes"])
         eps = "-" if row["epsilon"] is None else f"{row['epsilon']:.3f}"
-        print(f"{row['round']:>3}/{self.total_rounds:<3} {row['accuracy']:7.4f} "
-              f"{row['f1_macro']:6.3f} {row['loss']:7.4f} {row['clients']:>7} "
+        print(f"{row['round']:>3}/{self.total_rounds:<3} {_num(row['accuracy'], 7, 4)} "
+              f"{_num(row['f1_macro'], 6, 3)} {_num(row['loss'], 7, 4)} {row['clients']:>7} "
               f"{row['rejected']:>4} {row['upload_bytes'] / 1e6:10.4f} {self.upload / 1e6:9.3f} "
               f"{eps:>7} {row['seconds']:6.2f}", file=self.stream, flush=True)
+
+
+def _num(value: float | None, width: int, digits: int) -> str:
+    """A number for the progress table; ``-`` for None (a NaN the results turned into null)."""
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.{digits}f}"
 
 
 def _toml_value(value: bool | int | float | str) -> str:
@@ -174,9 +185,10 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
     Raises
     ------
     SimulationError
-        If the SuperLink does not start or the run fails; the message ends
-        with the last lines of the relevant log. Also, without ``resume``,
-        if ``out_dir`` holds an unfinished run's checkpoint.
+        If the SuperLink does not start or the run fails: one line with the
+        cause and the path of the file in ``out_dir`` that holds the full log
+        (``error.log``, the ServerApp's traceback, or ``flwr-run.log``). Also,
+        without ``resume``, if ``out_dir`` holds an unfinished run's checkpoint.
     """
     from flowerpress.server.checkpoint import CheckpointError, unfinished_run
 
@@ -192,6 +204,8 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
         if reason is not None:
             raise SimulationError(reason)
         results.unlink(missing_ok=True)
+    for stale in (ERROR_LOG, RUN_LOG, SUPERLINK_LOG):
+        (out_dir / stale).unlink(missing_ok=True)
     run_config = {**config, "out-dir": str(out_dir), "resume": resume}
     printer = ProgressPrinter(int(config["rounds"]), stream) if progress else None
 
@@ -201,10 +215,18 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
         try:
             with SimulationLink(tmp) as link:
                 runner = link.run(app_dir, run_config, int(config["num-clients"]))
-                return _wait_for_results(runner, results, printer, int(config["rounds"]),
-                                         timeout)
+                try:
+                    return _wait_for_results(runner, results, printer, int(config["rounds"]),
+                                             timeout)
+                except SimulationError:
+                    shutil.copyfile(runner.log_path, out_dir / RUN_LOG)
+                    raise
         except DeploymentError as exc:
-            raise SimulationError(f"the simulation SuperLink did not start: {exc}") from None
+            log_file = out_dir / SUPERLINK_LOG
+            shutil.copyfile(tmp / "superlink.log", log_file)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no reason"
+            raise SimulationError(f"the simulation SuperLink did not start ({reason}); "
+                                  f"full log: {log_file}") from None
 
 
 def _wait_for_results(runner: ManagedProcess, results: Path, printer: ProgressPrinter | None,
@@ -216,14 +238,40 @@ def _wait_for_results(runner: ManagedProcess, results: Path, printer: ProgressPr
     while runner.alive() and time.monotonic() < deadline:
         seen = _follow(results, seen, printer)
         time.sleep(0.5)
+    run_log = results.parent / RUN_LOG
     if runner.alive():
-        raise SimulationError(f"the simulation did not finish within {timeout:.0f} s")
+        raise SimulationError(f"the simulation did not finish within {timeout:.0f} s; "
+                              f"full log: {run_log}")
     _follow(results, seen, printer)
+    failed = _failure(results)
+    if failed is not None:
+        error_log = results.parent / ERROR_LOG
+        where = error_log if error_log.exists() else run_log
+        raise SimulationError(f"{failed}; full log: {where}")
     document = _read_final(results, rounds)
     if document is None:
-        raise SimulationError(
-            "the simulated federation did not finish; last lines of its log:\n" + runner.tail(30))
+        cause = _last_error_line(runner.output())
+        raise SimulationError(f"the simulated federation did not finish ({cause}); "
+                              f"full log: {run_log}")
     return document
+
+
+def _failure(results: Path) -> str | None:
+    """The one-line ``summary.failed`` the ServerApp wrote, if the run failed."""
+    try:
+        failed = json.loads(results.read_text(encoding="utf-8"))["summary"].get("failed")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    return str(failed) if failed else None
+
+
+def _last_error_line(output: str) -> str:
+    """The last line of a log that looks like an error, else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line or "Exception" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
 
 
 def _read_final(results: Path, rounds: int) -> dict[str, Any] | None:

@@ -36,6 +36,23 @@ import numpy.typing as npt
 NDArray: TypeAlias = npt.NDArray[Any]
 """One array of a model's weights (float32 on the wire)."""
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+_ADD_CHUNK = 1 << 14  # elements folded into the running sum at a time
+"""The largest finite float32: state and results are kept within +-FLOAT32_MAX."""
+
+
+def saturate(arrays: Sequence[NDArray]) -> list[NDArray]:
+    """``arrays`` clipped to the finite float32 range, in float64 (NaN stays NaN).
+
+    Server optimizer state (momentum, moments) lives in float64, where a
+    finite-but-huge update does not overflow; but a checkpoint or the next
+    global model is float32, where it would. Clipping to +-FLOAT32_MAX keeps
+    the state and the model finite; honest updates are many orders of
+    magnitude below the bound, so it only changes the math for inputs that
+    already wrecked the model (bound them with ``max-update-norm``).
+    """
+    return [np.clip(np.asarray(a, dtype=np.float64), -FLOAT32_MAX, FLOAT32_MAX) for a in arrays]
+
 ConfigValue: TypeAlias = int | float | str | bool
 """A value that a strategy may put into the clients' train config."""
 
@@ -261,7 +278,11 @@ class MeanStrategy(_RoundMixin, Strategy):
         if self._sum is None:
             self._sum = [np.zeros(np.shape(g), dtype=np.float64) for g in global_weights]
         for acc, d in zip(self._sum, update.delta, strict=True):
-            acc += w * np.asarray(d, dtype=np.float64)
+            # In chunks: the temporary float64 product stays small, whatever the tensor.
+            flat_acc, flat_d = acc.reshape(-1), np.asarray(d).reshape(-1)
+            for lo in range(0, flat_d.size, _ADD_CHUNK):
+                flat_acc[lo:lo + _ADD_CHUNK] += np.multiply(
+                    flat_d[lo:lo + _ADD_CHUNK], w, dtype=np.float64)
         self._total_weight += w
         self._count += 1
 
@@ -274,7 +295,8 @@ class MeanStrategy(_RoundMixin, Strategy):
             else:
                 mean = [acc / self._total_weight for acc in self._sum]
                 new = self.step(server_round, global_weights, mean)
-                self._result = _as_float32_list(new)
+                # float64 -> float32: saturate instead of overflowing to inf.
+                self._result = _as_float32_list(saturate(new))
         return [r.copy() for r in self._result]
 
     def step(
@@ -340,7 +362,8 @@ class BatchStrategy(_RoundMixin, Strategy):
                     raise ValueError(
                         f"{type(self).__name__}.aggregate() returned bad weights: {exc}"
                     ) from None
-                self._result = _as_float32_list(new)
+                # float32 sums of two huge deltas (a median's middle pair) saturate.
+                self._result = _as_float32_list(saturate(new))
             # The updates are no longer needed; free O(clients x model) memory.
             self._updates = []
         return [r.copy() for r in self._result]

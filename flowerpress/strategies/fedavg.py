@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from flowerpress.strategies.base import ConfigValue, MeanStrategy, NDArray
+from flowerpress.strategies.base import ConfigValue, MeanStrategy, NDArray, saturate
 
 
 class FedAvg(MeanStrategy):
@@ -81,12 +81,14 @@ class FedAvgM(MeanStrategy):
     ) -> list[NDArray]:
         """Apply one momentum step along the mean delta."""
         del server_round
+        # The velocity stays within the float32 range (a huge update would
+        # otherwise grow it by 1 / (1 - momentum) and overflow a checkpoint).
         if self._velocity is None:
-            self._velocity = [d.copy() for d in mean_delta]
+            self._velocity = saturate(mean_delta)
         else:
-            self._velocity = [
-                self.momentum * v + d for v, d in zip(self._velocity, mean_delta, strict=True)
-            ]
+            self._velocity = saturate(
+                [self.momentum * v + d for v, d in zip(self._velocity, mean_delta, strict=True)]
+            )
         return [g + self.lr * v for g, v in zip(global_weights, self._velocity, strict=True)]
 
     def state_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from flowerpress.strategies.base import MeanStrategy, NDArray
+from flowerpress.strategies.base import FLOAT32_MAX, MeanStrategy, NDArray, saturate
 
 
 def _check(lr: float, beta1: float, beta2: float | None, tau: float) -> None:
@@ -57,11 +57,17 @@ class _FedOpt(MeanStrategy):
         if self._m is None or self._v is None:
             self._m = [np.zeros_like(d) for d in mean_delta]
             self._v = [np.full_like(d, self.tau**2) for d in mean_delta]
-        self._m = [
+        # Moments stay within the float32 range: m is a convex combination of
+        # deltas; v sums squares, which exceed it once |d| > 1.8e19 (never for
+        # an honest update) and would overflow a float32 checkpoint.
+        self._m = saturate([
             self.beta1 * m + (1.0 - self.beta1) * d
             for m, d in zip(self._m, mean_delta, strict=True)
+        ])
+        self._v = [
+            np.minimum(self._second_moment(v, np.minimum(d * d, FLOAT32_MAX)), FLOAT32_MAX)
+            for v, d in zip(self._v, mean_delta, strict=True)
         ]
-        self._v = [self._second_moment(v, d * d) for v, d in zip(self._v, mean_delta, strict=True)]
         return [
             g + self.lr * m / (np.sqrt(v) + self.tau)
             for g, m, v in zip(global_weights, self._m, self._v, strict=True)

@@ -1,0 +1,524 @@
+"""Hostile replies through the server's real reply path: escapes, CPU and memory per reply.
+
+Every reply goes where a device's train reply goes in
+:func:`flowerpress.server.loop.run_round`: :func:`flowerpress.protocol.validate_train_reply`
+(the one message contract), the ``max-update-norm`` bound
+(:func:`flowerpress.server.bounds.bound_update_norm`), ``strategy.add`` and, once
+per simulated round, ``strategy.result`` checked by
+:func:`flowerpress.server.loop.check_strategy_result`. Replies are Flower
+``Message`` objects built the way a device (or an attacker with a hand-made
+Flower client) could build them:
+
+* ``payload``   honest compressed payloads of several codecs, mutated (bit flips,
+                truncation, splices, insertions, extreme integers)
+* ``npy``       plain ArrayRecords whose npy blobs are mutated or crafted (header
+                versions and lengths, dtypes incl. zero-itemsize structured and
+                subarray dtypes, object, big-endian, shapes that overflow)
+* ``fields``    Array fields of the wrong value or type (declared shape, dtype,
+                stype, data, tensor count, the record's kind)
+* ``weight``    ``num-examples`` that is huge, zero, negative, fractional, NaN, a bool
+* ``metrics``   NaN, infinite, out-of-range, list-valued, too many, long names
+* ``values``    well-formed arrays holding NaN, Inf, float32-max, float64 beyond
+                float32, or finite-but-huge updates (accepted, then clipped)
+* ``honest``    honest replies, plain and compressed (must be accepted)
+
+An *escape* is any exception other than ``UpdateRejected`` out of the reply
+path, any exception from the bound or the strategy, a strategy result the loop
+refuses, or an honest reply rejected. CPU is ``time.process_time`` per reply,
+peak memory is ``tracemalloc``'s peak per reply (Python and numpy allocations;
+the zstd library's own buffers are not traced) as a multiple of the model's
+float32 size.
+
+Run::
+
+    python benchmarks/hostile_replies.py                    # 3,000 replies, ~1 minute
+    python benchmarks/hostile_replies.py --replies 100000   # the issue's count
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import struct
+import sys
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from flowerpress import protocol
+from flowerpress.compression import parse
+from flowerpress.compression.envelope import payload_record
+from flowerpress.server.bounds import bound_update_norm
+from flowerpress.server.loop import StrategyFailedError, check_strategy_result
+from flowerpress.strategies import build_strategy
+from flowerpress.strategies.base import ClientUpdate
+from flowerpress.testing import server_identity
+
+Weights = list[np.ndarray]
+Maker = Callable[[np.random.Generator], Message]
+
+CODECS = ["none", "fp16", "q:8", "q:2", "sign", "topk:0.1+q:8+zstd", "randk:0.5",
+          "topk:1.0", "lowrank:4+q:8", "zstd", "sign+ef+zstd:1"]
+DESCRS = ["'<f4'", "'<f8'", "'<f2'", "'>f4'", "'<i4'", "'|O'", "'<c8'", "'|V0'", "'|S0'",
+          "'<U0'", "'<M8[s]'", "[('a', '|V0')]", "[('a', '<f4', (0,))]",
+          "('<f4', (1000000, 1000000))", "[('a', '<f4'), ('b', '<f4')]", "'|b1'", "'<u8'",
+          "'f4'", "'float32'", "[]", "'<f4' if True else 1", "{'a': 1}", "'\\x00'"]
+SHAPES = ["(1000000, 1000000)", "(4294967296, 4294967296)", "(-1,)", "(0,)", "()",
+          "(99999999999999999999,)", "(1.5,)", "('a',)", "(True,)", "((1,),)", "[64, 64]",
+          "(2**62,)", "(64, 64, 1)", "(4096,)"]
+NUM_EXAMPLES: list[Any] = [0, -1, 10**7, 10**13, 10**400, 2.5, float("nan"), float("inf"),
+                           -float("inf"), True, "10", [10], 1e308, -0.0]
+
+
+def _npy(arr: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    buf = io.BytesIO()
+    if version is None:
+        np.save(buf, arr, allow_pickle=False)
+    else:
+        from numpy.lib import format as npy
+
+        npy.write_array(buf, arr, version=version, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _header(descr: str, shape: str, fortran: str = "False", version: int = 1,
+            pad: int = 0) -> bytes:
+    text = f"{{'descr': {descr}, 'fortran_order': {fortran}, 'shape': {shape}, }}"
+    body = (text + " " * pad).encode("latin1", "replace")
+    body = body.ljust(((len(body) + 11) // 64 + 1) * 64 - 10) + b"\n"
+    if version == 1:
+        return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body
+    return b"\x93NUMPY\x02\x00" + struct.pack("<I", len(body)) + body
+
+
+def _message(arrays: Any, metrics: Any) -> Message:
+    """A train reply as it reaches the server (record values set as the wire could)."""
+    content = RecordDict()
+    if arrays is not None:
+        content["arrays"] = arrays
+    if metrics is not None:
+        if isinstance(metrics, dict):
+            record = MetricRecord({"num-examples": 1})
+            record.__dict__["_data"].clear()
+            record.__dict__["_data"].update(metrics)  # no type checks: any value
+            content["metrics"] = record
+        else:
+            content["metrics"] = metrics
+    return Message(content, dst_node_id=0, message_type="train")
+
+
+def _mutate(rng: np.random.Generator, blob: bytes, *, region: int | None = None) -> bytes:
+    """One to four random edits of ``blob`` (the first ``region`` bytes if given)."""
+    data = bytearray(blob)
+    for _ in range(int(rng.integers(1, 5))):
+        span = min(len(data), region) if region else len(data)
+        kind = rng.integers(0, 7)
+        if not data or span == 0:
+            data = bytearray(rng.bytes(int(rng.integers(0, 64))))
+        elif kind == 0:  # bit flip
+            i = int(rng.integers(0, span))
+            data[i] ^= 1 << int(rng.integers(0, 8))
+        elif kind == 1:  # random byte
+            data[int(rng.integers(0, span))] = int(rng.integers(0, 256))
+        elif kind == 2:  # truncate
+            data = data[:int(rng.integers(0, len(data)))]
+        elif kind == 3:  # insert
+            i = int(rng.integers(0, span + 1))
+            data[i:i] = rng.bytes(int(rng.integers(1, 16)))
+        elif kind == 4:  # extreme integer
+            i = int(rng.integers(0, max(span - 4, 1)))
+            data[i:i + 4] = [b"\xff\xff\xff\xff", b"\xff\xff\xff\x7f", b"\x00\x00\x00\x80",
+                             b"\x00\x00\x00\x00", b"\x01\x00\x01\x00"][int(rng.integers(0, 5))]
+        elif kind == 5:  # splice a chunk from elsewhere
+            i, j = sorted(int(x) for x in rng.integers(0, len(data), size=2))
+            k = int(rng.integers(0, span))
+            data[k:k] = data[i:j][:256]
+        else:  # drop a chunk
+            i = int(rng.integers(0, span))
+            del data[i:i + int(rng.integers(1, 32))]
+    return bytes(data)
+
+
+@dataclass
+class Workload:
+    """The model, this round's global weights and the reply makers."""
+
+    received: Weights
+    max_weight: float = protocol.DEFAULT_MAX_WEIGHT
+    payloads: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        rng = np.random.default_rng(1)
+        delta = self.honest_delta(rng)
+        for spec in CODECS:
+            blob, _ = parse(spec).encode(delta, None, rng=rng)
+            self.payloads.append(blob)
+
+    def honest_delta(self, rng: np.random.Generator) -> Weights:
+        return [(rng.standard_normal(g.shape) * 0.01).astype(np.float32) for g in self.received]
+
+    def honest_local(self, rng: np.random.Generator) -> Weights:
+        return [g + d for g, d in zip(self.received, self.honest_delta(rng), strict=True)]
+
+    def good_metrics(self, rng: np.random.Generator) -> dict[str, Any]:
+        return {"num-examples": int(rng.integers(1, 500)), "train-loss": float(rng.random()),
+                "local-steps": 10.0}
+
+    # --- the classes ------------------------------------------------------------------
+
+    def honest(self, rng: np.random.Generator) -> Message:
+        if rng.random() < 0.5:
+            return _message(ArrayRecord(self.honest_local(rng)), self.good_metrics(rng))
+        spec = CODECS[int(rng.integers(0, len(CODECS)))]
+        blob, _ = parse(spec).encode(self.honest_delta(rng), None, rng=rng)
+        return _message(payload_record(blob), self.good_metrics(rng))
+
+    def payload(self, rng: np.random.Generator) -> Message:
+        base = self.payloads[int(rng.integers(0, len(self.payloads)))]
+        region = 64 if rng.random() < 0.5 else None  # headers are where sizes live
+        return _message(payload_record(_mutate(rng, base, region=region)),
+                        self.good_metrics(rng))
+
+    def npy(self, rng: np.random.Generator) -> Message:
+        local = self.honest_local(rng)
+        blobs = [_npy(a) for a in local]
+        i = int(rng.integers(0, len(blobs)))
+        kind = rng.integers(0, 4)
+        if kind == 0:  # mutate the header
+            blobs[i] = _mutate(rng, blobs[i], region=128)
+        elif kind == 1:  # mutate anywhere
+            blobs[i] = _mutate(rng, blobs[i])
+        elif kind == 2:  # a crafted header, with or without data after it
+            descr = DESCRS[int(rng.integers(0, len(DESCRS)))]
+            shape = (str(local[i].shape) if rng.random() < 0.3
+                     else SHAPES[int(rng.integers(0, len(SHAPES)))])
+            head = _header(descr, shape, fortran=["False", "True", "1", "None"][
+                int(rng.integers(0, 4))], version=int(rng.integers(1, 3)),
+                pad=int(rng.choice([0, 0, 0, 20_000])))
+            tail = blobs[i][128:] if rng.random() < 0.5 else b""
+            blobs[i] = head + tail
+        else:  # other npy versions and orders of honest data
+            arr = local[i]
+            if rng.random() < 0.5:
+                arr = np.asfortranarray(arr.astype([np.float16, np.float64, np.float32][
+                    int(rng.integers(0, 3))]))
+            blobs[i] = _npy(arr, version=[(1, 0), (2, 0), (3, 0)][int(rng.integers(0, 3))])
+        record = ArrayRecord(local)
+        for (name, arr), blob in zip(list(record.items()), blobs, strict=True):
+            arr.__dict__["data"] = blob
+            if blob[:6] == b"\x93NUMPY" and b"'<f8'" in blob[:128]:
+                arr.__dict__["dtype"] = "float64"
+            elif blob[:6] == b"\x93NUMPY" and b"'<f2'" in blob[:128]:
+                arr.__dict__["dtype"] = "float16"
+            del name
+        return _message(record, self.good_metrics(rng))
+
+    def fields(self, rng: np.random.Generator) -> Message:
+        local = self.honest_local(rng)
+        record = ArrayRecord(local)
+        arrays = list(record.values())
+        arr = arrays[int(rng.integers(0, len(arrays)))]
+        kind = int(rng.integers(0, 9))
+        values: list[Any]
+        if kind == 0:
+            values = [None, (), (2**63, 2**63), (-1,), [1.5], ("a",), (10**30,), [[1]],
+                      tuple(range(100)), (True, 64)]
+            arr.__dict__["shape"] = values[int(rng.integers(0, len(values)))]
+        elif kind == 1:
+            values = ["float64", "int8", "", "object", None, 7, "bytes", "float16"]
+            arr.__dict__["dtype"] = values[int(rng.integers(0, len(values)))]
+        elif kind == 2:
+            values = ["", "torch.Tensor", None, 3, "flowerpress.payload", "numpy.ndarray "]
+            arr.__dict__["stype"] = values[int(rng.integers(0, len(values)))]
+        elif kind == 3:
+            values = [None, "text", bytearray(8), memoryview(b"abc"), 12, [1, 2]]
+            arr.__dict__["data"] = values[int(rng.integers(0, len(values)))]
+        elif kind == 4:  # too many or too few tensors
+            extra = [np.zeros(int(rng.integers(1, 10**5)), np.float32)
+                     for _ in range(int(rng.integers(1, 4)))]
+            record = ArrayRecord(local + extra if rng.random() < 0.5 else local[:-1])
+        elif kind == 5:  # the envelope's stype on a plain array, or a payload among others
+            arr.__dict__["stype"] = "flowerpress.payload"
+            if rng.random() < 0.5:
+                record = ArrayRecord({"payload": arr})
+        elif kind == 6:  # no arrays, or another record kind under the key
+            return _message(None if rng.random() < 0.5 else ConfigRecord({"a": 1}),
+                            self.good_metrics(rng))
+        elif kind == 7:  # no metrics, or another record kind under the key
+            return _message(record, None if rng.random() < 0.5 else ConfigRecord({"a": 1}))
+        else:  # the arrays in the wrong order
+            record = ArrayRecord(local[::-1])
+        return _message(record, self.good_metrics(rng))
+
+    def weight(self, rng: np.random.Generator) -> Message:
+        metrics = self.good_metrics(rng)
+        if rng.random() < 0.9:
+            metrics["num-examples"] = NUM_EXAMPLES[int(rng.integers(0, len(NUM_EXAMPLES)))]
+        else:
+            del metrics["num-examples"]
+        return _message(ArrayRecord(self.honest_local(rng)), metrics)
+
+    def metrics(self, rng: np.random.Generator) -> Message:
+        metrics = self.good_metrics(rng)
+        bad: list[Any] = [float("nan"), float("inf"), -float("inf"), -1e9, 1e9, 10**400,
+                          [1.0, 2.0], "x", None, -1.0, 1e300]
+        kind = int(rng.integers(0, 4))
+        if kind == 0:
+            key = ["train-loss", "local-steps", "dp-clip-indicator", "eval-acc", "custom"][
+                int(rng.integers(0, 5))]
+            metrics[key] = bad[int(rng.integers(0, len(bad)))]
+        elif kind == 1:
+            metrics.update({f"m{i}": 1.0 for i in range(int(rng.integers(65, 5000)))})
+        elif kind == 2:
+            metrics["x" * int(rng.integers(257, 10**5))] = 1.0
+        else:
+            metrics[7] = 1.0  # type: ignore[index]
+        return _message(ArrayRecord(self.honest_local(rng)), metrics)
+
+    def values(self, rng: np.random.Generator) -> Message:
+        local = self.honest_local(rng)
+        i = int(rng.integers(0, len(local)))
+        f32max = np.finfo(np.float32).max
+        kind = int(rng.integers(0, 6))
+        if kind == 0:
+            local[i].reshape(-1)[int(rng.integers(0, local[i].size))] = np.nan
+        elif kind == 1:
+            local[i].reshape(-1)[int(rng.integers(0, local[i].size))] = -np.inf
+        elif kind == 2:  # float32-max weights: the delta overflows against a negative global
+            local = [np.where(g < 0, f32max, -f32max).astype(np.float32) for g in local]
+        elif kind == 3:  # float64 beyond float32
+            local[i] = np.full(local[i].shape, 1e300)
+        elif kind == 4:  # finite but huge: accepted, clipped by the norm bound
+            local = [np.full_like(g, float(rng.choice([1e30, -1e30, 3e38]))) for g in local]
+        else:  # a compressed delta that leaves the float32 range against the global
+            blob, _ = parse("none").encode([np.full_like(g, f32max) for g in local], None)
+            return _message(payload_record(blob), self.good_metrics(rng))
+        return _message(ArrayRecord(local), self.good_metrics(rng))
+
+    def makers(self) -> dict[str, Maker]:
+        return {"payload": self.payload, "npy": self.npy, "fields": self.fields,
+                "weight": self.weight, "metrics": self.metrics, "values": self.values,
+                "honest": self.honest}
+
+
+def digits_model() -> Weights:
+    """The bundled digits MLP (4,810 parameters)."""
+    from flowerpress.tasks import data
+    from flowerpress.tasks.models import build_model, get_weights
+
+    test = data.load_test("digits", 0, 4)
+    return get_weights(build_model("digits", tuple(test.x.shape[1:]), 10, seed=0))
+
+
+def large_model() -> Weights:
+    """A 784-256-10 MLP (203,530 parameters), where fixed overheads no longer dominate."""
+    rng = np.random.default_rng(0)
+    shapes = [(256, 784), (256,), (10, 256), (10,)]
+    return [(rng.standard_normal(s) * 0.05).astype(np.float32) for s in shapes]
+
+
+@dataclass
+class Tally:
+    """What the run measured."""
+
+    tried: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    accepted: Counter[str] = field(default_factory=Counter)
+    clipped: int = 0
+    escapes: list[str] = field(default_factory=list)
+    max_cpu: float = 0.0
+    max_cpu_class: str = ""
+    max_peak: int = 0
+    max_peak_class: str = ""
+    honest_cpu: list[float] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+    class_cpu: dict[str, float] = field(default_factory=dict)
+    class_validate_peak: dict[str, int] = field(default_factory=dict)
+    max_validate_peak: int = 0
+    class_peak: dict[str, int] = field(default_factory=dict)
+
+
+def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm: float,
+        round_size: int = 50, progress: bool = False) -> Tally:
+    """Send ``replies`` replies through the reply path; return the tally."""
+    rng = np.random.default_rng(seed)
+    work = Workload(received=model)
+    makers = work.makers()
+    names = list(makers)
+    # Mostly hostile; a few honest replies keep the accepted path exercised.
+    probs = np.array([0.22, 0.22, 0.14, 0.1, 0.1, 0.12, 0.1])
+    strategy = build_strategy(strategy_spec)
+    tally = Tally()
+    global_weights = [w.copy() for w in model]
+    warm = np.random.default_rng(seed + 1)
+    tracemalloc.start()
+    server_round = 0
+    sent = 0
+    with server_identity():
+        while sent < replies:
+            server_round += 1
+            strategy.begin_round(server_round, global_weights)
+            # One honest update outside the measurement: the strategy's float64 sum
+            # is O(model) state of the round, not a cost of the replies that follow.
+            strategy.add(ClientUpdate(delta=work.honest_delta(warm), weight=1.0, node_id=0))
+            for _ in range(min(round_size, replies - sent)):
+                sent += 1
+                name = names[int(rng.choice(len(names), p=probs))]
+                reply = makers[name](rng)
+                tally.tried[name] += 1
+                _one(reply, name, work, strategy, max_norm, tally)
+            try:
+                new = check_strategy_result(strategy.result(), global_weights, strategy_spec)
+            except StrategyFailedError as exc:
+                tally.escapes.append(f"round {server_round}: {exc}")
+            else:
+                global_weights = model  # keep the same global: replies are built against it
+                del new
+            if progress and server_round % 200 == 0:
+                print(f"  {sent} replies, {len(tally.escapes)} escapes", file=sys.stderr,
+                      flush=True)
+    tracemalloc.stop()
+    return tally
+
+
+def _one(reply: Message, name: str, work: Workload, strategy: Any, max_norm: float,
+         tally: Tally) -> None:
+    tracemalloc.reset_peak()
+    base, _ = tracemalloc.get_traced_memory()
+    start = time.process_time()
+    outcome, reason = "accepted", ""
+    try:
+        checked = protocol.validate_train_reply(reply, work.received, max_weight=work.max_weight)
+    except protocol.UpdateRejected as exc:
+        outcome, reason = "rejected", str(exc)
+        tally.reasons[f"{name}: {_reason(reason)}"] += 1
+    except Exception as exc:  # an escape from the contract
+        outcome = "escape"
+        tally.escapes.append(f"{name}: validate raised {type(exc).__name__}: {str(exc)[:200]}")
+    else:
+        _, validate_peak = tracemalloc.get_traced_memory()
+        validate_peak -= base
+        tally.class_validate_peak[name] = max(validate_peak,
+                                              tally.class_validate_peak.get(name, 0))
+        tally.max_validate_peak = max(validate_peak, tally.max_validate_peak)
+        try:
+            delta, _, was_clipped = bound_update_norm(checked.delta, max_norm)
+            strategy.add(ClientUpdate(delta=delta, weight=checked.weight, node_id=1,
+                                      metrics=checked.metrics))
+            tally.clipped += was_clipped
+        except Exception as exc:
+            outcome = "escape"
+            tally.escapes.append(f"{name}: add raised {type(exc).__name__}: {str(exc)[:200]}")
+    cpu = time.process_time() - start
+    _, peak = tracemalloc.get_traced_memory()
+    peak -= base
+    if outcome == "accepted":
+        tally.accepted[name] += 1
+    elif outcome == "rejected":
+        tally.rejected[name] += 1
+        if name == "honest":
+            tally.escapes.append(f"honest reply rejected: {reason[:200]}")
+    if name == "honest":
+        tally.honest_cpu.append(cpu)
+    tally.class_cpu[name] = max(cpu, tally.class_cpu.get(name, 0.0))
+    if outcome != "accepted":  # for accepted ones, validation's own peak was taken above
+        tally.class_validate_peak[name] = max(peak, tally.class_validate_peak.get(name, 0))
+        tally.max_validate_peak = max(peak, tally.max_validate_peak)
+    tally.class_peak[name] = max(peak, tally.class_peak.get(name, 0))
+    if cpu > tally.max_cpu:
+        tally.max_cpu, tally.max_cpu_class = cpu, name
+    if peak > tally.max_peak:
+        tally.max_peak, tally.max_peak_class = peak, name
+
+
+def honest_peaks(model: Weights) -> dict[str, float]:
+    """Peak memory of validating one honest reply per codec, as a multiple of the model."""
+    work = Workload(received=model)
+    rng = np.random.default_rng(2)
+    model_bytes = sum(int(w.size) for w in model) * 4
+    out: dict[str, float] = {}
+    with server_identity():
+        for spec in ["plain", *CODECS]:
+            if spec == "plain":
+                record = ArrayRecord(work.honest_local(rng))
+            else:
+                record = payload_record(parse(spec).encode(work.honest_delta(rng), None,
+                                                           rng=rng)[0])
+            reply = _message(record, work.good_metrics(rng))
+            protocol.validate_train_reply(reply, model)  # warm: lazy imports
+            tracemalloc.start()
+            protocol.validate_train_reply(reply, model)
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            out[spec] = peak / model_bytes
+    return out
+
+
+def _reason(text: str) -> str:
+    """The kind of a rejection, without the numbers and names that vary."""
+    words = [w for w in text.replace(":", " ").split() if not any(c.isdigit() for c in w)]
+    return " ".join(words[:6])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the table; exit 1 if anything escaped."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replies", type=int, default=3000)
+    parser.add_argument("--model", choices=["digits", "large"], default="digits")
+    parser.add_argument("--strategy", default="fedavg")
+    parser.add_argument("--max-update-norm", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args(argv)
+    model = digits_model() if args.model == "digits" else large_model()
+    model_bytes = sum(int(w.size) for w in model) * 4
+    started = time.monotonic()
+    tally = run(args.replies, model=model, seed=args.seed, strategy_spec=args.strategy,
+                max_norm=args.max_update_norm, progress=args.progress)
+    seconds = time.monotonic() - started
+    honest = float(np.median(tally.honest_cpu)) if tally.honest_cpu else float("nan")
+    load = os.getloadavg()
+    print(f"machine: nproc {os.cpu_count()}, load average {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f}; python {sys.version.split()[0]}; numpy {np.__version__}")
+    print(f"model: {args.model}, {model_bytes // 4} parameters ({model_bytes} bytes float32); "
+          f"strategy {args.strategy}; max-update-norm {args.max_update_norm:g}; "
+          f"seed {args.seed}; {seconds:.0f} s")
+    print()
+    print("| class | tried | rejected | accepted | max CPU (ms) | max peak, validation "
+          "(x model) | max peak, validation + bound + add (x model) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in sorted(tally.tried):
+        print(f"| {name} | {tally.tried[name]} | {tally.rejected[name]} | "
+              f"{tally.accepted[name]} | {tally.class_cpu[name] * 1e3:.2f} | "
+              f"{tally.class_validate_peak.get(name, 0) / model_bytes:.2f} | "
+              f"{tally.class_peak[name] / model_bytes:.2f} |")
+    total = sum(tally.tried.values())
+    print(f"| **all** | **{total}** | **{sum(tally.rejected.values())}** | "
+          f"**{sum(tally.accepted.values())}** | {tally.max_cpu * 1e3:.2f} | "
+          f"{tally.max_validate_peak / model_bytes:.2f} | {tally.max_peak / model_bytes:.2f} |")
+    print()
+    print("honest replies, peak memory of validate_train_reply (x model), by upload codec:")
+    print(" ".join(f"{spec}={ratio:.2f}" for spec, ratio in honest_peaks(model).items()))
+    print()
+    print(f"replies tried:            {total}")
+    print(f"escapes:                  {len(tally.escapes)}")
+    print(f"rejected / accepted:      {sum(tally.rejected.values())} / "
+          f"{sum(tally.accepted.values())} (clipped by max-update-norm: {tally.clipped})")
+    print(f"max CPU per reply:        {tally.max_cpu * 1e3:.2f} ms ({tally.max_cpu_class}); "
+          f"{tally.max_cpu / honest:.1f}x the median honest reply ({honest * 1e3:.3f} ms)")
+    print(f"max peak memory per reply: {tally.max_peak} bytes ({tally.max_peak_class}); "
+          f"{tally.max_peak / model_bytes:.2f}x the model's float32 size")
+    for line in tally.escapes[:20]:
+        print("ESCAPE", line)
+    return 1 if tally.escapes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The message contract refuses every hostile reply field with UpdateRejected (issue 12).
+
+One reproducer per class of the issue: crashes from one small reply,
+memory from a tiny reply, a model corrupted by a weight or by float32-max
+values, trusted metrics, CPU from a tiny payload. Each builds the reply a
+hostile device would send and asserts it is refused with a message naming
+the field, and (where the issue measured memory) that refusing it allocates
+next to nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import tracemalloc
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from flowerpress import protocol
+from flowerpress.compression import parse
+from flowerpress.compression.envelope import payload_record
+from flowerpress.protocol import UpdateRejected, validate_train_reply
+from flowerpress.testing import server_identity
+
+MODEL = [np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3), np.full(3, 0.5, np.float32)]
+OK_METRICS: dict[str, Any] = {"num-examples": 10, "train-loss": 0.3}
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _reply(arrays: ArrayRecord, metrics: Mapping[str, Any] | None = None) -> Message:
+    with server_identity():
+        content = RecordDict({"arrays": arrays,
+                              "metrics": MetricRecord(dict(OK_METRICS if metrics is None
+                                                           else metrics))})
+        return Message(content, dst_node_id=0, message_type="train")
+
+
+def _plain(first: bytes, *, dtype: str = "float32", shape: tuple[int, ...] = (4, 3)) -> ArrayRecord:
+    """A plain ArrayRecord whose first array's npy bytes are ``first`` (the second is honest)."""
+    return ArrayRecord({"w": Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=first),
+                        "b": Array(MODEL[1] + 0.1)})
+
+
+def _rejects(reply: Message, *words: str) -> str:
+    with server_identity(), pytest.raises(UpdateRejected) as info:
+        validate_train_reply(reply, MODEL)
+    text = str(info.value)
+    assert "\n" not in text
+    for word in words:
+        assert word in text
+    return text
+
+
+def test_an_honest_plain_reply_gives_the_delta() -> None:
+    # Execute
+    with server_identity():
+        checked = validate_train_reply(_reply(ArrayRecord([MODEL[0] + 1, MODEL[1] - 1])), MODEL)
+    # Assert
+    np.testing.assert_allclose(checked.delta[0], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(checked.delta[1], -1.0, rtol=1e-6)
+    assert checked.weight == 10 and checked.metrics == {"train-loss": 0.3}
+
+
+# --- class 1: crashes from one small reply (plain ArrayRecord, npy header) ---------------
+
+_HONEST = _npy(MODEL[0])
+
+
+@pytest.mark.parametrize(("data", "words"), [
+    (b"", ("malformed npy header",)),
+    (b"\x93NUMPY\x01\x00", ("malformed npy header",)),
+    (b"\x93NUMPY\x09\x00" + _HONEST[8:], ("malformed npy header",)),
+    (_HONEST.replace(b"'descr'", b"'dascr'"), ("malformed npy header",)),
+    (_HONEST.replace(b"(4, 3)", b"(4, 3, (", 1), ("malformed npy header",)),
+    (_HONEST[:10] + b"((((((((((((((((((((" * 20, ("malformed npy header",)),
+    # a declared shape whose element product overflows int64
+    (_HONEST.replace(b"(4, 3)", b"(4294967296, 4294967296)"), ("npy shape", "(4, 3)")),
+    # a header claiming a huge array, with 48 bytes of data
+    (_HONEST.replace(b"(4, 3)", b"(99999999999,)"), ("npy shape",)),
+    (_HONEST.replace(b"(4, 3)", b"(-4, -3)"), ("npy shape (-4, -3)",)),
+    (_HONEST[:-4], ("data bytes", "expected 48")),
+    (_HONEST + b"\x00" * 4, ("data bytes", "expected 48")),
+    (_npy(MODEL[0].astype(">f4")), ("dtype '>f4'",)),
+    (_npy(MODEL[0].astype(np.int32)), ("dtype '<i4'",)),
+    (_npy(np.zeros((4, 3), dtype=complex)), ("dtype '<c16'",)),
+])
+def test_malformed_npy_blobs_are_rejected_not_raised(data: bytes, words: tuple[str, ...]) -> None:
+    _rejects(_reply(_plain(data)), "array 'w'", *words)
+
+
+def test_an_object_dtype_header_is_rejected_without_unpickling() -> None:
+    # Prepare: numpy refuses to save object arrays without pickle; craft the header
+    header = _HONEST.replace(b"'<f4'", b"'|O' ")
+    # Execute / Assert
+    _rejects(_reply(_plain(header)), "dtype '|O'")
+
+
+def test_the_declared_dtype_must_match_the_npy_header() -> None:
+    _rejects(_reply(_plain(_HONEST, dtype="float64")), "declares dtype 'float64'",
+             "float32")
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 1), (12,), (2**62, 2**62), (True, 3)])
+def test_a_declared_shape_other_than_the_models_is_rejected(shape: tuple[int, ...]) -> None:
+    _rejects(_reply(_plain(_HONEST, shape=shape)), "declares shape", "(4, 3)")
+
+
+def test_array_fields_of_the_wrong_type_are_rejected() -> None:
+    # Prepare: fields a Flower Array constructor refuses, set afterwards as a
+    # hand-made message could carry them
+    record = _plain(_HONEST)
+    record["w"].__dict__["data"] = "not bytes"
+    # Execute / Assert
+    _rejects(_reply(record), "data is str")
+
+
+# --- class 2: memory from a tiny reply --------------------------------------------------
+
+@pytest.mark.parametrize("descr", [b"[('a', '|V0')]", b"[('a', '<f4', (0,))]",
+                                   b"('<f4', (1000000, 1000000))"])
+def test_zero_itemsize_and_subarray_dtypes_with_a_huge_shape_cost_nothing(descr: bytes) -> None:
+    # Prepare: a 128-byte blob: zero-itemsize structured dtype, 10^12 elements
+    header = (b"{'descr': " + descr + b", 'fortran_order': False, 'shape': (1000000, 1000000), }")
+    header = header.ljust(118) + b"\n"
+    blob = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+    # Execute
+    tracemalloc.start()
+    try:
+        text = _rejects(_reply(_plain(blob, shape=(4, 3))))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Assert: refused on its dtype or shape, with far less than a megabyte allocated
+    assert "dtype" in text or "npy shape" in text
+    assert peak < 1 << 20
+
+
+def test_a_blob_larger_than_the_tensor_is_refused_before_it_is_parsed() -> None:
+    # Prepare: an honest header followed by a megabyte of junk
+    blob = _HONEST + b"\x00" * (1 << 20)
+    # Execute / Assert
+    _rejects(_reply(_plain(blob)), "bytes, more than the", "float64")
+
+
+# --- class 3: a model corrupted by the weight or by float32-max values ------------------
+
+@pytest.mark.parametrize(("num_examples", "words"), [
+    (10**7, ("exceeds max-client-weight",)),
+    (10**400, ("int beyond the float range",)),
+    (float("inf"), ("not finite",)),
+    (float("nan"), ("not finite",)),
+    (0, ("not a positive integer",)),
+    (-5, ("not a positive integer",)),
+    (2.5, ("not a positive integer",)),
+    (True, ("not a number",)),
+])
+def test_num_examples_is_a_positive_integer_under_the_cap(num_examples: Any,
+                                                          words: tuple[str, ...]) -> None:
+    # Prepare: MetricRecord refuses some of these values; set them as the wire could
+    record = MetricRecord({"num-examples": 1})
+    record.__dict__["_data"]["num-examples"] = num_examples
+    with server_identity():
+        reply = Message(RecordDict({"arrays": ArrayRecord(MODEL), "metrics": record}),
+                        dst_node_id=0, message_type="train")
+    # Execute / Assert
+    _rejects(reply, *words)
+
+
+def test_float32_max_weights_whose_delta_overflows_are_rejected() -> None:
+    # Prepare: the global holds -1 where the reply holds float32-max
+    received = [np.full((4, 3), -3e38, np.float32), MODEL[1]]
+    local = [np.full((4, 3), np.finfo(np.float32).max, np.float32), MODEL[1]]
+    # Execute / Assert: finite weights, infinite delta
+    with server_identity(), pytest.raises(UpdateRejected, match="delta tensor 0"):
+        validate_train_reply(_reply(ArrayRecord(local)), received)
+
+
+def test_float64_weights_beyond_float32_are_rejected() -> None:
+    local = [np.full((4, 3), 1e300), MODEL[1].astype(np.float64)]
+    _rejects(_reply(ArrayRecord(local)), "NaN or Inf")
+
+
+def test_a_compressed_delta_that_leaves_the_float32_range_is_rejected() -> None:
+    # Prepare: a finite float32 delta, but global + delta overflows float32
+    received = [np.full((4, 3), 3e38, np.float32), MODEL[1]]
+    delta = [np.full((4, 3), 3e38, np.float32), np.zeros(3, np.float32)]
+    blob, _ = parse("zstd").encode(delta, None)
+    # Execute / Assert
+    with server_identity(), pytest.raises(UpdateRejected, match="float32 range"):
+        validate_train_reply(_reply(payload_record(blob)), received)
+
+
+# --- class 4: metrics trusted ------------------------------------------------------------
+
+@pytest.mark.parametrize(("metrics", "words"), [
+    ({"dp-clip-indicator": float("nan")}, ("dp-clip-indicator", "not finite")),
+    ({"dp-clip-indicator": -1e6}, ("dp-clip-indicator", "outside")),
+    ({"dp-clip-indicator": 1e6}, ("dp-clip-indicator", "outside")),
+    ({"train-loss": -1.0}, ("train-loss", "outside")),
+    ({"train-loss": float("inf")}, ("train-loss", "not finite")),
+    ({"local-steps": 1e15}, ("local-steps", "outside")),
+    ({"custom": [1.0, 2.0]}, ("custom", "list")),
+    ({"x" * 1000: 1.0}, ("metric name",)),
+    ({f"m{i}": 1.0 for i in range(100)}, ("at most 64",)),
+])
+def test_metrics_are_finite_numbers_in_their_documented_range(metrics: dict[str, Any],
+                                                              words: tuple[str, ...]) -> None:
+    _rejects(_reply(ArrayRecord(MODEL), {"num-examples": 3, **metrics}), *words)
+
+
+def test_eval_replies_are_checked_the_same_way() -> None:
+    # Prepare
+    with server_identity():
+        reply = Message(RecordDict({"metrics": MetricRecord(
+            {"num-examples": 5, "eval-loss": 0.1, "eval-acc": 1.5})}),
+            dst_node_id=0, message_type="evaluate")
+    # Execute / Assert
+    with pytest.raises(UpdateRejected, match="eval-acc"):
+        protocol.validate_eval_reply(reply)
+
+
+# --- class 5: CPU from a tiny payload -----------------------------------------------------
+
+def test_a_payload_with_more_tensors_than_the_model_is_rejected() -> None:
+    # Prepare: an honest encoding of 4,096 one-element tensors for a 2-tensor model
+    many = [np.zeros(1, np.float32) for _ in range(4096)]
+    blob, _ = parse("q:8").encode(many, None, rng=np.random.default_rng(0))
+    # Execute / Assert
+    _rejects(_reply(payload_record(blob)), "payload could not be decoded")
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda b: b[:-3],
+    lambda b: b[:5],
+    lambda b: b + b"\x00",
+    lambda b: bytes([b[0] ^ 0xFF]) + b[1:],
+])
+def test_a_mutated_payload_is_rejected(mutate: Callable[[bytes], bytes]) -> None:
+    # Prepare
+    blob, _ = parse("topk:0.5+q:8+zstd").encode([MODEL[0] - MODEL[0] + 0.25, MODEL[1]], None,
+                                                rng=np.random.default_rng(0))
+    # Execute / Assert
+    _rejects(_reply(payload_record(mutate(blob))), "payload")
