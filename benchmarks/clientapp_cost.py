@@ -16,9 +16,11 @@ get the same model (flowerpress's digits MLP, 4,810 parameters), the same weight
 and the same data (a device ``.npz`` file named by ``data-path``), and train one
 local epoch of SGD with batch size 16.
 
-Breakdown per message (medians over ``--messages`` launches, after one warm-up
-message per app that installs the FAB, writes bytecode and fills flowerpress's
-device cache, as the first message of a run does on a device):
+Breakdown per message, in CPU seconds of the ClientApp process (user + system:
+what a device pays, and robust to other jobs on a shared machine) and in wall
+seconds; medians over ``--messages`` launches per app, the apps interleaved, after
+one warm-up message per app that installs the FAB, writes bytecode and fills
+flowerpress's device cache, as the first message of a run does on a device:
 
 * interpreter: process spawn to the first line of the child (Python start-up);
 * flwr runtime: importing ``flwr.supernode.cli`` (what ``flwr-clientapp`` imports);
@@ -41,6 +43,7 @@ from __future__ import annotations
 import time
 
 _T_FIRST_LINE = time.time()  # the child's first statement: everything before is start-up
+_CPU_FIRST_LINE = time.process_time()  # CPU seconds the interpreter's start-up took
 
 import argparse  # noqa: E402 (the clock above must come first)
 import json  # noqa: E402
@@ -61,8 +64,8 @@ RUN_ID = 7
 
 
 # ----------------------------------------------------------------------- the child
-def _probe(target: str, name: str, spent: dict[str, float]) -> None:
-    """Wrap ``module:Qual.name`` so that the seconds spent in it add up in ``spent[name]``."""
+def _probe(target: str, name: str, spent: dict[str, list[float]]) -> None:
+    """Wrap ``module:Qual.name`` so that its wall and CPU seconds add up in ``spent[name]``."""
     import functools
     import importlib
 
@@ -75,28 +78,44 @@ def _probe(target: str, name: str, spent: dict[str, float]) -> None:
 
     @functools.wraps(original)
     def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start = (time.perf_counter(), time.process_time())
         try:
             return original(*args, **kwargs)
         finally:
-            spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+            total = spent.setdefault(name, [0.0, 0.0])
+            total[0] += time.perf_counter() - start[0]
+            total[1] += time.process_time() - start[1]
 
     setattr(owner, attr, timed)
 
 
+class _Stages:
+    """Wall and CPU seconds per stage of the child."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._start = (time.perf_counter(), time.process_time())
+
+    def lap(self, name: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        self.wall[name] = self.wall.get(name, 0.0) + now[0] - self._start[0]
+        self.cpu[name] = self.cpu.get(name, 0.0) + now[1] - self._start[1]
+        self._start = now
+
+
 def child(spec_path: Path) -> None:
     """One ClientApp message, as ``flwr-clientapp`` runs it; print the stage times."""
-    marks = {"first-line": _T_FIRST_LINE}
-    clock = time.perf_counter
-    t = clock()
+    stages = _Stages()
     import flwr.supernode.cli  # noqa: F401 (what the flwr-clientapp console script imports)
 
-    marks["flwr runtime"] = clock() - t
-
+    stages.lap("flwr runtime")
+    from flwr.app import Message
+    from flwr.app.message import remove_content_from_message
     from flwr.cli.install import install_from_fab
     from flwr.clientapp.utils import get_load_client_app_fn
     from flwr.common.serde import context_from_proto, context_to_proto, message_to_proto
-    from flwr.proto.message_pb2 import Context as ProtoContext  # noqa: N811
+    from flwr.proto.message_pb2 import Context as ProtoContext
     from flwr.proto.message_pb2 import ObjectTree
     from flwr.supercore.inflatable.inflatable_object import (
         get_all_nested_objects,
@@ -104,31 +123,24 @@ def child(spec_path: Path) -> None:
         no_object_id_recompute,
     )
     from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-
-    from flwr.app import Message
-    from flwr.app.message import remove_content_from_message
-
     from flwr.supercore.task_identity import TaskIdentity
 
     spec = json.loads(spec_path.read_text())
     inputs = Path(spec["inputs"])
     # What pull_task_input sets from the Runtime API's answer.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, NODE_ID
+    stages.lap("flwr runtime")  # still Flower's own modules
 
-    t = clock()
     install_from_fab((inputs / "app.fab").read_bytes(), skip_prompt=True)
-    marks["FAB install"] = clock() - t
+    stages.lap("FAB install")
 
-    t = clock()
     app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
         spec["fab_id"], spec["fab_version"], spec["fab_hash"])
-    marks["app import"] = clock() - t
+    stages.lap("app import")
 
-    spent: dict[str, float] = {}
+    spent: dict[str, list[float]] = {}
     for name, target in spec["probes"].items():
         _probe(target, name, spent)
-
-    t = clock()
     objects = json.loads((inputs / "message-objects.json").read_text())
     contents = {k: bytes.fromhex(v) for k, v in objects.items()}
     tree = ObjectTree.FromString((inputs / "message-tree.bin").read_bytes())
@@ -137,18 +149,20 @@ def child(spec_path: Path) -> None:
     message.metadata.__dict__["_message_id"] = tree.object_id
     context = context_from_proto(ProtoContext.FromString(
         (inputs / "context.bin").read_bytes()))
-    marks["message in"] = clock() - t
+    stages.lap("message in")
 
-    t = clock()
     reply = app(message=message, context=context)
-    call = clock() - t
+    stages.lap("handler")
     if reply.has_error():
         raise SystemExit(f"the ClientApp replied with an error: {reply.error.reason}")
-    marks["data"] = spent.get("data", 0.0)
-    marks["training"] = spent.get("training", 0.0)
-    marks["handler rest"] = call - marks["data"] - marks["training"]
+    for name in ("data", "training"):
+        wall, cpu = spent.get(name, [0.0, 0.0])
+        stages.wall[name], stages.cpu[name] = wall, cpu
+        stages.wall["handler"] -= wall
+        stages.cpu["handler"] -= cpu
+    stages.wall["handler rest"] = stages.wall.pop("handler")
+    stages.cpu["handler rest"] = stages.cpu.pop("handler")
 
-    t = clock()
     reply.metadata.__dict__["_message_id"] = reply.object_id
     proto = message_to_proto(remove_content_from_message(reply))
     with no_object_id_recompute():
@@ -156,10 +170,11 @@ def child(spec_path: Path) -> None:
         pushed = sum(len(obj.deflate()) for obj in get_all_nested_objects(reply).values())
     pushed += len(proto.SerializeToString()) + len(reply_tree.SerializeToString())
     pushed += len(context_to_proto(context).SerializeToString())
-    marks["reply"] = clock() - t
-    marks["reply-bytes"] = pushed
-    marks["last-line"] = time.time()
-    print(json.dumps(marks), flush=True)
+    stages.lap("reply")
+    print(json.dumps({"wall": stages.wall, "cpu": stages.cpu, "reply-bytes": pushed,
+                      "first-line": _T_FIRST_LINE, "startup-cpu": _CPU_FIRST_LINE,
+                      "last-line": time.time(), "cpu-at-exit": time.process_time()}),
+          flush=True)
 
 
 # ---------------------------------------------------------------------- the parent
@@ -211,19 +226,27 @@ def _prepare(workdir: Path, name: str, app_dir: Path, run_config_overrides: dict
     return spec
 
 
-def _launch(spec: Path, flwr_home: Path) -> dict[str, float]:
+def _launch(spec: Path, flwr_home: Path) -> dict[str, Any]:
+    import resource
+
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     done = subprocess.run([sys.executable, __file__, "--child", str(spec)], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+                          capture_output=True, text=True, timeout=900, check=False)
     end = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"child failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    marks = json.loads(done.stdout.strip().splitlines()[-1])
-    marks["interpreter"] = marks.pop("first-line") - start
-    marks["exit"] = end - marks.pop("last-line")
-    marks["total"] = end - start
-    return marks
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    cpu_total = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    wall, cpu = out["wall"], out["cpu"]
+    wall["interpreter"] = out["first-line"] - start
+    cpu["interpreter"] = out["startup-cpu"]
+    wall["exit"] = end - out["last-line"]
+    cpu["exit"] = max(cpu_total - out["cpu-at-exit"], 0.0)
+    wall["total"], cpu["total"] = end - start, cpu_total
+    return {"wall": wall, "cpu": cpu, "reply-bytes": out["reply-bytes"]}
 
 
 def _cpu_load() -> str:
@@ -242,7 +265,6 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child)
         return 0
 
-    import numpy as np
     from flwr.app import ArrayRecord, RecordDict
     from sklearn.datasets import load_digits
 
@@ -289,31 +311,37 @@ def main(argv: list[str] | None = None) -> int:
     homes = {name: workdir / f"flwr-home-{i}" for i, name in enumerate(cases)}
     load_before = _cpu_load()
     cold = {name: _launch(spec, homes[name]) for name, spec in cases.items()}  # warm-up
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
     for _ in range(args.messages):
         for name, spec in cases.items():
             samples[name].append(_launch(spec, homes[name]))
     load_after = _cpu_load()
 
-    def med(name: str, stage: str) -> float:
-        return statistics.median(s[stage] for s in samples[name])
+    def med(name: str, kind: str, stage: str) -> float:
+        return statistics.median(sample[kind][stage] for sample in samples[name])
 
-    base = med("vanilla Flower", "total")
-    print(f"\nOne train message in a fresh process, as a SuperNode runs it "
-          f"({args.messages} launches per app, medians, seconds).")
-    print(f"Machine: {os.cpu_count()} CPUs; before: {load_before}; after: {load_after}.\n")
     names = list(cases)
-    print("| stage | " + " | ".join(names) + " |")
-    print("|---|" + "---:|" * len(names))
-    for stage in STAGES:
-        print(f"| {stage} | " + " | ".join(f"{med(n, stage):.3f}" for n in names) + " |")
-    print("| **total** | " + " | ".join(f"**{med(n, 'total'):.3f}**" for n in names) + " |")
-    print("| ratio to vanilla | " + " | ".join(f"{med(n, 'total') / base:.2f}x"
-                                             for n in names) + " |")
-    print("| reply bytes | " + " | ".join(f"{int(med(n, 'reply-bytes')):,}"
-                                        for n in names) + " |")
-    print("\nFirst message (FAB install, bytecode, device cache filled), seconds: "
-          + "; ".join(f"{n} {cold[n]['total']:.2f} (data {cold[n]['data']:.2f})"
+    print(f"\nOne train message in a fresh process, as a SuperNode runs it "
+          f"({args.messages} launches per app, interleaved; medians).")
+    print(f"Machine: {os.cpu_count()} CPUs; before: {load_before}; after: {load_after}.")
+    for kind, title in (("cpu", "CPU seconds (user + system) of the ClientApp process"),
+                        ("wall", "wall seconds")):
+        base = med("vanilla Flower", kind, "total")
+        print(f"\n{title}\n")
+        print("| stage | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        for stage in STAGES:
+            print(f"| {stage} | " + " | ".join(f"{med(n, kind, stage):.3f}" for n in names)
+                  + " |")
+        print("| **total** | " + " | ".join(f"**{med(n, kind, 'total'):.3f}**" for n in names)
+              + " |")
+        print("| ratio to vanilla | " + " | ".join(
+            f"{med(n, kind, 'total') / base:.2f}x" for n in names) + " |")
+    print("\nreply bytes: " + ", ".join(
+        f"{n} {int(statistics.median(s['reply-bytes'] for s in samples[n])):,}" for n in names))
+    print("First message (FAB installed, bytecode written, device cache filled): "
+          + "; ".join(f"{n} {cold[n]['wall']['total']:.2f} s wall, "
+                      f"{cold[n]['cpu']['total']:.2f} s CPU (data {cold[n]['cpu']['data']:.2f})"
                       for n in names))
     (workdir / "clientapp_cost.json").write_text(json.dumps(
         {"cold": cold, "samples": samples, "load": [load_before, load_after]}, indent=1))

@@ -130,7 +130,7 @@ class DeviceCache:
                 if meta.get("format") != FORMAT_VERSION or meta.get("key") != key:
                     raise ValueError("written for another key or format")
                 x, y = archive["x"], archive["y"]
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # absent (a bad directory: put says so)
             return None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             log.warning("device cache: ignoring unreadable entry %s (%s); loading the "
