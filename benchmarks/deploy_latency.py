@@ -1,18 +1,22 @@
 """Round latency on a real (local) Flower deployment: vanilla FedAvg vs flowerpress.
 
 Starts one TLS SuperLink with SuperNode authentication and ``--nodes`` SuperNodes on
-loopback (``flowerpress.deploy.local.LocalDeployment``), then submits two runs with
-``flwr run`` into the same federation:
+loopback (``flowerpress.deploy.local.LocalDeployment``). Every SuperNode is a device
+with its own data file (``data-path``: its partition of scikit-learn's digits, as
+flowerpress's ``digits`` task splits them), and three runs are submitted with
+``flwr run`` into that one federation:
 
 1. ``benchmarks/deploy_fedavg`` with ``server-loop="flwr"`` -- Flower's own
-   ``flwr.serverapp.strategy.FedAvg`` driving ``Grid.send_and_receive`` (which sleeps
-   3 s between pulls), with clients that do almost no work;
+   ``flwr.serverapp.strategy.FedAvg.start`` driving ``Grid.send_and_receive`` (which
+   sleeps 3 s between pulls); its ClientApp trains the same torch MLP as flowerpress
+   (4,810 parameters) on the node's ``data-path`` for one local epoch;
 2. the same app and clients with ``server-loop="flowerpress"`` -- the same weighted
    mean, replies collected by flowerpress's adaptive poll
    (``flowerpress.server.loop.poll_replies``): the difference to 1 is the server
    loop's waiting alone;
-3. the flowerpress app (this repository) on the ``digits`` dataset, clients training
-   a small torch model for one local epoch.
+3. the flowerpress app (this repository), ``dataset="digits"``: the same model, the
+   same data files, one local epoch with the same batch size and learning rate, plus
+   what flowerpress adds (reply validation, central evaluation, results.json).
 
 Prints per-round wall seconds, the ratios to vanilla FedAvg, and the ClientApp
 compute time Flower reports (``flwr ls``), which separates client work (a SuperNode
@@ -20,13 +24,14 @@ starts one ClientApp process per message) from the server's waiting.
 
 Usage::
 
-    .venv/bin/python benchmarks/deploy_latency.py [--nodes 3] [--rounds 3]
+    .venv/bin/python benchmarks/deploy_latency.py [--nodes 3] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -47,6 +52,11 @@ def _clientapp_launches(dep: LocalDeployment) -> int:
     )
 
 
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} on {os.cpu_count()} CPUs"
+
+
 def _run(
     dep: LocalDeployment, app: Path, config: dict[str, Any], timeout: float
 ) -> tuple[list[float], dict[str, Any]]:
@@ -63,54 +73,69 @@ def _run(
     return [float(row["seconds"]) for row in rows], status
 
 
+def _device_files(workdir: Path, nodes: int) -> list[Path]:
+    """One data file per device: partition i of flowerpress's digits split (Dirichlet 0.5)."""
+    from flowerpress.deploy.data import save_device_data
+    from flowerpress.tasks.bundled import BundledTask
+
+    task = BundledTask(dataset="digits", num_partitions=nodes)
+    files = []
+    for i in range(nodes):
+        split = task.load_data({"partition-id": i, "num-partitions": nodes})
+        files.append(save_device_data(workdir / f"device-{i}.npz", split.x, split.y))
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3, help="SuperNodes (default 3)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per run (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per run (default 5)")
     parser.add_argument("--timeout", type=float, default=900.0, help="bound per run, seconds")
     parser.add_argument("--workdir", type=Path, default=None, help="keep logs here")
     args = parser.parse_args(argv)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="deploy-latency-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_files = _device_files(workdir, args.nodes)
+    params = 4810  # digits MLP: 64*64 + 64 + 64*10 + 10
+    load_before = _load()
     t0 = time.monotonic()
     with LocalDeployment(workdir, nodes=args.nodes, startup_timeout=120.0) as dep:
         dep.start_superlink()
         for i in range(args.nodes):
             dep.register(i)
-            dep.start_supernode(i, {"partition-id": i, "num-partitions": args.nodes})
+            dep.start_supernode(i, {"data-path": str(data_files[i])})
         dep.wait_nodes_online(args.nodes)
         setup_s = time.monotonic() - t0
 
+        training = {"local-epochs": 1, "batch-size": 16, "lr": 0.1}
+        base_config: dict[str, Any] = {
+            "rounds": args.rounds,
+            "min-nodes": args.nodes,
+            "server-loop": "flwr",
+            "out-dir": str(workdir / "out-fedavg"),
+            **training,
+        }
+        base_rounds, base_status = _run(dep, BASELINE_APP, base_config, args.timeout)
         fp_config: dict[str, Any] = {
             "rounds": args.rounds,
             "dataset": "digits",
             "num-clients": args.nodes,
             "clients-per-round": args.nodes,
             "min-replies": args.nodes,
-            "local-epochs": 1,
             "out-dir": str(workdir / "out-flowerpress"),
+            **training,
         }
         fp_rounds, fp_status = _run(dep, REPO, fp_config, args.timeout)
-        params = int(
-            json.loads((workdir / "out-flowerpress" / "results.json").read_text())["summary"]
-            .get("model_parameters", 4810)
-        )
-        base_config: dict[str, Any] = {
-            "rounds": args.rounds,
-            "min-nodes": args.nodes,
-            "num-params": params,
-            "server-loop": "flwr",
-            "out-dir": str(workdir / "out-fedavg"),
-        }
-        base_rounds, base_status = _run(dep, BASELINE_APP, base_config, args.timeout)
         poll_config = {**base_config, "server-loop": "flowerpress",
                        "out-dir": str(workdir / "out-fedavg-poll")}  # fmt: skip
         poll_rounds, poll_status = _run(dep, BASELINE_APP, poll_config, args.timeout)
 
     print(
-        f"\nLocal deployment: TLS + SuperNode auth, {args.nodes} SuperNodes on loopback, "
-        f"{params} model parameters, setup {setup_s:.1f} s (logs: {workdir})\n"
+        f"\nLocal deployment: TLS + SuperNode auth, {args.nodes} SuperNodes on loopback with "
+        f"data-path files, {params} model parameters, setup {setup_s:.1f} s; before: "
+        f"{load_before}; after: {_load()} (logs: {workdir})\n"
     )
     print(
         "| round | vanilla FedAvg (s) | same clients, flowerpress poll (s) "

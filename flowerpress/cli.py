@@ -3,7 +3,9 @@
 ``flowerpress simulate --out DIR [--config FILE.toml] [--set KEY=VALUE ...]``
 runs a simulated federation; ``flowerpress simulate --resume DIR`` continues
 the run checkpointed in DIR; ``flowerpress certs ...`` writes TLS and
-SuperNode keys for a deployment. Bad input exits with status 2 and one line.
+SuperNode keys for a deployment (``flowerpress certs add-node`` adds device keys
+to it); ``flowerpress device check ...`` checks a device before it joins. Bad
+input exits with status 2 and one line.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                      help="override one run-config key (repeatable)")
     sim.add_argument("--quiet", action="store_true", help="no per-round progress lines")
-    sub.add_parser("certs", help="write a CA, SuperLink certificate and SuperNode keys",
-                   add_help=False)
+    sub.add_parser("certs", help="write a CA, SuperLink certificate and SuperNode keys "
+                                 "(`certs add-node`: add device keys)", add_help=False)
+    sub.add_parser("device", help="`device check`: check a device's node config, data, "
+                                  "certificate and key before it joins", add_help=False)
     return parser
 
 
@@ -102,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flowerpress.deploy.certs import main as certs_main
 
         return certs_main(argv[1:])
+    if argv[:1] == ["device"]:
+        from flowerpress.deploy.check import main as device_main
+
+        return device_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

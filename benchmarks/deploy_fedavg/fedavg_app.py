@@ -1,13 +1,23 @@
-"""Vanilla Flower FedAvg baseline (ServerApp + ClientApp) for deploy_latency.py.
+"""Vanilla Flower FedAvg (ServerApp + ClientApp) on the same model and data as flowerpress.
+
+The baseline of ``benchmarks/deploy_latency.py`` and ``benchmarks/clientapp_cost.py``,
+written the way Flower's ``quickstart-pytorch`` example is: the ClientApp builds the
+torch model, loads the received ``state_dict``, loads the node's data, trains and
+replies with the new ``state_dict`` and ``num-examples``. Model, data and training are
+flowerpress's bundled ``digits`` task's, so the two apps do the same work:
+
+* model: the MLP ``Flatten -> Linear(in_features, 64) -> ReLU -> Linear(64, classes)``
+  (flowerpress's ``model=auto`` for 64 features, the same ``state_dict`` keys);
+* data: the node config's ``data-path`` (an ``.npz`` with ``x`` and ``y``, the device
+  data format of ``flowerpress.deploy.data``), read with ``np.load`` on every message,
+  as a vanilla app does;
+* training: ``local-epochs`` passes of mini-batch SGD (``batch-size``, ``lr``) with
+  cross-entropy, batches shuffled by a seeded ``torch.randperm`` -- flowerpress's loop.
 
 With ``server-loop = "flwr"`` the server runs ``flwr.serverapp.strategy.FedAvg.start``
-unchanged; each client adds a small deterministic step to the received weights, so a
-round's seconds are Flower's own messaging (including ``Grid.send_and_receive``'s
-fixed 3 s sleep between pulls) plus the ClientApp process start.
-
-With ``server-loop = "flowerpress"`` the same clients and the same weighted mean are
-driven by flowerpress's reply polling (``flowerpress.server.loop.poll_replies``), so
-the difference between the two is the server loop's waiting alone.
+unchanged. With ``server-loop = "flowerpress"`` the same weighted mean is driven by
+flowerpress's reply polling (``flowerpress.server.loop.poll_replies``), so the
+difference between the two is the server loop's waiting alone.
 """
 
 from __future__ import annotations
@@ -17,25 +27,79 @@ import os
 import time
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
+from torch import nn
 
 client_app = ClientApp()
 server_app = ServerApp()
 
 
+class Net(nn.Module):
+    """flowerpress's MLP for flat features (``flowerpress.tasks.models.MLP``)."""
+
+    def __init__(self, in_features: int = 64, num_classes: int = 10, hidden: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+def load_data(node_config: dict[str, object]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The node's ``data-path`` arrays as tensors (float32 features, int64 labels)."""
+    with np.load(str(node_config["data-path"]), allow_pickle=False) as archive:
+        x = np.asarray(archive["x"], dtype=np.float32)
+        y = np.asarray(archive["y"], dtype=np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def train_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
+             batch_size: int, lr: float, seed: int) -> float:
+    """Mini-batch SGD with cross-entropy; return the mean training loss."""
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    net.train()
+    total, batches = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for start in range(0, len(y), batch_size):
+            idx = order[start : start + batch_size]
+            opt.zero_grad()
+            loss = loss_fn(net(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            batches += 1
+    return total / max(batches, 1)
+
+
+def _net(cfg: dict[str, object]) -> Net:
+    return Net(int(str(cfg.get("in-features", 64))), int(str(cfg.get("num-classes", 10))))
+
+
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Return the received weights moved by a tiny step, weighted by 10 examples."""
-    arrays = msg.content["arrays"].to_numpy_ndarrays()
-    seed = int(str(context.node_config.get("partition-id", 0)))
-    rng = np.random.default_rng(seed)
-    updated = [a + 0.01 * rng.standard_normal(a.shape).astype(a.dtype) for a in arrays]
-    content = RecordDict(
-        {"arrays": ArrayRecord(updated), "metrics": MetricRecord({"num-examples": 10})}
-    )
+    """Train the received model on the node's data for ``local-epochs``."""
+    torch.set_num_threads(1)  # as flowerpress's task: devices share their cores
+    cfg = dict(context.run_config)
+    net = _net(cfg)
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    x, y = load_data(dict(context.node_config))
+    loss = train_fn(net, x, y, epochs=int(str(cfg.get("local-epochs", 1))),
+                    batch_size=int(str(cfg.get("batch-size", 16))),
+                    lr=float(str(cfg.get("lr", 0.1))),
+                    seed=int(context.node_id) % (2**31) + int(str(msg.metadata.group_id or 0)))
+    content = RecordDict({
+        "arrays": ArrayRecord(net.state_dict()),
+        "metrics": MetricRecord({"train_loss": loss, "num-examples": len(y)}),
+    })  # fmt: skip
     return Message(content=content, reply_to=msg)
 
 
@@ -50,11 +114,14 @@ def _flowerpress_loop(grid: Grid, initial: ArrayRecord, rounds: int, min_nodes: 
             raise RuntimeError(f"only {len(nodes)} of {min_nodes} nodes connected")
         time.sleep(0.2)
     weights = initial.to_numpy_ndarrays()
+    keys = list(initial.keys())
     stamps: list[float] = []
-    for _ in range(rounds):
+    for server_round in range(1, rounds + 1):
+        record = ArrayRecord(dict(zip(keys, (torch.from_numpy(w) for w in weights),
+                                      strict=True)))
         msgs = [
-            Message(RecordDict({"arrays": ArrayRecord(weights)}), dst_node_id=node,
-                    message_type=MessageType.TRAIN)
+            Message(RecordDict({"arrays": record}), dst_node_id=node,
+                    message_type=MessageType.TRAIN, group_id=str(server_round))
             for node in nodes
         ]  # fmt: skip
         ids = list(grid.push_messages(msgs))
@@ -74,16 +141,17 @@ def _flowerpress_loop(grid: Grid, initial: ArrayRecord, rounds: int, min_nodes: 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run FedAvg for ``rounds`` rounds and record each round's wall time."""
-    cfg = context.run_config
-    rounds = int(cfg["rounds"])
-    min_nodes = int(cfg["min-nodes"])
-    num_params = int(cfg["num-params"])
-    initial = ArrayRecord([np.zeros(num_params, dtype=np.float32)])
+    cfg = dict(context.run_config)
+    rounds = int(str(cfg["rounds"]))
+    min_nodes = int(str(cfg["min-nodes"]))
+    torch.manual_seed(int(str(cfg.get("seed", 0))))
+    initial = ArrayRecord(_net(cfg).state_dict())
     start = time.monotonic()
+    timeout = float(str(cfg["round-timeout"]))
     if cfg["server-loop"] == "flowerpress":
-        stamps = _flowerpress_loop(grid, initial, rounds, min_nodes, float(cfg["round-timeout"]))
+        stamps = _flowerpress_loop(grid, initial, rounds, min_nodes, timeout)
     else:
-        stamps = _flwr_fedavg(grid, initial, rounds, min_nodes, float(cfg["round-timeout"]))
+        stamps = _flwr_fedavg(grid, initial, rounds, min_nodes, timeout)
     seconds = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     out_dir = cfg.get("out-dir")
     if isinstance(out_dir, str) and out_dir:

@@ -10,8 +10,16 @@ way out (privacy noise, compression) is done by Flower mods
 :func:`~flowerpress.privacy.dp_mod`), which work on any ClientApp that
 replies with an ArrayRecord of weights.
 
-A node's data is loaded once per process and cached (Flower's simulation
-engine reuses a process for many messages).
+A node's data is loaded once per process and kept in memory (Flower's
+simulation engine reuses a process for many messages). A SuperNode starts a
+fresh process per message instead: there the bundled tasks and
+:func:`flowerpress.deploy.data.load_device_data` keep a node's validated data in
+the device cache on disk (:mod:`flowerpress.deploy.cache`), and the task is
+built from the run config without loading any data.
+
+A task that cannot run on this node (a missing or malformed data file, a bad
+``task`` spec: :class:`~flowerpress.tasks.TaskError`) is one log line and an
+error reply naming the problem, never a traceback per message.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Context, Message
+from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.common.constant import ErrorCode
 
 from flowerpress import protocol
 from flowerpress.client.mods import compression_mod
@@ -75,6 +85,23 @@ def received_weights(msg: Message) -> Weights:
     return [np.asarray(a, dtype=np.float32) for a in record.to_numpy_ndarrays()]
 
 
+def node_data(task: Task, context: Context) -> Any:
+    """This node's data for ``task``: loaded once per process, then from memory."""
+    config = dict(context.node_config)
+    key = (id(task), task.data_key(config))
+    if key not in _DATA:
+        _remember(_DATA, key, task.load_data(config))
+    return _DATA[key]
+
+
+def _task_error_reply(msg: Message, exc: TaskError) -> Message:
+    """One log line and an error reply for a task that cannot run on this node."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    log.error("flowerpress ClientApp: %s", reason)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                         reason=f"{type(exc).__name__}: {reason}"), reply_to=msg)
+
+
 def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
                mods: bool = True, outer_mods: Sequence[Mod] = ()) -> ClientApp:
     """A Flower ClientApp that trains and evaluates ``task`` on the node's data.
@@ -100,7 +127,7 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
             return task
         config = dict(context.run_config)
         if wrap is None and str(config.get("attack", "none")).strip() not in ("", "none"):
-            raise ValueError("attack is simulation-only: `flowerpress simulate` runs it; this "
+            raise TaskError("attack is simulation-only: `flowerpress simulate` runs it; this "
                              "ClientApp trains honestly (set attack=none)")
         key = tuple(sorted(config.items()))
         cached = _TASKS.get(key)
@@ -110,13 +137,6 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
             built = build_task(task_spec(config), config)
             cached = _remember(_TASKS, key, built if wrap is None else wrap(built, config))
         return cached
-
-    def node_data(current: Task, context: Context) -> Any:
-        config = dict(context.node_config)
-        key = (id(current), current.data_key(config))
-        if key not in _DATA:
-            _remember(_DATA, key, current.load_data(config))
-        return _DATA[key]
 
     app = ClientApp(mods=[*outer_mods, *([compression_mod, dp_mod] if mods else [])])
 
@@ -129,18 +149,22 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
     @app.train()
     def train_handler(msg: Message, context: Context) -> Message:
         """Train the received global model on local data for one round."""
-        instruction = protocol.TrainInstruction.from_message(msg)
-        current = resolve(context)
-        data = node_data(current, context)
-        received = received_weights(msg)
-        result = current.train(received, data, TrainContext(
-            server_round=instruction.server_round,
-            seed=node_seed(instruction.seed, context, instruction.server_round),
-            config=instruction.extra))
-        if len(result.weights) != len(received) or any(
-                np.shape(w) != g.shape for w, g in zip(result.weights, received, strict=True)):
-            raise TaskError(f"{type(current).__name__}.train returned weights whose shapes "
-                            "differ from the received model's")
+        try:
+            instruction = protocol.TrainInstruction.from_message(msg)
+            current = resolve(context)
+            data = node_data(current, context)
+            received = received_weights(msg)
+            result = current.train(received, data, TrainContext(
+                server_round=instruction.server_round,
+                seed=node_seed(instruction.seed, context, instruction.server_round),
+                config=instruction.extra))
+            if len(result.weights) != len(received) or any(
+                    np.shape(w) != g.shape
+                    for w, g in zip(result.weights, received, strict=True)):
+                raise TaskError(f"{type(current).__name__}.train returned weights whose "
+                                "shapes differ from the received model's")
+        except TaskError as exc:
+            return _task_error_reply(msg, exc)
         weights = [np.asarray(w, dtype=np.float32) for w in result.weights]
         return protocol.train_reply(msg, weights, num_examples=result.num_examples,
                                     metrics=result.metrics)
@@ -148,8 +172,11 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
     @app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:
         """Evaluate the received global model on local data."""
-        current = resolve(context)
-        res = current.evaluate(received_weights(msg), node_data(current, context))
+        try:
+            current = resolve(context)
+            res = current.evaluate(received_weights(msg), node_data(current, context))
+        except TaskError as exc:
+            return _task_error_reply(msg, exc)
         return protocol.eval_reply(msg, num_examples=res.num_examples, loss=res.loss,
                                    accuracy=res.accuracy, metrics=res.metrics)
 

@@ -1,8 +1,11 @@
 """Running flowerpress on real devices: credentials, device data, local deployments.
 
 * :mod:`flowerpress.deploy.certs` -- CA, SuperLink TLS identity and SuperNode keys
-  (``flowerpress certs``).
+  (``flowerpress certs``, ``flowerpress certs add-node``).
 * :mod:`flowerpress.deploy.data` -- a device's ``data-path=/path/to/data.npz``.
+* :mod:`flowerpress.deploy.cache` -- a device's validated data kept on disk between
+  ClientApp processes.
+* :mod:`flowerpress.deploy.check` -- ``flowerpress device check``.
 * :mod:`flowerpress.deploy.local` -- start/stop a SuperLink and SuperNodes as local
   processes (used by the end-to-end test and the latency benchmark).
 """
@@ -18,6 +21,9 @@ _LAZY = {
     "CertError": "flowerpress.deploy.certs",
     "DeploymentCredentials": "flowerpress.deploy.certs",
     "generate_credentials": "flowerpress.deploy.certs",
+    "add_node_keys": "flowerpress.deploy.certs",
+    "DeviceCache": "flowerpress.deploy.cache",
+    "check_device": "flowerpress.deploy.check",
     "DeviceDataError": "flowerpress.deploy.data",
     "has_device_data": "flowerpress.deploy.data",
     "load_device_data": "flowerpress.deploy.data",
@@ -26,7 +32,10 @@ _LAZY = {
 __all__ = [
     "CertError",
     "DeploymentCredentials",
+    "DeviceCache",
     "DeviceDataError",
+    "add_node_keys",
+    "check_device",
     "generate_credentials",
     "has_device_data",
     "load_device_data",

@@ -21,6 +21,12 @@
                               (``ecdsa-sha2-nistp384 ...``). ``flwr supernode register``.
 ============================  ==========================================================
 
+``flowerpress certs add-node --out DIR [--count K]`` adds ``K`` SuperNode key pairs to
+an existing directory (the next free ``supernode-<i>``), reading and writing nothing
+else: the CA, the SuperLink identity and the other devices' keys stay as they are,
+and the CA's private key is not needed (SuperNode keys are registered with the
+SuperLink, not signed by the CA).
+
 These are the formats Flower 1.41 reads: the SuperLink loads the three PEM files
 as bytes for gRPC/uvicorn TLS, ``flower-supernode`` parses its key with
 ``load_ssh_private_key`` and requires an EC key, and ``flwr supernode register``
@@ -33,6 +39,7 @@ import argparse
 import datetime
 import ipaddress
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +53,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 __all__ = [
     "CertError",
     "DeploymentCredentials",
+    "add_node_keys",
     "generate_credentials",
     "main",
 ]
@@ -154,6 +162,65 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def _write_node_key(priv_path: Path, pub_path: Path, index: int) -> None:
+    """Write one SuperNode's OpenSSH EC key pair (private 0600, public 0644)."""
+    node_key = ec.generate_private_key(_CURVE())
+    priv = node_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    pub = node_key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write_private(priv_path, priv)
+    _write_public(pub_path, pub + f" flowerpress-supernode-{index}\n".encode())
+
+
+_NODE_KEY = re.compile(r"supernode-(\d+)\.(key|pub)")
+
+
+def add_node_keys(out: Path | str, count: int = 1) -> tuple[tuple[Path, Path], ...]:
+    """Add ``count`` SuperNode key pairs to an existing credentials directory.
+
+    The new pairs take the next free indices after every ``supernode-<i>.key`` or
+    ``.pub`` present; no other file is read, written or replaced.
+
+    Parameters
+    ----------
+    out : Path or str
+        A directory written by :func:`generate_credentials` (it holds ``ca.crt``).
+    count : int
+        How many key pairs to add.
+
+    Returns
+    -------
+    tuple of (Path, Path)
+        ``(private key, public key)`` per new SuperNode.
+
+    Raises
+    ------
+    CertError
+        The directory has no ``ca.crt`` (not a deployment's credentials) or ``count < 1``.
+    """
+    if count < 1:
+        raise CertError(f"--count: expected an integer >= 1, got {count}")
+    out_dir = Path(out).expanduser()
+    if not (out_dir / "ca.crt").is_file():
+        raise CertError(
+            f"--out: {out_dir / 'ca.crt'} not found; add-node adds device keys to the "
+            "directory `flowerpress certs --out DIR` wrote (run that first)"
+        )
+    used = [int(m.group(1)) for p in out_dir.iterdir() if (m := _NODE_KEY.fullmatch(p.name))]
+    first = max(used, default=-1) + 1
+    written = []
+    for index in range(first, first + count):
+        priv_path, pub_path = out_dir / f"supernode-{index}.key", out_dir / f"supernode-{index}.pub"
+        _write_node_key(priv_path, pub_path, index)
+        written.append((priv_path, pub_path))
+    return tuple(written)
 
 
 def generate_credentials(
@@ -303,17 +370,7 @@ def generate_credentials(
     for i, (priv_path, pub_path) in enumerate(
         zip(planned.node_private_keys, planned.node_public_keys, strict=True)
     ):
-        node_key = ec.generate_private_key(_CURVE())
-        priv = node_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-        pub = node_key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        _write_private(priv_path, priv)
-        _write_public(pub_path, pub + f" flowerpress-supernode-{i}\n".encode())
+        _write_node_key(priv_path, pub_path, i)
 
     return DeploymentCredentials(
         ca_cert=planned.ca_cert,
@@ -332,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flowerpress certs",
         description=(
             "Write a CA, the SuperLink TLS certificate and key, and N SuperNode "
-            "authentication key pairs for a Flower deployment."
+            "authentication key pairs for a Flower deployment. "
+            "`flowerpress certs add-node --out DIR` adds device keys to an existing DIR."
         ),
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
@@ -356,6 +414,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_node_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="flowerpress certs add-node",
+        description=(
+            "Add SuperNode authentication key pairs to an existing `flowerpress certs` "
+            "directory; the CA, the SuperLink's files and other keys are left untouched."
+        ),
+    )
+    parser.add_argument("--out", required=True, type=Path,
+                        help="the directory `flowerpress certs` wrote (holds ca.crt)")
+    parser.add_argument("--count", type=int, default=1, metavar="K",
+                        help="how many key pairs to add (default 1)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    try:
+        pairs = add_node_keys(args.out, args.count)
+    except CertError as exc:
+        print(f"flowerpress certs add-node: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"flowerpress certs add-node: error: cannot write {args.out}: {exc}",
+              file=sys.stderr)
+        return 2
+    for priv, pub in pairs:
+        print(f"SuperNode key pair:    {priv}  {pub}")
+        print(f"  register it:         flwr supernode register {pub} <connection>")
+    print("Copy ca.crt and the new supernode-<i>.key to the new device.")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Run ``flowerpress certs``; return the process exit code.
 
@@ -370,6 +460,8 @@ def main(argv: list[str]) -> int:
         0 on success; 2 on bad input, existing files without ``--force`` or an
         unwritable directory (one line on stderr), as for every ``flowerpress`` command.
     """
+    if argv[:1] == ["add-node"]:
+        return _add_node_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -21,6 +21,7 @@ session and :meth:`LocalDeployment.close` stops it together with its descendants
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -35,7 +36,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from flowerpress.deploy.certs import DeploymentCredentials, generate_credentials
+from flowerpress.deploy.certs import (
+    DeploymentCredentials,
+    add_node_keys,
+    generate_credentials,
+)
 
 __all__ = [
     "CONNECTION_NAME",
@@ -440,6 +445,16 @@ class LocalDeployment:
         )
         self.supernodes[label] = proc
         return proc
+
+    def add_node(self) -> int:
+        """``flowerpress certs add-node`` on this deployment's credentials; the new index."""
+        ((private, public),) = add_node_keys(self.workdir / "certs", 1)
+        self.credentials = dataclasses.replace(
+            self.credentials,
+            node_private_keys=(*self.credentials.node_private_keys, private),
+            node_public_keys=(*self.credentials.node_public_keys, public),
+        )
+        return len(self.credentials.node_private_keys) - 1
 
     def node_statuses(self) -> dict[int, str]:
         """``flwr supernode ls``: node id -> status (``registered``, ``online``, ...)."""

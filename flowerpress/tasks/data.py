@@ -143,6 +143,22 @@ def _synthetic(spec: str, seed: int, num_partitions: int) -> Pooled:
     )
 
 
+#: Sample shape and number of classes of the offline bundled datasets: what the
+#: model needs, known without loading the data (a device builds its model from it).
+INPUT_SPECS: dict[str, tuple[tuple[int, ...], int]] = {
+    "mnist": ((1, 28, 28), 10),
+    "digits": ((64,), 10),
+}
+SYNTHETIC_SPEC: tuple[tuple[int, ...], int] = ((60,), 10)
+
+
+def input_spec(dataset: str) -> tuple[tuple[int, ...], int] | None:
+    """``(sample shape, classes)`` of a bundled dataset without loading it; ``None`` for hub."""
+    if dataset.startswith("synthetic:"):
+        return SYNTHETIC_SPEC
+    return INPUT_SPECS.get(dataset)
+
+
 @functools.lru_cache(maxsize=4)
 def load_pooled(dataset: str, seed: int, num_partitions: int) -> Pooled:
     """Load a bundled dataset, shuffled with ``seed`` and split 80/20."""

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from flowerpress.deploy.certs import CertError, generate_credentials, main
+from flowerpress.deploy.certs import CertError, add_node_keys, generate_credentials, main
 
 
 def _tls_handshake(cert: Path, key: Path, ca: Path, server_hostname: str) -> str:
@@ -169,3 +169,66 @@ def test_main_usage_error_returns_nonzero(capsys: pytest.CaptureFixture[str]) ->
     # Assert
     assert code == 2
     assert "--out" in capsys.readouterr().err
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[bytes, int, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns, stat.S_IMODE(p.stat().st_mode))
+            for p in sorted(directory.iterdir())}
+
+
+def test_add_node_leaves_ca_and_other_keys_untouched(tmp_path: Path) -> None:
+    # Prepare
+    creds = generate_credentials(tmp_path, ["server.lan"], 2)
+    before = _snapshot(tmp_path)
+
+    # Execute
+    pairs = add_node_keys(tmp_path, count=2)
+
+    # Assert: the old files byte for byte (and mtime, mode); two new pairs after them
+    after = _snapshot(tmp_path)
+    assert {k: after[k] for k in before} == before
+    assert [(p.name, q.name) for p, q in pairs] == [
+        ("supernode-2.key", "supernode-2.pub"), ("supernode-3.key", "supernode-3.pub")]
+    assert set(after) - set(before) == {p.name for pair in pairs for p in pair}
+    for priv_path, pub_path in pairs:
+        private = load_ssh_private_key(priv_path.read_bytes(), None)
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        assert try_load_public_key(pub_path) == public_key_to_bytes(private.public_key())
+        assert stat.S_IMODE(priv_path.stat().st_mode) == 0o600
+    assert creds.ca_key.read_bytes() == before["ca.key"][0]
+
+
+def test_add_node_takes_the_index_after_the_highest(tmp_path: Path) -> None:
+    # Prepare: keys 0 and 1, then 0 removed (a retired device): indices are never reused
+    generate_credentials(tmp_path, [], 2)
+    (tmp_path / "supernode-0.key").unlink()
+    (tmp_path / "supernode-0.pub").unlink()
+
+    # Execute
+    ((priv, _),) = add_node_keys(tmp_path)
+
+    # Assert
+    assert priv.name == "supernode-2.key"
+
+
+def test_add_node_needs_an_existing_credentials_directory(tmp_path: Path) -> None:
+    with pytest.raises(CertError, match=r"ca\.crt not found"):
+        add_node_keys(tmp_path / "nothing-here")
+    generate_credentials(tmp_path, [], 0)
+    with pytest.raises(CertError, match="--count"):
+        add_node_keys(tmp_path, count=0)
+
+
+def test_add_node_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare
+    generate_credentials(tmp_path, [], 1)
+
+    # Execute
+    ok = main(["add-node", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    missing = main(["add-node", "--out", str(tmp_path / "other")])
+    err = capsys.readouterr().err
+
+    # Assert
+    assert ok == 0 and "supernode-1.pub" in out and "flwr supernode register" in out
+    assert missing == 2 and len(err.strip().splitlines()) == 1

@@ -9,6 +9,7 @@ import pytest
 
 from flowerpress.deploy.data import (
     DeviceDataError,
+    check_device_file,
     has_device_data,
     load_device_data,
     save_device_data,
@@ -118,8 +119,38 @@ def test_pickled_object_arrays_are_refused(tmp_path: Path) -> None:
     np.savez(path, x=np.array([{"a": 1}], dtype=object), y=np.zeros(1, dtype=int))
 
     # Execute / Assert
-    with pytest.raises(DeviceDataError, match="cannot read"):
+    with pytest.raises(DeviceDataError, match="holds Python objects") as info:
         load_device_data({"data-path": str(path)})
+    assert "allow_pickle" not in str(info.value) and "pickle.load" not in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"x,y\n0.5,1\n", b"", b"\x00\x01\x02binary"])
+def test_non_archive_never_suggests_unsafe_loading(tmp_path: Path, content: bytes) -> None:
+    # Prepare: e.g. a CSV saved under the .npz name (NumPy would suggest allow_pickle=True)
+    path = tmp_path / "data.npz"
+    path.write_bytes(content)
+
+    # Execute
+    with pytest.raises(DeviceDataError) as info:
+        load_device_data({"data-path": str(path)})
+
+    # Assert
+    message = str(info.value)
+    assert "not an .npz archive" in message and str(path) in message
+    assert "pickle" not in message and "\n" not in message
+
+
+def test_check_device_file_lists_every_problem(tmp_path: Path) -> None:
+    # Prepare
+    path = _write(tmp_path / "bad.npz", x=np.full(3, np.nan), y=np.array([0.5, 1.0]))
+
+    # Execute
+    problems = check_device_file(path)
+
+    # Assert
+    assert len(problems) == 4  # y dtype, x shape, row count, NaN
+    assert all("\n" not in p for p in problems)
+    assert check_device_file(save_device_data(tmp_path / "ok.npz", np.ones((2, 3)), [0, 1])) == []
 
 
 def test_missing_key_names_the_key() -> None:

@@ -133,3 +133,24 @@ def test_flwr_run_completes_rounds_with_compression(
         summary = results["summary"]
         assert 0 < summary["total_upload_bytes"] < 0.5 * summary["fp32_upload_bytes"]
         assert np.isfinite([row["accuracy"] for row in rows]).all()
+
+
+@pytest.mark.timeout(240, method="signal")
+def test_key_from_certs_add_node_is_accepted(deployment: LocalDeployment) -> None:
+    # Prepare: a new device's key added to the running deployment's credentials
+    certs = deployment.workdir / "certs"
+    before = {p.name: p.read_bytes() for p in certs.iterdir()}
+    index = deployment.add_node()
+
+    # Execute: register it and start a SuperNode with it
+    deployment.register(index)
+    node = deployment.start_supernode(index, {"partition-id": 0, "num-partitions": 3},
+                                      name="added-node")
+    try:
+        deployment.wait_nodes_online(NODES + 1, timeout=150)
+
+        # Assert: online next to the others; no earlier file changed
+        assert node.alive()
+        assert {name: (certs / name).read_bytes() for name in before} == before
+    finally:
+        node.stop()
