@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 from flowerpress import protocol
 from flowerpress.client.mods import compression_mod
 from flowerpress.privacy.mod import dp_mod
+from flowerpress.secagg.mod import secagg_mod
 from flowerpress.tasks.base import Scalar, Task, TaskError, TrainContext, Weights
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,10 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
         Applied to a task built from the run config (simulations use it for
         attacks).
     mods
-        Install flowerpress's mods, outer to inner ``compression_mod, dp_mod``:
-        the broadcast is decoded first and the update encoded last, so it is
-        clipped and noised before it is compressed.
+        Install flowerpress's mods, outer to inner ``compression_mod, dp_mod,
+        secagg_mod``: the broadcast is decoded first and the update encoded
+        last, so it is clipped and noised before it is compressed
+        (``secagg_mod`` acts only on secure-aggregation rounds).
     """
 
     def resolve(context: Context) -> Task:
@@ -115,7 +117,7 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
             _remember(_DATA, key, current.load_data(config))
         return _DATA[key]
 
-    app = ClientApp(mods=[compression_mod, dp_mod] if mods else [])
+    app = ClientApp(mods=[compression_mod, dp_mod, secagg_mod] if mods else [])
 
     @app.query()
     def hello(msg: Message, context: Context) -> Message:

@@ -126,33 +126,42 @@ class ClientSession:
 
     # -- persistence in Context.state (a ConfigRecord of scalars, bytes and lists) --
     def to_record(self) -> dict[str, Any]:
-        """The session as ConfigRecord values."""
+        """The session as ConfigRecord values (node ids packed: they use all 64 bits)."""
         peers = sorted(self.roster)
         held = sorted(self.held)
         return {
-            "node": self.node, "round": self.round_id, "bits": self.bits,
+            "node": _ids([self.node]), "round": self.round_id, "bits": self.bits,
             "length": self.length, "threshold": self.threshold,
-            "neighbours": list(self.neighbours), "c-sk": self.c_sk, "s-sk": self.s_sk,
+            "neighbours": _ids(self.neighbours), "c-sk": self.c_sk, "s-sk": self.s_sk,
             "b": self.b, "stage": self.stage,
-            "roster": peers, "roster-c": [self.roster[p].c_pk for p in peers],
+            "roster": _ids(peers), "roster-c": [self.roster[p].c_pk for p in peers],
             "roster-s": [self.roster[p].s_pk for p in peers],
             "roster-b": [self.roster[p].b_commit for p in peers],
-            "held": held, "held-b": [self.held[h][0] for h in held],
+            "held": _ids(held), "held-b": [self.held[h][0] for h in held],
             "held-s": [self.held[h][1] for h in held],
         }
 
     @classmethod
     def from_record(cls, r: Mapping[str, Any]) -> ClientSession:
         """Inverse of :meth:`to_record`."""
-        roster = {int(p): PublicKeys(c, s, b) for p, c, s, b in zip(
-            r["roster"], r["roster-c"], r["roster-s"], r["roster-b"], strict=True)}
-        held = {int(h): (b, s) for h, b, s in zip(r["held"], r["held-b"], r["held-s"],
-                                                 strict=True)}
-        return cls(node=int(r["node"]), round_id=int(r["round"]), bits=int(r["bits"]),
+        roster = {p: PublicKeys(c, s, b) for p, c, s, b in zip(
+            _unids(r["roster"]), r["roster-c"] or [], r["roster-s"] or [], r["roster-b"] or [],
+            strict=True)}
+        held = {h: (b, s) for h, b, s in zip(_unids(r["held"]), r["held-b"] or [],
+                                             r["held-s"] or [], strict=True)}
+        return cls(node=_unids(r["node"])[0], round_id=int(r["round"]), bits=int(r["bits"]),
                    length=int(r["length"]), threshold=int(r["threshold"]),
-                   neighbours=tuple(int(v) for v in r["neighbours"]), c_sk=bytes(r["c-sk"]),
+                   neighbours=tuple(_unids(r["neighbours"])), c_sk=bytes(r["c-sk"]),
                    s_sk=bytes(r["s-sk"]), b=bytes(r["b"]), stage=int(r["stage"]),
                    roster=roster, held=held)
+
+
+def _ids(ids: Iterable[int]) -> bytes:
+    return b"".join(struct.pack("<Q", i) for i in ids)
+
+
+def _unids(data: bytes) -> list[int]:
+    return [v for (v,) in struct.iter_unpack("<Q", data)]
 
 
 def client_advertise(*, node: int, round_id: int, bits: int, length: int, threshold: int,

@@ -109,6 +109,11 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         # The accounting bounds the sensitivity of a mean of clipped updates.
         log.warning("strategy %s is not a mean of the updates: the reported epsilon "
                     "assumes one and does not hold for it", config["strategy"])
+    from flowerpress.server.secagg_round import secagg_privacy
+
+    secagg_ledger = secagg_privacy(config, weighted_sum=strategy.weighted_sum,
+                                   strategy=str(config["strategy"]), elements=elements,
+                                   into=ledgers)
     download = parse_codec(str(config["download-compression"]))
     settings = LoopSettings(
         rounds=int(config["rounds"]),
@@ -120,6 +125,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         compression=str(config["compression"]),
         max_client_weight=float(config["max-client-weight"]),
         num_clients=int(config["num-clients"]),
+        secagg=str(config["secagg"]),
     )
     start = evaluate_fn(initial) if central is not None else None
     if start is not None:
@@ -154,7 +160,8 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     try:
         final, rows, stopped = run_federation(
             grid, initial, strategy, settings, evaluate_fn=evaluate_fn if central is not None
-            else None, privacy=None if dp is None else make_ledger, download=download,
+            else None, privacy=secagg_ledger or (None if dp is None else make_ledger),
+            download=download,
             on_round=after_round, on_model=after_model)
     except StrategyFailedError as exc:
         if out_dir is not None:

@@ -92,6 +92,7 @@ class LoopSettings:
     # The federation size the run config describes; simulation nodes reporting
     # another number of partitions stop the run (None: not checked).
     num_clients: int | None = None
+    secagg: str = "off"  # secure aggregation (flowerpress.server.secagg_round)
 
 
 def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
@@ -402,9 +403,11 @@ def run_federation(
         extra: dict[str, Scalar] = dict(strategy.client_config(server_round))
         if ledger is not None:
             extra.update(ledger.train_config(server_round))
-        outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
-                            extra_config=extra, download=download, rng=rng,
-                            clock=clock, sleep=sleep)
+        play = run_round
+        if settings.secagg != "off":
+            from flowerpress.server.secagg_round import run_secagg_round as play
+        outcome = play(grid, server_round, sampled, weights, strategy, settings,
+                       extra_config=extra, download=download, rng=rng, clock=clock, sleep=sleep)
         weights = outcome.new_global
         epsilon = None
         if ledger is not None:
