@@ -15,7 +15,8 @@ it was not given, a replayed reply) is dropped at that stage and counted in
 ``rejected``; a device that does not answer is counted in ``timed_out``; the
 round goes on while the threshold holds. Fewer survivors than the threshold
 raise :class:`~flowerpress.secagg.SecAggAbort` inside; the round is then
-skipped (the model is unchanged, ``clients`` is 0) and the loop goes on.
+skipped: the model is unchanged, ``clients`` is 0, ``timed_out`` counts the
+devices that vanished and ``rejected`` those dropped, and the loop goes on.
 
 The unmasked sum is decoded (:func:`flowerpress.secagg.encoding.decode_sum`)
 into the mean delta of the survivors and handed to the strategy as one
@@ -85,6 +86,7 @@ class _Stages:
         self.clock, self.sleep = clock, sleep
         self.upload = self.download = 0
         self.rejected: set[int] = set()
+        self.vanished: set[int] = set()  # asked, never answered (within the timeout)
 
     def run(self, name: str, contents: Mapping[int, RecordDict], handle: ReplyHandler) -> None:
         nodes = list(contents)
@@ -93,9 +95,11 @@ class _Stages:
         self.download += sum(message_bytes(contents[n]) for n in nodes)
         ids = list(self.grid.push_messages(messages))
         id_to_node = dict(zip(ids, nodes, strict=True))
+        silent = set(nodes)
         for reply in poll_replies(self.grid, ids, timeout=self.timeout, clock=self.clock,
                                   sleep=self.sleep):
             node = id_to_node[reply.metadata.reply_to_message_id]
+            silent.discard(node)
             if not reply.has_error():
                 self.upload += message_bytes(reply.content)
             try:
@@ -108,6 +112,7 @@ class _Stages:
                 self.rejected.add(node)
                 log.warning("round %s, secagg %s: dropped node %s: %s: %.300s", self.round,
                             name, node, type(exc).__name__, exc)
+        self.vanished |= silent
 
 
 def run_secagg_round(
@@ -186,11 +191,10 @@ def run_secagg_round(
             lambda n, r: session.add_unmask(n, *m.parse_unmask_reply(r, n)))
         total = session.finish()
     except SecAggAbort as exc:
-        rejected = len(stages.rejected)
         log.warning("round %s: secure aggregation skipped, the model is unchanged: %s",
                     server_round, exc)
-        return RoundOutcome(global_weights, 0, rejected, cohort - rejected, stages.upload,
-                            stages.download, [], [])
+        return RoundOutcome(global_weights, 0, len(stages.rejected), len(stages.vanished),
+                            stages.upload, stages.download, [], [])
     mean = encoding.decode_sum(total, plan, len(survivors))
     delta: Weights = []
     offset = 0
@@ -198,7 +202,8 @@ def run_secagg_round(
         delta.append(mean[offset:offset + g.size].reshape(g.shape).astype(np.float32))
         offset += g.size
     valid = len(survivors)
-    rejected = len(stages.rejected)
+    # A survivor that failed in stage 4 still has its input in the sum: it counts as valid.
+    rejected = len(stages.rejected - set(survivors))
     timed_out = cohort - valid - rejected
     if timed_out:
         log.warning("round %s: %s of %s clients did not complete secure aggregation within "
