@@ -1,4 +1,4 @@
-"""Secure aggregation through the Grid: privacy of what the server sees, dropouts, hostile devices."""
+"""Secure aggregation through the Grid: what the server sees, dropouts, hostile devices."""
 
 from __future__ import annotations
 
