@@ -24,8 +24,11 @@ modular sum of the survivors' vectors:
    ``sum_i x_i mod 2**bits``.
 
 Dropout tolerance: a secret is recovered while ``threshold`` of its holders
-answer stage 4; with ``threshold = ceil(t * (k + 1))`` that is up to
-``(1 - t)`` of every neighbourhood. Below that the round raises
+answer stage 4: ``ceil(t * n)`` in the complete graph (up to ``(1 - t)`` of
+the cohort may vanish), a majority of the ``k + 1`` holders in a k-regular
+graph. The server also needs at least
+``ceil(t * n)`` survivors of the cohort of ``n`` (each device's noise share
+assumes that many summands). Below either the round raises
 :class:`SecAggAbort` and nothing is revealed that was not already.
 
 The session objects carry their state explicitly (STYLE.md, habit 2): a
@@ -316,7 +319,12 @@ class ServerSession:
     def __post_init__(self) -> None:
         self.graph = communication_graph(list(self.nodes), degree=self.degree, seed=self.seed)
         k = len(next(iter(self.graph.values()))) if self.graph else 0
-        self.threshold = required_shares(self.fraction, k + 1)
+        # Complete graph: `fraction` of the cohort holds the shares. k-regular graph: a
+        # majority of each neighbourhood, so that a neighbourhood losing more than its
+        # share of the cohort's dropouts still recovers (Bell et al.'s t ~ k/2 regime);
+        # the cohort as a whole must still keep `fraction` (`_min_devices`).
+        self.threshold = (required_shares(self.fraction, k + 1) if k >= len(self.nodes) - 1
+                          else max((k + 1) // 2 + 1, 1))
         self.keys: dict[int, PublicKeys] = {}
         self.ciphertexts: dict[int, dict[int, bytes]] = {}  # src -> dst -> ct
         self.masked: dict[int, NDArray[np.uint64]] = {}
@@ -329,7 +337,9 @@ class ServerSession:
         self.survivors: list[int] = []
 
     def _min_devices(self) -> int:
-        return self.threshold
+        # Both: enough holders in a neighbourhood, and ceil(fraction * n) summands in the
+        # sum (each device's noise share assumes that many).
+        return max(self.threshold, math.ceil(self.fraction * len(self.nodes) - 1e-9))
 
     def _check_enough(self, count: int, stage: str) -> None:
         if count < self._min_devices():
@@ -469,7 +479,6 @@ class ServerSession:
             Fewer than the threshold answered stage 4, or a secret cannot be
             recovered and verified.
         """
-        self._check_enough(len(self.answered), "unmasking")
         mod_mask = np.uint64((1 << self.bits) - 1)
         total = np.zeros(self.length, dtype=np.uint64)
         for node in self.survivors:

@@ -82,7 +82,7 @@ def test_unmasked_sum_is_the_exact_modular_sum(n: int, bits: int, degree: int) -
     np.testing.assert_array_equal(total, _modsum(list(inputs.values()), bits))
 
 
-@pytest.mark.parametrize(("n", "degree", "fraction"), [(10, 0, 0.7), (30, 14, 0.6)])
+@pytest.mark.parametrize(("n", "degree", "fraction"), [(10, 0, 0.7), (30, 14, 0.6), (60, 0, 0.7)])
 def test_thirty_percent_dropping_after_masking_is_recovered(n: int, degree: int,
                                                              fraction: float) -> None:
     # Prepare: 30 % of the cohort vanish after sending their masked input (in a
