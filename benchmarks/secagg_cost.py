@@ -3,7 +3,7 @@
 For each cohort size (10, 50, 100 devices per round by default) one round runs
 on :class:`flowerpress.testing.InProcessGrid` (the real ClientApp with its
 mods; scikit-learn digits, IID, logistic regression: 650 parameters, padded to
-1,024 rotated coordinates), four ways:
+1,024 rotated coordinates; ``--model mlp``: 4,810, padded to 8,192), four ways:
 
 * ``plain``: flowerpress's ordinary round (``run_round``), float32 weights up;
 * ``plain, 20% drop``: the same with a fifth of the cohort never answering;
@@ -23,7 +23,7 @@ replies for ``secagg``).
 Usage::
 
     python benchmarks/secagg_cost.py [--sizes 10 50 100] [--bits 16] [--timeout 0.5]
-        [--repeat 1] [--noise 0]
+        [--repeat 1] [--noise 0] [--model logreg|mlp]
 
 Prints a markdown table.
 """
@@ -79,9 +79,9 @@ class MeteredGrid(InProcessGrid):
 
 
 def one_round(n: int, *, secagg: bool, drop: float, bits: int, timeout: float,
-              noise: float) -> dict[str, float]:
+              noise: float, model: str = "logreg") -> dict[str, float]:
     """Bytes and seconds of one round with ``n`` devices."""
-    run = {"dataset": "digits", "partition": "iid", "model": "logreg", "local-epochs": 1,
+    run = {"dataset": "digits", "partition": "iid", "model": model, "local-epochs": 1,
            "batch-size": 32, "lr": 0.1, "seed": 0, "num-clients": n}
     task = build_task(task_spec(run), run)
     weights = [np.asarray(w, dtype=np.float32) for w in task.initial_weights()]
@@ -109,11 +109,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=0.5)
     parser.add_argument("--repeat", type=int, default=1, help="rounds per cell (median time)")
     parser.add_argument("--noise", type=float, default=0.0, help="secagg noise multiplier")
+    parser.add_argument("--model", default="logreg", help="logreg (650) or mlp (4,810)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     # Warm-up (imports, the dataset, torch's first step) is not measured.
     one_round(min(args.sizes), secagg=True, drop=0.0, bits=args.bits, timeout=args.timeout,
-              noise=args.noise)
+              noise=args.noise, model=args.model)
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("| devices | mode | summed | up bytes/device | down bytes/device | total bytes | "
           "seconds |")
@@ -122,7 +123,7 @@ def main() -> None:
         for secagg in (False, True):
             for drop in (0.0, 0.2):
                 cells = [one_round(n, secagg=secagg, drop=drop, bits=args.bits,
-                                   timeout=args.timeout, noise=args.noise)
+                                   timeout=args.timeout, noise=args.noise, model=args.model)
                          for _ in range(args.repeat)]
                 c = cells[0]
                 secs = float(np.median([x["seconds"] for x in cells]))

@@ -41,6 +41,13 @@ def test_q8_without_noise_learns() -> None:
     assert all(r["epsilon"] is None for r in secure["rounds"])
 
 
+def test_randk_on_a_shared_support_learns() -> None:
+    secure = _serve(secagg="on:threshold=0.7,clip=2.0", compression="randk:0.5+q:16",
+                    rounds=2)
+    assert secure["summary"]["final_accuracy"] > secure["summary"]["initial_accuracy"] + 0.2
+    assert all(r["clients"] == 8 for r in secure["rounds"])
+
+
 @pytest.mark.parametrize(("overrides", "match"), [
     ({"strategy": "median"}, "weighted sum"),
     ({"compression": "topk:0.1+q:8"}, "secagg serves compression"),
