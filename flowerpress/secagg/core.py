@@ -46,6 +46,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
 from flowerpress.secagg import crypto, shamir
@@ -101,7 +102,8 @@ def _share_ad(round_id: int, src: int, dst: int) -> bytes:
     return b"share" + struct.pack("<QQQ", round_id, src, dst)
 
 
-def pairwise_seed(s_sk: bytes, peer_s_pk: bytes, *, round_id: int, me: int, peer: int) -> bytes:
+def pairwise_seed(s_sk: bytes | X25519PrivateKey, peer_s_pk: bytes, *, round_id: int,
+                  me: int, peer: int) -> bytes:
     """The seed of the mask ``me`` and ``peer`` add with opposite signs."""
     return crypto.agree(s_sk, peer_s_pk, label=b"mask", round_id=round_id, pair=(me, peer))
 
@@ -209,8 +211,9 @@ def client_share_keys(session: ClientSession, roster: Mapping[int, PublicKeys]
     b_shares = shamir.split(session.b, threshold=session.threshold, holders=holders)
     sk_shares = shamir.split(session.s_sk, threshold=session.threshold, holders=holders)
     out: dict[int, bytes] = {}
+    c_sk = crypto.load_private(session.c_sk)
     for peer in sorted(roster):
-        key = crypto.agree(session.c_sk, roster[peer].c_pk, label=b"enc",
+        key = crypto.agree(c_sk, roster[peer].c_pk, label=b"enc",
                            round_id=session.round_id, pair=(session.node, peer))
         plain = (struct.pack("<QQQ", session.round_id, session.node, peer)
                  + b_shares[peer] + sk_shares[peer])
@@ -237,12 +240,13 @@ def client_mask(session: ClientSession, inbox: Mapping[int, bytes],
     held = dict(session.held)
     complaints: list[int] = []
     masked_with: list[int] = []
+    c_sk, s_sk = crypto.load_private(session.c_sk), crypto.load_private(session.s_sk)
     for src in sorted(inbox):
         keys = session.roster.get(src)
         if keys is None:
             complaints.append(src)
             continue
-        key = crypto.agree(session.c_sk, keys.c_pk, label=b"enc", round_id=session.round_id,
+        key = crypto.agree(c_sk, keys.c_pk, label=b"enc", round_id=session.round_id,
                            pair=(session.node, src))
         try:
             plain = crypto.decrypt(key, inbox[src], associated=_share_ad(
@@ -261,7 +265,7 @@ def client_mask(session: ClientSession, inbox: Mapping[int, bytes],
                          f"{session.threshold} needed")
     y = x + crypto.prg(session.b, session.length, 64, stream=STREAM_SELF)
     for peer in masked_with:
-        seed = pairwise_seed(session.s_sk, session.roster[peer].s_pk,
+        seed = pairwise_seed(s_sk, session.roster[peer].s_pk,
                              round_id=session.round_id, me=session.node, peer=peer)
         mask = crypto.prg(seed, session.length, 64, stream=STREAM_PAIR)
         y = y + mask if _sign(session.node, peer) > 0 else y - mask
@@ -496,8 +500,9 @@ class ServerSession:
                 continue
             s_sk = self._recover(gone, self.sk_shares.get(gone, {}), lambda s, n=gone: (
                 crypto.public_key(s) == self.keys[n].s_pk), "mask key")
+            key = crypto.load_private(s_sk)
             for peer in peers:
-                seed = pairwise_seed(s_sk, self.keys[peer].s_pk, round_id=self.round_id,
+                seed = pairwise_seed(key, self.keys[peer].s_pk, round_id=self.round_id,
                                      me=gone, peer=peer)
                 mask = crypto.prg(seed, self.length, 64, stream=STREAM_PAIR)
                 # peer added sign(peer, gone) * mask.

@@ -65,8 +65,13 @@ def public_key(private: bytes) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def agree(private: bytes, peer_public: bytes, *, label: bytes, round_id: int,
-          pair: tuple[int, int]) -> bytes:
+def load_private(private: bytes) -> X25519PrivateKey:
+    """The key object of raw private bytes (load once, agree with many peers)."""
+    return X25519PrivateKey.from_private_bytes(private)
+
+
+def agree(private: bytes | X25519PrivateKey, peer_public: bytes, *, label: bytes,
+          round_id: int, pair: tuple[int, int]) -> bytes:
     """A 32-byte key both ends of ``pair`` derive: HKDF(X25519(private, peer_public)).
 
     ``pair`` is ordered (smaller node id first) so both ends derive the same key.
@@ -78,8 +83,8 @@ def agree(private: bytes, peer_public: bytes, *, label: bytes, round_id: int,
     """
     if len(peer_public) != KEY_BYTES:
         raise ValueError(f"public key has {len(peer_public)} bytes, expected {KEY_BYTES}")
-    shared = X25519PrivateKey.from_private_bytes(private).exchange(
-        X25519PublicKey.from_public_bytes(peer_public))
+    key = private if isinstance(private, X25519PrivateKey) else load_private(private)
+    shared = key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     lo, hi = sorted(pair)
     info = _LABEL + label + struct.pack("<QQQ", round_id, lo, hi)
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)

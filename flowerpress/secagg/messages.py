@@ -2,7 +2,12 @@
 
 Every stage is a ``train`` message (``MessageType.TRAIN``) whose ``"config"``
 ConfigRecord names the stage under :data:`STAGE`; a device's reply carries a
-ConfigRecord :data:`RECORD`. Node ids travel as packed little-endian uint64
+ConfigRecord :data:`RECORD`. Flower 1.41 also accepts ``train.<action>`` types,
+but the action must be a Python identifier (``train.secagg_advertise``) and the
+ClientApp must register a handler for each (``@app.train("secagg_advertise")``),
+else it raises before any reply; plain ``train`` keeps ``secagg_mod`` a drop-in
+mod for any ClientApp (a user's own included), the way Flower's own
+``secaggplus_mod`` works with a stage key. Node ids travel as packed little-endian uint64
 (Flower's node ids use all 64 bits; ConfigRecord integers are signed).
 
 =============  ==========================================  ==================================
