@@ -318,7 +318,7 @@ class ServerSession:
     fraction: float  # threshold as a fraction of each neighbourhood (incl. the device)
     degree: int
     seed: int
-    max_reconstruction_tries: int = 16
+    max_reconstruction_tries: int = 64  # random subsets tried against a commitment
 
     def __post_init__(self) -> None:
         self.graph = communication_graph(list(self.nodes), degree=self.degree, seed=self.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -25,7 +26,8 @@ from flowerpress.secagg.graph import communication_graph, default_degree
 
 def run_protocol(inputs: Mapping[int, np.ndarray], *, bits: int, fraction: float = 0.7,
                  degree: int = 0, drop_after_masking: Sequence[int] = (),
-                 drop_before_masking: Sequence[int] = ()) -> tuple[np.ndarray, list[int]]:
+                 drop_before_masking: Sequence[int] = (),
+                 lying_holder: int | None = None) -> tuple[np.ndarray, list[int]]:
     """Every stage for every device in order, as the Grid would route it."""
     nodes = sorted(inputs)
     length = len(next(iter(inputs.values())))
@@ -54,6 +56,8 @@ def run_protocol(inputs: Mapping[int, np.ndarray], *, bits: int, fraction: float
     for n in survivors:
         alive, dropped = server.unmask_request(n)
         sessions[n], b, sk = client_unmask(sessions[n], alive, dropped)
+        if n == lying_holder:  # well-formed shares with wrong values
+            b = {owner: os.urandom(len(share)) for owner, share in b.items()}
         server.add_unmask(n, b, sk)
     return server.finish(), survivors
 
@@ -103,6 +107,15 @@ def test_dropping_before_masking_is_recovered_too() -> None:
     gone = sorted(inputs)[:2]
     total, survivors = run_protocol(inputs, bits=16, drop_before_masking=gone)
     np.testing.assert_array_equal(total, _modsum([inputs[s] for s in survivors], 16))
+
+
+def test_a_holder_revealing_wrong_shares_is_outvoted() -> None:
+    # Prepare: 10 devices, one of which reveals random (well-formed) shares
+    inputs = _inputs(10, 9, 16, seed=4)
+    # Execute: the server tries other sets of shares against the commitments
+    total, _ = run_protocol(inputs, bits=16, lying_holder=sorted(inputs)[3])
+    # Assert
+    np.testing.assert_array_equal(total, _modsum(list(inputs.values()), 16))
 
 
 def test_beyond_the_threshold_the_round_is_refused() -> None:
