@@ -421,8 +421,19 @@ class ServerSession:
         self.complaints[node] = set(complaints)
 
     def close_masked(self) -> list[int]:
-        """End stage 3: survivors are devices that sent input and no one complained about."""
-        accused = set().union(*self.complaints.values()) if self.complaints else set()
+        """End stage 3: survivors are devices that sent input and no one complained about.
+
+        A device naming more neighbours than a neighbourhood may lose
+        (``k + 1 - threshold``) is not believed: it is dropped itself and its
+        complaints are ignored, so one lying device cannot remove more honest
+        devices than the dropout budget of its neighbourhood.
+        """
+        accused: set[int] = set()
+        for node, named in self.complaints.items():
+            if len(named) > len(self.graph[node]) + 1 - self.threshold:
+                accused.add(node)
+            else:
+                accused |= named
         self.survivors = sorted(n for n in self.masked if n not in accused)
         self._check_enough(len(self.survivors), "masked input")
         return self.survivors

@@ -240,6 +240,20 @@ def test_hostile_devices_are_dropped_and_the_round_completes() -> None:
     np.testing.assert_allclose(_flat(outcome.new_global) - _flat(initial), want, atol=2e-3)
 
 
+def test_a_device_accusing_every_neighbour_is_not_believed() -> None:
+    # Prepare: node 6 claims that no neighbour's shares authenticated
+    def accuse_all(record: ConfigRecord) -> None:
+        record[m.COMPLAINTS] = m.pack_ids([n for n in range(1, 11) if n != 6])
+
+    grid = VanishingGrid(client_app(), num_nodes=10, run_config=RUN,
+                         tamper={6: _rewrite(m.MASK, accuse_all)})
+    # Execute
+    outcome, _ = _round(grid)
+    # Assert: the accuser is dropped, everyone else is summed
+    assert (outcome.valid, outcome.rejected, outcome.timed_out) == (9, 1, 0)
+    assert 6 not in outcome.participants
+
+
 def test_a_device_refuses_replayed_and_out_of_order_stages() -> None:
     # Prepare: one device, driven by hand
     app = client_app()
