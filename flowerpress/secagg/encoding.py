@@ -274,8 +274,10 @@ def encode_update(flat: NDArray[np.float64], plan: EncodingPlan, *,
         ``MAX_ROUNDING_TRIES`` times (probability below ``BETA_ROUND ** 1000``).
     """
     x = np.asarray(flat, dtype=np.float64)
-    if x.shape != (plan.dim,) or not np.isfinite(x).all():
-        raise ValueError(f"update must be {plan.dim} finite values")
+    if x.shape != (plan.dim,):
+        raise ValueError(f"update has {x.size} values, the round expects {plan.dim}")
+    if not np.isfinite(x).all():
+        raise ValueError("update holds NaN or Inf (local training diverged?)")
     if plan.support is not None:
         x = x[plan.support] * (plan.dim / plan.kept)  # unbiased rand-k
     norm = float(np.linalg.norm(x))
