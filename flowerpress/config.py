@@ -102,6 +102,12 @@ def _check_strategy(value: str) -> object:
     return build_strategy(value)
 
 
+def _check_secagg(value: str) -> object:
+    from flowerpress.secagg.settings import parse_secagg
+
+    return parse_secagg(value)
+
+
 def _check_attack(value: str) -> object:
     from flowerpress.simulations.attacks import parse_attack
 
@@ -151,6 +157,8 @@ SCHEMA: dict[str, Key] = {
                     check=_check_strategy),
     "attack": Key(str, "none", "none | signflip:fraction=F,scale=S | noise:fraction=F,std=S",
                   check=_check_attack),
+    "secagg": Key(str, "off", "off | on[:threshold=T,bits=B,clip=C,noise=Z,degree=K] (secure "
+                  "aggregation)", check=_check_secagg),
     "out-dir": Key(str, "", "where the ServerApp writes results.json (empty: not written)"),
     "resume": Key(bool, False, "continue from the checkpoint in out-dir (none there: start)"),
 }
@@ -238,6 +246,12 @@ def validate(values: Mapping[str, object], *, strict: bool = True) -> Config:
             f"min-replies={config['min-replies']} is not allowed; "
             f"must be <= clients-per-round ({cpr})"
         )
+    if str(config["secagg"]) not in ("", "off"):
+        from flowerpress.secagg.settings import refusal_of_config
+
+        line = refusal_of_config(config)
+        if line:
+            raise ConfigError(f"secagg={config['secagg']!r} is not allowed: {line}")
     return config
 
 

@@ -38,6 +38,7 @@ from flwr.common.constant import ErrorCode
 from flowerpress import protocol
 from flowerpress.client.mods import compression_mod
 from flowerpress.privacy.mod import dp_mod
+from flowerpress.secagg.mod import secagg_mod
 from flowerpress.tasks.base import Scalar, Task, TaskError, TrainContext, Weights
 
 log = logging.getLogger(__name__)
@@ -115,9 +116,10 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
         Applied to a task built from the run config (simulations use it for
         attacks).
     mods
-        Install flowerpress's mods, outer to inner ``compression_mod, dp_mod``:
-        the broadcast is decoded first and the update encoded last, so it is
-        clipped and noised before it is compressed.
+        Install flowerpress's mods, outer to inner ``compression_mod, dp_mod,
+        secagg_mod``: the broadcast is decoded first and the update encoded
+        last, so it is clipped and noised before it is compressed
+        (``secagg_mod`` acts only on secure-aggregation rounds).
     outer_mods
         Further Flower mods placed outside flowerpress's.
     """
@@ -138,7 +140,8 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
             cached = _remember(_TASKS, key, built if wrap is None else wrap(built, config))
         return cached
 
-    app = ClientApp(mods=[*outer_mods, *([compression_mod, dp_mod] if mods else [])])
+    app = ClientApp(mods=[*outer_mods,
+                          *([compression_mod, dp_mod, secagg_mod] if mods else [])])
 
     @app.query()
     def hello(msg: Message, context: Context) -> Message:

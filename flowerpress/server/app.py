@@ -141,6 +141,11 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         # the ledger charges every released update on its own.
         log.warning("strategy %s is not a weighted sum of the updates: epsilon is "
                     "accounted per released update (no amplification)", config["strategy"])
+    from flowerpress.server.secagg_round import secagg_privacy
+
+    secagg_ledger = secagg_privacy(config, weighted_sum=strategy.weighted_sum,
+                                   strategy=str(config["strategy"]), elements=elements,
+                                   into=ledgers)
     download = parse_codec(str(config["download-compression"]))
     settings = LoopSettings(
         rounds=int(config["rounds"]),
@@ -155,6 +160,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         num_clients=int(config["num-clients"]),
         dp=dp is not None,
         max_missed_rounds=int(config["max-missed-rounds"]),
+        secagg=str(config["secagg"]),
     )
     start = evaluate_fn(initial) if central is not None else None
     if start is not None:
@@ -192,7 +198,8 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     try:
         final, rows, stopped = run_federation(
             grid, initial, strategy, settings, evaluate_fn=evaluate_fn if central is not None
-            else None, privacy=None if dp is None else make_ledger, download=download,
+            else None, privacy=secagg_ledger or (None if dp is None else make_ledger),
+            download=download,
             on_round=after_round, on_model=after_model, on_state=after_state, resume=resume)
     except Exception as exc:  # StrategyFailedError and anything unforeseen
         if out_dir is not None:

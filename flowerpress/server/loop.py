@@ -117,6 +117,7 @@ class LoopSettings:
     # L2 bound on each validated update before the strategy sees it; 0 = off
     # (run-config max-update-norm; flowerpress.server.bounds).
     max_update_norm: float = 0.0
+    secagg: str = "off"  # secure aggregation (flowerpress.server.secagg_round)
 
 
 def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
@@ -525,9 +526,11 @@ def run_federation(
         extra: dict[str, Scalar] = dict(strategy.client_config(server_round))
         if ledger is not None:
             extra.update(ledger.train_config(server_round, cohort_size=len(sampled)))
-        outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
-                            extra_config=extra, download=download, rng=rng,
-                            clock=clock, sleep=sleep)
+        play = run_round
+        if settings.secagg != "off":
+            from flowerpress.server.secagg_round import run_secagg_round as play
+        outcome = play(grid, server_round, sampled, weights, strategy, settings,
+                       extra_config=extra, download=download, rng=rng, clock=clock, sleep=sleep)
         membership.record_round(sampled, outcome.replied)
         weights = outcome.new_global
         epsilon = nominal = None
