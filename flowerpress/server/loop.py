@@ -367,7 +367,14 @@ def run_round(
         log.warning("round %s: %s of %s clients did not reply within %.1f s", server_round,
                     timed_out, len(nodes), settings.round_timeout)
     if valid >= settings.min_replies:
-        new_global = check_strategy_result(strategy.result(), received, type(strategy).__name__)
+        name = type(strategy).__name__
+        try:
+            result = strategy.result()
+        except Exception as exc:  # a strategy bug (or a metric it trusted): one line
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise StrategyFailedError(f"strategy {name} raised {type(exc).__name__}"
+                                      f"{': ' + first if first else ''}") from exc
+        new_global = check_strategy_result(result, received, name)
     else:
         log.warning("round %s: %s valid replies < min-replies=%s; the model is unchanged",
                     server_round, valid, settings.min_replies)

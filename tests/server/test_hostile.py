@@ -201,6 +201,13 @@ class _WrongShape(MeanStrategy):
         return [np.zeros((2, 2), np.float32) for _ in super().result()]
 
 
+class _Raises(MeanStrategy):
+    """Raises in result(), as a strategy dividing by a reported metric might."""
+
+    def result(self) -> list[NDArray]:
+        raise ZeroDivisionError("float division by zero")
+
+
 BASE = {"dataset": "digits", "partition": "iid", "num-clients": 4, "clients-per-round": 4,
         "rounds": 3, "local-epochs": 1, "round-timeout": 5.0}
 
@@ -208,6 +215,7 @@ BASE = {"dataset": "digits", "partition": "iid", "num-clients": 4, "clients-per-
 @pytest.mark.parametrize(("strategy", "words", "good_rounds"), [
     (_NaNAfterOneRound(), "NaN or Inf", 1),
     (_WrongShape(), "of shape (2, 2)", 0),
+    (_Raises(), "raised ZeroDivisionError: float division by zero", 0),
 ])
 def test_a_broken_strategy_stops_the_run_with_valid_results_and_the_last_good_model(
         tmp_path: Path, strategy: MeanStrategy, words: str, good_rounds: int) -> None:
