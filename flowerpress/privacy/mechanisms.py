@@ -309,7 +309,10 @@ class AdaptiveClip(ClipRule):
         """Geometric update towards the target quantile."""
         if not indicators or settings.quantile is None:
             return clip
-        fraction = sum(indicators) / len(indicators)
+        # The noised fraction is clamped to [0, 1], the range of the true one:
+        # post-processing (DP holds), and one device's hostile indicator can move
+        # the clip by at most a factor exp(clip_lr) per round, never to 0 or inf.
+        fraction = min(1.0, max(0.0, math.fsum(indicators) / len(indicators)))
         return clip * math.exp(-settings.clip_lr * (fraction - settings.quantile))
 
 

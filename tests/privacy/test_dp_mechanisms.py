@@ -140,3 +140,19 @@ def test_adaptive_update_noise_matches_andrew_et_al() -> None:
     assert z_delta > z
     with pytest.raises(ValueError, match="count-noise"):
         adaptive_update_noise(2.0, 1.0)
+
+
+def test_hostile_clip_indicators_move_the_adaptive_clip_by_a_bounded_factor() -> None:
+    # Prepare: indicators far outside [0, 1] (in the contract's range) from one device
+    from flowerpress.privacy.mechanisms import AdaptiveClip
+    from flowerpress.privacy.settings import parse_dp
+
+    settings = parse_dp("distributed:clip=1.0,noise=1.0,quantile=0.5,clip-lr=1.0,count-noise=1")
+    assert settings is not None
+    rule = AdaptiveClip()
+    # Execute
+    up = rule.next_clip(1.0, [-1000.0, 0.5, 0.5], settings)
+    down = rule.next_clip(1.0, [1000.0, 0.5, 0.5], settings)
+    # Assert: at most exp(clip_lr * 0.5) either way, finite and positive
+    assert 1.0 < up <= math.exp(0.5) + 1e-12
+    assert math.exp(-0.5) - 1e-12 <= down < 1.0
