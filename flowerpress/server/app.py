@@ -24,7 +24,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
-from flowerpress.config import SCHEMA, Config, Scalar, validate
+from flowerpress.config import SCHEMA, Config, Scalar, parse_link, validate
 from flowerpress.server.loop import (
     LoopSettings,
     RoundCallback,
@@ -120,6 +120,9 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         compression=str(config["compression"]),
         max_client_weight=float(config["max-client-weight"]),
         num_clients=int(config["num-clients"]),
+        download_history_bytes=int(float(config["download-history"]) * 1e6),
+        download_full=str(config["download-full-compression"]),
+        link=parse_link(str(config["link"])),
     )
     start = evaluate_fn(initial) if central is not None else None
     if start is not None:

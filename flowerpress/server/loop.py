@@ -26,7 +26,9 @@ from numpy.typing import NDArray
 
 from flowerpress import protocol
 from flowerpress.compression.envelope import payload_record
-from flowerpress.protocol import UpdateRejected, record_bytes
+from flowerpress.config import LinkProfile
+from flowerpress.protocol import UpdateRejected, message_bytes, record_bytes
+from flowerpress.server.download import DownloadHistory
 from flowerpress.strategies.base import ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,12 @@ class LoopSettings:
     # The federation size the run config describes; simulation nodes reporting
     # another number of partitions stop the run (None: not checked).
     num_clients: int | None = None
+    # The history download (flowerpress.server.download): bound on its memory in
+    # bytes (0: off, every device gets the broadcast) and the full-model codec.
+    download_history_bytes: int = 0
+    download_full: str = "q:8"
+    # Devices' link (config.LinkProfile): turns bytes and compute into round time.
+    link: LinkProfile | None = None
 
 
 def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
@@ -218,6 +226,13 @@ class RoundOutcome:
     download_bytes: int
     participants: list[int]
     reply_metrics: list[dict[str, float]]
+    upload_payload_bytes: int = 0
+    download_payload_bytes: int = 0
+    #: how many devices got the full model / compressed diffs (history download)
+    full_downloads: int = 0
+    diff_downloads: int = 0
+    #: the estimated round time under ``settings.link`` (None without a link)
+    link_seconds: float | None = None
 
 
 def _broadcast(global_weights: Weights, download: DownloadCodec | None,
@@ -236,6 +251,43 @@ def _broadcast(global_weights: Weights, download: DownloadCodec | None,
     return payload_record(payload), received
 
 
+@dataclass
+class _Downloads:
+    """This round's train messages and, per node, the model it will train from."""
+
+    messages: list[Message]
+    received: dict[int, Weights]
+    base: Weights  # what the strategy builds the new global on
+    full: int = 0
+    diffs: int = 0
+
+
+def _build_downloads(nodes: Sequence[int], server_round: int, global_weights: Weights,
+                     instruction: protocol.TrainInstruction, download: DownloadCodec | None,
+                     history: DownloadHistory | None, rng: np.random.Generator,
+                     seed: int) -> _Downloads:
+    """One train message per node: the broadcast, or each node's history download."""
+    config = instruction.to_record()
+    if history is None:
+        broadcast, received = _broadcast(global_weights, download, rng)
+        content = RecordDict({protocol.ARRAYS: broadcast, protocol.CONFIG: config})
+        return _Downloads([Message(content, dst_node_id=n, message_type=MessageType.TRAIN)
+                           for n in nodes], dict.fromkeys(nodes, received), received)
+    # A stream of its own, so that switching the history on does not change sampling.
+    down_rng = np.random.default_rng([seed, server_round, 5])
+    history.advance(server_round, global_weights, down_rng)
+    out = _Downloads([], {}, global_weights)
+    for n in nodes:
+        item = history.download_for(n, down_rng)
+        content = RecordDict({protocol.ARRAYS: item.arrays, protocol.CONFIG: config,
+                              protocol.DOWNLOAD: item.record})
+        out.messages.append(Message(content, dst_node_id=n, message_type=MessageType.TRAIN))
+        out.received[n] = item.received
+        out.full += item.full
+        out.diffs += not item.full
+    return out
+
+
 def run_round(
     grid: Grid,
     server_round: int,
@@ -246,39 +298,56 @@ def run_round(
     *,
     extra_config: Mapping[str, Scalar],
     download: DownloadCodec | None = None,
+    history: DownloadHistory | None = None,
     rng: np.random.Generator,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RoundOutcome:
-    """One round: broadcast, collect, validate and fold each reply as it arrives.
+    """One round: send, collect, validate and fold each reply as it arrives.
 
     Whatever goes wrong with one reply rejects that reply (one log line naming
     the node and the reason) and the round goes on.
+
+    Without ``history`` every node gets the same broadcast and the new global
+    is built on what they decoded. With it each node gets its own download
+    (``flowerpress.server.download``) and the strategy builds on the server's
+    model ``global_weights`` (EF21-P: what the compression dropped is sent in
+    later rounds, not lost).
     """
-    broadcast, received = _broadcast(global_weights, download, rng)
     instruction = protocol.TrainInstruction(
         server_round=server_round, seed=settings.seed, compression=settings.compression,
         cohort_size=len(nodes), extra={**settings.client_config, **extra_config})
-    content = RecordDict({protocol.ARRAYS: broadcast, protocol.CONFIG: instruction.to_record()})
-    messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
-    download_bytes = record_bytes(content) * len(messages)
+    plan = _build_downloads(nodes, server_round, global_weights, instruction, download,
+                            history, rng, settings.seed)
+    messages = plan.messages
+    # Bytes as Flower sends them (the whole serialized message) and, apart, the arrays.
+    sizes = [message_bytes(m) for m in messages]
+    download_bytes = sum(sizes)
+    download_payload = sum(record_bytes(m.content) for m in messages)
     ids = list(grid.push_messages(messages))
     id_to_node = dict(zip(ids, nodes, strict=True))
+    down_of = dict(zip(nodes, sizes, strict=True))
+    received = plan.base
 
-    strategy.begin_round(server_round, received)
-    valid = rejected = upload = 0
+    strategy.begin_round(server_round, plan.base)
+    valid = rejected = upload = upload_payload = 0
     participants: list[int] = []
     reply_metrics: list[dict[str, float]] = []
+    link_times: list[float] = []
     for reply in poll_replies(grid, ids, timeout=settings.round_timeout, clock=clock, sleep=sleep):
         node = id_to_node[reply.metadata.reply_to_message_id]
+        up = message_bytes(reply)
+        upload += up
         if reply.has_error():
             rejected += 1
             log.warning("round %s: node %s replied with an error: %.200s", server_round, node,
                         reply.error.reason)
+            if history is not None:
+                history.acknowledge(node, None)
             continue
         try:
-            upload += record_bytes(reply.content)
-            checked = protocol.validate_train_reply(reply, received,
+            upload_payload += record_bytes(reply.content)
+            checked = protocol.validate_train_reply(reply, plan.received[node],
                                                     max_weight=settings.max_client_weight)
             strategy.add(ClientUpdate(delta=checked.delta, weight=checked.weight,
                                       node_id=node, metrics=checked.metrics))
@@ -295,6 +364,13 @@ def run_round(
         valid += 1
         participants.append(node)
         reply_metrics.append(dict(checked.metrics))
+        held = protocol.held_version_of_reply(reply)
+        if history is not None:
+            history.acknowledge(node, held)
+        if settings.link is not None:
+            link_times.append(settings.link.client_seconds(
+                download_bytes=down_of[node], upload_bytes=up,
+                compute_seconds=protocol.compute_seconds_of_reply(reply) or 0.0))
     timed_out = len(nodes) - valid - rejected
     if timed_out:
         log.warning("round %s: %s of %s clients did not reply within %.1f s", server_round,
@@ -306,7 +382,11 @@ def run_round(
                     server_round, valid, settings.min_replies)
         new_global = global_weights
     return RoundOutcome(new_global, valid, rejected, timed_out, upload, download_bytes,
-                        participants, reply_metrics)
+                        participants, reply_metrics, upload_payload_bytes=upload_payload,
+                        download_payload_bytes=download_payload, full_downloads=plan.full,
+                        diff_downloads=plan.diffs,
+                        link_seconds=None if settings.link is None else
+                        settings.link.round_seconds(link_times))
 
 
 def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weights: Weights,
@@ -388,6 +468,7 @@ def run_federation(
     weights = [np.asarray(w, dtype=np.float32) for w in initial_weights]
     rows: list[dict[str, Any]] = []
     stop: str | None = None
+    history = make_history(settings, download)
     for server_round in range(1, settings.rounds + 1):
         if ledger is not None:
             ok, reason = ledger.can_run_round()
@@ -403,8 +484,8 @@ def run_federation(
         if ledger is not None:
             extra.update(ledger.train_config(server_round))
         outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
-                            extra_config=extra, download=download, rng=rng,
-                            clock=clock, sleep=sleep)
+                            extra_config=extra, download=download, history=history,
+                            rng=rng, clock=clock, sleep=sleep)
         weights = outcome.new_global
         epsilon = None
         if ledger is not None:
@@ -429,17 +510,35 @@ def run_federation(
             "timed_out": outcome.timed_out,
             "upload_bytes": outcome.upload_bytes,
             "download_bytes": outcome.download_bytes,
+            "upload_payload_bytes": outcome.upload_payload_bytes,
+            "download_payload_bytes": outcome.download_payload_bytes,
+            "link_seconds": outcome.link_seconds,
             "epsilon": epsilon,
             "seconds": round(clock() - started, 4),
         }
         if evaluate_fn is None:
             row["evaluated_by"] = int(metrics.get("evaluated_by") or 0)
+        if history is not None:
+            row["download"] = {"full": outcome.full_downloads, "diffs": outcome.diff_downloads,
+                               **history.stats()}
         rows.append(row)
         if on_model is not None:
             on_model(server_round, weights)
         if on_round is not None:
             on_round(row)
     return weights, rows, stop
+
+
+def make_history(settings: LoopSettings, download: DownloadCodec | None
+                 ) -> DownloadHistory | None:
+    """The history download's server state, or None when it is off."""
+    if settings.download_history_bytes <= 0:
+        return None
+    from flowerpress.compression import parse
+
+    diff = parse(download.spec if download is not None else "none")
+    return DownloadHistory(diff_codec=diff, full_codec=parse(settings.download_full),
+                           budget_bytes=settings.download_history_bytes)
 
 
 def _opt_float(value: float | None) -> float | None:
