@@ -26,11 +26,12 @@ import logging
 import time
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
 
 from flowerpress import protocol
-from flowerpress.client.download import held_record, receive_download
+from flowerpress.client.download import DownloadMismatchError, held_record, receive_download
 from flowerpress.compression import CodecState, decode, parse
 from flowerpress.compression.envelope import is_payload, payload_bytes, payload_record
 
@@ -69,7 +70,14 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     if history:
         # The history download: the diffs since the model this device holds, or a
         # full model; either way exactly the model the server names.
-        received = receive_download(msg, context, max_elements=_max_elements(context))
+        try:
+            received = receive_download(msg, context, max_elements=_max_elements(context))
+        except DownloadMismatchError as exc:
+            # Only this device loses the round; it has forgotten its model and
+            # tells the server so (no claim), which sends a full model next time.
+            log.warning("history download refused: %s", exc)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 reason=f"download: {exc}"), reply_to=msg)
         msg.content = _with_arrays(msg.content, ArrayRecord(received))
     elif is_payload(incoming):
         arrays = decode(payload_bytes(incoming), max_elements=_max_elements(context))
