@@ -132,6 +132,8 @@ SCHEMA: dict[str, Key] = {
     "download-compression": Key(str, "none", "broadcast codec spec, e.g. fp16 or q:8; with "
                                 "download-history: the codec of each round's global update",
                                 check=_check_compression),
+    "compression-warmup": Key(int, 0, "rounds of top-k density warm-up (DGC): round r <= K "
+                              "sends density F**(r/(K+1)); 0: off", minimum=0, maximum=1000),
     "download-history": Key(float, 0.0, "MB of compressed global updates (and anchor models) "
                             "kept to send devices the difference from the model they hold; "
                             "0: off", minimum=0.0, maximum=1e6),

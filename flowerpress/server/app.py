@@ -123,6 +123,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         download_history_bytes=int(float(config["download-history"]) * 1e6),
         download_full=str(config["download-full-compression"]),
         link=parse_link(str(config["link"])),
+        compression_warmup=int(config["compression-warmup"]),
     )
     start = evaluate_fn(initial) if central is not None else None
     if start is not None:

@@ -6,32 +6,36 @@ server sends it the compressed global updates of rounds S+1..T, which it keeps
 in a bounded history; a device without a usable version (new, evicted from the
 history, or a claim that does not check out) gets the quantized full model.
 
-The server keeps three things (Gruntkowska, Tyurin and Richtárik, "EF21-P and
-Friends", ICML 2023: primal compression with error feedback):
+The server keeps (Gruntkowska, Tyurin and Richtárik, "EF21-P and Friends",
+ICML 2023: primal compression with error feedback):
 
 * ``g`` -- its own model, built by the strategy from the devices' updates
-  (the loop owns it: :func:`flowerpress.server.loop.run_round` passes it to
-  ``strategy.begin_round``);
-* ``h`` -- the *chain*: what a device that follows every update holds.
-  Round T sends ``c_T = C(g_T - h_{T-1})`` and sets
-  ``h_T = h_{T-1} + D(c_T)``. What ``C`` drops this round is still in
-  ``g_T - h_T`` and is sent next round: server-side error feedback, so the
-  devices' model never drifts from ``g`` by more than one round's
-  compression error;
-* *anchors* -- a device that got the full model ``F_A = D(Q(h_A))`` in round
-  A holds ``F_A + D(c_{A+1}) + ... + D(c_T)`` at round T; the server keeps that
-  model (one float32 copy per live anchor) so it knows bit for bit what every
-  device trains from. The chain is the anchor of round 1.
+  (the loop passes it to ``strategy.begin_round``; devices' deltas are
+  applied to it, not to what they trained from);
+* *lines* -- the devices that got the full model ``F_A = D(Q(g_A))`` in round A
+  form line A. Every round T each line gets ``c = C(g_T - W_A)`` and
+  ``W_A += D(c)``, so line A's model at round T is ``F_A`` plus its diffs of
+  rounds A+1..T. What ``C`` (or the full model's quantization) drops is still
+  in ``g - W_A`` and is sent again next round: server-side error feedback,
+  so a device's model never drifts from ``g`` by more than about one round's
+  compression error. The server keeps ``W_A`` (one float32 model per line)
+  and the diffs of the last rounds;
+* per node, the version it said it holds in its last reply (``"A.S"`` and the
+  digest), used only if the digest matches the server's record of that
+  version and the diffs S+1..T are still kept.
 
-Device and server apply the same float32 additions in the same order, so a
-device's model equals the server's record of it exactly; the train message
-names the digest of the target model and the device checks it.
+A device on line A holding round S gets the diffs of rounds S+1..T (one
+payload each), unless they are not smaller than the full model; then, or
+without a usable version, it gets the full model and starts line T. Device and
+server apply the same float32 additions in the same order, so the device's
+model equals the server's record of it exactly; the train message names the
+digest of the target model and the device checks it, replying with an error
+(and forgetting its model) if it cannot build it.
 
-Memory: the history (diff payloads plus the anchors' float32 models, the
-chain excluded) is bounded by ``download-history`` MB; the oldest rounds are
-evicted first and their devices get a full model next time. A bound smaller
-than one round's entries makes every download a full one; the run never
-fails for it.
+Memory: the kept diffs plus the lines' float32 models are bounded by
+``download-history`` MB; the least recently used line and the oldest diffs are
+dropped first, and their devices get a full model next time. A bound smaller
+than one line makes every download a full one; the run never fails for it.
 
 Cross-device populations (most devices new each round): every new device
 gets the quantized full model, so its bytes are the floor; the history only

@@ -29,6 +29,7 @@ from flowerpress.compression.envelope import payload_record
 from flowerpress.config import LinkProfile
 from flowerpress.protocol import UpdateRejected, message_bytes, record_bytes
 from flowerpress.server.download import DownloadHistory
+from flowerpress.server.schedule import warmup_spec
 from flowerpress.strategies.base import ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class LoopSettings:
     download_full: str = "q:8"
     # Devices' link (config.LinkProfile): turns bytes and compute into round time.
     link: LinkProfile | None = None
+    # Rounds of top-k density warm-up (server/schedule.py; 0: off).
+    compression_warmup: int = 0
 
 
 def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
@@ -315,7 +318,9 @@ def run_round(
     later rounds, not lost).
     """
     instruction = protocol.TrainInstruction(
-        server_round=server_round, seed=settings.seed, compression=settings.compression,
+        server_round=server_round, seed=settings.seed,
+        compression=warmup_spec(settings.compression, server_round,
+                                settings.compression_warmup),
         cohort_size=len(nodes), extra={**settings.client_config, **extra_config})
     plan = _build_downloads(nodes, server_round, global_weights, instruction, download,
                             history, rng, settings.seed)

@@ -249,3 +249,14 @@ def test_round_rows_carry_link_time() -> None:
     per_node = [m for m in grid.pushed if m.metadata.message_type == "train"]
     floor = 0.05 + 8 * protocol.message_bytes(per_node[0]) / 1e7
     assert out.link_seconds is not None and out.link_seconds >= floor
+
+
+def test_warmup_spec_tightens_topk_density() -> None:
+    from flowerpress.server.schedule import warmup_spec
+
+    spec = "topk:0.01+q:4+ef+zstd"
+    densities = [float(warmup_spec(spec, r, 3).split("+")[0].split(":")[1]) for r in (1, 2, 3)]
+    assert densities == pytest.approx([0.01 ** 0.25, 0.01 ** 0.5, 0.01 ** 0.75], rel=1e-5)
+    assert warmup_spec(spec, 4, 3) == spec
+    assert warmup_spec("q:8+ef", 1, 3) == "q:8+ef"
+    assert warmup_spec(spec, 1, 3).endswith("+q:4+ef+zstd")
