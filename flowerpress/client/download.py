@@ -3,10 +3,9 @@
 The device keeps the last global model it received in ``Context.state`` under
 :data:`HELD_KEY` (the weights) and :data:`HELD_META_KEY` (its version and
 digest). A train message with a ``"download"`` record carries either a full
-model (the device starts a new line anchored at this round) or the compressed
-global updates since the version the device holds; the device adds them in
-order, in float32, exactly as the server did, and checks the digest of the
-result against the one the server named. Any mismatch (lost state, a claim
+model or the compressed difference between the server's model and the
+version the device holds; the device adds it in float32, exactly as the server
+did, and checks the digest of the result against the one the server named. Any mismatch (lost state, a claim
 that was not true, a corrupted payload) raises: the device forgets its model,
 replies with an error this round and gets a full model next time. It never
 trains on a model other than the one the server intended.
@@ -91,7 +90,8 @@ def receive_download(msg: Message, context: Context, *, max_elements: int) -> We
             weights = [np.array(a, dtype=np.float32) for a in
                        decode(payload_bytes(incoming), max_elements=max_elements)]
         else:
-            weights = _apply_diffs(incoming, target, context)
+            base = protocol.parse_version(record.get(protocol.DOWNLOAD_BASE))
+            weights = _apply_diffs(incoming, base, target, context)
     except DownloadMismatchError:
         _forget_inplace(context)
         raise
@@ -110,23 +110,27 @@ def receive_download(msg: Message, context: Context, *, max_elements: int) -> We
     return weights
 
 
-def _apply_diffs(incoming: ArrayRecord, target: tuple[int, int], context: Context) -> Weights:
+def _apply_diffs(incoming: ArrayRecord, base: tuple[int, int] | None,
+                 target: tuple[int, int], context: Context) -> Weights:
     held = held_model(context)
     if held is None:
-        raise DownloadMismatchError("diffs sent but this device holds no model")
-    (anchor, held_round), held_digest, weights = held
-    if anchor != target[0] or held_round >= target[1]:
+        raise DownloadMismatchError("a difference was sent but this device holds no model")
+    version, held_digest, weights = held
+    if base is None or version != base or base[0] != target[0] or base[1] >= target[1]:
         raise DownloadMismatchError(
-            f"holds version {protocol.format_version(anchor, held_round)}, cannot reach "
+            f"holds version {protocol.format_version(*version)}; the difference goes from "
+            f"{'?' if base is None else protocol.format_version(*base)} to "
             f"{protocol.format_version(*target)}")
     if protocol.weights_digest(weights) != held_digest:
         raise DownloadMismatchError("the held model does not match its own digest")
-    # Rounds held_round+1..target: a device whose last reply was lost holds a
-    # newer version than the server assumed and skips the rounds it has.
-    for rnd in range(held_round + 1, target[1] + 1):
-        arr = incoming.get(f"{protocol.DIFF_PREFIX}{rnd}")
-        if arr is None or arr.stype != PAYLOAD_STYPE:
-            raise DownloadMismatchError(f"diff of round {rnd} is missing")
+    keys = sorted(incoming, key=lambda k: (len(k), k))
+    if not keys or any(not k.startswith(protocol.DIFF_PREFIX) for k in keys):
+        raise DownloadMismatchError(f"expected {protocol.DIFF_PREFIX}<round> arrays, got "
+                                    f"{keys[:4]}")
+    for key in keys:
+        arr = incoming[key]
+        if arr.stype != PAYLOAD_STYPE:
+            raise DownloadMismatchError(f"array {key!r} is not a payload")
         step = _decode_diff(arr.data, weights)
         for w, d in zip(weights, step, strict=True):
             np.add(w, d, out=w)

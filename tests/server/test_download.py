@@ -129,14 +129,14 @@ def test_devices_hold_exactly_the_model_the_server_records() -> None:
     picks = [[1, 2], [2, 3], [1, 4], [1, 2], [3, 4], [1, 3]]
     # Execute
     _, outcomes = _rounds(grid, history, picks)
-    # Assert: every device's model is bit-identical to the server's line
-    for node in picks[-1]:
-        (anchor, rnd), weights = _held(grid, node)
-        assert rnd == len(picks)
-        for w, s in zip(weights, history.lines[anchor].weights, strict=True):
+    # Assert: every device's model is bit-identical to the server's record of it
+    for node in (1, 2, 3, 4):
+        (_, rnd), weights = _held(grid, node)
+        assert rnd == max(r for r, nodes in enumerate(picks, start=1) if node in nodes)
+        for w, s in zip(weights, history.devices[node].weights, strict=True):
             np.testing.assert_array_equal(w, s)
     # the app trained on exactly that model, and diffs were used once devices came back
-    for w, s in zip(seen[-1], history.lines[_held(grid, 3)[0][0]].weights, strict=True):
+    for w, s in zip(seen[-1], history.devices[3].weights, strict=True):
         np.testing.assert_array_equal(w, s)
     assert sum(o.diff_downloads for o in outcomes) > 0
     assert all(o.rejected == 0 and o.valid == 2 for o in outcomes)
@@ -149,7 +149,7 @@ def test_server_error_feedback_keeps_devices_close_to_the_server_model() -> None
     # Execute
     final, _ = _rounds(grid, history, [[1, 2]] * 8)
     # Assert: the devices' model tracks the server's within a fraction of the update size
-    line = history.lines[1].weights
+    line = history.devices[1].weights
     gap = max(float(np.abs(a - b).max()) for a, b in zip(line, final, strict=True))
     assert gap < 0.2
 
@@ -193,23 +193,36 @@ def test_a_false_claim_gets_a_full_model(claim: dict[str, str]) -> None:
     assert all(o.rejected == 0 for o in outcomes)
 
 
-def test_a_device_claiming_a_real_version_it_lacks_only_hurts_itself() -> None:
-    # Prepare: node 2 claims node 1's version (digest and all) but lost its own model
+def test_a_device_claiming_another_devices_version_gets_a_full_model() -> None:
+    # Prepare: node 2 claims node 1's version, digest and all
     def steal(reply: Message) -> Message:
-        if reply.has_error():
-            return reply
-        grid.context(2).state.config_records.pop(HELD_META_KEY, None)
-        grid.context(2).state.array_records.pop(HELD_KEY, None)
         meta = grid.context(1).state.config_records[HELD_META_KEY]
         reply.content[protocol.DOWNLOAD] = ConfigRecord(dict(meta))
         return reply
 
     grid = InProcessGrid(_user_app(), num_nodes=2, tamper={2: steal})
-    history = _history()
     # Execute
-    final, outcomes = _rounds(grid, history, [[1, 2]] * 3)
-    # Assert: node 2's rounds after the first are error replies (rejected), node 1 is fine
+    _, outcomes = _rounds(grid, _history(), [[1], [2], [1, 2], [1, 2]])
+    # Assert: claims are checked against the server's record of that node
+    assert [o.full_downloads for o in outcomes] == [1, 1, 1, 1]
+    assert [o.diff_downloads for o in outcomes] == [0, 0, 1, 1]
+    assert all(o.rejected == 0 for o in outcomes)
+
+
+def test_a_device_that_lost_its_model_only_loses_its_own_round() -> None:
+    # Prepare: node 2 claims its true version but has forgotten the model (restart)
+    def forget(reply: Message) -> Message:
+        if not reply.has_error():
+            grid.context(2).state.config_records.pop(HELD_META_KEY, None)
+            grid.context(2).state.array_records.pop(HELD_KEY, None)
+        return reply
+
+    grid = InProcessGrid(_user_app(), num_nodes=2, tamper={2: forget})
+    # Execute
+    final, outcomes = _rounds(grid, _history(), [[1, 2]] * 3)
+    # Assert: round 2 node 2 cannot build the model: an error reply, a full model next
     assert [o.rejected for o in outcomes] == [0, 1, 0]
+    assert [o.full_downloads for o in outcomes] == [2, 0, 1]
     assert all(o.valid >= 1 for o in outcomes)
     assert all(np.isfinite(w).all() for w in final)
 
