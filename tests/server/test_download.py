@@ -273,3 +273,26 @@ def test_warmup_spec_tightens_topk_density() -> None:
     assert warmup_spec(spec, 4, 3) == spec
     assert warmup_spec("q:8+ef", 1, 3) == "q:8+ef"
     assert warmup_spec(spec, 1, 3).endswith("+q:4+ef+zstd")
+
+
+def test_serve_with_history_download_from_the_run_config() -> None:
+    # Prepare: the bundled ClientApp and the run-config keys
+    from flowerpress.server.app import serve
+    from flowerpress.simulations.app import app as sim_app
+
+    config = validate({"dataset": "digits", "partition": "iid", "num-clients": 4,
+                       "clients-per-round": 2, "rounds": 3, "local-epochs": 1,
+                       "compression": "topk:0.1+q:8+ef", "download-history": 10,
+                       "download-compression": "topk:0.2+q:8",
+                       "download-full-compression": "q:8"})
+    # Execute
+    with server_identity():
+        doc = serve(InProcessGrid(sim_app, 4, run_config=config), config)
+    # Assert
+    rows = doc["rounds"]
+    assert all(r["rejected"] == 0 and r["clients"] == 2 for r in rows)
+    assert sum(r["download"]["diffs"] for r in rows) > 0
+    assert all(r["link_seconds"] is not None and r["link_seconds"] > 0 for r in rows)
+    assert doc["summary"]["total_bytes"] == sum(r["upload_bytes"] + r["download_bytes"]
+                                                for r in rows)
+    assert doc["summary"]["final_accuracy"] > doc["summary"]["initial_accuracy"]
