@@ -189,7 +189,7 @@ def per_seed_table(summaries: Sequence[Summary], *, target: float, at_round: int
     pct = f"{target:.0%}"
     lines = [
         f"| run | seed | rounds to {pct} | upload MB | download MB | total MB "
-        f"| total x | upload x | upload payload x | acc @ {at_round} | est. time to {pct} (min) |",
+        f"| total x | upload x | upload payload x | acc @ {at_round} | est. time to {pct} (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
@@ -207,7 +207,7 @@ def per_seed_table(summaries: Sequence[Summary], *, target: float, at_round: int
             f"| `{label}` | {s.seed} | {reach['round']:.0f} | {reach['up'] / 1e6:.3f} "
             f"| {reach['down'] / 1e6:.3f} | {reach['total'] / 1e6:.3f} | {ratios['total']} "
             f"| {ratios['up']} | {ratios['up_payload']} | {acc_text} "
-            f"| {reach['link_seconds'] / 60:.1f} |")
+            f"| {reach['link_seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -220,7 +220,7 @@ def summary_table(summaries: Sequence[Summary], *, target: float, at_round: int)
         f"| run | seeds | rounds to {pct} (median / worst) | total MB (median / worst) "
         f"| total x (median / worst) | upload x (median / worst) "
         f"| acc @ {at_round} minus baseline (median / worst) "
-        f"| est. time to {pct}, min (median / worst) |",
+        f"| est. time to {pct}, s (median / worst) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     runs: list[Run] = []
@@ -247,7 +247,7 @@ def summary_table(summaries: Sequence[Summary], *, target: float, at_round: int)
                 continue
             rounds.append(reach["round"])
             total.append(reach["total"] / 1e6)
-            mins.append(reach["link_seconds"] / 60)
+            mins.append(reach["link_seconds"])
             if breach is not None:
                 rt.append(breach["total"] / reach["total"])
                 ru.append(breach["up"] / reach["up"])
@@ -260,7 +260,7 @@ def summary_table(summaries: Sequence[Summary], *, target: float, at_round: int)
         label = run.label.replace("|", " \\| ")
         lines.append(f"| `{label}` | {seeds} | {mw(rounds, '.0f')} | {mw(total, '.2f')} "
                      f"| {mw(rt, '.1f', min)}x | {mw(ru, '.0f', min)}x "
-                     f"| {mw(gap, '+.2f', min)} | {mw(mins, '.1f')} |")
+                     f"| {mw(gap, '+.2f', min)} | {mw(mins, '.0f')} |")
     return "\n".join(lines)
 
 
@@ -301,7 +301,8 @@ def pareto_plot(summaries: Sequence[Summary], path: Path, *, target: float) -> N
     ax.set_xscale("log")
     ax.set_xlabel("cumulative upload + download message MB (as Flower serializes them, log)")
     ax2.set_xscale("log")
-    ax2.set_xlabel("estimated time (min, log) under the link profile")
+    ax2.set_xlabel("estimated time (min, log) under the link profile (default up:1mbit,"
+                   "down:10mbit,rtt:50ms)")
     ax.set_title("MNIST, dirichlet:0.5, 50 clients, 10 per round; one line per seed")
     ax2.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
