@@ -1,15 +1,18 @@
-"""Accuracy against cumulative upload bytes for each compression pipeline.
+"""Accuracy against total message bytes (both directions) per configuration and seed.
 
 The federation of issue 5: MNIST (the 5,000 digits bundled offline), ``dirichlet:0.5``
 over 50 clients, 10 sampled per round, flowerpress's defaults for local training. Each
-run is one compression spec (optionally with other run-config keys changed, e.g. a
-server-momentum strategy); the upload bytes are the payload sizes the server actually
-received, summed over rounds.
+run is a compression spec plus other run-config keys (download codec, history download,
+strategy, warm-up), run at every seed of ``--seeds``. Bytes are whole Flower messages as
+Flower serializes them (``flowerpress.protocol.message_bytes``), upload and download,
+summed over rounds; the payload bytes are kept apart.
 
-Per run the table gives the accuracy at the baseline's round count (``--baseline-rounds``),
-the round at which test accuracy first reaches ``--target`` and the cumulative upload
-bytes up to and including that round, and how many times fewer bytes that is than the
-uncompressed run (the first run, ``none`` by default) needed to reach the same target.
+Per run and seed the tables give the round at which test accuracy first reaches
+``--target``, the upload, download and total message bytes up to and including it,
+their ratios to the first run (float32 FedAvg, ``none``) at the same seed, the accuracy
+at ``--baseline-rounds`` and the estimated time to the target under the run's ``link``
+profile (results.json ``link_seconds``); the summary table gives the median and the
+worst over seeds.
 
 Engines:
 
@@ -26,8 +29,8 @@ Engines:
 
 Usage::
 
-    python benchmarks/accuracy_vs_bytes.py [--engine flower|inprocess] [--rounds 40]
-        [--baseline-rounds 20] [--target 0.9] [--out runs/accuracy_vs_bytes]
+    python benchmarks/accuracy_vs_bytes.py [--engine flower|inprocess] [--rounds 30]
+        [--baseline-rounds 30] [--target 0.9] [--seeds 0,1,2] [--out runs/accuracy_vs_bytes]
         [--plot docs/img/pareto.png] [--reuse] [RUN ...]
 
 A RUN is ``SPEC`` or ``SPEC|KEY=VALUE|KEY=VALUE``, e.g.
