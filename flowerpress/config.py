@@ -130,13 +130,12 @@ SCHEMA: dict[str, Key] = {
     "compression": Key(str, "none", "upload codec spec, e.g. topk:0.01+q:8+ef+zstd",
                        check=_check_compression),
     "download-compression": Key(str, "none", "broadcast codec spec, e.g. fp16 or q:8; with "
-                                "download-history: the codec of each round's global update",
+                                "download-history: the codec of each device's difference",
                                 check=_check_compression),
     "compression-warmup": Key(int, 0, "rounds of top-k density warm-up (DGC): round r <= K "
                               "sends density F**(r/(K+1)); 0: off", minimum=0, maximum=1000),
-    "download-history": Key(float, 0.0, "MB of compressed global updates (and anchor models) "
-                            "kept to send devices the difference from the model they hold; "
-                            "0: off", minimum=0.0, maximum=1e6),
+    "download-history": Key(float, 0.0, "MB of devices' models kept to send each device the "
+                            "compressed difference from the model it holds; 0: off", minimum=0.0, maximum=1e6),
     "download-full-compression": Key(str, "q:8", "codec of the full model a device without a "
                                      "usable version gets (download-history only)",
                                      check=_check_compression),

@@ -426,16 +426,16 @@ def partition_of_reply(reply: Message) -> int | None:
 # With ``download-history`` on, a train message carries a third record,
 # ``"download"`` (a ConfigRecord), and its ``"arrays"`` are either the quantized
 # full model (one payload, the envelope of flowerpress.compression.envelope) or
-# the compressed global updates since the version the device holds, one payload
-# Array per round under ``diff.<round>``:
+# the compressed difference between the server's model and the version the
+# device holds, one payload Array under ``diff.<round>``:
 #
 #     "download": {"download-version": "A.T",  the version the device will hold
 #                  "download-digest": HEX,     weights_digest of that version
-#                  "download-base": "A.S"}     the version the diffs apply to
-#                                              ("" for a full model)
+#                  "download-base": "A.S"}     the version the difference applies
+#                                              to ("" for a full model)
 #
-# A version "A.T" is the model of round T of the line anchored at round A (the
-# round its holder last received a full model). The train reply carries
+# A version "A.T" is a device's model after its download of round T; A is the
+# round it last received a full model. The train reply carries
 # ``"download"`` back: {"download-held": "A.T", "download-digest": HEX} and,
 # outside DP, "compute-seconds" (the device's local training time). The server
 # verifies every claim against its own record; nothing it allocates is sized by
