@@ -135,7 +135,8 @@ SCHEMA: dict[str, Key] = {
     "compression-warmup": Key(int, 0, "rounds of top-k density warm-up (DGC): round r <= K "
                               "sends density F**(r/(K+1)); 0: off", minimum=0, maximum=1000),
     "download-history": Key(float, 0.0, "MB of devices' models kept to send each device the "
-                            "compressed difference from the model it holds; 0: off", minimum=0.0, maximum=1e6),
+                            "compressed difference from the model it holds; 0: off",
+                            minimum=0.0, maximum=1e6),
     "download-full-compression": Key(str, "q:8", "codec of the full model a device without a "
                                      "usable version gets (download-history only)",
                                      check=_check_compression),
