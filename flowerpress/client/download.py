@@ -6,9 +6,10 @@ digest). A train message with a ``"download"`` record carries either a full
 model or the compressed difference between the server's model and the
 version the device holds; the device adds it in float32, exactly as the server
 did, and checks the digest of the result against the one the server named.
-Any mismatch (lost state, a claim that was not true, a corrupted payload) raises: the device forgets its model,
-replies with an error this round and gets a full model next time. It never
-trains on a model other than the one the server intended.
+Any mismatch (lost state, a claim that was not true, a corrupted payload)
+raises: the device forgets its model, replies with an error this round and
+gets a full model next time. It never trains on a model other than the one
+the server intended.
 """
 
 from __future__ import annotations
