@@ -1,15 +1,18 @@
-"""Accuracy against cumulative upload bytes for each compression pipeline.
+"""Accuracy against total message bytes (both directions) per configuration and seed.
 
 The federation of issue 5: MNIST (the 5,000 digits bundled offline), ``dirichlet:0.5``
 over 50 clients, 10 sampled per round, flowerpress's defaults for local training. Each
-run is one compression spec (optionally with other run-config keys changed, e.g. a
-server-momentum strategy); the upload bytes are the payload sizes the server actually
-received, summed over rounds.
+run is a compression spec plus other run-config keys (download codec, history download,
+strategy, warm-up), run at every seed of ``--seeds``. Bytes are whole Flower messages as
+Flower serializes them (``flowerpress.protocol.message_bytes``), upload and download,
+summed over rounds; the payload bytes are kept apart.
 
-Per run the table gives the accuracy at the baseline's round count (``--baseline-rounds``),
-the round at which test accuracy first reaches ``--target`` and the cumulative upload
-bytes up to and including that round, and how many times fewer bytes that is than the
-uncompressed run (the first run, ``none`` by default) needed to reach the same target.
+Per run and seed the tables give the round at which test accuracy first reaches
+``--target``, the upload, download and total message bytes up to and including it,
+their ratios to the first run (float32 FedAvg, ``none``) at the same seed, the accuracy
+at ``--baseline-rounds`` and the estimated time to the target under the run's ``link``
+profile (results.json ``link_seconds``); the summary table gives the median and the
+worst over seeds.
 
 Engines:
 
@@ -26,8 +29,8 @@ Engines:
 
 Usage::
 
-    python benchmarks/accuracy_vs_bytes.py [--engine flower|inprocess] [--rounds 40]
-        [--baseline-rounds 20] [--target 0.9] [--out runs/accuracy_vs_bytes]
+    python benchmarks/accuracy_vs_bytes.py [--engine flower|inprocess] [--rounds 30]
+        [--baseline-rounds 30] [--target 0.9] [--seeds 0,1,2] [--out runs/accuracy_vs_bytes]
         [--plot docs/img/pareto.png] [--reuse] [RUN ...]
 
 A RUN is ``SPEC`` or ``SPEC|KEY=VALUE|KEY=VALUE``, e.g.
@@ -106,7 +109,8 @@ def run_inprocess(config: Mapping[str, Any], *, target: float, min_rounds: int,
     def on_round(row: Mapping[str, Any]) -> None:
         rows.append(dict(row))
         print(f"    round {row['round']:>3} acc {row['accuracy']:.4f} "
-              f"upload {row['upload_bytes']:>9} B rejected {row['rejected']}", flush=True)
+              f"upload {row['upload_bytes']:>9} B download {row['download_bytes']:>9} B "
+              f"rejected {row['rejected']}", flush=True)
         if row["round"] >= min_rounds and row["accuracy"] >= target:
             raise _Stop
 
@@ -129,18 +133,24 @@ def run_flower(config: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
 
 @dataclass
 class Summary:
-    """What the table reports for one run."""
+    """What the tables report for one run at one seed."""
 
     run: Run
+    seed: int
     rows: list[dict[str, Any]]
     seconds: float
 
-    def cumulative_mb(self) -> list[float]:
+    def cumulative(self, *keys: str) -> list[int]:
+        """Running sum of the given row columns (message bytes by default)."""
         total, out = 0, []
         for row in self.rows:
-            total += int(row["upload_bytes"])
-            out.append(total / 1e6)
+            total += sum(int(row.get(k) or 0) for k in keys)
+            out.append(total)
         return out
+
+    def cumulative_mb(self) -> list[float]:
+        """Cumulative total message MB (upload + download)."""
+        return [b / 1e6 for b in self.cumulative("upload_bytes", "download_bytes")]
 
     def accuracy_at(self, rnd: int) -> float | None:
         for row in self.rows:
@@ -148,78 +158,171 @@ class Summary:
                 return float(row["accuracy"])
         return None
 
-    def first_reach(self, target: float) -> tuple[int, int] | None:
-        """(round, cumulative upload bytes) when accuracy first reaches ``target``."""
-        total = 0
-        for row in self.rows:
-            total += int(row["upload_bytes"])
+    def reach_index(self, target: float) -> int | None:
+        for i, row in enumerate(self.rows):
             if row["accuracy"] >= target:
-                return int(row["round"]), total
+                return i
         return None
 
+    def first_reach(self, target: float) -> dict[str, float] | None:
+        """Round, message bytes (up, down, total), payload bytes and link time to ``target``."""
+        i = self.reach_index(target)
+        if i is None:
+            return None
+        up = self.cumulative("upload_bytes")[i]
+        down = self.cumulative("download_bytes")[i]
+        link = [r.get("link_seconds") for r in self.rows[: i + 1]]
+        return {"round": float(self.rows[i]["round"]), "up": float(up), "down": float(down),
+                "total": float(up + down),
+                "up_payload": float(self.cumulative("upload_payload_bytes")[i]),
+                "down_payload": float(self.cumulative("download_payload_bytes")[i]),
+                "link_seconds": (float(sum(float(x) for x in link))
+                                 if all(x is not None for x in link) else float("nan"))}
 
-def markdown_table(summaries: Sequence[Summary], *, target: float, baseline_rounds: int) -> str:
-    base = summaries[0].first_reach(target) if summaries else None
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def per_seed_table(summaries: Sequence[Summary], *, target: float, at_round: int) -> str:
+    """One line per run and seed: bytes to ``target``, ratios to the baseline of that seed."""
+    base = {s.seed: s.first_reach(target) for s in summaries if s.run == summaries[0].run}
     pct = f"{target:.0%}"
-    base_label = summaries[0].run.label.replace("|", " \\| ") if summaries else ""
     lines = [
-        f"| run | acc @ round {baseline_rounds} | best acc (rounds run) | rounds to {pct} "
-        f"| upload MB to {pct} | x fewer bytes than `{base_label}` "
-        f"| upload KB / round |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| run | seed | rounds to {pct} | upload MB | download MB | total MB "
+        f"| total x | upload x | upload payload x | acc @ {at_round} | est. time to {pct} (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
-        acc = s.accuracy_at(baseline_rounds)
-        best = max(float(r["accuracy"]) for r in s.rows)
-        reach = s.first_reach(target)
-        per_round = s.cumulative_mb()[-1] * 1e3 / len(s.rows)
-        if reach is None:
-            rnd, mb, ratio = f"not in {len(s.rows)}", "-", "-"
-        else:
-            rnd, mb = str(reach[0]), f"{reach[1] / 1e6:.3f}"
-            ratio = "-" if base is None else f"{base[1] / reach[1]:.1f}x"
+        reach, b = s.first_reach(target), base.get(s.seed)
+        acc = s.accuracy_at(at_round)
         acc_text = "-" if acc is None else f"{acc:.4f}"
         label = s.run.label.replace("|", " \\| ")
-        lines.append(f"| `{label}` | {acc_text} | {best:.4f} ({len(s.rows)}) | {rnd} | {mb} "
-                     f"| {ratio} | {per_round:.1f} |")
+        if reach is None:
+            lines.append(f"| `{label}` | {s.seed} | not in {len(s.rows)} | - | - | - | - | - | - "
+                         f"| {acc_text} | - |")
+            continue
+        ratios = {k: "-" if b is None else f"{b[k] / reach[k]:.1f}x"
+                  for k in ("total", "up", "up_payload")}
+        lines.append(
+            f"| `{label}` | {s.seed} | {reach['round']:.0f} | {reach['up'] / 1e6:.3f} "
+            f"| {reach['down'] / 1e6:.3f} | {reach['total'] / 1e6:.3f} | {ratios['total']} "
+            f"| {ratios['up']} | {ratios['up_payload']} | {acc_text} "
+            f"| {reach['link_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def summary_table(summaries: Sequence[Summary], *, target: float, at_round: int) -> str:
+    """Per run over seeds: median and worst of the ratios, rounds and accuracy gap."""
+    base_run = summaries[0].run
+    base = {s.seed: s for s in summaries if s.run == base_run}
+    pct = f"{target:.0%}"
+    lines = [
+        f"| run | seeds | rounds to {pct} (median / worst) | total MB (median / worst) "
+        f"| total x (median / worst) | upload x (median / worst) "
+        f"| acc @ {at_round} minus baseline (median / worst) "
+        f"| est. time to {pct}, s (median / worst) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    runs: list[Run] = []
+    for s in summaries:
+        if s.run not in runs:
+            runs.append(s.run)
+    for run in runs:
+        mine = [s for s in summaries if s.run == run]
+        seeds = ",".join(str(s.seed) for s in mine)
+        rounds, total, rt, ru, gap, mins = [], [], [], [], [], []
+        for s in mine:
+            reach = s.first_reach(target)
+            b = base.get(s.seed)
+            breach = None if b is None else b.first_reach(target)
+            acc, bacc = s.accuracy_at(at_round), None if b is None else b.accuracy_at(at_round)
+            if acc is not None and bacc is not None:
+                gap.append(100 * (acc - bacc))
+            if reach is None:
+                rounds.append(float("inf"))
+                total.append(float("inf"))
+                rt.append(0.0)
+                ru.append(0.0)
+                mins.append(float("inf"))
+                continue
+            rounds.append(reach["round"])
+            total.append(reach["total"] / 1e6)
+            mins.append(reach["link_seconds"])
+            if breach is not None:
+                rt.append(breach["total"] / reach["total"])
+                ru.append(breach["up"] / reach["up"])
+
+        def mw(values: list[float], fmt: str, worst: Any = max) -> str:
+            if not values:
+                return "-"
+            return f"{format(_median(values), fmt)} / {format(worst(values), fmt)}"
+
+        label = run.label.replace("|", " \\| ")
+        lines.append(f"| `{label}` | {seeds} | {mw(rounds, '.0f')} | {mw(total, '.2f')} "
+                     f"| {mw(rt, '.1f', min)}x | {mw(ru, '.0f', min)}x "
+                     f"| {mw(gap, '+.2f', min)} | {mw(mins, '.0f')} |")
     return "\n".join(lines)
 
 
 def pareto_plot(summaries: Sequence[Summary], path: Path, *, target: float) -> None:
-    """Accuracy against cumulative upload MB (log x), one line per run."""
+    """Accuracy against cumulative total message MB (log x): one colour per run, per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(12, 5.5))
-    colors = plt.get_cmap("tab20").colors
-    for i, s in enumerate(summaries):
-        mb = s.cumulative_mb()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5.5))
+    colors = plt.get_cmap("tab10").colors
+    runs: list[Run] = []
+    for s in summaries:
+        if s.run not in runs:
+            runs.append(s.run)
+    for s in summaries:
+        color = colors[runs.index(s.run) % 10]
         acc = [float(r["accuracy"]) for r in s.rows]
-        # Runs that change more than the codec (server momentum, lr, seed) are dashed.
-        style = "--" if len(s.run.overrides) > 1 else "-"
-        (line,) = ax.plot(mb, acc, style, marker=".", markersize=3, linewidth=1,
-                          color=colors[(2 * i) % 20 + (2 * i) // 20], label=s.run.label)
+        first = s is next(x for x in summaries if x.run == s.run)
+        ax.plot(s.cumulative_mb(), acc, "-", linewidth=1, color=color,
+                label=s.run.label if first else None)
+        minutes = []
+        total = 0.0
+        for r in s.rows:
+            total += float(r.get("link_seconds") or 0.0)
+            minutes.append(total / 60)
+        ax2.plot(minutes, acc, "-", linewidth=1, color=color,
+                 label=s.run.label if first else None)
         reach = s.first_reach(target)
         if reach is not None:
-            ax.plot([reach[1] / 1e6], [target], marker="o", color=line.get_color())
-    ax.axhline(target, color="grey", linestyle=":", linewidth=1)
-    base = summaries[0].first_reach(target) if summaries else None
-    if base is not None:
-        ax.axvline(base[1] / 1e8, color="grey", linestyle="-.", linewidth=1,
-                   label=f"1/100 of {summaries[0].run.label}'s bytes to {target:.0%}")
+            ax.plot([reach["total"] / 1e6], [target], marker="o", color=color)
+    for axis in (ax, ax2):
+        axis.axhline(target, color="grey", linestyle=":", linewidth=1)
+        axis.set_ylabel("test accuracy")
+        axis.set_ylim(0.5, 1.0)
+        axis.grid(True, which="both", alpha=0.3)
     ax.set_xscale("log")
-    ax.set_xlabel("cumulative upload (MB, log scale)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0.5, 1.0)
-    ax.set_title("MNIST, dirichlet:0.5, 50 clients, 10 per round")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xlabel("cumulative upload + download message MB (as Flower serializes them, log)")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("estimated time (min, log) under the link profile (default up:1mbit,"
+                   "down:10mbit,rtt:50ms)")
+    ax.set_title("MNIST, dirichlet:0.5, 50 clients, 10 per round; one line per seed")
+    ax2.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def machine() -> str:
+    """One line on the machine and its load (the numbers of the tables do not depend on it)."""
+    import os
+    import platform
+
+    load = os.getloadavg()
+    return (f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}"
+            f" Python {platform.python_version()}; load average {load[0]:.1f}, {load[1]:.1f}, "
+            f"{load[2]:.1f}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -227,11 +330,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("runs", nargs="*", default=list(DEFAULT_RUNS),
                         help="SPEC or SPEC|KEY=VALUE|...; the first is the baseline")
     parser.add_argument("--engine", choices=("flower", "inprocess"), default="flower")
-    parser.add_argument("--rounds", type=int, default=40, help="rounds per run (cap)")
-    parser.add_argument("--baseline-rounds", type=int, default=20,
+    parser.add_argument("--rounds", type=int, default=30, help="rounds per run (cap)")
+    parser.add_argument("--baseline-rounds", type=int, default=30,
                         help="round at which every run's accuracy is compared")
     parser.add_argument("--target", type=float, default=0.9)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--out", type=Path, default=Path("runs/accuracy_vs_bytes"))
     parser.add_argument("--plot", type=Path, default=Path("docs/img/pareto.png"))
     parser.add_argument("--reuse", action="store_true",
@@ -241,37 +344,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     from flowerpress.config import validate
 
     runs = [parse_run(text) for text in args.runs]
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    print(machine(), flush=True)
     summaries: list[Summary] = []
     for run in runs:
-        out_dir = args.out / run.slug
-        saved = out_dir / "results.json"
-        if args.reuse and saved.exists():
-            doc = json.loads(saved.read_text())
-            summaries.append(Summary(run, list(doc["rounds"]), float(doc.get("seconds", 0.0))))
-            print(f"== {run.label}: reused {saved}", flush=True)
-            continue
-        config = validate({**BASE_CONFIG, "rounds": args.rounds, "seed": args.seed,
-                           **run.overrides})
-        print(f"== {run.label} ({args.engine})", flush=True)
-        start = time.monotonic()
-        if args.engine == "flower":
-            # Keep the ServerApp's whole results.json (summary, config), add ours.
-            doc = run_flower(config, out_dir)
-        else:
-            doc = {"config": config, "rounds": run_inprocess(
-                config, target=args.target, min_rounds=args.baseline_rounds)}
-        seconds = time.monotonic() - start
-        rows = list(doc["rounds"])
-        out_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps({**doc, "engine": args.engine, "seconds": seconds},
-                                    indent=1))
-        summaries.append(Summary(run, rows, seconds))
+        for seed in seeds:
+            out_dir = args.out / run.slug / f"seed-{seed}"
+            saved = out_dir / "results.json"
+            if args.reuse and saved.exists():
+                doc = json.loads(saved.read_text())
+                summaries.append(Summary(run, seed, list(doc["rounds"]),
+                                         float(doc.get("seconds", 0.0))))
+                print(f"== {run.label} seed {seed}: reused {saved}", flush=True)
+                continue
+            config = validate({**BASE_CONFIG, "rounds": args.rounds, "seed": seed,
+                               **run.overrides})
+            print(f"== {run.label} seed {seed} ({args.engine})", flush=True)
+            start = time.monotonic()
+            if args.engine == "flower":
+                doc = run_flower(config, out_dir)
+            else:
+                doc = {"config": config, "rounds": run_inprocess(
+                    config, target=args.target, min_rounds=args.baseline_rounds)}
+            seconds = time.monotonic() - start
+            out_dir.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps({**doc, "engine": args.engine, "seconds": seconds},
+                                        indent=1))
+            summaries.append(Summary(run, seed, list(doc["rounds"]), seconds))
 
     print()
-    print(markdown_table(summaries, target=args.target, baseline_rounds=args.baseline_rounds))
+    print(summary_table(summaries, target=args.target, at_round=args.baseline_rounds))
+    print()
+    print(per_seed_table(summaries, target=args.target, at_round=args.baseline_rounds))
     print()
     for s in summaries:
-        print(f"{s.run.label}: {len(s.rows)} rounds in {s.seconds:.0f} s")
+        print(f"{s.run.label} seed {s.seed}: {len(s.rows)} rounds in {s.seconds:.0f} s")
+    print(machine())
     pareto_plot(summaries, args.plot, target=args.target)
     print(f"plot: {args.plot}")
 

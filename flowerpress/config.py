@@ -108,6 +108,10 @@ def _check_secagg(value: str) -> object:
     return parse_secagg(value)
 
 
+def _check_link(value: str) -> object:
+    return parse_link(value)
+
+
 def _check_attack(value: str) -> object:
     from flowerpress.simulations.attacks import parse_attack
 
@@ -143,8 +147,20 @@ SCHEMA: dict[str, Key] = {
     # --- later capabilities -------------------------------------------------------
     "compression": Key(str, "none", "upload codec spec, e.g. topk:0.01+q:8+ef+zstd",
                        check=_check_compression),
-    "download-compression": Key(str, "none", "broadcast codec spec, e.g. fp16 or q:8",
+    "download-compression": Key(str, "none", "broadcast codec spec, e.g. fp16 or q:8; with "
+                                "download-history: the codec of each device's difference",
                                 check=_check_compression),
+    "compression-warmup": Key(int, 0, "rounds of top-k density warm-up (DGC): round r <= K "
+                              "sends density F**(r/(K+1)); 0: off", minimum=0, maximum=1000),
+    "download-history": Key(float, 0.0, "MB of devices' models kept to send each device the "
+                            "compressed difference from the model it holds; 0: off",
+                            minimum=0.0, maximum=1e6),
+    "download-full-compression": Key(str, "q:8", "codec of the full model a device without a "
+                                     "usable version gets (download-history only)",
+                                     check=_check_compression),
+    "link": Key(str, "up:1mbit,down:10mbit,rtt:50ms", "devices' link for the round-time "
+                "estimate: up:RATE,down:RATE,rtt:TIME (RATE in bit/kbit/mbit/gbit, TIME in "
+                "ms/s), or none", check=_check_link),
     "dp": Key(str, "off", "off | local:clip=C,noise=Z | distributed:clip=C,noise=Z",
               check=_check_dp),
     "dp-sampling": Key(str, "fixed", "fixed | poisson | predictable: how DP cohorts are drawn",
@@ -282,3 +298,70 @@ def load_toml(path: Path) -> dict[str, object]:
     if isinstance(section, dict):
         return dict(section)
     return dict(data)
+
+
+# --- the devices' link profile -------------------------------------------------------
+
+_RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+_TIME_UNITS = {"ms": 1e-3, "s": 1.0}
+_LINK_PART = re.compile(r"^(up|down|rtt):(\d+(?:\.\d*)?|\.\d+)([a-z]+)$")
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """A device's link: the round-time estimate of results.json (``link_seconds``).
+
+    A device's time in a round is ``rtt + 8 * download / down + compute + 8 *
+    upload / up``: one round trip for the request, its download and upload at
+    the link's rates (message bytes as Flower sends them) and its local
+    training time as the device measured it. Devices work in parallel, so the
+    round takes the slowest device's time; server-side work is not counted.
+    """
+
+    up_bps: float  # bits per second, device -> server
+    down_bps: float  # bits per second, server -> device
+    rtt_s: float  # seconds
+
+    def client_seconds(self, *, download_bytes: int, upload_bytes: int,
+                       compute_seconds: float) -> float:
+        """One device's time in a round."""
+        return (self.rtt_s + 8.0 * download_bytes / self.down_bps + compute_seconds
+                + 8.0 * upload_bytes / self.up_bps)
+
+    def round_seconds(self, client_seconds: list[float]) -> float:
+        """The round's time: its slowest device (0 when none replied)."""
+        return max(client_seconds, default=0.0)
+
+
+def parse_link(text: str) -> LinkProfile | None:
+    """``up:1mbit,down:10mbit,rtt:50ms`` as a :class:`LinkProfile`; ``none`` gives None.
+
+    Raises
+    ------
+    ValueError
+        Naming the part that is not ``up:RATE``, ``down:RATE`` or ``rtt:TIME``,
+        a missing or repeated part, or a rate that is not positive.
+    """
+    value = text.strip().lower()
+    if value in ("", "none", "off"):
+        return None
+    parts: dict[str, float] = {}
+    for raw in value.split(","):
+        match = _LINK_PART.match(raw.strip())
+        if match is None:
+            raise ValueError(f"link part {raw.strip()!r}: expected up:RATE, down:RATE or "
+                             "rtt:TIME, e.g. up:1mbit,down:10mbit,rtt:50ms")
+        name, number, unit = match.group(1), float(match.group(2)), match.group(3)
+        units = _TIME_UNITS if name == "rtt" else _RATE_UNITS
+        if unit not in units:
+            raise ValueError(f"link part {raw.strip()!r}: unit {unit!r} is not one of "
+                             f"{', '.join(units)}")
+        if name in parts:
+            raise ValueError(f"link part {name!r} given twice")
+        parts[name] = number * units[unit]
+    missing = [k for k in ("up", "down", "rtt") if k not in parts]
+    if missing:
+        raise ValueError(f"link lacks {', '.join(missing)}; expected up:RATE,down:RATE,rtt:TIME")
+    if parts["up"] <= 0 or parts["down"] <= 0:
+        raise ValueError("link rates must be > 0")
+    return LinkProfile(up_bps=parts["up"], down_bps=parts["down"], rtt_s=parts["rtt"])

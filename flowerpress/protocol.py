@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -222,8 +223,38 @@ def query_reply(msg: Message, *, partition_id: int, num_partitions: int) -> Mess
 
 
 def record_bytes(content: RecordDict) -> int:
-    """Bytes of array data a message carries."""
+    """Bytes of array data a message carries (the payload columns of the round rows)."""
     return sum(len(arr.data) for rec in content.array_records.values() for arr in rec.values())
+
+
+#: Length of the message ids Flower assigns when a message is pushed (the
+#: hex SHA-256 object id of the message, ``Message.object_id``).
+MESSAGE_ID_CHARS = 64
+
+
+def message_bytes(msg: Message) -> int:
+    """Bytes of ``msg`` as Flower serializes it: ``message_to_proto(msg).SerializeToString()``.
+
+    Metadata, every record (arrays, metrics, config), the error if any and the
+    protobuf framing. A message the ServerApp has not pushed yet has no id:
+    it is counted with the 64-character id Flower gives it on push, so the
+    count is the same before and after ``Grid.push_messages``.
+
+    Notes
+    -----
+    In a deployment Flower 1.41 does not send this one protobuf: it pushes the
+    message without content plus its content as content-addressed objects
+    (``push_objects``), so objects shared by several messages travel from the
+    ServerApp to the SuperLink once, and each SuperNode pulls its message's
+    objects. The serialized length is what one node's message costs on its
+    link, within the few dozen bytes of object framing (docs/benchmarks.md).
+    """
+    from flwr.common.serde import message_to_proto
+
+    proto = message_to_proto(msg)
+    if not proto.metadata.message_id:
+        proto.metadata.message_id = "0" * MESSAGE_ID_CHARS
+    return int(proto.ByteSize())
 
 
 def _short(value: object) -> str:
@@ -524,3 +555,119 @@ def partition_of_reply(reply: Message) -> int | None:
     if isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < (1 << 31):
         return pid
     return None
+
+
+# --- the history download (server -> device and back) ---------------------------------
+#
+# With ``download-history`` on, a train message carries a third record,
+# ``"download"`` (a ConfigRecord), and its ``"arrays"`` are either the quantized
+# full model (one payload, the envelope of flowerpress.compression.envelope) or
+# the compressed difference between the server's model and the version the
+# device holds, one payload Array under ``diff.<round>``:
+#
+#     "download": {"download-version": "A.T",  the version the device will hold
+#                  "download-digest": HEX,     weights_digest of that version
+#                  "download-base": "A.S"}     the version the difference applies
+#                                              to ("" for a full model)
+#
+# A version "A.T" is a device's model after its download of round T; A is the
+# round it last received a full model. The train reply carries
+# ``"download"`` back: {"download-held": "A.T", "download-digest": HEX} and,
+# outside DP, "compute-seconds" (the device's local training time). The server
+# verifies every claim against its own record; nothing it allocates is sized by
+# a claim.
+
+DOWNLOAD = "download"
+DOWNLOAD_VERSION = "download-version"
+DOWNLOAD_DIGEST = "download-digest"
+DOWNLOAD_BASE = "download-base"
+DOWNLOAD_HELD = "download-held"
+COMPUTE_SECONDS = "compute-seconds"
+#: Key prefix of the per-round diff payloads in a history download's ArrayRecord.
+DIFF_PREFIX = "diff."
+#: Hex characters of a weights digest (BLAKE2b, 16 bytes).
+DIGEST_CHARS = 32
+_VERSION_RE = re.compile(r"^(\d{1,9})\.(\d{1,9})$")
+_DIGEST_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def weights_digest(weights: Sequence[NDArray[np.float32]]) -> str:
+    """BLAKE2b-128 of the float32 bytes and shapes of ``weights`` (hex).
+
+    Server and device compute it the same way, so equal digests mean
+    bit-identical models.
+    """
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=DIGEST_CHARS // 2)
+    for w in weights:
+        arr = np.ascontiguousarray(w, dtype=np.float32)
+        h.update(repr(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def format_version(anchor: int, server_round: int) -> str:
+    """The id ``"A.T"`` of the model of round ``server_round`` anchored at ``anchor``."""
+    return f"{anchor}.{server_round}"
+
+
+def parse_version(text: object) -> tuple[int, int] | None:
+    """``(anchor, round)`` of a version id, or None if it is not one (never raises)."""
+    if not isinstance(text, str) or len(text) > 19:
+        return None
+    match = _VERSION_RE.match(text)
+    if match is None:
+        return None
+    anchor, rnd = int(match.group(1)), int(match.group(2))
+    return (anchor, rnd) if 0 <= anchor <= rnd else None
+
+
+def parse_digest(text: object) -> str | None:
+    """A well-formed weights digest, or None."""
+    if isinstance(text, str) and len(text) == DIGEST_CHARS and _DIGEST_RE.match(text):
+        return text
+    return None
+
+
+@dataclass(frozen=True)
+class HeldVersion:
+    """What a device says it holds after a train round (unverified until the server checks)."""
+
+    anchor: int
+    server_round: int
+    digest: str
+    compute_seconds: float | None = None
+
+
+def held_version_of_reply(reply: Message) -> HeldVersion | None:
+    """The version a train reply claims its device holds, or None (malformed or absent).
+
+    Bounded and strict: a claim is two small integers and a 32-hex digest;
+    anything else is no claim (the device then gets a full model).
+    """
+    if reply.has_error() or not reply.has_content():
+        return None
+    record = reply.content.config_records.get(DOWNLOAD)
+    if record is None:
+        return None
+    version = parse_version(record.get(DOWNLOAD_HELD))
+    digest = parse_digest(record.get(DOWNLOAD_DIGEST))
+    if version is None or digest is None:
+        return None
+    return HeldVersion(version[0], version[1], digest, _seconds(record.get(COMPUTE_SECONDS)))
+
+
+def _seconds(raw: object) -> float | None:
+    if isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw) \
+            and 0.0 <= raw <= 1e6:
+        return float(raw)
+    return None
+
+
+def compute_seconds_of_reply(reply: Message) -> float | None:
+    """The local training time a train reply reports (its ``download`` record), or None."""
+    if reply.has_error() or not reply.has_content():
+        return None
+    record = reply.content.config_records.get(DOWNLOAD)
+    return None if record is None else _seconds(record.get(COMPUTE_SECONDS))

@@ -23,12 +23,15 @@ computed from the privatized update.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
 
 from flowerpress import protocol
+from flowerpress.client.download import DownloadMismatchError, held_record, receive_download
 from flowerpress.compression import CodecState, decode, parse
 from flowerpress.compression.envelope import is_payload, payload_bytes, payload_record
 
@@ -63,15 +66,37 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     incoming = msg.content.array_records.get(ARRAYS_KEY)
     if incoming is None:
         return call_next(msg, context)
-    if is_payload(incoming):
+    history = kind == MessageType.TRAIN and protocol.DOWNLOAD in msg.content.config_records
+    if history:
+        # The history download: the diffs since the model this device holds, or a
+        # full model; either way exactly the model the server names.
+        try:
+            received = receive_download(msg, context, max_elements=_max_elements(context))
+        except DownloadMismatchError as exc:
+            # Only this device loses the round; it has forgotten its model and
+            # tells the server so (no claim), which sends a full model next time.
+            log.warning("history download refused: %s", exc)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 reason=f"download: {exc}"), reply_to=msg)
+        msg.content = _with_arrays(msg.content, ArrayRecord(received))
+    elif is_payload(incoming):
         arrays = decode(payload_bytes(incoming), max_elements=_max_elements(context))
         received = [np.asarray(a, dtype=np.float32) for a in arrays]
         msg.content = _with_arrays(msg.content, ArrayRecord(received))
     else:
         received = [np.asarray(a, dtype=np.float32) for a in incoming.to_numpy_ndarrays()]
 
+    started = time.perf_counter()
     reply = call_next(msg, context)
+    compute = time.perf_counter() - started
     instruction = protocol.TrainInstruction.from_message(msg)
+    if kind == MessageType.TRAIN and not reply.has_error():
+        # What this device holds now (the server verifies it) and, outside DP,
+        # how long local training took (the link-time estimate uses it).
+        dp_on = str(instruction.extra.get(protocol.DP, "off")).strip() not in ("", "off")
+        record = held_record(context, None if dp_on else compute)
+        if record is not None:
+            reply.content[protocol.DOWNLOAD] = record
     spec = instruction.compression
     if kind != MessageType.TRAIN or reply.has_error() or spec == "none":
         return reply

@@ -24,7 +24,15 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
-from flowerpress.config import DEFAULTS, SCHEMA, Config, ConfigError, Scalar, validate
+from flowerpress.config import (
+    DEFAULTS,
+    SCHEMA,
+    Config,
+    ConfigError,
+    Scalar,
+    parse_link,
+    validate,
+)
 from flowerpress.server.checkpoint import (
     CheckpointError,
     LoopState,
@@ -161,6 +169,10 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         dp=dp is not None,
         max_missed_rounds=int(config["max-missed-rounds"]),
         secagg=str(config["secagg"]),
+        download_history_bytes=int(float(config["download-history"]) * 1e6),
+        download_full=str(config["download-full-compression"]),
+        link=parse_link(str(config["link"])),
+        compression_warmup=int(config["compression-warmup"]),
     )
     start = evaluate_fn(initial) if central is not None else None
     if start is not None:

@@ -26,10 +26,13 @@ from numpy.typing import NDArray
 
 from flowerpress import protocol
 from flowerpress.compression.envelope import payload_record
-from flowerpress.protocol import UpdateRejected, record_bytes
+from flowerpress.config import LinkProfile
+from flowerpress.protocol import UpdateRejected, message_bytes, record_bytes
 from flowerpress.server.bounds import bound_update_norm
 from flowerpress.server.checkpoint import LoopState
+from flowerpress.server.download import DownloadHistory
 from flowerpress.server.membership import EXPIRED_ERROR_CODE, Membership, is_unavailable_error
+from flowerpress.server.schedule import warmup_spec
 from flowerpress.strategies.base import ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -118,6 +121,14 @@ class LoopSettings:
     # (run-config max-update-norm; flowerpress.server.bounds).
     max_update_norm: float = 0.0
     secagg: str = "off"  # secure aggregation (flowerpress.server.secagg_round)
+    # The history download (flowerpress.server.download): bound on its memory in
+    # bytes (0: off, every device gets the broadcast) and the full-model codec.
+    download_history_bytes: int = 0
+    download_full: str = "q:8"
+    # Devices' link (config.LinkProfile): turns bytes and compute into round time.
+    link: LinkProfile | None = None
+    # Rounds of top-k density warm-up (server/schedule.py; 0: off).
+    compression_warmup: int = 0
 
 
 def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
@@ -270,6 +281,13 @@ class RoundOutcome:
     # Nodes that answered (valid or rejected): they are there.
     replied: list[int] = field(default_factory=list)
     clipped: int = 0  # updates scaled down to max-update-norm
+    upload_payload_bytes: int = 0
+    download_payload_bytes: int = 0
+    #: how many devices got the full model / compressed diffs (history download)
+    full_downloads: int = 0
+    diff_downloads: int = 0
+    #: the estimated round time under ``settings.link`` (None without a link)
+    link_seconds: float | None = None
 
 
 def _broadcast(global_weights: Weights, download: DownloadCodec | None,
@@ -288,6 +306,43 @@ def _broadcast(global_weights: Weights, download: DownloadCodec | None,
     return payload_record(payload), received
 
 
+@dataclass
+class _Downloads:
+    """This round's train messages and, per node, the model it will train from."""
+
+    messages: list[Message]
+    received: dict[int, Weights]
+    base: Weights  # what the strategy builds the new global on
+    full: int = 0
+    diffs: int = 0
+
+
+def _build_downloads(nodes: Sequence[int], server_round: int, global_weights: Weights,
+                     instruction: protocol.TrainInstruction, download: DownloadCodec | None,
+                     history: DownloadHistory | None, rng: np.random.Generator,
+                     seed: int) -> _Downloads:
+    """One train message per node: the broadcast, or each node's history download."""
+    config = instruction.to_record()
+    if history is None:
+        broadcast, received = _broadcast(global_weights, download, rng)
+        content = RecordDict({protocol.ARRAYS: broadcast, protocol.CONFIG: config})
+        return _Downloads([Message(content, dst_node_id=n, message_type=MessageType.TRAIN)
+                           for n in nodes], dict.fromkeys(nodes, received), received)
+    # A stream of its own, so that switching the history on does not change sampling.
+    down_rng = np.random.default_rng([seed, server_round, 5])
+    history.advance(server_round, global_weights, down_rng)
+    out = _Downloads([], {}, global_weights)
+    for n in nodes:
+        item = history.download_for(n, down_rng)
+        content = RecordDict({protocol.ARRAYS: item.arrays, protocol.CONFIG: config,
+                              protocol.DOWNLOAD: item.record})
+        out.messages.append(Message(content, dst_node_id=n, message_type=MessageType.TRAIN))
+        out.received[n] = item.received
+        out.full += item.full
+        out.diffs += not item.full
+    return out
+
+
 def run_round(
     grid: Grid,
     server_round: int,
@@ -298,30 +353,45 @@ def run_round(
     *,
     extra_config: Mapping[str, Scalar],
     download: DownloadCodec | None = None,
+    history: DownloadHistory | None = None,
     rng: np.random.Generator,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RoundOutcome:
-    """One round: broadcast, collect, validate and fold each reply as it arrives.
+    """One round: send, collect, validate and fold each reply as it arrives.
 
     Whatever goes wrong with one reply rejects that reply (one log line naming
     the node and the reason) and the round goes on.
+
+    Without ``history`` every node gets the same broadcast and the new global
+    is built on what they decoded. With it each node gets its own download
+    (``flowerpress.server.download``) and the strategy builds on the server's
+    model ``global_weights`` (EF21-P: what the compression dropped is sent in
+    later rounds, not lost).
     """
-    broadcast, received = _broadcast(global_weights, download, rng)
     instruction = protocol.TrainInstruction(
-        server_round=server_round, seed=settings.seed, compression=settings.compression,
+        server_round=server_round, seed=settings.seed,
+        compression=warmup_spec(settings.compression, server_round,
+                                settings.compression_warmup),
         cohort_size=len(nodes), extra={**settings.client_config, **extra_config})
-    content = RecordDict({protocol.ARRAYS: broadcast, protocol.CONFIG: instruction.to_record()})
-    messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
-    download_bytes = record_bytes(content) * len(messages)
+    plan = _build_downloads(nodes, server_round, global_weights, instruction, download,
+                            history, rng, settings.seed)
+    messages = plan.messages
+    # Bytes as Flower sends them (the whole serialized message) and, apart, the arrays.
+    sizes = [message_bytes(m) for m in messages]
+    download_bytes = sum(sizes)
+    download_payload = sum(record_bytes(m.content) for m in messages)
     ids = list(grid.push_messages(messages))
     id_to_node = dict(zip(ids, nodes, strict=True))
+    down_of = dict(zip(nodes, sizes, strict=True))
+    received = plan.base
 
-    strategy.begin_round(server_round, received)
-    valid = rejected = upload = unavailable = clipped = 0
+    strategy.begin_round(server_round, plan.base)
+    valid = rejected = upload = upload_payload = unavailable = clipped = 0
     participants: list[int] = []
     replied: list[int] = []
     reply_metrics: list[dict[str, float]] = []
+    link_times: list[float] = []
     for reply in poll_replies(grid, ids, timeout=settings.round_timeout, clock=clock, sleep=sleep):
         node = id_to_node[reply.metadata.reply_to_message_id]
         if reply.has_error() and is_unavailable_error(reply):
@@ -332,14 +402,18 @@ def run_round(
         if reply.has_error() and int(reply.error.code) == EXPIRED_ERROR_CODE:
             continue  # the reply expired before it was pulled: counted as timed out
         replied.append(node)
+        up = message_bytes(reply)
+        upload += up
         if reply.has_error():
             rejected += 1
             log.warning("round %s: node %s replied with an error: %.200s", server_round, node,
                         reply.error.reason)
+            if history is not None:
+                history.acknowledge(node, None)
             continue
         try:
-            upload += record_bytes(reply.content)
-            checked = protocol.validate_train_reply(reply, received,
+            upload_payload += record_bytes(reply.content)
+            checked = protocol.validate_train_reply(reply, plan.received[node],
                                                     max_weight=settings.max_client_weight,
                                                     dp=settings.dp)
             delta, norm, was_clipped = bound_update_norm(checked.delta, settings.max_update_norm)
@@ -362,6 +436,13 @@ def run_round(
                      server_round, node, norm, settings.max_update_norm)
         participants.append(node)
         reply_metrics.append(dict(checked.metrics))
+        held = protocol.held_version_of_reply(reply)
+        if history is not None:
+            history.acknowledge(node, held)
+        if settings.link is not None:
+            link_times.append(settings.link.client_seconds(
+                download_bytes=down_of[node], upload_bytes=up,
+                compute_seconds=protocol.compute_seconds_of_reply(reply) or 0.0))
     timed_out = len(nodes) - valid - rejected - unavailable
     if timed_out:
         log.warning("round %s: %s of %s clients did not reply within %.1f s", server_round,
@@ -381,7 +462,11 @@ def run_round(
         new_global = global_weights
     return RoundOutcome(new_global, valid, rejected, timed_out, upload, download_bytes,
                         participants, reply_metrics, unavailable=unavailable, replied=replied,
-                        clipped=clipped)
+                        clipped=clipped, upload_payload_bytes=upload_payload,
+                        download_payload_bytes=download_payload, full_downloads=plan.full,
+                        diff_downloads=plan.diffs,
+                        link_seconds=None if settings.link is None else
+                        settings.link.round_seconds(link_times))
 
 
 def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weights: Weights,
@@ -504,6 +589,7 @@ def run_federation(
         population = len(membership.known(first))
         ledger = privacy(population)
     stop: str | None = None
+    history = make_history(settings, download)
     for server_round in range(first, settings.rounds + 1):
         started = clock()
         membership.refresh(grid, server_round)
@@ -533,11 +619,16 @@ def run_federation(
         extra: dict[str, Scalar] = dict(strategy.client_config(server_round))
         if ledger is not None:
             extra.update(ledger.train_config(server_round, cohort_size=len(sampled)))
-        play = run_round
         if settings.secagg != "off":
-            from flowerpress.server.secagg_round import run_secagg_round as play
-        outcome = play(grid, server_round, sampled, weights, strategy, settings,
-                       extra_config=extra, download=download, rng=rng, clock=clock, sleep=sleep)
+            from flowerpress.server.secagg_round import run_secagg_round
+
+            outcome = run_secagg_round(grid, server_round, sampled, weights, strategy, settings,
+                                       extra_config=extra, download=download, rng=rng,
+                                       clock=clock, sleep=sleep)
+        else:
+            outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
+                                extra_config=extra, download=download, history=history,
+                                rng=rng, clock=clock, sleep=sleep)
         membership.record_round(sampled, outcome.replied)
         weights = outcome.new_global
         epsilon = nominal = None
@@ -569,6 +660,9 @@ def run_federation(
             "clipped": outcome.clipped,
             "upload_bytes": outcome.upload_bytes,
             "download_bytes": outcome.download_bytes,
+            "upload_payload_bytes": outcome.upload_payload_bytes,
+            "download_payload_bytes": outcome.download_payload_bytes,
+            "link_seconds": outcome.link_seconds,
             "epsilon": epsilon,
             "seconds": round(clock() - started, 4),
         }
@@ -576,6 +670,9 @@ def run_federation(
             row["evaluated_by"] = int(metrics.get("evaluated_by") or 0)
         if nominal is not None:
             row["nominal_epsilon"] = nominal
+        if history is not None:
+            row["download"] = {"full": outcome.full_downloads, "diffs": outcome.diff_downloads,
+                               **history.stats()}
         rows.append(row)
         if on_state is not None:
             state_dict = getattr(strategy, "state_dict", None)
@@ -643,6 +740,18 @@ def _load_privacy_state(ledger: PrivacyLedger, state: Mapping[str, Any] | None) 
         load(state)
     except (ValueError, TypeError, KeyError) as exc:
         raise ResumeError(f"the checkpoint's privacy state does not fit this run: {exc}") from None
+
+
+def make_history(settings: LoopSettings, download: DownloadCodec | None
+                 ) -> DownloadHistory | None:
+    """The history download's server state, or None when it is off."""
+    if settings.download_history_bytes <= 0:
+        return None
+    from flowerpress.compression import parse
+
+    diff = parse(download.spec if download is not None else "none")
+    return DownloadHistory(diff_codec=diff, full_codec=parse(settings.download_full),
+                           budget_bytes=settings.download_history_bytes)
 
 
 def _opt_float(value: float | None) -> float | None:

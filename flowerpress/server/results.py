@@ -5,12 +5,19 @@ The layout is the contract of ARCHITECTURE.md::
     {"config": {...},
      "rounds": [{"round", "accuracy", "loss", "f1_macro", "clients", "rejected",
                  "timed_out", "unavailable", "upload_bytes", "download_bytes",
+                 "upload_payload_bytes", "download_payload_bytes", "link_seconds",
                  "epsilon", "seconds"}, ...],
      "summary": {"final_accuracy", "total_upload_bytes", "total_download_bytes",
+                 "total_bytes", "total_upload_payload_bytes",
+                 "total_download_payload_bytes", "total_link_seconds",
                  "fp32_upload_bytes"},
      "privacy": {...} | null}
 
-Bytes are the sizes of the array payloads carried in the Flower messages.
+``upload_bytes`` and ``download_bytes`` are the Flower messages as Flower
+serializes them (``flowerpress.protocol.message_bytes``: metadata, every
+record, protobuf framing), both directions, every message of the round;
+``*_payload_bytes`` are the array data alone. ``link_seconds`` is the round's
+estimated time under the run's ``link`` profile (``flowerpress.config.LinkProfile``).
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 ROUND_FIELDS = ("round", "accuracy", "loss", "f1_macro", "clients", "rejected", "timed_out",
-                "unavailable", "upload_bytes", "download_bytes", "epsilon", "seconds")
+                "unavailable", "upload_bytes", "download_bytes", "upload_payload_bytes",
+                "download_payload_bytes", "link_seconds", "epsilon", "seconds")
 
 
 def build_results(
@@ -50,6 +58,14 @@ def build_results(
         "final_accuracy": rows[-1]["accuracy"] if rows else None,
         "total_upload_bytes": sum(int(r["upload_bytes"]) for r in rows),
         "total_download_bytes": sum(int(r["download_bytes"]) for r in rows),
+        "total_bytes": sum(int(r["upload_bytes"]) + int(r["download_bytes"]) for r in rows),
+        "total_upload_payload_bytes": sum(int(r.get("upload_payload_bytes") or 0)
+                                          for r in rows),
+        "total_download_payload_bytes": sum(int(r.get("download_payload_bytes") or 0)
+                                            for r in rows),
+        "total_link_seconds": (sum(float(r["link_seconds"]) for r in rows)
+                               if rows and all(r.get("link_seconds") is not None for r in rows)
+                               else None),
         "fp32_upload_bytes": fp32,
         "model_parameters": model_elements,
         "rounds_completed": len(rows),
@@ -125,7 +141,7 @@ def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
 
 
 def write_report(path: Path, results: Mapping[str, Any]) -> None:
-    """Plot accuracy against round and against cumulative upload MB."""
+    """Plot accuracy against round, cumulative message MB (both directions) and link time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,22 +150,39 @@ def write_report(path: Path, results: Mapping[str, Any]) -> None:
     rows = results["rounds"]
     rounds = [r["round"] for r in rows]
     acc = [r["accuracy"] for r in rows]
-    mb, total = [], 0
+    up_mb, total_mb, minutes = [], [], []
+    up = total = 0
+    seconds = 0.0
     for r in rows:
-        total += r["upload_bytes"]
-        mb.append(total / 1e6)
+        up += r["upload_bytes"]
+        total += r["upload_bytes"] + r["download_bytes"]
+        seconds += float(r.get("link_seconds") or 0.0)
+        up_mb.append(up / 1e6)
+        total_mb.append(total / 1e6)
+        minutes.append(seconds / 60.0)
+    has_link = any(r.get("link_seconds") is not None for r in rows)
     cfg = results["config"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3 if has_link else 2, figsize=(15 if has_link else 10, 4))
+    ax1, ax2 = axes[0], axes[1]
     ax1.plot(rounds, acc, marker="o")
     ax1.set_xlabel("round")
     ax1.set_ylabel("test accuracy")
     ax1.grid(alpha=0.3)
-    ax2.plot(mb, acc, marker="o")
-    ax2.set_xlabel("cumulative upload (MB)")
+    ax2.plot(total_mb, acc, marker="o", label="upload + download")
+    ax2.plot(up_mb, acc, marker=".", linestyle="--", label="upload")
+    ax2.set_xlabel("cumulative message MB (as Flower sends them)")
     ax2.set_ylabel("test accuracy")
+    ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
+    if has_link:
+        ax3 = axes[2]
+        ax3.plot(minutes, acc, marker="o")
+        ax3.set_xlabel(f"estimated time (min), link {cfg.get('link')}")
+        ax3.set_ylabel("test accuracy")
+        ax3.grid(alpha=0.3)
     fig.suptitle(f"{cfg.get('dataset')} {cfg.get('partition')}  "
-                 f"compression={cfg.get('compression')}  dp={cfg.get('dp')}  "
+                 f"compression={cfg.get('compression')}  "
+                 f"download={cfg.get('download-compression')}  dp={cfg.get('dp')}  "
                  f"strategy={cfg.get('strategy')}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,19 +44,26 @@ class ProgressPrinter:
         self.total_rounds = total_rounds
         self.stream = stream
         self.upload = 0
+        self.total = 0
+        self.link = 0.0
 
     def header(self) -> None:
         print(f"{'round':>7} {'acc':>7} {'f1':>6} {'loss':>7} {'clients':>7} {'rej':>4}"
-              f" {'upload MB':>10} {'total MB':>9} {'eps':>7} {'sec':>6}", file=self.stream,
-              flush=True)
+              f" {'up MB':>8} {'down MB':>8} {'cum up':>8} {'cum total':>9} {'link s':>8}"
+              f" {'eps':>7} {'sec':>6}", file=self.stream, flush=True)
 
     def __call__(self, row: Mapping[str, Any]) -> None:
+        """Message bytes as Flower sends them; ``link s``: cumulative estimated time."""
         self.upload += int(row["upload_bytes"])
+        self.total += int(row["upload_bytes"]) + int(row["download_bytes"])
+        self.link += float(row.get("link_seconds") or 0.0)
         eps = "-" if row["epsilon"] is None else f"{row['epsilon']:.3f}"
         print(f"{row['round']:>3}/{self.total_rounds:<3} {_num(row['accuracy'], 7, 4)} "
               f"{_num(row['f1_macro'], 6, 3)} {_num(row['loss'], 7, 4)} {row['clients']:>7} "
-              f"{row['rejected']:>4} {row['upload_bytes'] / 1e6:10.4f} {self.upload / 1e6:9.3f} "
-              f"{eps:>7} {row['seconds']:6.2f}", file=self.stream, flush=True)
+              f"{row['rejected']:>4} {row['upload_bytes'] / 1e6:8.4f} "
+              f"{row['download_bytes'] / 1e6:8.4f} {self.upload / 1e6:8.3f} "
+              f"{self.total / 1e6:9.3f} {self.link:8.1f} {eps:>7} {row['seconds']:6.2f}",
+              file=self.stream, flush=True)
 
 
 def _num(value: float | None, width: int, digits: int) -> str:

@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from flowerpress.client.app import app as client_app
-from flowerpress.protocol import record_bytes
+from flowerpress.protocol import message_bytes, record_bytes
 from flowerpress.server.loop import LoopSettings, poll_replies, run_federation
 from flowerpress.strategies import build_strategy
 from flowerpress.tasks import data
@@ -67,13 +67,17 @@ def test_bytes_are_read_from_the_messages() -> None:
     grid = InProcessGrid(client_app, run_config=RUN, num_nodes=4)
     # Execute
     _, rows = _run(grid, rounds=1)
-    # Assert: download = the train messages actually pushed (one hello query each too)
+    # Assert: download = the train messages actually pushed (one hello query each too),
+    # as Flower serializes them, and their array payloads apart
     train = [m for m in grid.pushed if m.metadata.message_type == "train"]
-    assert rows[0]["download_bytes"] == sum(record_bytes(m.content) for m in train)
+    assert rows[0]["download_bytes"] == sum(message_bytes(m) for m in train)
+    assert rows[0]["download_payload_bytes"] == sum(record_bytes(m.content) for m in train)
     _, initial, _ = _setup()
     fp32 = sum(w.size for w in initial) * 4
     # float32 arrays plus their small serialisation headers, for 3 clients
-    assert 3 * fp32 <= rows[0]["upload_bytes"] < 3 * (fp32 + 1024)
+    assert 3 * fp32 <= rows[0]["upload_payload_bytes"] < 3 * (fp32 + 1024)
+    # the whole reply messages: metadata, metrics and framing on top
+    assert rows[0]["upload_payload_bytes"] < rows[0]["upload_bytes"] < 3 * (fp32 + 2048)
 
 
 def test_silent_client_does_not_stall_the_run() -> None:
