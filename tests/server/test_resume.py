@@ -53,7 +53,7 @@ def _serve(out: Path, *, crash_round: int = 0, **overrides: Any) -> dict[str, An
 
 
 def _without_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "link_seconds")} for r in rows]
 
 
 # flowerpress's own rules fold replies in float64, so an in-process run is
