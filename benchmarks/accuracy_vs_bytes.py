@@ -215,7 +215,11 @@ def per_seed_table(summaries: Sequence[Summary], *, target: float, at_round: int
 
 
 def summary_table(summaries: Sequence[Summary], *, target: float, at_round: int) -> str:
-    """Per run over seeds: median and worst of the ratios, rounds and accuracy gap."""
+    """Per run over seeds: median and worst of the ratios, rounds and accuracy gap.
+
+    A seed that never reaches ``target`` counts as rounds, MB and time ``inf``
+    and ratio ``0.0x``.
+    """
     base_run = summaries[0].run
     base = {s.seed: s for s in summaries if s.run == base_run}
     pct = f"{target:.0%}"
