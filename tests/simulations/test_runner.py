@@ -81,6 +81,7 @@ def test_progress_lines_show_a_dash_for_a_null_accuracy() -> None:
     printer = runner.ProgressPrinter(2, stream)
     # Execute
     printer({"round": 1, "accuracy": None, "f1_macro": None, "loss": None, "clients": 3,
-             "rejected": 1, "upload_bytes": 10, "epsilon": None, "seconds": 0.1})
+             "rejected": 1, "upload_bytes": 10, "download_bytes": 20, "link_seconds": None,
+             "epsilon": None, "seconds": 0.1})
     # Assert
     assert " - " in stream.getvalue()
