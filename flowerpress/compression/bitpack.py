@@ -308,7 +308,7 @@ def rice_decode_into(
 _TWO_POW_M53 = float(2.0**-53)
 _MAX_SEEDED_N = 1 << 30
 # Draws per batch when deriving a random-k support (bounded temporaries).
-_SEED_BATCH = 1 << 16
+_SEED_BATCH = 1 << 13
 _POS_BITS = 16  # bits of a draw's position inside a batch (<= _SEED_BATCH)
 
 
