@@ -130,7 +130,7 @@ class SecAggLedger:
                            f"{self.max_epsilon:g}")
         return True, ""
 
-    def end_round(self, participants: Sequence[int],
+    def end_round(self, participants: Sequence[int | str],
                   reply_metrics: Sequence[Mapping[str, float | int]], *,
                   aggregated: int | None = None, cohort_size: int | None = None,
                   population: int | None = None) -> float:

@@ -78,7 +78,7 @@ class PrivacyLedger(Protocol):
                      cohort_size: int | None = None) -> dict[str, int | float | str | bool]: ...
     def can_run_round(self, *, cohort_size: int | None = None,
                       population: int | None = None) -> tuple[bool, str]: ...
-    def end_round(self, participants: Sequence[int],
+    def end_round(self, participants: Sequence[int | str],
                   reply_metrics: Sequence[Mapping[str, float | int]], *,
                   aggregated: int | None = None, cohort_size: int | None = None,
                   population: int | None = None) -> float: ...
@@ -638,7 +638,10 @@ def run_federation(
             # aggregate holds only the valid replies' noise: distributed mode
             # accounts z * sqrt(valid / sampled); an unchanged model released none.
             released = outcome.valid if outcome.valid >= settings.min_replies else 0
-            ledger.end_round(sampled, outcome.reply_metrics, aggregated=released,
+            # Per-client charges are keyed by the partition a node holds where it
+            # reports one (it survives a node's re-registration), else its node id.
+            ledger.end_round([membership.stable_id(n) for n in sampled],
+                             outcome.reply_metrics, aggregated=released,
                              cohort_size=len(drawn), population=len(pool))
             epsilon = ledger.epsilon_json
             if not ledger.private:  # rng=seeded: no guarantee, the nominal value apart

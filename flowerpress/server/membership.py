@@ -195,6 +195,14 @@ class Membership:
                                                r.node_id))
         return [r.node_id for r in keyed]
 
+    def stable_id(self, node: int) -> str:
+        """An id for the privacy ledger that survives re-registration: ``p<partition>``
+        where the node reported its partition, else ``n<node id>``."""
+        record = self.records.get(node)
+        if record is not None and record.partition is not None:
+            return f"p{record.partition}"
+        return f"n{node}"
+
     def known(self, server_round: int) -> list[int]:
         """Nodes known before ``server_round`` (the population), in sampling order."""
         return self._order(r for r in self.records.values() if r.since < server_round)

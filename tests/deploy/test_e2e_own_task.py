@@ -54,4 +54,5 @@ def test_own_task_runs_on_a_superlink_with_device_data(tmp_path: Path) -> None:
     row = results["rounds"][0]
     assert row["clients"] == DEVICES and row["rejected"] == 0, log
     assert row["evaluated_by"] == DEVICES and row["epsilon"] is not None
-    assert results["summary"]["total_upload_payload_bytes"] * 3 < results["summary"]["fp32_upload_bytes"]
+    summary = results["summary"]
+    assert summary["total_upload_payload_bytes"] * 3 < summary["fp32_upload_bytes"]

@@ -41,7 +41,8 @@ def test_own_task_learns_with_federated_evaluation(sensor_task: type) -> None:
     rows = result["rounds"]
     assert all(r["evaluated_by"] == 4 and r["clients"] == 4 for r in rows)
     assert rows[-1]["accuracy"] > 0.5
-    assert result["summary"]["total_upload_payload_bytes"] * 3 < result["summary"]["fp32_upload_bytes"]
+    summary = result["summary"]
+    assert summary["total_upload_payload_bytes"] * 3 < summary["fp32_upload_bytes"]
 
 
 def test_own_task_runs_with_flwr_on_the_simulation_engine(tmp_path: Path) -> None:
@@ -64,4 +65,5 @@ def test_own_task_runs_with_flwr_on_the_simulation_engine(tmp_path: Path) -> Non
     assert all(r["epsilon"] is not None and r["evaluated_by"] > 0 for r in rows)
     assert results["config"]["strategy"] == "fedadam:lr=0.1"
     assert results["privacy"]["mode"] == "distributed"
-    assert results["summary"]["total_upload_payload_bytes"] * 3 < results["summary"]["fp32_upload_bytes"]
+    summary = results["summary"]
+    assert summary["total_upload_payload_bytes"] * 3 < summary["fp32_upload_bytes"]
