@@ -60,8 +60,11 @@ _MAX_NDIM = 32
 _MAX_DIM = 0xFFFFFFFF
 #: Default cap on the number of tensors a payload may declare (pass the model's count).
 DEFAULT_MAX_TENSORS = 1 << 16
-#: Header slack allowed on top of the element budget when bounding a body.
-_BODY_SLACK = 1 << 20
+#: Header slack allowed on top of the element budget when bounding a body: a
+#: fixed part and a part per declared tensor (shape, stage ids, counts), so the
+#: bound stays proportional to the model for small models too.
+_BODY_SLACK = 1 << 16
+_BODY_SLACK_PER_TENSOR = 256
 _MANIFEST_NAME = re.compile(rb"^[a-z][a-z0-9_-]{0,31}$")
 _ROLE_NAMES = {registry.ROLE_VALUE: "value", registry.ROLE_STRUCTURE: "structure"}
 
@@ -267,7 +270,7 @@ class Pipeline:
     ``zstd[:LEVEL]`` -- Zstandard (Collet & Kucherawy, RFC 8878) over the
     encoded body, level 1-22 (default 3).  Lossless, hence unbiased and
     trivially post-processing.  The decoder bounds the decompressed size by
-    ``5 * max_elements + 1 MiB`` and checks it against the frame before
+    ``5 * max_elements + 64 KiB + 256 * max_tensors`` and checks it against the frame before
     decompressing, so a tiny payload cannot expand into gigabytes.
 
     Attributes
@@ -485,7 +488,7 @@ def decode(
     max_elements
         Upper bound on the total number of elements of all tensors (use the
         model's parameter count).  Also bounds the decompressed body of a
-        ``zstd`` payload to ``5 * max_elements + 1 MiB``.
+        ``zstd`` payload to ``5 * max_elements + 64 KiB + 256 * max_tensors``.
     max_tensors
         Upper bound on the number of tensors: pass the model's tensor count
         (``len(model)``), so a payload declaring many tiny tensors is
@@ -517,7 +520,8 @@ def decode(
         buffer = payload
     else:
         raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
-    body_limit = 5 * max_elements + _BODY_SLACK
+    body_limit = 5 * max_elements + _BODY_SLACK + _BODY_SLACK_PER_TENSOR * min(
+        max_tensors, DEFAULT_MAX_TENSORS)
     try:
         with np.errstate(all="ignore"):
             view = memoryview(buffer)
