@@ -84,7 +84,7 @@ def _check_compression(value: str) -> object:
 
 
 def _check_first_compression(value: str) -> object:
-    return None if not value.strip() else _check_compression(value)
+    return None if value.strip() in ("", "off") else _check_compression(value)
 
 
 def _check_dp(value: str) -> object:
@@ -164,7 +164,8 @@ SCHEMA: dict[str, Key] = {
                                      check=_check_compression),
     "download-first-compression": Key(str, "", "codec of a new device's first download, the "
                                       "difference from the initial model it builds itself "
-                                      "(download-history only; empty: download-compression)",
+                                      "(download-history only; empty: download-compression; off: "
+                                      "the full model)",
                                       check=_check_first_compression),
     "link": Key(str, "up:1mbit,down:10mbit,rtt:50ms", "devices' link for the round-time "
                 "estimate: up:RATE,down:RATE,rtt:TIME (RATE in bit/kbit/mbit/gbit, TIME in "

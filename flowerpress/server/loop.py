@@ -126,7 +126,8 @@ class LoopSettings:
     download_history_bytes: int = 0
     download_full: str = "q:8"
     # Codec of a first contact's difference from the initial model ("": the
-    # download-compression codec); devices that build the initial model only.
+    # download-compression codec; "off": full models); devices that build the
+    # initial model only.
     download_first: str = ""
     # Devices' link (config.LinkProfile): turns bytes and compute into round time.
     link: LinkProfile | None = None
@@ -780,10 +781,12 @@ def make_history(settings: LoopSettings, download: DownloadCodec | None,
     from flowerpress.compression import parse
 
     diff = parse(download.spec if download is not None else "none")
-    first = parse(settings.download_first) if settings.download_first.strip() else None
+    spec = settings.download_first.strip()
+    first = parse(spec) if spec not in ("", "off") else None
+    anchored = initial_weights is not None and spec != "off"
     return DownloadHistory(diff_codec=diff, full_codec=parse(settings.download_full),
                            budget_bytes=settings.download_history_bytes,
-                           initial=None if initial_weights is None else list(initial_weights),
+                           initial=list(initial_weights) if anchored else None,
                            first_codec=first)
 
 

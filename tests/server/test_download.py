@@ -490,3 +490,22 @@ def test_inprocess_run_sends_first_contacts_as_differences() -> None:
     assert sum(r["download"]["full"] for r in rows) == 0
     assert sum(r["download"]["diffs"] for r in rows) == 9
     assert doc["summary"]["final_accuracy"] > doc["summary"]["initial_accuracy"]
+
+
+@pytest.mark.parametrize(("spec", "anchored", "codec"), [
+    ("", True, None), ("topk:0.1+q:4+zstd", True, "topk:0.1+q:4+zstd:3"), ("off", False, None)])
+def test_download_first_compression_from_the_run_config(spec: str, anchored: bool,
+                                                        codec: str | None) -> None:
+    from flowerpress.server.loop import make_history
+
+    # Prepare
+    assert validate({"download-first-compression": spec})["download-first-compression"] == spec
+    settings = _settings(download_history_bytes=10**6, download_first=spec)
+    # Execute
+    history = make_history(settings, parse("topk:0.05+q:4"), _initial())
+    # Assert: "off" keeps full first contacts; empty reuses download-compression
+    assert history is not None
+    assert (history.anchor_digest is not None) == anchored
+    assert (None if history.first_codec is None else history.first_codec.spec) == codec
+    with pytest.raises(ConfigError):
+        validate({"download-first-compression": "topk:2"})
