@@ -783,10 +783,10 @@ def make_history(settings: LoopSettings, download: DownloadCodec | None,
     diff = parse(download.spec if download is not None else "none")
     spec = settings.download_first.strip()
     first = parse(spec) if spec not in ("", "off") else None
-    anchored = initial_weights is not None and spec != "off"
+    anchor = None if initial_weights is None or spec == "off" else list(initial_weights)
     return DownloadHistory(diff_codec=diff, full_codec=parse(settings.download_full),
                            budget_bytes=settings.download_history_bytes,
-                           initial=list(initial_weights) if anchored else None,
+                           initial=anchor,
                            first_codec=first)
 
 
