@@ -2,9 +2,11 @@
 
 Under partial participation a device that trained in round S and is picked
 again in round T holds the model of round S. Instead of the whole model, the
-server sends it the compressed global updates of rounds S+1..T, which it keeps
-in a bounded history; a device without a usable version (new, evicted from the
-history, or a claim that does not check out) gets the quantized full model.
+server sends it one compressed difference between its model and the device's
+(it keeps the device's exact model, bounded); a device without a usable
+version (new, evicted from the history, or a claim that does not check out)
+gets the compressed difference from the run's initial model if it can build
+that model, else the quantized full model.
 
 The server keeps (Gruntkowska, Tyurin and Richtárik, "EF21-P and Friends",
 ICML 2023: primal compression with error feedback):
