@@ -35,6 +35,7 @@ _EXPORTS = {
     "serve": "flowerpress.server.app",
     "client_app": "flowerpress.client.app",
     "compression_mod": "flowerpress.client.mods",
+    "make_compression_mod": "flowerpress.client.mods",
     "dp_mod": "flowerpress.privacy.mod",
     "Task": "flowerpress.tasks.base",
     "TaskError": "flowerpress.tasks.base",
@@ -71,6 +72,7 @@ __all__ = [
     "client_app",
     "compression_mod",
     "dp_mod",
+    "make_compression_mod",
     "register_strategy",
     "register_task",
     "serve",
@@ -80,7 +82,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from flowerpress.client.app import client_app
-    from flowerpress.client.mods import compression_mod
+    from flowerpress.client.mods import compression_mod, make_compression_mod
     from flowerpress.config import ConfigError
     from flowerpress.config import validate as validate_config
     from flowerpress.privacy.mod import dp_mod

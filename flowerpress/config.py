@@ -83,6 +83,10 @@ def _check_compression(value: str) -> object:
     return parse(value)
 
 
+def _check_first_compression(value: str) -> object:
+    return None if value.strip() in ("", "off") else _check_compression(value)
+
+
 def _check_dp(value: str) -> object:
     from flowerpress.privacy import parse_dp
 
@@ -158,6 +162,11 @@ SCHEMA: dict[str, Key] = {
     "download-full-compression": Key(str, "q:8", "codec of the full model a device without a "
                                      "usable version gets (download-history only)",
                                      check=_check_compression),
+    "download-first-compression": Key(str, "", "codec of a new device's first download, the "
+                                      "difference from the initial model it builds itself "
+                                      "(download-history only; empty: download-compression; off: "
+                                      "the full model)",
+                                      check=_check_first_compression),
     "link": Key(str, "up:1mbit,down:10mbit,rtt:50ms", "devices' link for the round-time "
                 "estimate: up:RATE,down:RATE,rtt:TIME (RATE in bit/kbit/mbit/gbit, TIME in "
                 "ms/s), or none", check=_check_link),

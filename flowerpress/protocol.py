@@ -571,7 +571,13 @@ def partition_of_reply(reply: Message) -> int | None:
 #                                              to ("" for a full model)
 #
 # A version "A.T" is a device's model after its download of round T; A is the
-# round it last received a full model. The train reply carries
+# round it last received a full model, or 0 when its chain starts from the
+# run's initial model (the anchor ``"0.0"``, :data:`ANCHOR_VERSION`), which a
+# device that knows its task builds itself: its first download is then a
+# difference with base "0.0". A device says it can build the anchor in its
+# answer to the server's hello query: ``"info": {..., "download-anchor": HEX}``,
+# the digest of the initial model it builds; the server uses the anchor only
+# for a device whose digest equals its own. The train reply carries
 # ``"download"`` back: {"download-held": "A.T", "download-digest": HEX} and,
 # outside DP, "compute-seconds" (the device's local training time). The server
 # verifies every claim against its own record; nothing it allocates is sized by
@@ -582,6 +588,10 @@ DOWNLOAD_VERSION = "download-version"
 DOWNLOAD_DIGEST = "download-digest"
 DOWNLOAD_BASE = "download-base"
 DOWNLOAD_HELD = "download-held"
+#: Key of the hello reply's ``info`` record: digest of the initial model the device builds.
+DOWNLOAD_ANCHOR = "download-anchor"
+#: The version id of the run's initial model (the anchor of a device's first difference).
+ANCHOR_VERSION = (0, 0)
 COMPUTE_SECONDS = "compute-seconds"
 #: Key prefix of the per-round diff payloads in a history download's ArrayRecord.
 DIFF_PREFIX = "diff."
@@ -656,6 +666,18 @@ def held_version_of_reply(reply: Message) -> HeldVersion | None:
     if version is None or digest is None:
         return None
     return HeldVersion(version[0], version[1], digest, _seconds(record.get(COMPUTE_SECONDS)))
+
+
+def anchor_of_reply(reply: Message) -> str | None:
+    """The initial-model digest a hello reply says its device builds, or None.
+
+    Bounded and strict: a well-formed 32-hex digest or nothing (the device then
+    gets full models, as a device that does not know its task).
+    """
+    if reply.has_error() or not reply.has_content():
+        return None
+    info = reply.content.config_records.get(INFO)
+    return None if info is None else parse_digest(info.get(DOWNLOAD_ANCHOR))
 
 
 def _seconds(raw: object) -> float | None:

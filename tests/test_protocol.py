@@ -249,3 +249,22 @@ def test_a_mutated_payload_is_rejected(mutate: Callable[[bytes], bytes]) -> None
                                                 rng=np.random.default_rng(0))
     # Execute / Assert
     _rejects(_reply(payload_record(mutate(blob))), "payload")
+
+
+@pytest.mark.parametrize("anchor", ["a" * 32, "A" * 32, "a" * 31, "a" * 33, 7, None, True,
+                                    "g" * 32, "0" * 32 + "\n"])
+def test_the_hello_replys_anchor_is_a_well_formed_digest_or_nothing(anchor: Any) -> None:
+    # Prepare
+    from flwr.app import ConfigRecord
+
+    with server_identity():
+        query = Message(RecordDict({"config": ConfigRecord({"hello": True})}), dst_node_id=1,
+                        message_type="query")
+        info: dict[str, Any] = {"partition-id": 0, "num-partitions": 1}
+        if anchor is not None:
+            info["download-anchor"] = anchor
+        reply = Message(RecordDict({"info": ConfigRecord(info)}), reply_to=query)
+    # Execute
+    got = protocol.anchor_of_reply(reply)
+    # Assert: only 32 lower-case hex characters count
+    assert got == (anchor if anchor == "a" * 32 else None)

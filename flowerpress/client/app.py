@@ -36,7 +36,7 @@ from flwr.clientapp.typing import Mod
 from flwr.common.constant import ErrorCode
 
 from flowerpress import protocol
-from flowerpress.client.mods import compression_mod
+from flowerpress.client.mods import make_compression_mod
 from flowerpress.privacy.mod import dp_mod
 from flowerpress.secagg.mod import secagg_mod
 from flowerpress.tasks.base import Scalar, Task, TaskError, TrainContext, Weights
@@ -49,6 +49,8 @@ TaskWrapper = Callable[[Task, Mapping[str, Scalar]], Task]
 
 _TASKS: dict[Hashable, Task] = {}
 _DATA: dict[Hashable, Any] = {}
+#: id(task) -> (task, its initial weights): the anchor of the history download.
+_INITIAL: dict[Hashable, tuple[Task, Weights]] = {}
 _CACHE_LIMIT = 8
 
 
@@ -119,7 +121,9 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
         Install flowerpress's mods, outer to inner ``compression_mod, dp_mod,
         secagg_mod``: the broadcast is decoded first and the update encoded
         last, so it is clipped and noised before it is compressed
-        (``secagg_mod`` acts only on secure-aggregation rounds).
+        (``secagg_mod`` acts only on secure-aggregation rounds). The
+        compression mod gets the task's ``initial_weights`` (built once per
+        task), so a first history download can be a difference from them.
     outer_mods
         Further Flower mods placed outside flowerpress's.
     """
@@ -140,8 +144,17 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
             cached = _remember(_TASKS, key, built if wrap is None else wrap(built, config))
         return cached
 
+    def initial_weights(context: Context) -> Weights:
+        current = resolve(context)
+        cached = _INITIAL.get(id(current))
+        if cached is None or cached[0] is not current:
+            weights = [np.asarray(w, dtype=np.float32) for w in current.initial_weights()]
+            cached = _remember(_INITIAL, id(current), (current, weights))
+        return cached[1]
+
+    compression = make_compression_mod(initial_weights=initial_weights)
     app = ClientApp(mods=[*outer_mods,
-                          *([compression_mod, dp_mod, secagg_mod] if mods else [])])
+                          *([compression, dp_mod, secagg_mod] if mods else [])])
 
     @app.query()
     def hello(msg: Message, context: Context) -> Message:

@@ -10,11 +10,17 @@ Any mismatch (lost state, a claim that was not true, a corrupted payload)
 raises: the device forgets its model, replies with an error this round and
 gets a full model next time. It never trains on a model other than the one
 the server intended.
+
+A device that can build the run's initial model (its ClientApp knows the
+task: :func:`flowerpress.client_app` passes ``Task.initial_weights`` to the
+mod as an :data:`InitialWeights` provider) may get a difference with base
+``"0.0"`` (the anchor) instead of a full model: it builds the initial model,
+adds the difference, and checks the digest as for any other difference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
@@ -30,6 +36,11 @@ Weights = list[NDArray[np.float32]]
 HELD_KEY = "flowerpress.download"
 #: Its version and digest (a ConfigRecord).
 HELD_META_KEY = "flowerpress.download.meta"
+
+
+#: Builds the run's initial model on the device (``Task.initial_weights``), or None
+#: when this device cannot; called with the node's Context.
+InitialWeights = Callable[[Context], Sequence[NDArray[np.float32]] | None]
 
 
 class DownloadMismatchError(ValueError):
@@ -71,8 +82,20 @@ def _decode_diff(payload: bytes, reference: Sequence[NDArray[np.float32]]) -> We
     return out
 
 
-def receive_download(msg: Message, context: Context, *, max_elements: int) -> Weights:
+def anchor_weights(initial: InitialWeights | None, context: Context) -> Weights | None:
+    """The initial model as float32 copies (the anchor ``"0.0"``), or None if not buildable."""
+    if initial is None:
+        return None
+    built = initial(context)
+    return None if built is None else [np.array(w, dtype=np.float32) for w in built]
+
+
+def receive_download(msg: Message, context: Context, *, max_elements: int,
+                     initial: InitialWeights | None = None) -> Weights:
     """The model a history-download train message brings; kept in ``context.state``.
+
+    ``initial`` builds the run's initial model, the base of a difference from
+    ``"0.0"`` (a first contact); without it such a difference is refused.
 
     Raises
     ------
@@ -92,7 +115,7 @@ def receive_download(msg: Message, context: Context, *, max_elements: int) -> We
                        decode(payload_bytes(incoming), max_elements=max_elements)]
         else:
             base = protocol.parse_version(record.get(protocol.DOWNLOAD_BASE))
-            weights = _apply_diffs(incoming, base, target, context)
+            weights = _apply_diffs(incoming, base, target, context, initial)
     except DownloadMismatchError:
         _forget_inplace(context)
         raise
@@ -111,8 +134,19 @@ def receive_download(msg: Message, context: Context, *, max_elements: int) -> We
     return weights
 
 
-def _apply_diffs(incoming: ArrayRecord, base: tuple[int, int] | None,
-                 target: tuple[int, int], context: Context) -> Weights:
+def _base_weights(base: tuple[int, int] | None, target: tuple[int, int], context: Context,
+                  initial: InitialWeights | None) -> Weights:
+    """The model a difference applies to: the anchor (built here) or the held one."""
+    if base is not None and base == protocol.ANCHOR_VERSION and target[0] == 0 < target[1]:
+        try:
+            anchor = anchor_weights(initial, context)
+        except Exception as exc:  # the task cannot be built here: no anchor
+            raise DownloadMismatchError(f"cannot build the initial model: "
+                                        f"{type(exc).__name__}: {exc}") from None
+        if anchor is None:
+            raise DownloadMismatchError("a difference from the initial model was sent but "
+                                        "this device cannot build it")
+        return anchor
     held = held_model(context)
     if held is None:
         raise DownloadMismatchError("a difference was sent but this device holds no model")
@@ -124,6 +158,13 @@ def _apply_diffs(incoming: ArrayRecord, base: tuple[int, int] | None,
             f"{protocol.format_version(*target)}")
     if protocol.weights_digest(weights) != held_digest:
         raise DownloadMismatchError("the held model does not match its own digest")
+    return weights
+
+
+def _apply_diffs(incoming: ArrayRecord, base: tuple[int, int] | None,
+                 target: tuple[int, int], context: Context,
+                 initial: InitialWeights | None) -> Weights:
+    weights = _base_weights(base, target, context, initial)
     keys = sorted(incoming, key=lambda k: (len(k), k))
     if not keys or any(not k.startswith(protocol.DIFF_PREFIX) for k in keys):
         raise DownloadMismatchError(f"expected {protocol.DIFF_PREFIX}<round> arrays, got "

@@ -18,6 +18,14 @@ Error-feedback residuals and low-rank warm starts live in ``Context.state`` unde
 so the order on the way out is train -> clip -> noise -> compress: compression
 after noise is post-processing and keeps the DP guarantee, and the residuals are
 computed from the privatized update.
+
+:func:`make_compression_mod` builds the same mod with a provider of the run's
+initial model (``Task.initial_weights``; :func:`flowerpress.client_app` passes
+its task's): the device then tells the server, in its answer to the hello
+query, the digest of the initial model it builds, and its first history
+download can be a difference from that model instead of a full model
+(:mod:`flowerpress.client.download`). Plain ``compression_mod`` has no
+provider: such devices keep getting full models first.
 """
 
 from __future__ import annotations
@@ -27,11 +35,17 @@ import time
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
 from flowerpress import protocol
-from flowerpress.client.download import DownloadMismatchError, held_record, receive_download
+from flowerpress.client.download import (
+    DownloadMismatchError,
+    InitialWeights,
+    anchor_weights,
+    held_record,
+    receive_download,
+)
 from flowerpress.compression import CodecState, decode, parse
 from flowerpress.compression.envelope import is_payload, payload_bytes, payload_record
 
@@ -60,7 +74,58 @@ def _with_arrays(content: RecordDict, arrays: ArrayRecord) -> RecordDict:
 
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Decode a compressed broadcast and compress the train reply's update (see module doc)."""
+    return _compression(msg, context, call_next, None)
+
+
+def make_compression_mod(*, initial_weights: InitialWeights | None = None) -> Mod:
+    """:func:`compression_mod` for a device that can build the run's initial model.
+
+    Parameters
+    ----------
+    initial_weights
+        Returns the run's initial model on this node (``Task.initial_weights()``;
+        the same on every call), or None when it cannot. With it the device
+        advertises the model's digest in its hello reply and accepts a first
+        history download as a difference from it (EF21-P anchored at the
+        initial model; Gruntkowska, Tyurin and Richtárik, ICML 2023).
+    """
+    if initial_weights is None:
+        return compression_mod
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        return _compression(msg, context, call_next, initial_weights)
+
+    mod.__name__ = mod.__qualname__ = "compression_mod"
+    return mod
+
+
+def _advertise_anchor(reply: Message, context: Context, initial: InitialWeights) -> Message:
+    """Add the initial model's digest to a hello reply's ``info`` record (if buildable)."""
+    if reply.has_error() or not reply.has_content():
+        return reply
+    info = reply.content.config_records.get(protocol.INFO)
+    if info is None:
+        return reply
+    try:
+        anchor = anchor_weights(initial, context)
+    except Exception as exc:  # a task that cannot be built here: no anchor, full models
+        log.warning("the initial model cannot be built on this node: %s: %s",
+                    type(exc).__name__, exc)
+        return reply
+    if anchor is not None:
+        info[protocol.DOWNLOAD_ANCHOR] = protocol.weights_digest(anchor)
+    return reply
+
+
+def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
+                 initial: InitialWeights | None) -> Message:
     kind = msg.metadata.message_type.split(".")[0]
+    if kind == MessageType.QUERY and initial is not None:
+        config = msg.content.config_records.get(protocol.CONFIG) if msg.has_content() else None
+        reply = call_next(msg, context)
+        if config is not None and config.get(protocol.HELLO) is True:
+            reply = _advertise_anchor(reply, context, initial)
+        return reply
     if kind not in (MessageType.TRAIN, MessageType.EVALUATE):
         return call_next(msg, context)
     incoming = msg.content.array_records.get(ARRAYS_KEY)
@@ -71,7 +136,8 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
         # The history download: the diffs since the model this device holds, or a
         # full model; either way exactly the model the server names.
         try:
-            received = receive_download(msg, context, max_elements=_max_elements(context))
+            received = receive_download(msg, context, max_elements=_max_elements(context),
+                                        initial=initial)
         except DownloadMismatchError as exc:
             # Only this device loses the round; it has forgotten its model and
             # tells the server so (no claim), which sends a full model next time.

@@ -171,6 +171,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         secagg=str(config["secagg"]),
         download_history_bytes=int(float(config["download-history"]) * 1e6),
         download_full=str(config["download-full-compression"]),
+        download_first=str(config["download-first-compression"]),
         link=parse_link(str(config["link"])),
         compression_warmup=int(config["compression-warmup"]),
     )

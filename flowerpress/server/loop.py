@@ -125,6 +125,10 @@ class LoopSettings:
     # bytes (0: off, every device gets the broadcast) and the full-model codec.
     download_history_bytes: int = 0
     download_full: str = "q:8"
+    # Codec of a first contact's difference from the initial model ("": the
+    # download-compression codec; "off": full models); devices that build the
+    # initial model only.
+    download_first: str = ""
     # Devices' link (config.LinkProfile): turns bytes and compute into round time.
     link: LinkProfile | None = None
     # Rounds of top-k density warm-up (server/schedule.py; 0: off).
@@ -167,12 +171,15 @@ class FederationMismatchError(RuntimeError):
 def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
                         clock: Callable[[], float] = time.monotonic,
                         sleep: Callable[[float], None] = time.sleep,
-                        num_clients: int | None = None) -> dict[int, int | None]:
+                        num_clients: int | None = None,
+                        anchors: dict[int, str] | None = None) -> dict[int, int | None]:
     """Connected node ids and the partition each reports (None: no answer).
 
     Waits (bounded) for ``wanted`` nodes, then asks every node for its
     ``partition-id`` with a query message, so that sampling by seed picks the
-    same partitions in every run although node ids are random.
+    same partitions in every run although node ids are random. ``anchors``,
+    if given, receives the initial-model digest each node named (the history
+    download's anchor).
 
     Raises
     ------
@@ -204,6 +211,9 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
         if node is None or reply.has_error():
             continue
         partition[node] = protocol.partition_of_reply(reply)
+        anchor = protocol.anchor_of_reply(reply)
+        if anchors is not None and anchor is not None:
+            anchors[node] = anchor
         info = reply.content.config_records.get(protocol.INFO)
         size = None if info is None else info.get(protocol.NUM_PARTITIONS)
         if isinstance(size, int) and not isinstance(size, bool) and size > 0:
@@ -320,7 +330,7 @@ class _Downloads:
 def _build_downloads(nodes: Sequence[int], server_round: int, global_weights: Weights,
                      instruction: protocol.TrainInstruction, download: DownloadCodec | None,
                      history: DownloadHistory | None, rng: np.random.Generator,
-                     seed: int) -> _Downloads:
+                     seed: int, anchors: Mapping[int, str] | None = None) -> _Downloads:
     """One train message per node: the broadcast, or each node's history download."""
     config = instruction.to_record()
     if history is None:
@@ -333,7 +343,8 @@ def _build_downloads(nodes: Sequence[int], server_round: int, global_weights: We
     history.advance(server_round, global_weights, down_rng)
     out = _Downloads([], {}, global_weights)
     for n in nodes:
-        item = history.download_for(n, down_rng)
+        item = history.download_for(n, down_rng,
+                                    anchor=None if anchors is None else anchors.get(n))
         content = RecordDict({protocol.ARRAYS: item.arrays, protocol.CONFIG: config,
                               protocol.DOWNLOAD: item.record})
         out.messages.append(Message(content, dst_node_id=n, message_type=MessageType.TRAIN))
@@ -354,6 +365,7 @@ def run_round(
     extra_config: Mapping[str, Scalar],
     download: DownloadCodec | None = None,
     history: DownloadHistory | None = None,
+    anchors: Mapping[int, str] | None = None,
     rng: np.random.Generator,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -367,7 +379,8 @@ def run_round(
     is built on what they decoded. With it each node gets its own download
     (``flowerpress.server.download``) and the strategy builds on the server's
     model ``global_weights`` (EF21-P: what the compression dropped is sent in
-    later rounds, not lost).
+    later rounds, not lost). ``anchors`` maps a node to the initial-model
+    digest its hello reply named (first contacts from the initial model).
     """
     instruction = protocol.TrainInstruction(
         server_round=server_round, seed=settings.seed,
@@ -375,7 +388,7 @@ def run_round(
                                 settings.compression_warmup),
         cohort_size=len(nodes), extra={**settings.client_config, **extra_config})
     plan = _build_downloads(nodes, server_round, global_weights, instruction, download,
-                            history, rng, settings.seed)
+                            history, rng, settings.seed, anchors)
     messages = plan.messages
     # Bytes as Flower sends them (the whole serialized message) and, apart, the arrays.
     sizes = [message_bytes(m) for m in messages]
@@ -582,14 +595,22 @@ def run_federation(
         _load_privacy_state(ledger, None if resume is None else resume.privacy)
     if first > settings.rounds:  # a finished run, resumed: nothing left to do
         return weights, rows, None
+    anchors: dict[int, str] = {}
     membership.add_discovered(discover_partitions(
         grid, wanted=settings.clients_per_round, timeout=settings.node_wait_timeout,
-        clock=clock, sleep=sleep, num_clients=settings.num_clients))
+        clock=clock, sleep=sleep, num_clients=settings.num_clients, anchors=anchors),
+        anchors=anchors)
     if privacy is not None and ledger is None:
         population = len(membership.known(first))
         ledger = privacy(population)
     stop: str | None = None
-    history = make_history(settings, download)
+    history = make_history(settings, download, initial_weights)
+    if history is not None and resume is not None and resume.download is not None:
+        try:
+            history.load_state_dict(resume.download, weights)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ResumeError(f"the checkpoint's download history does not fit this run: "
+                              f"{exc}") from None
     for server_round in range(first, settings.rounds + 1):
         started = clock()
         membership.refresh(grid, server_round)
@@ -628,7 +649,8 @@ def run_federation(
         else:
             outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
                                 extra_config=extra, download=download, history=history,
-                                rng=rng, clock=clock, sleep=sleep)
+                                anchors=membership.anchors(), rng=rng, clock=clock,
+                                sleep=sleep)
         membership.record_round(sampled, outcome.replied)
         weights = outcome.new_global
         epsilon = nominal = None
@@ -685,7 +707,8 @@ def run_federation(
                 rng=dict(rng.bit_generator.state), membership=membership.state_dict(),
                 strategy=state_dict() if callable(state_dict) else {},
                 privacy=privacy_state() if callable(privacy_state) else None,
-                privacy_population=population, resumed_at=resumed_at))
+                privacy_population=population, resumed_at=resumed_at,
+                download=None if history is None else history.state_dict()))
         if on_model is not None:
             on_model(server_round, weights)
         if on_round is not None:
@@ -745,16 +768,26 @@ def _load_privacy_state(ledger: PrivacyLedger, state: Mapping[str, Any] | None) 
         raise ResumeError(f"the checkpoint's privacy state does not fit this run: {exc}") from None
 
 
-def make_history(settings: LoopSettings, download: DownloadCodec | None
+def make_history(settings: LoopSettings, download: DownloadCodec | None,
+                 initial_weights: Sequence[NDArray[np.float32]] | None = None
                  ) -> DownloadHistory | None:
-    """The history download's server state, or None when it is off."""
+    """The history download's server state, or None when it is off.
+
+    With ``initial_weights`` devices that build the same initial model get
+    their first download as a difference from it (``download-first``).
+    """
     if settings.download_history_bytes <= 0:
         return None
     from flowerpress.compression import parse
 
     diff = parse(download.spec if download is not None else "none")
+    spec = settings.download_first.strip()
+    first = parse(spec) if spec not in ("", "off") else None
+    anchor = None if initial_weights is None or spec == "off" else list(initial_weights)
     return DownloadHistory(diff_codec=diff, full_codec=parse(settings.download_full),
-                           budget_bytes=settings.download_history_bytes)
+                           budget_bytes=settings.download_history_bytes,
+                           initial=anchor,
+                           first_codec=first)
 
 
 def _opt_float(value: float | None) -> float | None:

@@ -64,6 +64,7 @@ class NodeRecord:
     since: int = 0  # the round before which it became known (sampled from since + 1)
     missed: int = 0  # consecutive rounds it was asked and did not answer
     listed: bool = True  # Flower listed it at the last refresh
+    anchor: str | None = None  # initial-model digest its query reply named (history download)
 
 
 class Membership:
@@ -87,7 +88,8 @@ class Membership:
 
     # -- building ----------------------------------------------------------------------
 
-    def add_discovered(self, partitions: Mapping[int, int | None]) -> None:
+    def add_discovered(self, partitions: Mapping[int, int | None],
+                       anchors: Mapping[int, str] | None = None) -> None:
         """Add nodes found by the blocking discovery at the start (sampled from round 1).
 
         A node id the records already hold keeps its bookkeeping; a new node id
@@ -109,6 +111,8 @@ class Membership:
                 self.records[node] = record
             if record.partition is None:
                 record.partition = pid
+            if anchors is not None and node in anchors:
+                record.anchor = anchors[node]
             record.listed = True
 
     # -- every round --------------------------------------------------------------------
@@ -172,6 +176,7 @@ class Membership:
                 continue
             if record.partition is None:
                 record.partition = protocol.partition_of_reply(reply)
+            record.anchor = protocol.anchor_of_reply(reply)
             if self._skipped(record):
                 log.info("node %s answered a probe; it is sampled again", record.node_id)
             record.missed = 0
@@ -212,6 +217,10 @@ class Membership:
         return self._order(r for r in self.records.values()
                            if r.since < server_round and r.listed and not self._skipped(r))
 
+    def anchors(self) -> dict[int, str]:
+        """Node -> the initial-model digest its query reply named (nodes that named one)."""
+        return {r.node_id: r.anchor for r in self.records.values() if r.anchor is not None}
+
     # -- persistence --------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -228,7 +237,8 @@ class Membership:
             record = NodeRecord(node_id=int(item["node_id"]),
                                 partition=None if pid is None else int(pid),
                                 since=int(item.get("since", 0)), missed=int(item.get("missed", 0)),
-                                listed=bool(item.get("listed", True)))
+                                listed=bool(item.get("listed", True)),
+                                anchor=protocol.parse_digest(item.get("anchor")))
             records[record.node_id] = record
         self.records = records
         self._queries = {}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.common.serde import message_to_proto
 
 from flowerpress import protocol
@@ -21,9 +22,10 @@ from flowerpress.testing import InProcessGrid, server_identity
 SHAPES = [(40, 30), (30,)]
 
 
-def _user_app(seen: list[list[np.ndarray]] | None = None) -> ClientApp:
+def _user_app(seen: list[list[np.ndarray]] | None = None, mod: Mod = compression_mod
+              ) -> ClientApp:
     """A user's ClientApp: moves every weight by a node-dependent step."""
-    app = ClientApp(mods=[compression_mod])
+    app = ClientApp(mods=[mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -296,3 +298,214 @@ def test_serve_with_history_download_from_the_run_config() -> None:
     assert doc["summary"]["total_bytes"] == sum(r["upload_bytes"] + r["download_bytes"]
                                                 for r in rows)
     assert doc["summary"]["final_accuracy"] > doc["summary"]["initial_accuracy"]
+
+
+# --- first contact from the initial model (the anchor "0.0") ---------------------------------
+
+
+def _anchored_app(initial: list[np.ndarray] | None,
+                  seen: list[list[np.ndarray]] | None = None) -> ClientApp:
+    """``_user_app`` whose compression mod can build ``initial`` (None: a plain mod)."""
+    from flowerpress.client.mods import make_compression_mod
+
+    if initial is None:
+        return _user_app(seen)
+    return _user_app(seen, make_compression_mod(initial_weights=lambda _: initial))
+
+
+def _anchored_history(budget: int = 10**8, first: str | None = "topk:0.2+q:8") -> DownloadHistory:
+    return DownloadHistory(diff_codec=parse("topk:0.2+q:8"), full_codec=parse("q:8"),
+                           budget_bytes=budget, initial=_initial(),
+                           first_codec=None if first is None else parse(first))
+
+
+def _anchored_rounds(grid: InProcessGrid, history: DownloadHistory, picks: list[list[int]],
+                     anchors: dict[int, str]) -> tuple[list[np.ndarray], list[RoundOutcome]]:
+    weights = _initial()
+    outcomes = []
+    strategy = build_strategy("fedavg")
+    with server_identity():
+        for rnd, nodes in enumerate(picks, start=1):
+            out = run_round(grid, rnd, nodes, weights, strategy, _settings(), extra_config={},
+                            history=history, anchors=anchors, rng=np.random.default_rng(rnd))
+            weights = out.new_global
+            outcomes.append(out)
+    return weights, outcomes
+
+
+def test_first_contact_is_a_difference_from_the_initial_model() -> None:
+    # Prepare: devices that build the initial model; new ones join in every round
+    seen: list[list[np.ndarray]] = []
+    grid = InProcessGrid(_anchored_app(_initial(), seen), num_nodes=5)
+    history = _anchored_history()
+    digest = history.anchor_digest
+    assert digest == protocol.weights_digest(_initial())
+    picks = [[1, 2], [2, 3], [1, 4], [3, 5], [1, 2]]
+    # Execute
+    _, outcomes = _anchored_rounds(grid, history, picks, dict.fromkeys(range(1, 6), digest))
+    # Assert: no full model at all, nobody rejected, devices hold the server's record
+    assert [o.full_downloads for o in outcomes] == [0] * 5
+    assert all(o.rejected == 0 and o.valid == 2 for o in outcomes)
+    for node in range(1, 6):
+        (anchor, rnd), weights = _held(grid, node)
+        assert anchor == 0
+        assert (anchor, rnd) == (history.devices[node].anchor,
+                                 history.devices[node].server_round)
+        for w, s in zip(weights, history.devices[node].weights, strict=True):
+            np.testing.assert_array_equal(w, s)
+    for w, s in zip(seen[-1], history.devices[2].weights, strict=True):
+        np.testing.assert_array_equal(w, s)
+
+
+def test_first_contact_payload_is_built_once_per_round_and_is_smaller() -> None:
+    # Prepare: a server model some way from W0; two new devices and one unknown to the anchor
+    history = _anchored_history()
+    rng = np.random.default_rng(0)
+    g = [w + np.float32(0.05) * np.sign(w) for w in _initial()]
+    history.advance(4, g, rng)
+    digest = history.anchor_digest
+    # Execute
+    first = [history.download_for(n, rng, anchor=digest) for n in (1, 2)]
+    full = history.download_for(3, rng, anchor=None)
+    wrong = history.download_for(4, rng, anchor="0" * 32)
+    # Assert: the same payload object for both, based on "0.0", smaller than the full model
+    p1, p2 = (next(iter(d.arrays.values())).data for d in first)
+    assert p1 is p2
+    assert all(not d.full and d.record[protocol.DOWNLOAD_BASE] == "0.0"
+               and d.record[protocol.DOWNLOAD_VERSION] == "0.4" for d in first)
+    assert full.full and wrong.full
+    assert len(p1) < len(next(iter(full.arrays.values())).data)
+    # what the devices will hold is W0 + D(c0), and the server records exactly that
+    for w, s in zip(first[0].received, history.devices[1].weights, strict=True):
+        np.testing.assert_array_equal(w, s)
+    assert history.devices[1].digest == first[0].record[protocol.DOWNLOAD_DIGEST]
+
+
+def test_a_device_without_the_provider_gets_full_models() -> None:
+    # Prepare: a plain compression_mod; its hello never named the anchor
+    grid = InProcessGrid(_anchored_app(None), num_nodes=3)
+    history = _anchored_history()
+    # Execute
+    _, outcomes = _anchored_rounds(grid, history, [[1, 2], [2, 3], [1, 3]], anchors={})
+    # Assert: full models first, then differences from them, as before
+    assert [o.full_downloads for o in outcomes] == [2, 1, 0]
+    assert all(o.rejected == 0 for o in outcomes)
+    assert not history.refused
+
+
+@pytest.mark.parametrize("device_initial", ["none", "other"])
+def test_a_mismatching_device_errs_once_then_gets_full_models(device_initial: str) -> None:
+    # Prepare: node 1 names the server's digest but has no provider or builds another W0
+    initial = None if device_initial == "none" else [w + np.float32(1e-3) for w in _initial()]
+    grid = InProcessGrid(_anchored_app(initial), num_nodes=2)
+    history = _anchored_history()
+    anchors = dict.fromkeys((1, 2), history.anchor_digest or "")
+    picks = [[1], [1], [1], [1]]
+    # Execute
+    _, outcomes = _anchored_rounds(grid, history, picks, anchors)
+    # Assert: round 1's download from W0 + 0 differs only for "other" (g = W0 there);
+    # after its one error the node gets a full model, then differences from it
+    errors = [o.rejected for o in outcomes]
+    assert sum(errors) == 1
+    failed = errors.index(1)
+    assert history.refused == {1}
+    after = outcomes[failed + 1:]
+    assert after[0].full_downloads == 1
+    assert all(o.rejected == 0 for o in after)
+    assert all(o.diff_downloads == 1 for o in after[1:])
+
+
+def test_anchored_history_respects_the_memory_bound() -> None:
+    # Prepare: room for two devices' models, five devices
+    model_bytes = sum(w.nbytes for w in _initial())
+    grid = InProcessGrid(_anchored_app(_initial()), num_nodes=5)
+    history = _anchored_history(budget=2 * model_bytes)
+    anchors = dict.fromkeys(range(1, 6), history.anchor_digest or "")
+    picks = [[1, 2], [3, 4], [5, 1], [2, 3], [4, 5]]
+    # Execute
+    _, outcomes = _anchored_rounds(grid, history, picks, anchors)
+    # Assert: never more than two models kept; forgotten devices start from W0 again
+    assert history.kept_bytes() <= 2 * model_bytes
+    assert len(history.devices) == 2
+    assert all(o.rejected == 0 and o.full_downloads == 0 for o in outcomes)
+    # and a bound below one model still runs (every download from the anchor)
+    tiny = _anchored_history(budget=0)
+    grid2 = InProcessGrid(_anchored_app(_initial()), num_nodes=2)
+    _, outs = _anchored_rounds(grid2, tiny, [[1, 2]] * 3, dict.fromkeys((1, 2), anchors[1]))
+    assert tiny.kept_bytes() == 0
+    assert all(o.rejected == 0 and o.full_downloads == 0 for o in outs)
+
+
+def test_history_state_round_trips_through_the_checkpoint(tmp_path: object) -> None:
+    # Prepare: a history after three rounds, saved and loaded the checkpoint's way
+    from pathlib import Path
+
+    from flowerpress.server.checkpoint import LoopState, load_checkpoint, save_checkpoint
+
+    grid = InProcessGrid(_anchored_app(_initial()), num_nodes=3)
+    history = _anchored_history()
+    anchors = dict.fromkeys(range(1, 4), history.anchor_digest or "")
+    final, _ = _anchored_rounds(grid, history, [[1, 2], [2, 3], [1, 3]], anchors)
+    state = LoopState(server_round=3, weights=final, rows=[], rng={}, membership={},
+                      strategy={}, download=history.state_dict())
+    out = Path(str(tmp_path))
+    save_checkpoint(out, state, {})
+    saved = load_checkpoint(out)
+    assert saved is not None
+    # Execute
+    restored = _anchored_history()
+    restored.load_state_dict(saved.state.download, final)
+    # Assert: the same devices, versions, digests and bit-identical models
+    assert set(restored.devices) == set(history.devices)
+    for node, held in history.devices.items():
+        again = restored.devices[node]
+        assert (again.anchor, again.server_round, again.digest) == (
+            held.anchor, held.server_round, held.digest)
+        for a, b in zip(again.weights, held.weights, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert {n: (c.anchor, c.server_round, c.digest) for n, c in restored.claims.items()} == {
+        n: (c.anchor, c.server_round, c.digest) for n, c in history.claims.items()}
+    # a model that does not fit is refused
+    with pytest.raises(ValueError, match="not this model"):
+        restored.load_state_dict(saved.state.download, [np.zeros(3, np.float32)])
+
+
+def test_inprocess_run_sends_first_contacts_as_differences() -> None:
+    # Prepare: the bundled ClientApp (it knows its task) on digits, hello and all
+    from flowerpress.server.app import serve
+    from flowerpress.simulations.app import app as sim_app
+
+    config = validate({"dataset": "digits", "partition": "iid", "num-clients": 6,
+                       "clients-per-round": 3, "rounds": 3, "local-epochs": 1,
+                       "compression": "topk:0.1+q:8+ef", "download-history": 10,
+                       "download-compression": "topk:0.2+q:8",
+                       "download-first-compression": "topk:0.3+q:8",
+                       "download-full-compression": "q:8"})
+    # Execute
+    with server_identity():
+        doc = serve(InProcessGrid(sim_app, 6, run_config=config), config)
+    # Assert: every download a difference (first contacts from the initial model)
+    rows = doc["rounds"]
+    assert all(r["rejected"] == 0 and r["clients"] == 3 for r in rows)
+    assert sum(r["download"]["full"] for r in rows) == 0
+    assert sum(r["download"]["diffs"] for r in rows) == 9
+    assert doc["summary"]["final_accuracy"] > doc["summary"]["initial_accuracy"]
+
+
+@pytest.mark.parametrize(("spec", "anchored", "codec"), [
+    ("", True, None), ("topk:0.1+q:4+zstd", True, "topk:0.1+q:4+zstd:3"), ("off", False, None)])
+def test_download_first_compression_from_the_run_config(spec: str, anchored: bool,
+                                                        codec: str | None) -> None:
+    from flowerpress.server.loop import make_history
+
+    # Prepare
+    assert validate({"download-first-compression": spec})["download-first-compression"] == spec
+    settings = _settings(download_history_bytes=10**6, download_first=spec)
+    # Execute
+    history = make_history(settings, parse("topk:0.05+q:4"), _initial())
+    # Assert: "off" keeps full first contacts; empty reuses download-compression
+    assert history is not None
+    assert (history.anchor_digest is not None) == anchored
+    assert (None if history.first_codec is None else history.first_codec.spec) == codec
+    with pytest.raises(ConfigError):
+        validate({"download-first-compression": "topk:2"})
