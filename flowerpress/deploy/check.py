@@ -147,6 +147,15 @@ def _check_ca(path: Path, report: DeviceReport) -> None:
         report.problems.append(f"root certificates {path}: not a PEM certificate (expected "
                                "the deployment's ca.crt)")
         return
+    try:
+        is_ca = bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        # e.g. superlink.crt: a SuperNode trusting it fails the TLS handshake.
+        report.problems.append(f"root certificates {path}: {cert.subject.rfc4514_string()} is "
+                               "not a CA certificate (expected the deployment's ca.crt)")
+        return
     now = datetime.datetime.now(datetime.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         report.problems.append(

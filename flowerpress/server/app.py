@@ -263,7 +263,9 @@ def resume_state(config: Config, out_dir: Path | None,
         raise CheckpointError(f"cannot resume from {out_dir}: the run config differs from the "
                               f"checkpoint's in {'; '.join(differences)}")
     check_weights(saved.state.weights, initial)
-    log.info("resuming from %s after round %s", out_dir, saved.state.server_round)
+    # Flower's logger: the line `flwr log` and `flwr run --stream` show.
+    logging.getLogger("flwr").info("flowerpress: resuming from %s after round %s", out_dir,
+                                   saved.state.server_round)
     return saved.state
 
 

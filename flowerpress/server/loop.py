@@ -625,10 +625,15 @@ def run_federation(
         drawn = sample_round(pool, k, rng, None if ledger is None else ledger.sampling)
         can_ask = set(available)
         sampled = [n for n in drawn if n in can_ask]
+        # The population the ledger accounts: the pool, but never more nodes than it
+        # was built for. A device that joined a DP run later is drawn from a larger
+        # pool than the accounted one; charging the draw as one from the smaller
+        # population overstates the sampling rate, so epsilon is never below the truth.
+        accounted = None if population is None else min(len(pool), population)
         if ledger is not None:
-            # Accounted as a draw of len(drawn) from len(pool); devices size their
+            # Accounted as a draw of len(drawn) from `accounted`; devices size their
             # noise by the len(sampled) <= len(drawn) actually asked (more noise).
-            ok, reason = ledger.can_run_round(cohort_size=len(drawn), population=len(pool))
+            ok, reason = ledger.can_run_round(cohort_size=len(drawn), population=accounted)
             if not ok:
                 stop = f"stopped before round {server_round}: {reason}"
                 log.warning("%s", stop)
@@ -664,7 +669,7 @@ def run_federation(
             # reports one (it survives a node's re-registration), else its node id.
             ledger.end_round([membership.stable_id(n) for n in sampled],
                              outcome.reply_metrics, aggregated=released,
-                             cohort_size=len(drawn), population=len(pool))
+                             cohort_size=len(drawn), population=accounted)
             epsilon = ledger.epsilon_json
             if not ledger.private:  # rng=seeded: no guarantee, the nominal value apart
                 nominal = ledger.nominal_epsilon

@@ -116,3 +116,16 @@ def test_cache_dir_that_is_a_file_is_a_problem(device: dict[str, Path]) -> None:
     report = check_device({"partition-id": 0, "num-partitions": 1,
                            "cache-dir": str(device["data"] / "sub")})
     assert len(report.problems) == 1 and "is not a directory" in report.problems[0]
+
+
+def test_the_superlink_certificate_is_not_a_root_certificate(
+        device: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: the server's certificate copied instead of ca.crt (an easy mix-up)
+    server_crt = device["ca"].with_name("superlink.crt")
+
+    # Execute
+    code, _, err = _run(capsys, "--root-certificates", str(server_crt))
+
+    # Assert
+    assert code == 1
+    assert any("not a CA certificate" in line and "ca.crt" in line for line in err), err

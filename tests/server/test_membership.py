@@ -182,3 +182,41 @@ def test_membership_state_round_trips_and_matches_a_new_node_id_by_partition() -
 def test_max_missed_must_be_a_non_negative_int() -> None:
     with pytest.raises(ValueError, match="max_missed"):
         Membership(max_missed=-1)
+
+
+def test_a_node_that_joins_a_dp_run_is_accounted_without_undercharging() -> None:
+    # Prepare: a DP run over 4 nodes; node 5 connects after round 1 (a device added
+    # with `flowerpress certs add-node` while the run goes)
+    from flowerpress.privacy import ServerPrivacy, parse_dp
+
+    dp = parse_dp("local:clip=1.0,noise=1.0")
+    assert dp is not None
+    grid = DynamicGrid(client_app, run_config=RUN, num_nodes=5, offline={5})
+    ledgers: list[ServerPrivacy] = []
+
+    def ledger(n: int) -> ServerPrivacy:
+        ledgers.append(ServerPrivacy(dp, num_clients=n, clients_per_round=n, delta=1e-5,
+                                     max_epsilon=None))
+        return ledgers[-1]
+
+    def after(server_round: int) -> None:
+        if server_round == 1:
+            grid.offline.clear()
+
+    test = data.load_test("digits", 0, 5)
+    model = build_model("digits", tuple(test.x.shape[1:]), 10, seed=0)
+    settings = LoopSettings(rounds=3, clients_per_round=5, round_timeout=5.0, min_replies=1,
+                            seed=0, node_wait_timeout=0.5, dp=True)
+    # Execute
+    with server_identity():
+        _, rows, stopped = run_federation(
+            grid, get_weights(model), build_strategy("fedavg"), settings,
+            evaluate_fn=lambda w: {"accuracy": 0.0, "loss": 0.0}, privacy=ledger,
+            on_round=lambda row: after(row["round"]))
+    # Assert: every round ran; the ledger built for 4 nodes charged every round as a
+    # draw of its whole population (no amplification), the new node included
+    assert stopped is None and [r["round"] for r in rows] == [1, 2, 3]
+    assert len(ledgers) == 1 and ledgers[0].num_clients == 4
+    eps = [float(r["epsilon"]) for r in rows]
+    assert eps[0] < eps[1] < eps[2]
+    assert 5 in set().union(*_asked(grid)[1:])
