@@ -83,6 +83,15 @@ def _check_compression(value: str) -> object:
     return parse(value)
 
 
+def _check_download_compression(value: str) -> object:
+    pipeline = _check_compression(value)
+    if getattr(pipeline, "flat", False):
+        # A device decodes a download into the model's shapes itself; only the
+        # server splits a flat vector (protocol.decode_weights).
+        raise ValueError("flat is an upload stage; a download spec cannot use it")
+    return pipeline
+
+
 def _check_dp(value: str) -> object:
     from flowerpress.privacy import parse_dp
 
@@ -149,7 +158,7 @@ SCHEMA: dict[str, Key] = {
                        check=_check_compression),
     "download-compression": Key(str, "none", "broadcast codec spec, e.g. fp16 or q:8; with "
                                 "download-history: the codec of each device's difference",
-                                check=_check_compression),
+                                check=_check_download_compression),
     "compression-warmup": Key(int, 0, "rounds of top-k density warm-up (DGC): round r <= K "
                               "sends density F**(r/(K+1)); 0: off", minimum=0, maximum=1000),
     "download-history": Key(float, 0.0, "MB of devices' models kept to send each device the "
@@ -157,7 +166,7 @@ SCHEMA: dict[str, Key] = {
                             minimum=0.0, maximum=1e6),
     "download-full-compression": Key(str, "q:8", "codec of the full model a device without a "
                                      "usable version gets (download-history only)",
-                                     check=_check_compression),
+                                     check=_check_download_compression),
     "link": Key(str, "up:1mbit,down:10mbit,rtt:50ms", "devices' link for the round-time "
                 "estimate: up:RATE,down:RATE,rtt:TIME (RATE in bit/kbit/mbit/gbit, TIME in "
                 "ms/s), or none", check=_check_link),

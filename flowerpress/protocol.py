@@ -338,6 +338,25 @@ def _declared_shape(value: object) -> tuple[int, ...] | None:
     return tuple(value)
 
 
+def unflatten(arrays: Weights, reference: Sequence[NDArray[np.float32]]) -> Weights:
+    """Split a ``flat`` payload's one vector into the model's shapes; else return ``arrays``.
+
+    A payload encoded with the ``flat`` stage decodes to one 1-D vector of
+    exactly the model's element count (the update's tensors concatenated in
+    model order); anything else is returned unchanged for the shape checks.
+    The split makes views of the vector: no allocation is sized by the sender.
+    """
+    if len(arrays) != 1 or len(reference) == 1 and arrays[0].shape == reference[0].shape:
+        return arrays
+    vector = arrays[0]
+    sizes = [int(g.size) for g in reference]
+    if vector.ndim != 1 or vector.size != sum(sizes):
+        return arrays
+    bounds = np.cumsum([0, *sizes])
+    return [vector[int(a):int(b)].reshape(g.shape)
+            for a, b, g in zip(bounds[:-1], bounds[1:], reference, strict=True)]
+
+
 def decode_weights(record: ArrayRecord, reference: Sequence[NDArray[np.float32]]) -> Weights:
     """The float32 arrays of a reply's ArrayRecord, plain or a compressed payload.
 
@@ -360,12 +379,12 @@ def decode_weights(record: ArrayRecord, reference: Sequence[NDArray[np.float32]]
         payload = payload_bytes(record)
         if not isinstance(payload, bytes):
             raise UpdateRejected(f"payload is {type(payload).__name__}, expected bytes")
+        total = sum(int(g.size) for g in reference)
         try:
-            arrays = decode(payload, max_elements=sum(int(g.size) for g in reference),
-                            max_tensors=len(reference))
+            arrays = decode(payload, max_elements=total, max_tensors=len(reference))
         except PayloadError as exc:
             raise UpdateRejected(f"payload could not be decoded: {str(exc)[:300]}") from None
-        return [np.asarray(a, dtype=np.float32) for a in arrays]
+        return unflatten([np.asarray(a, dtype=np.float32) for a in arrays], reference)
     if len(record) != len(reference):
         raise UpdateRejected(f"reply has {len(record)} arrays, expected {len(reference)}")
     out: Weights = []

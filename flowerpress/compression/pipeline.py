@@ -125,6 +125,7 @@ def parse(spec: str) -> Pipeline:
     structure: st.StructureStage | None = None
     value: st.ValueStage | None = None
     ef = False
+    flat = False
     zstd_level: int | None = None
     for raw in spec.split("+"):
         stage = raw.strip()
@@ -160,15 +161,20 @@ def parse(spec: str) -> Pipeline:
             if ef:
                 raise _bad(stage, spec, "ef given twice")
             ef = True
+        elif isinstance(built, st.FlatStage):
+            if flat:
+                raise _bad(stage, spec, "flat given twice")
+            flat = True
         elif isinstance(built, st.ZstdStage):
             zstd_level = built.level
-        else:  # pragma: no cover - the registry only holds these four kinds
+        else:  # pragma: no cover - the registry only holds these five kinds
             raise _bad(stage, spec, f"{type(built).__name__} is not a stage")
     return Pipeline(
         structure=structure,
         value=value if value is not None else st.NoneStage(),
         error_feedback=ef,
         zstd_level=zstd_level,
+        flat=flat,
     )
 
 
@@ -267,6 +273,11 @@ class Pipeline:
     noise: the residual is a function of privatized updates only (the
     residual itself never leaves the client).
 
+    ``flat`` -- the update is concatenated into one vector first (model
+    order), so the structure stage acts on the whole update (``topk``: a
+    global top-k, :class:`~flowerpress.compression.stages.FlatStage`) and the
+    payload has one tensor header; :func:`decode` returns that one vector.
+
     ``zstd[:LEVEL]`` -- Zstandard (Collet & Kucherawy, RFC 8878) over the
     encoded body, level 1-22 (default 3).  Lossless, hence unbiased and
     trivially post-processing.  The decoder bounds the decompressed size by
@@ -283,17 +294,20 @@ class Pipeline:
         Whether ``ef`` is on.
     zstd_level
         ``None`` without ``zstd``, else its level.
+    flat
+        Whether ``flat`` is on (the update is encoded as one vector).
     """
 
     structure: st.StructureStage | None = None
     value: st.ValueStage = field(default_factory=st.NoneStage)
     error_feedback: bool = False
     zstd_level: int | None = None
+    flat: bool = False
 
     @property
     def spec(self) -> str:
         """Canonical spec string; ``parse(p.spec) == p``."""
-        parts: list[str] = []
+        parts: list[str] = ["flat"] if self.flat else []
         if self.structure is not None:
             parts.append(self.structure.spec())
         if not isinstance(self.value, st.NoneStage):
@@ -346,6 +360,8 @@ class Pipeline:
             rng = np.random.default_rng()
         state = state if state is not None else CodecState.empty()
         arrays = _as_f32(update)
+        if self.flat and arrays:
+            arrays = [np.concatenate([a.reshape(-1) for a in arrays])]
         if self.error_feedback and state.residuals:
             if len(state.residuals) != len(arrays) or any(
                 r.shape != a.shape for r, a in zip(state.residuals, arrays, strict=True)
