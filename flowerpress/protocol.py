@@ -346,7 +346,7 @@ def unflatten(arrays: Weights, reference: Sequence[NDArray[np.float32]]) -> Weig
     model order); anything else is returned unchanged for the shape checks.
     The split makes views of the vector: no allocation is sized by the sender.
     """
-    if len(arrays) != 1 or len(reference) == 1 and arrays[0].shape == reference[0].shape:
+    if len(arrays) != 1 or (len(reference) == 1 and arrays[0].shape == reference[0].shape):
         return arrays
     vector = arrays[0]
     sizes = [int(g.size) for g in reference]

@@ -77,7 +77,7 @@ def test_flat_error_feedback_invariant() -> None:
     rng = np.random.default_rng(3)
 
     # Execute: two rounds, the second with the first's residual
-    payload, state = pipe.encode(update, rng=rng)
+    _, state = pipe.encode(update, rng=rng)
     payload2, state2 = pipe.encode(update, state, rng=rng)
     sent = protocol.decode_weights(payload_record(payload2), update)
 
