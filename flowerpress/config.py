@@ -89,6 +89,8 @@ def _check_download_compression(value: str) -> object:
         # A device decodes a download into the model's shapes itself; only the
         # server splits a flat vector (protocol.decode_weights).
         raise ValueError("flat is an upload stage; a download spec cannot use it")
+    if getattr(pipeline, "ef21", False):
+        raise ValueError("ef21 is an upload stage; a download spec cannot use it")
     return pipeline
 
 
@@ -164,6 +166,10 @@ SCHEMA: dict[str, Key] = {
     "download-history": Key(float, 0.0, "MB of devices' models kept to send each device the "
                             "compressed difference from the model it holds; 0: off",
                             minimum=0.0, maximum=1e6),
+    "ef21-memory": Key(float, 64.0, "MB of devices' EF21 upload estimates the server keeps "
+                       "(upload specs with ef21); the least recently used device is "
+                       "forgotten first and restarts from zero", minimum=0.000001,
+                       maximum=1e6),
     "download-full-compression": Key(str, "q:8", "codec of the full model a device without a "
                                      "usable version gets (download-history only)",
                                      check=_check_download_compression),

@@ -690,3 +690,34 @@ def compute_seconds_of_reply(reply: Message) -> float | None:
         return None
     record = reply.content.config_records.get(DOWNLOAD)
     return None if record is None else _seconds(record.get(COMPUTE_SECONDS))
+
+
+# --- EF21 upload estimates (the ``ef21`` codec stage) -----------------------------------
+#
+# With ``ef21`` in the upload spec the server keeps, per device, the estimate
+# ``g`` that device's replies have built (the sum of its decoded payloads since
+# a zero start) and aggregates ``g`` instead of the payload. Both sides must
+# hold the same ``g``: the train message's config names the round of the
+# device's last accepted reply, ``"ef21-base": R`` (0: the server holds no
+# estimate), and the reply says which estimate it built on, a ConfigRecord
+# ``"ef21": {"ef21-base": R or 0}``. A device holding another estimate starts
+# from zero and says 0; the server rejects any other claim.
+
+EF21 = "ef21"
+EF21_BASE = "ef21-base"
+
+
+def ef21_base_of_reply(reply: Message) -> int | None:
+    """The estimate round a train reply says it built on (0: none), or None if absent/bad.
+
+    Bounded and strict: one small non-negative integer; anything else is None.
+    """
+    if reply.has_error() or not reply.has_content():
+        return None
+    record = reply.content.config_records.get(EF21)
+    if record is None or len(record) != 1:
+        return None
+    value = record.get(EF21_BASE)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < (1 << 31):
+        return value
+    return None

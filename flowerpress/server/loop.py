@@ -31,6 +31,7 @@ from flowerpress.protocol import UpdateRejected, message_bytes, record_bytes
 from flowerpress.server.bounds import bound_update_norm
 from flowerpress.server.checkpoint import LoopState
 from flowerpress.server.download import DownloadHistory
+from flowerpress.server.estimates import UploadEstimates
 from flowerpress.server.membership import EXPIRED_ERROR_CODE, Membership, is_unavailable_error
 from flowerpress.server.schedule import warmup_spec
 from flowerpress.strategies.base import ClientUpdate
@@ -129,6 +130,9 @@ class LoopSettings:
     link: LinkProfile | None = None
     # Rounds of top-k density warm-up (server/schedule.py; 0: off).
     compression_warmup: int = 0
+    # Bound on the EF21 upload estimates (server/estimates.py), used when the
+    # upload spec has ``ef21``.
+    ef21_memory_bytes: int = 64_000_000
 
 
 def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
@@ -320,13 +324,20 @@ class _Downloads:
 def _build_downloads(nodes: Sequence[int], server_round: int, global_weights: Weights,
                      instruction: protocol.TrainInstruction, download: DownloadCodec | None,
                      history: DownloadHistory | None, rng: np.random.Generator,
-                     seed: int) -> _Downloads:
+                     seed: int, estimates: UploadEstimates | None = None) -> _Downloads:
     """One train message per node: the broadcast, or each node's history download."""
-    config = instruction.to_record()
+    shared = instruction.to_record()
+
+    def config_for(node: int) -> ConfigRecord:
+        if estimates is None:
+            return shared
+        return ConfigRecord({**shared, protocol.EF21_BASE: estimates.base(node)})
+
     if history is None:
         broadcast, received = _broadcast(global_weights, download, rng)
-        content = RecordDict({protocol.ARRAYS: broadcast, protocol.CONFIG: config})
-        return _Downloads([Message(content, dst_node_id=n, message_type=MessageType.TRAIN)
+        return _Downloads([Message(RecordDict({protocol.ARRAYS: broadcast,
+                                               protocol.CONFIG: config_for(n)}),
+                                   dst_node_id=n, message_type=MessageType.TRAIN)
                            for n in nodes], dict.fromkeys(nodes, received), received)
     # A stream of its own, so that switching the history on does not change sampling.
     down_rng = np.random.default_rng([seed, server_round, 5])
@@ -334,7 +345,7 @@ def _build_downloads(nodes: Sequence[int], server_round: int, global_weights: We
     out = _Downloads([], {}, global_weights)
     for n in nodes:
         item = history.download_for(n, down_rng)
-        content = RecordDict({protocol.ARRAYS: item.arrays, protocol.CONFIG: config,
+        content = RecordDict({protocol.ARRAYS: item.arrays, protocol.CONFIG: config_for(n),
                               protocol.DOWNLOAD: item.record})
         out.messages.append(Message(content, dst_node_id=n, message_type=MessageType.TRAIN))
         out.received[n] = item.received
@@ -354,6 +365,7 @@ def run_round(
     extra_config: Mapping[str, Scalar],
     download: DownloadCodec | None = None,
     history: DownloadHistory | None = None,
+    estimates: UploadEstimates | None = None,
     rng: np.random.Generator,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -368,6 +380,10 @@ def run_round(
     (``flowerpress.server.download``) and the strategy builds on the server's
     model ``global_weights`` (EF21-P: what the compression dropped is sent in
     later rounds, not lost).
+
+    With ``estimates`` (an ``ef21`` upload) each node's config names the EF21
+    estimate the server holds for it, and the strategy gets the node's new
+    estimate ``g_i + c`` instead of its decoded payload ``c``.
     """
     instruction = protocol.TrainInstruction(
         server_round=server_round, seed=settings.seed,
@@ -375,7 +391,7 @@ def run_round(
                                 settings.compression_warmup),
         cohort_size=len(nodes), extra={**settings.client_config, **extra_config})
     plan = _build_downloads(nodes, server_round, global_weights, instruction, download,
-                            history, rng, settings.seed)
+                            history, rng, settings.seed, estimates)
     messages = plan.messages
     # Bytes as Flower sends them (the whole serialized message) and, apart, the arrays.
     sizes = [message_bytes(m) for m in messages]
@@ -416,9 +432,16 @@ def run_round(
             checked = protocol.validate_train_reply(reply, plan.received[node],
                                                     max_weight=settings.max_client_weight,
                                                     dp=settings.dp)
-            delta, norm, was_clipped = bound_update_norm(checked.delta, settings.max_update_norm)
+            estimate = None
+            if estimates is not None:
+                estimate = estimates.combine(node, protocol.ef21_base_of_reply(reply),
+                                             checked.delta)
+            delta, norm, was_clipped = bound_update_norm(
+                checked.delta if estimate is None else estimate, settings.max_update_norm)
             strategy.add(ClientUpdate(delta=delta, weight=checked.weight,
                                       node_id=node, metrics=checked.metrics))
+            if estimates is not None and estimate is not None:
+                estimates.commit(node, server_round, estimate)
         except UpdateRejected as exc:
             rejected += 1
             log.warning("round %s: dropped the update of node %s: %.300s", server_round, node,
@@ -590,6 +613,7 @@ def run_federation(
         ledger = privacy(population)
     stop: str | None = None
     history = make_history(settings, download)
+    estimates = make_estimates(settings)
     for server_round in range(first, settings.rounds + 1):
         started = clock()
         membership.refresh(grid, server_round)
@@ -628,7 +652,7 @@ def run_federation(
         else:
             outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
                                 extra_config=extra, download=download, history=history,
-                                rng=rng, clock=clock, sleep=sleep)
+                                estimates=estimates, rng=rng, clock=clock, sleep=sleep)
         membership.record_round(sampled, outcome.replied)
         weights = outcome.new_global
         epsilon = nominal = None
@@ -755,6 +779,15 @@ def make_history(settings: LoopSettings, download: DownloadCodec | None
     diff = parse(download.spec if download is not None else "none")
     return DownloadHistory(diff_codec=diff, full_codec=parse(settings.download_full),
                            budget_bytes=settings.download_history_bytes)
+
+
+def make_estimates(settings: LoopSettings) -> UploadEstimates | None:
+    """The server's EF21 upload estimates when the upload spec has ``ef21``, else None."""
+    from flowerpress.compression import parse
+
+    if not parse(settings.compression).ef21:
+        return None
+    return UploadEstimates(budget_bytes=max(1, settings.ef21_memory_bytes))
 
 
 def _opt_float(value: float | None) -> float | None:
