@@ -166,6 +166,10 @@ SCHEMA: dict[str, Key] = {
     "download-history": Key(float, 0.0, "MB of devices' models kept to send each device the "
                             "compressed difference from the model it holds; 0: off",
                             minimum=0.0, maximum=1e6),
+    "train-metrics": Key(bool, True, "train replies carry the task's training metrics "
+                         "(train-loss, local-steps, ...); false: only num-examples and DP's "
+                         "markers, about 50 bytes less per reply (a strategy that reads a "
+                         "metric needs true)"),
     "ef21-memory": Key(float, 64.0, "MB of devices' EF21 upload estimates the server keeps "
                        "(upload specs with ef21); the least recently used device is "
                        "forgotten first and restarts from zero", minimum=0.000001,
