@@ -83,8 +83,19 @@ def _check_compression(value: str) -> object:
     return parse(value)
 
 
+def _check_download_compression(value: str) -> object:
+    pipeline = _check_compression(value)
+    if getattr(pipeline, "flat", False):
+        # A device decodes a download into the model's shapes itself; only the
+        # server splits a flat vector (protocol.decode_weights).
+        raise ValueError("flat is an upload stage; a download spec cannot use it")
+    if getattr(pipeline, "ef21", False):
+        raise ValueError("ef21 is an upload stage; a download spec cannot use it")
+    return pipeline
+
+
 def _check_first_compression(value: str) -> object:
-    return None if value.strip() in ("", "off") else _check_compression(value)
+    return None if value.strip() in ("", "off") else _check_download_compression(value)
 
 
 def _check_dp(value: str) -> object:
@@ -153,15 +164,23 @@ SCHEMA: dict[str, Key] = {
                        check=_check_compression),
     "download-compression": Key(str, "none", "broadcast codec spec, e.g. fp16 or q:8; with "
                                 "download-history: the codec of each device's difference",
-                                check=_check_compression),
+                                check=_check_download_compression),
     "compression-warmup": Key(int, 0, "rounds of top-k density warm-up (DGC): round r <= K "
                               "sends density F**(r/(K+1)); 0: off", minimum=0, maximum=1000),
     "download-history": Key(float, 0.0, "MB of devices' models kept to send each device the "
                             "compressed difference from the model it holds; 0: off",
                             minimum=0.0, maximum=1e6),
+    "train-metrics": Key(bool, True, "train replies carry the task's training metrics "
+                         "(train-loss, local-steps, ...); false: only num-examples and DP's "
+                         "markers, about 50 bytes less per reply (a strategy that reads a "
+                         "metric needs true)"),
+    "ef21-memory": Key(float, 64.0, "MB of devices' EF21 upload estimates the server keeps "
+                       "(upload specs with ef21); the least recently used device is "
+                       "forgotten first and restarts from zero", minimum=0.000001,
+                       maximum=1e6),
     "download-full-compression": Key(str, "q:8", "codec of the full model a device without a "
                                      "usable version gets (download-history only)",
-                                     check=_check_compression),
+                                     check=_check_download_compression),
     "download-first-compression": Key(str, "", "codec of a new device's first download, the "
                                       "difference from the initial model it builds itself "
                                       "(download-history only; empty: download-compression; off: "

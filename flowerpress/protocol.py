@@ -338,6 +338,25 @@ def _declared_shape(value: object) -> tuple[int, ...] | None:
     return tuple(value)
 
 
+def unflatten(arrays: Weights, reference: Sequence[NDArray[np.float32]]) -> Weights:
+    """Split a ``flat`` payload's one vector into the model's shapes; else return ``arrays``.
+
+    A payload encoded with the ``flat`` stage decodes to one 1-D vector of
+    exactly the model's element count (the update's tensors concatenated in
+    model order); anything else is returned unchanged for the shape checks.
+    The split makes views of the vector: no allocation is sized by the sender.
+    """
+    if len(arrays) != 1 or (len(reference) == 1 and arrays[0].shape == reference[0].shape):
+        return arrays
+    vector = arrays[0]
+    sizes = [int(g.size) for g in reference]
+    if vector.ndim != 1 or vector.size != sum(sizes):
+        return arrays
+    bounds = np.cumsum([0, *sizes])
+    return [vector[int(a):int(b)].reshape(g.shape)
+            for a, b, g in zip(bounds[:-1], bounds[1:], reference, strict=True)]
+
+
 def decode_weights(record: ArrayRecord, reference: Sequence[NDArray[np.float32]]) -> Weights:
     """The float32 arrays of a reply's ArrayRecord, plain or a compressed payload.
 
@@ -360,12 +379,12 @@ def decode_weights(record: ArrayRecord, reference: Sequence[NDArray[np.float32]]
         payload = payload_bytes(record)
         if not isinstance(payload, bytes):
             raise UpdateRejected(f"payload is {type(payload).__name__}, expected bytes")
+        total = sum(int(g.size) for g in reference)
         try:
-            arrays = decode(payload, max_elements=sum(int(g.size) for g in reference),
-                            max_tensors=len(reference))
+            arrays = decode(payload, max_elements=total, max_tensors=len(reference))
         except PayloadError as exc:
             raise UpdateRejected(f"payload could not be decoded: {str(exc)[:300]}") from None
-        return [np.asarray(a, dtype=np.float32) for a in arrays]
+        return unflatten([np.asarray(a, dtype=np.float32) for a in arrays], reference)
     if len(record) != len(reference):
         raise UpdateRejected(f"reply has {len(record)} arrays, expected {len(reference)}")
     out: Weights = []
@@ -693,3 +712,34 @@ def compute_seconds_of_reply(reply: Message) -> float | None:
         return None
     record = reply.content.config_records.get(DOWNLOAD)
     return None if record is None else _seconds(record.get(COMPUTE_SECONDS))
+
+
+# --- EF21 upload estimates (the ``ef21`` codec stage) -----------------------------------
+#
+# With ``ef21`` in the upload spec the server keeps, per device, the estimate
+# ``g`` that device's replies have built (the sum of its decoded payloads since
+# a zero start) and aggregates ``g`` instead of the payload. Both sides must
+# hold the same ``g``: the train message's config names the round of the
+# device's last accepted reply, ``"ef21-base": R`` (0: the server holds no
+# estimate), and the reply says which estimate it built on, a ConfigRecord
+# ``"ef21": {"ef21-base": R or 0}``. A device holding another estimate starts
+# from zero and says 0; the server rejects any other claim.
+
+EF21 = "ef21"
+EF21_BASE = "ef21-base"
+
+
+def ef21_base_of_reply(reply: Message) -> int | None:
+    """The estimate round a train reply says it built on (0: none), or None if absent/bad.
+
+    Bounded and strict: one small non-negative integer; anything else is None.
+    """
+    if reply.has_error() or not reply.has_content():
+        return None
+    record = reply.content.config_records.get(EF21)
+    if record is None or len(record) != 1:
+        return None
+    value = record.get(EF21_BASE)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < (1 << 31):
+        return value
+    return None

@@ -34,7 +34,16 @@ import logging
 import time
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
@@ -55,6 +64,8 @@ ARRAYS_KEY = protocol.ARRAYS
 
 #: Where the pipeline state is kept in ``Context.state``.
 STATE_KEY = "flowerpress.codec"
+#: Where the round of the device's last ef21 reply is kept in ``Context.state``.
+EF21_STATE_KEY = "flowerpress.ef21"
 #: Upper bound on the elements of a broadcast a client decodes, unless the node
 #: config sets ``max-model-elements`` (a device refuses absurd allocations).
 DEFAULT_MAX_ELEMENTS = 1 << 28
@@ -163,6 +174,9 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
         record = held_record(context, None if dp_on else compute)
         if record is not None:
             reply.content[protocol.DOWNLOAD] = record
+    if kind == MessageType.TRAIN and not reply.has_error() \
+            and context.run_config.get("train-metrics") is False:
+        _drop_train_metrics_inplace(reply)
     spec = instruction.compression
     if kind != MessageType.TRAIN or reply.has_error() or spec == "none":
         return reply
@@ -181,8 +195,46 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
     stream = pid if isinstance(pid, int) else context.node_id
     rng = np.random.default_rng(
         [instruction.seed, abs(stream), instruction.server_round, 3])
+    base = 0
+    if pipeline.ef21:
+        base, state = _ef21_base(instruction.extra.get(protocol.EF21_BASE), context, state)
     payload, state = pipeline.encode(delta, state, rng=rng)
     if pipeline.has_error_feedback or not state.is_empty:
         context.state[STATE_KEY] = state.to_record()
     reply.content = _with_arrays(reply.content, payload_record(payload))
+    if pipeline.ef21:
+        context.state[EF21_STATE_KEY] = ConfigRecord({"round": instruction.server_round})
+        reply.content[protocol.EF21] = ConfigRecord({protocol.EF21_BASE: base})
     return reply
+
+
+def _drop_train_metrics_inplace(reply: Message) -> None:
+    """Keep only ``num-examples`` and DP's markers in a train reply's metrics.
+
+    The run config's ``train-metrics=false``: the server's FedAvg needs none of
+    the task's training metrics, and each costs about 25 bytes per reply.
+    """
+    record = reply.content.metric_records.get(protocol.METRICS)
+    if record is None:
+        return
+    kept = {k: v for k, v in record.items() if k in protocol.DP_REPLY_METRICS}
+    if len(kept) != len(record):
+        reply.content[protocol.METRICS] = MetricRecord(kept)
+
+
+def _ef21_base(wanted: object, context: Context,
+               state: CodecState | None) -> tuple[int, CodecState | None]:
+    """The estimate this reply builds on: the server's (``wanted``) if held, else zero.
+
+    The device's estimate is the one of its last reply; the server names the
+    round of the last reply it accepted. If they differ (a rejected or lost
+    reply, a server that forgot), the device starts again from zero and says so.
+    """
+    meta = context.state.config_records.get(EF21_STATE_KEY)
+    held = None if meta is None else meta.get("round")
+    if (isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > 0
+            and held == wanted and state is not None and state.estimates):
+        return wanted, state
+    if state is None:
+        return 0, None
+    return 0, CodecState(state.residuals, state.lowrank_q, ())

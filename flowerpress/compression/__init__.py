@@ -17,7 +17,9 @@ trips through a Flower ``ArrayRecord`` (``to_record`` / ``from_record``), e.g.
 
 Stages (see :mod:`flowerpress.compression.stages`): ``none``, ``fp16``,
 ``q:BITS``, ``sign``, ``topk:FRACTION``, ``randk:FRACTION[,unbiased]``,
-``lowrank:RANK``, ``ef``, ``zstd[:LEVEL]``, and any stage registered with
+``lowrank:RANK``, ``ef``, ``ef21`` (EF21: a per-device estimate the receiver
+also keeps), ``flat`` (the update as one vector: global top-k; the receiver
+splits it by the model's shapes), ``zstd[:LEVEL]``, and any stage registered with
 :func:`register_stage`.  A user's stage subclasses :class:`ValueStage` (how
 each number is written) or :class:`StructureStage` (which numbers are
 sent), sets ``name`` and a ``wire_id`` in 64-255, and is registered the way

@@ -125,6 +125,8 @@ def parse(spec: str) -> Pipeline:
     structure: st.StructureStage | None = None
     value: st.ValueStage | None = None
     ef = False
+    ef21 = False
+    flat = False
     zstd_level: int | None = None
     for raw in spec.split("+"):
         stage = raw.strip()
@@ -160,15 +162,27 @@ def parse(spec: str) -> Pipeline:
             if ef:
                 raise _bad(stage, spec, "ef given twice")
             ef = True
+        elif isinstance(built, st.EF21Stage):
+            if ef21:
+                raise _bad(stage, spec, "ef21 given twice")
+            ef21 = True
+        elif isinstance(built, st.FlatStage):
+            if flat:
+                raise _bad(stage, spec, "flat given twice")
+            flat = True
         elif isinstance(built, st.ZstdStage):
             zstd_level = built.level
-        else:  # pragma: no cover - the registry only holds these four kinds
+        else:  # pragma: no cover - the registry only holds these six kinds
             raise _bad(stage, spec, f"{type(built).__name__} is not a stage")
+    if ef and ef21:
+        raise _bad("ef21", spec, "ef and ef21 are two kinds of error feedback; use one")
     return Pipeline(
         structure=structure,
         value=value if value is not None else st.NoneStage(),
         error_feedback=ef,
         zstd_level=zstd_level,
+        flat=flat,
+        ef21=ef21,
     )
 
 
@@ -267,6 +281,16 @@ class Pipeline:
     noise: the residual is a function of privatized updates only (the
     residual itself never leaves the client).
 
+    ``flat`` -- the update is concatenated into one vector first (model
+    order), so the structure stage acts on the whole update (``topk``: a
+    global top-k, :class:`~flowerpress.compression.stages.FlatStage`) and the
+    payload has one tensor header; :func:`decode` returns that one vector.
+
+    ``ef21`` -- EF21 (Richtarik et al., NeurIPS 2021): encodes ``update -
+    estimate`` and returns ``estimate + decoded`` as the new estimate in the
+    state (:class:`~flowerpress.compression.stages.EF21Stage`); the receiver
+    adds its copy of the estimate.  Exclusive with ``ef``.
+
     ``zstd[:LEVEL]`` -- Zstandard (Collet & Kucherawy, RFC 8878) over the
     encoded body, level 1-22 (default 3).  Lossless, hence unbiased and
     trivially post-processing.  The decoder bounds the decompressed size by
@@ -283,31 +307,39 @@ class Pipeline:
         Whether ``ef`` is on.
     zstd_level
         ``None`` without ``zstd``, else its level.
+    flat
+        Whether ``flat`` is on (the update is encoded as one vector).
+    ef21
+        Whether ``ef21`` is on.
     """
 
     structure: st.StructureStage | None = None
     value: st.ValueStage = field(default_factory=st.NoneStage)
     error_feedback: bool = False
     zstd_level: int | None = None
+    flat: bool = False
+    ef21: bool = False
 
     @property
     def spec(self) -> str:
         """Canonical spec string; ``parse(p.spec) == p``."""
-        parts: list[str] = []
+        parts: list[str] = ["flat"] if self.flat else []
         if self.structure is not None:
             parts.append(self.structure.spec())
         if not isinstance(self.value, st.NoneStage):
             parts.append(self.value.spec())
         if self.error_feedback:
             parts.append("ef")
+        if self.ef21:
+            parts.append("ef21")
         if self.zstd_level is not None:
             parts.append(f"zstd:{self.zstd_level}")
         return "+".join(parts) if parts else "none"
 
     @property
     def has_error_feedback(self) -> bool:
-        """Whether :meth:`encode` keeps residuals in the returned state."""
-        return self.error_feedback
+        """Whether :meth:`encode` keeps residuals or ef21 estimates in the returned state."""
+        return self.error_feedback or self.ef21
 
     def encode(
         self,
@@ -346,6 +378,22 @@ class Pipeline:
             rng = np.random.default_rng()
         state = state if state is not None else CodecState.empty()
         arrays = _as_f32(update)
+        if self.flat and arrays:
+            arrays = [np.concatenate([a.reshape(-1) for a in arrays])]
+        estimates: list[F32] = []
+        if self.ef21:
+            if state.estimates and (len(state.estimates) != len(arrays) or any(
+                g.shape != a.shape for g, a in zip(state.estimates, arrays, strict=True)
+            )):
+                raise ValueError(
+                    "state: ef21 estimate shapes "
+                    f"{[g.shape for g in state.estimates]} do not match the update "
+                    f"{[a.shape for a in arrays]}"
+                )
+            estimates = [np.array(g, dtype=np.float32) for g in state.estimates] or [
+                np.zeros(a.shape, dtype=np.float32) for a in arrays]
+            with np.errstate(over="ignore"):
+                arrays = [np.asarray(a - g) for a, g in zip(arrays, estimates, strict=True)]
         if self.error_feedback and state.residuals:
             if len(state.residuals) != len(arrays) or any(
                 r.shape != a.shape for r, a in zip(state.residuals, arrays, strict=True)
@@ -376,6 +424,15 @@ class Pipeline:
                 recon = self._encode_tensor(x, w, rng, state.lowrank_q.get(i), warm, i)
             except ValueError as exc:
                 raise ValueError(f"update tensor {i}: {exc}") from None
+            if self.ef21:
+                assert recon is not None
+                g = estimates[i].reshape(-1)
+                if isinstance(recon, st.SparseRecon):
+                    g[recon.indices] += recon.values
+                else:
+                    g += recon.reshape(-1)
+                if not bool(np.isfinite(g).all()):
+                    raise ValueError(f"update tensor {i}: ef21 estimate is not finite")
             if self.error_feedback:
                 assert recon is not None
                 if isinstance(recon, st.SparseRecon):
@@ -398,7 +455,7 @@ class Pipeline:
             payload = header(_FLAG_ZSTD, len(body)) + frame
         else:
             payload = body  # already starts with the header
-        return payload, CodecState.from_arrays(residuals, warm)
+        return payload, CodecState.from_arrays(residuals, warm, estimates)
 
     def _header(self) -> _HeaderFn:
         """The payload header writer: version 1 unless a user stage needs the manifest."""
@@ -431,7 +488,7 @@ class Pipeline:
         index: int,
     ) -> F32 | st.SparseRecon | None:
         """Write one tensor; with ``ef`` return its reconstruction (dense or sparse)."""
-        need = self.error_feedback
+        need = self.error_feedback or self.ef21
         w.u8(x.ndim)
         for d in x.shape:
             w.u32(d)

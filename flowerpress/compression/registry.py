@@ -36,6 +36,8 @@ _BASES: tuple[type[st.Stage], ...] = (
     st.ValueStage,
     st.StructureStage,
     st.ErrorFeedbackStage,
+    st.EF21Stage,
+    st.FlatStage,
     st.ZstdStage,
 )
 
@@ -71,7 +73,7 @@ def register_stage(cls: type[st.Stage], *, force: bool = False) -> None:
     cls : type[Stage]
         A subclass of :class:`~flowerpress.compression.ValueStage` or
         :class:`~flowerpress.compression.StructureStage` (or of the built-in
-        ``ef`` / ``zstd`` stages) with class attributes ``name`` (lower-case
+        ``ef`` / ``ef21`` / ``flat`` / ``zstd`` stages) with class attributes ``name`` (lower-case
         letters, digits, ``-``, ``_``; at most 32) and, for value and
         structure stages, ``wire_id`` in ``[64, 255]`` (unique per role).
     force : bool
@@ -157,6 +159,8 @@ for _builtin in (
     st.RandKStage,
     st.LowRankStage,
     st.ErrorFeedbackStage,
+    st.EF21Stage,
+    st.FlatStage,
     st.ZstdStage,
 ):
     register_stage(_builtin)

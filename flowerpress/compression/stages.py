@@ -60,7 +60,9 @@ from flowerpress.compression.bitpack import (
 from flowerpress.compression.wire import PayloadError, Reader, Writer
 
 __all__ = [
+    "EF21Stage",
     "ErrorFeedbackStage",
+    "FlatStage",
     "Fp16Stage",
     "LowRankStage",
     "NoneStage",
@@ -273,6 +275,47 @@ class ErrorFeedbackStage(Stage):
     """
 
     name: ClassVar[str] = "ef"
+
+
+@dataclass(frozen=True)
+class EF21Stage(Stage):
+    """``ef21``: send the compressed change of a per-device estimate (EF21).
+
+    Richtarik, Sokolov and Fatkhullin, "EF21: A New, Simpler, Theoretically
+    Better, and Practically Faster Error Feedback", NeurIPS 2021; for partial
+    participation Fatkhullin et al., "EF21 with Bells & Whistles", 2021, and
+    Li and Li, "Analysis of Error Feedback in Federated Non-Convex
+    Optimization with Biased Compression", ICML 2023.  The device keeps an
+    estimate ``g`` of its update (in :class:`~flowerpress.compression.CodecState`),
+    encodes ``c = C(update - g)`` and sets ``g += decoded(c)``; the server
+    keeps the same ``g`` per device and aggregates ``g``, not ``c``
+    (``flowerpress.server.estimates``).  Both sides must agree on ``g``: the
+    server names the round of the estimate it holds and the device starts from
+    zero when it does not hold that one.  Exclusive with ``ef``.  The
+    estimate is a function of privatized updates only: safe after DP noise.
+    """
+
+    name: ClassVar[str] = "ef21"
+
+
+@dataclass(frozen=True)
+class FlatStage(Stage):
+    """``flat``: encode the update as one vector, so the structure stage sees all of it.
+
+    The pipeline concatenates the update's tensors (model order, C order) into
+    one 1-D tensor before error feedback and the structure stage, so
+    ``topk:F`` keeps the ``ceil(F * n)`` largest magnitudes of the whole
+    update (global top-k, as in Shi et al., "A Distributed Synchronous SGD
+    Algorithm with Global Top-k Sparsification", ICDCS 2019) instead of
+    ``F`` of every tensor, and the payload carries one tensor header instead
+    of one per tensor (about 250 bytes less on an 8-tensor CNN).  The decoder
+    returns the one vector; the receiver, which knows the model's shapes,
+    splits it (:func:`flowerpress.protocol.decode_weights`).  No wire id: a flat
+    payload is an ordinary one-tensor payload.  Deterministic reshaping:
+    post-processing, so safe after DP noise.
+    """
+
+    name: ClassVar[str] = "flat"
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         download_first=str(config["download-first-compression"]),
         link=parse_link(str(config["link"])),
         compression_warmup=int(config["compression-warmup"]),
+        ef21_memory_bytes=int(float(config["ef21-memory"]) * 1e6),
     )
     start = evaluate_fn(initial) if central is not None else None
     if start is not None:

@@ -31,6 +31,7 @@ from flowerpress.protocol import UpdateRejected, message_bytes, record_bytes
 from flowerpress.server.bounds import bound_update_norm
 from flowerpress.server.checkpoint import LoopState
 from flowerpress.server.download import DownloadHistory
+from flowerpress.server.estimates import UploadEstimates
 from flowerpress.server.membership import EXPIRED_ERROR_CODE, Membership, is_unavailable_error
 from flowerpress.server.schedule import warmup_spec
 from flowerpress.strategies.base import ClientUpdate
@@ -133,6 +134,9 @@ class LoopSettings:
     link: LinkProfile | None = None
     # Rounds of top-k density warm-up (server/schedule.py; 0: off).
     compression_warmup: int = 0
+    # Bound on the EF21 upload estimates (server/estimates.py), used when the
+    # upload spec has ``ef21``.
+    ef21_memory_bytes: int = 64_000_000
 
 
 def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
@@ -330,13 +334,21 @@ class _Downloads:
 def _build_downloads(nodes: Sequence[int], server_round: int, global_weights: Weights,
                      instruction: protocol.TrainInstruction, download: DownloadCodec | None,
                      history: DownloadHistory | None, rng: np.random.Generator,
-                     seed: int, anchors: Mapping[int, str] | None = None) -> _Downloads:
+                     seed: int, anchors: Mapping[int, str] | None = None,
+                     estimates: UploadEstimates | None = None) -> _Downloads:
     """One train message per node: the broadcast, or each node's history download."""
-    config = instruction.to_record()
+    shared = instruction.to_record()
+
+    def config_for(node: int) -> ConfigRecord:
+        if estimates is None:
+            return shared
+        return ConfigRecord({**shared, protocol.EF21_BASE: estimates.base(node)})
+
     if history is None:
         broadcast, received = _broadcast(global_weights, download, rng)
-        content = RecordDict({protocol.ARRAYS: broadcast, protocol.CONFIG: config})
-        return _Downloads([Message(content, dst_node_id=n, message_type=MessageType.TRAIN)
+        return _Downloads([Message(RecordDict({protocol.ARRAYS: broadcast,
+                                               protocol.CONFIG: config_for(n)}),
+                                   dst_node_id=n, message_type=MessageType.TRAIN)
                            for n in nodes], dict.fromkeys(nodes, received), received)
     # A stream of its own, so that switching the history on does not change sampling.
     down_rng = np.random.default_rng([seed, server_round, 5])
@@ -345,7 +357,7 @@ def _build_downloads(nodes: Sequence[int], server_round: int, global_weights: We
     for n in nodes:
         item = history.download_for(n, down_rng,
                                     anchor=None if anchors is None else anchors.get(n))
-        content = RecordDict({protocol.ARRAYS: item.arrays, protocol.CONFIG: config,
+        content = RecordDict({protocol.ARRAYS: item.arrays, protocol.CONFIG: config_for(n),
                               protocol.DOWNLOAD: item.record})
         out.messages.append(Message(content, dst_node_id=n, message_type=MessageType.TRAIN))
         out.received[n] = item.received
@@ -366,6 +378,7 @@ def run_round(
     download: DownloadCodec | None = None,
     history: DownloadHistory | None = None,
     anchors: Mapping[int, str] | None = None,
+    estimates: UploadEstimates | None = None,
     rng: np.random.Generator,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -381,6 +394,10 @@ def run_round(
     model ``global_weights`` (EF21-P: what the compression dropped is sent in
     later rounds, not lost). ``anchors`` maps a node to the initial-model
     digest its hello reply named (first contacts from the initial model).
+
+    With ``estimates`` (an ``ef21`` upload) each node's config names the EF21
+    estimate the server holds for it, and the strategy gets the node's new
+    estimate ``g_i + c`` instead of its decoded payload ``c``.
     """
     instruction = protocol.TrainInstruction(
         server_round=server_round, seed=settings.seed,
@@ -388,7 +405,7 @@ def run_round(
                                 settings.compression_warmup),
         cohort_size=len(nodes), extra={**settings.client_config, **extra_config})
     plan = _build_downloads(nodes, server_round, global_weights, instruction, download,
-                            history, rng, settings.seed, anchors)
+                            history, rng, settings.seed, anchors, estimates)
     messages = plan.messages
     # Bytes as Flower sends them (the whole serialized message) and, apart, the arrays.
     sizes = [message_bytes(m) for m in messages]
@@ -429,9 +446,16 @@ def run_round(
             checked = protocol.validate_train_reply(reply, plan.received[node],
                                                     max_weight=settings.max_client_weight,
                                                     dp=settings.dp)
-            delta, norm, was_clipped = bound_update_norm(checked.delta, settings.max_update_norm)
+            estimate = None
+            if estimates is not None:
+                estimate = estimates.combine(node, protocol.ef21_base_of_reply(reply),
+                                             checked.delta)
+            delta, norm, was_clipped = bound_update_norm(
+                checked.delta if estimate is None else estimate, settings.max_update_norm)
             strategy.add(ClientUpdate(delta=delta, weight=checked.weight,
                                       node_id=node, metrics=checked.metrics))
+            if estimates is not None and estimate is not None:
+                estimates.commit(node, server_round, estimate)
         except UpdateRejected as exc:
             rejected += 1
             log.warning("round %s: dropped the update of node %s: %.300s", server_round, node,
@@ -611,6 +635,7 @@ def run_federation(
         except (ValueError, TypeError, KeyError) as exc:
             raise ResumeError(f"the checkpoint's download history does not fit this run: "
                               f"{exc}") from None
+    estimates = make_estimates(settings)
     for server_round in range(first, settings.rounds + 1):
         started = clock()
         membership.refresh(grid, server_round)
@@ -654,8 +679,8 @@ def run_federation(
         else:
             outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
                                 extra_config=extra, download=download, history=history,
-                                anchors=membership.anchors(), rng=rng, clock=clock,
-                                sleep=sleep)
+                                anchors=membership.anchors(), estimates=estimates,
+                                rng=rng, clock=clock, sleep=sleep)
         membership.record_round(sampled, outcome.replied)
         weights = outcome.new_global
         epsilon = nominal = None
@@ -793,6 +818,15 @@ def make_history(settings: LoopSettings, download: DownloadCodec | None,
                            budget_bytes=settings.download_history_bytes,
                            initial=anchor,
                            first_codec=first)
+
+
+def make_estimates(settings: LoopSettings) -> UploadEstimates | None:
+    """The server's EF21 upload estimates when the upload spec has ``ef21``, else None."""
+    from flowerpress.compression import parse
+
+    if not parse(settings.compression).ef21:
+        return None
+    return UploadEstimates(budget_bytes=max(1, settings.ef21_memory_bytes))
 
 
 def _opt_float(value: float | None) -> float | None:

@@ -92,3 +92,27 @@ def test_error_feedback_residual_persists_in_context_state() -> None:
     total_second = sum(float(np.abs(r).sum()) for r in second)
     assert total_first > 0
     assert total_second > total_first
+
+
+def test_train_metrics_false_keeps_only_num_examples() -> None:
+    # Prepare: a ClientApp whose reply carries a training metric
+    app = ClientApp(mods=[compression_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        arrays = msg.content.array_records["arrays"].to_numpy_ndarrays()
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(
+            {"num-examples": 5, "train-loss": 0.25})}), reply_to=msg)
+
+    weights = [np.zeros(s, dtype=np.float32) for s in SHAPES]
+    lean = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                   run_config={"train-metrics": False})
+    with server_identity():
+        # Execute
+        kept = app(_train_msg(ArrayRecord(weights), "q:8"), _context())
+        dropped = app(_train_msg(ArrayRecord(weights), "q:8"), lean)
+    # Assert
+    assert dict(kept.content.metric_records["metrics"]) == {"num-examples": 5,
+                                                            "train-loss": 0.25}
+    assert dict(dropped.content.metric_records["metrics"]) == {"num-examples": 5}
+    assert validate_train_reply(dropped, weights).weight == 5

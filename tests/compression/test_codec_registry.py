@@ -32,7 +32,7 @@ from flowerpress.compression import stages as st
 F32 = npt.NDArray[np.float32]
 pytestmark = pytest.mark.usefixtures("restore_stage_registry")
 
-BUILTINS = ["ef", "fp16", "lowrank", "none", "q", "randk", "sign", "topk", "zstd"]
+BUILTINS = ["ef", "ef21", "flat", "fp16", "lowrank", "none", "q", "randk", "sign", "topk", "zstd"]
 
 
 @dataclass(frozen=True)
