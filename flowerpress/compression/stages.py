@@ -176,7 +176,7 @@ class ValueStage(Stage, ABC):
     on bad bytes becomes a :class:`PayloadError`.
 
     Keep the encoding at most 4 bytes per value plus a small header: a
-    ``zstd`` body is bounded by ``5 * max_elements + 1 MiB`` bytes.
+    ``zstd`` body is bounded by ``5 * max_elements + 64 KiB + 256 * max_tensors`` bytes.
     """
 
     @abstractmethod
