@@ -27,34 +27,41 @@ path, any exception from the bound or the strategy, a strategy result the loop
 refuses, or an honest reply rejected. CPU is ``time.process_time`` per reply,
 peak memory is ``tracemalloc``'s peak per reply (Python and numpy allocations;
 the zstd library's own buffers are not traced) as a multiple of the model's
-float32 size.
+float32 size. The five replies with the highest peak are printed with their
+class, outcome, what was done to them (codec and edits for a mutated payload)
+and, for payloads, the header and stages as far as they parse; ``--dump DIR``
+writes those payloads to files, to replay them through ``decode``.
 
 Run::
 
     python benchmarks/hostile_replies.py                    # 3,000 replies, ~1 minute
     python benchmarks/hostile_replies.py --replies 100000   # the issue's count
+    python benchmarks/hostile_replies.py --model large --classes payload --dump /tmp/top
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import struct
 import sys
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import zstandard
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from flowerpress import protocol
 from flowerpress.compression import parse
-from flowerpress.compression.envelope import payload_record
+from flowerpress.compression.envelope import is_payload, payload_bytes, payload_record
+from flowerpress.compression.wire import Reader
 from flowerpress.server.bounds import bound_update_norm
 from flowerpress.server.loop import StrategyFailedError, check_strategy_result
 from flowerpress.strategies import build_strategy
@@ -114,35 +121,55 @@ def _message(arrays: Any, metrics: Any) -> Message:
     return Message(content, dst_node_id=0, message_type="train")
 
 
-def _mutate(rng: np.random.Generator, blob: bytes, *, region: int | None = None) -> bytes:
-    """One to four random edits of ``blob`` (the first ``region`` bytes if given)."""
+def _mutate(rng: np.random.Generator, blob: bytes, *, region: int | None = None,
+            log: list[str] | None = None) -> bytes:
+    """One to four random edits of ``blob`` (the first ``region`` bytes if given).
+
+    Each edit is described in ``log`` if given (no extra random draws, so a run
+    with and without the log sends the same replies).
+    """
     data = bytearray(blob)
+    note = log if log is not None else []
     for _ in range(int(rng.integers(1, 5))):
         span = min(len(data), region) if region else len(data)
         kind = rng.integers(0, 7)
         if not data or span == 0:
             data = bytearray(rng.bytes(int(rng.integers(0, 64))))
+            note.append(f"replace all by {len(data)} random bytes")
         elif kind == 0:  # bit flip
             i = int(rng.integers(0, span))
-            data[i] ^= 1 << int(rng.integers(0, 8))
+            bit = int(rng.integers(0, 8))
+            data[i] ^= 1 << bit
+            note.append(f"flip bit {bit} of byte {i}")
         elif kind == 1:  # random byte
-            data[int(rng.integers(0, span))] = int(rng.integers(0, 256))
+            i = int(rng.integers(0, span))
+            data[i] = int(rng.integers(0, 256))
+            note.append(f"byte {i} := {data[i]:#04x}")
         elif kind == 2:  # truncate
             data = data[:int(rng.integers(0, len(data)))]
+            note.append(f"truncate to {len(data)}")
         elif kind == 3:  # insert
             i = int(rng.integers(0, span + 1))
-            data[i:i] = rng.bytes(int(rng.integers(1, 16)))
+            extra = rng.bytes(int(rng.integers(1, 16)))
+            data[i:i] = extra
+            note.append(f"insert {len(extra)} random bytes at {i}")
         elif kind == 4:  # extreme integer
             i = int(rng.integers(0, max(span - 4, 1)))
-            data[i:i + 4] = [b"\xff\xff\xff\xff", b"\xff\xff\xff\x7f", b"\x00\x00\x00\x80",
-                             b"\x00\x00\x00\x00", b"\x01\x00\x01\x00"][int(rng.integers(0, 5))]
+            word = [b"\xff\xff\xff\xff", b"\xff\xff\xff\x7f", b"\x00\x00\x00\x80",
+                    b"\x00\x00\x00\x00", b"\x01\x00\x01\x00"][int(rng.integers(0, 5))]
+            data[i:i + 4] = word
+            note.append(f"bytes {i}..{i + 3} := {word.hex()}")
         elif kind == 5:  # splice a chunk from elsewhere
             i, j = sorted(int(x) for x in rng.integers(0, len(data), size=2))
             k = int(rng.integers(0, span))
-            data[k:k] = data[i:j][:256]
+            piece = data[i:j][:256]
+            data[k:k] = piece
+            note.append(f"splice {len(piece)} bytes from {i} at {k}")
         else:  # drop a chunk
             i = int(rng.integers(0, span))
-            del data[i:i + int(rng.integers(1, 32))]
+            n = int(rng.integers(1, 32))
+            del data[i:i + n]
+            note.append(f"drop up to {n} bytes at {i}")
     return bytes(data)
 
 
@@ -153,6 +180,8 @@ class Workload:
     received: Weights
     max_weight: float = protocol.DEFAULT_MAX_WEIGHT
     payloads: list[bytes] = field(default_factory=list)
+    #: What the last maker did (codec and edits), for the report of the costliest replies.
+    note: str = ""
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(1)
@@ -181,20 +210,24 @@ class Workload:
         return _message(payload_record(blob), self.good_metrics(rng))
 
     def payload(self, rng: np.random.Generator) -> Message:
-        base = self.payloads[int(rng.integers(0, len(self.payloads)))]
+        which = int(rng.integers(0, len(self.payloads)))
         region = 64 if rng.random() < 0.5 else None  # headers are where sizes live
-        return _message(payload_record(_mutate(rng, base, region=region)),
-                        self.good_metrics(rng))
+        log: list[str] = []
+        blob = _mutate(rng, self.payloads[which], region=region, log=log)
+        self.note = (f"{CODECS[which]} payload, edits "
+                     f"{'in the first 64 bytes' if region else 'anywhere'}: {'; '.join(log)}")
+        return _message(payload_record(blob), self.good_metrics(rng))
 
     def npy(self, rng: np.random.Generator) -> Message:
         local = self.honest_local(rng)
         blobs = [_npy(a) for a in local]
         i = int(rng.integers(0, len(blobs)))
         kind = rng.integers(0, 4)
+        log: list[str] = []
         if kind == 0:  # mutate the header
-            blobs[i] = _mutate(rng, blobs[i], region=128)
+            blobs[i] = _mutate(rng, blobs[i], region=128, log=log)
         elif kind == 1:  # mutate anywhere
-            blobs[i] = _mutate(rng, blobs[i])
+            blobs[i] = _mutate(rng, blobs[i], log=log)
         elif kind == 2:  # a crafted header, with or without data after it
             descr = DESCRS[int(rng.integers(0, len(DESCRS)))]
             shape = (str(local[i].shape) if rng.random() < 0.3
@@ -204,12 +237,15 @@ class Workload:
                 pad=int(rng.choice([0, 0, 0, 20_000])))
             tail = blobs[i][128:] if rng.random() < 0.5 else b""
             blobs[i] = head + tail
+            log.append(f"header {head[10:].strip()[:120]!r}, {len(tail)} data bytes")
         else:  # other npy versions and orders of honest data
             arr = local[i]
             if rng.random() < 0.5:
                 arr = np.asfortranarray(arr.astype([np.float16, np.float64, np.float32][
                     int(rng.integers(0, 3))]))
             blobs[i] = _npy(arr, version=[(1, 0), (2, 0), (3, 0)][int(rng.integers(0, 3))])
+            log.append(f"honest data as {arr.dtype}, npy version {blobs[i][6]}")
+        self.note = f"array {i}: {'; '.join(log)}"
         record = ArrayRecord(local)
         for (name, arr), blob in zip(list(record.items()), blobs, strict=True):
             arr.__dict__["data"] = blob
@@ -308,6 +344,82 @@ class Workload:
                 "honest": self.honest}
 
 
+_KINDS = {0: "f32", 1: "f16", 2: "q", 3: "sign"}
+_STRUCTS = {0: "dense", 1: "topk", 2: "randk", 3: "lowrank"}
+
+
+def _describe_values(r: Reader, count: int) -> str:
+    kind = r.u8("value kind")
+    name = _KINDS.get(kind, f"kind {kind}")
+    if kind == 0:
+        r.raw(4 * count, "f32")
+    elif kind == 1:
+        r.raw(2 * count, "f16")
+    elif kind == 2:
+        bits, block = r.u8("bits"), r.u32("block")
+        nblocks = -(-count // block) if block else 0
+        lo = np.frombuffer(r.raw(4 * nblocks, "lo"), "<f4")
+        hi = np.frombuffer(r.raw(4 * nblocks, "hi"), "<f4")
+        r.raw((count * bits + 7) // 8, "codes")
+        with np.errstate(all="ignore"):
+            span = float((hi.astype(np.float64) - lo.astype(np.float64)).max()) if lo.size else 0
+            big = max(float(np.abs(lo).max()), float(np.abs(hi).max())) if lo.size else 0
+        name = f"q bits {bits} block {block}, max |lo|,|hi| {big:.3g}, max span {span:.3g}"
+    elif kind == 3:
+        name = f"sign scale {r.f32('scale'):.3g}"
+        r.raw((count + 7) // 8, "bits")
+    else:
+        raise ValueError("unknown kind")
+    return f"{name} x{count}"
+
+
+def describe_payload(blob: bytes, max_body: int) -> str:
+    """The header, stages and sizes of a (possibly mutated) payload, as far as they parse."""
+    parts = [f"{len(blob)} bytes"]
+    try:
+        r = Reader(blob)
+        magic, version, flags = bytes(r.raw(3, "magic")), r.u8("version"), r.u8("flags")
+        parts.append(f"magic {magic!r} version {version} flags {flags:#04x}")
+        body: bytes | memoryview
+        if flags & 1:
+            body_len = r.u64("body length")
+            frame = r.raw(r.remaining, "frame")
+            content = zstandard.get_frame_parameters(frame).content_size
+            parts.append(f"zstd body {body_len} (frame says {content}, frame {len(frame)} bytes)")
+            body = zstandard.ZstdDecompressor().decompress(frame, max_output_size=max_body)
+        else:
+            body = r.raw(r.remaining, "body")
+        r = Reader(body)
+        ntensors = r.u32("tensors")
+        parts.append(f"{ntensors} tensors")
+        for _ in range(min(ntensors, 8)):
+            shape = r.u32s(r.u8("ndim"), "shape")
+            count = math.prod(shape)
+            sid = r.u8("structure")
+            dims = str(shape) if len(shape) <= 4 else f"({len(shape)} dims, {count} elements)"
+            text = f"{dims} {_STRUCTS.get(sid, f'struct {sid}')}"
+            if sid == 0:
+                text += " " + _describe_values(r, count)
+            elif sid == 1:
+                k, b, unary = r.u32("k"), r.u8("b"), r.u32("unary")
+                r.raw(unary, "unary")
+                r.raw((k * b + 7) // 8, "rem")
+                text += f" k {k} b {b}: " + _describe_values(r, k)
+            elif sid == 2:
+                k, seed = r.u32("k"), r.u64("seed")
+                text += f" k {k} seed {seed}: " + _describe_values(r, k)
+            elif sid == 3:
+                rows, cols, rank = r.u32("rows"), r.u32("cols"), r.u16("rank")
+                text += (f" {rows}x{cols} rank {rank}: " + _describe_values(r, rows * rank)
+                         + ", " + _describe_values(r, cols * rank))
+            parts.append(text)
+        if r.remaining:
+            parts.append(f"{r.remaining} trailing bytes")
+    except Exception as exc:  # a mutated payload: describe what parsed, then why it stopped
+        parts.append(f"stops: {type(exc).__name__}: {str(exc)[:80]}")
+    return "; ".join(parts)
+
+
 def digits_model() -> Weights:
     """The bundled digits MLP (4,810 parameters)."""
     from flowerpress.tasks import data
@@ -343,10 +455,35 @@ class Tally:
     class_validate_peak: dict[str, int] = field(default_factory=dict)
     max_validate_peak: int = 0
     class_peak: dict[str, int] = field(default_factory=dict)
+    #: The costliest replies by peak memory: (peak, reply number, class, outcome, note).
+    top: list[tuple[int, int, str, str, str]] = field(default_factory=list)
+    top_blobs: dict[int, bytes] = field(default_factory=dict)
+
+    def keep_top(self, peak: int, number: int, name: str, outcome: str, reply: Message,
+                 work: Workload, count: int = 5) -> None:
+        """Remember the reply if it is among the ``count`` costliest so far."""
+        if len(self.top) >= count and peak <= self.top[-1][0]:
+            return
+        record = reply.content.array_records.get(protocol.ARRAYS)
+        blob = None
+        note = work.note
+        if name in ("payload", "honest", "values") and record is not None and is_payload(record):
+            blob = payload_bytes(record)
+            max_body = 5 * sum(int(g.size) for g in work.received) + (1 << 20)
+            note = f"{note} | {describe_payload(blob, max_body)}" if note else describe_payload(
+                blob, max_body)
+        self.top.append((peak, number, name, outcome, note))
+        self.top.sort(key=lambda t: -t[0])
+        for dropped in self.top[count:]:
+            self.top_blobs.pop(dropped[1], None)
+        del self.top[count:]
+        if blob is not None:
+            self.top_blobs[number] = blob
 
 
 def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm: float,
-        round_size: int = 50, progress: bool = False) -> Tally:
+        round_size: int = 50, progress: bool = False,
+        classes: Sequence[str] | None = None) -> Tally:
     """Send ``replies`` replies through the reply path; return the tally."""
     rng = np.random.default_rng(seed)
     work = Workload(received=model)
@@ -354,6 +491,9 @@ def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm
     names = list(makers)
     # Mostly hostile; a few honest replies keep the accepted path exercised.
     probs = np.array([0.22, 0.22, 0.14, 0.1, 0.1, 0.12, 0.1])
+    if classes:  # only these classes (another stream of replies than the full mix)
+        probs = np.array([p if n in classes else 0.0 for n, p in zip(names, probs, strict=True)])
+        probs /= probs.sum()
     strategy = build_strategy(strategy_spec)
     tally = Tally()
     global_weights = [w.copy() for w in model]
@@ -371,9 +511,10 @@ def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm
             for _ in range(min(round_size, replies - sent)):
                 sent += 1
                 name = names[int(rng.choice(len(names), p=probs))]
+                work.note = ""
                 reply = makers[name](rng)
                 tally.tried[name] += 1
-                _one(reply, name, work, strategy, max_norm, tally)
+                _one(reply, name, work, strategy, max_norm, tally, sent)
             try:
                 new = check_strategy_result(strategy.result(), global_weights, strategy_spec)
             except StrategyFailedError as exc:
@@ -389,7 +530,7 @@ def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm
 
 
 def _one(reply: Message, name: str, work: Workload, strategy: Any, max_norm: float,
-         tally: Tally) -> None:
+         tally: Tally, number: int = 0) -> None:
     tracemalloc.reset_peak()
     base, _ = tracemalloc.get_traced_memory()
     start = time.process_time()
@@ -436,6 +577,7 @@ def _one(reply: Message, name: str, work: Workload, strategy: Any, max_norm: flo
         tally.max_cpu, tally.max_cpu_class = cpu, name
     if peak > tally.max_peak:
         tally.max_peak, tally.max_peak_class = peak, name
+    tally.keep_top(peak, number, name, outcome, reply, work)
 
 
 def honest_peaks(model: Weights) -> dict[str, float]:
@@ -476,12 +618,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-update-norm", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--classes", default="",
+                        help="comma-separated classes to send only (default: the full mix)")
+    parser.add_argument("--dump", default="",
+                        help="directory to write the payloads of the costliest replies to")
     args = parser.parse_args(argv)
     model = digits_model() if args.model == "digits" else large_model()
     model_bytes = sum(int(w.size) for w in model) * 4
     started = time.monotonic()
     tally = run(args.replies, model=model, seed=args.seed, strategy_spec=args.strategy,
-                max_norm=args.max_update_norm, progress=args.progress)
+                max_norm=args.max_update_norm, progress=args.progress,
+                classes=[c for c in args.classes.split(",") if c])
     seconds = time.monotonic() - started
     honest = float(np.median(tally.honest_cpu)) if tally.honest_cpu else float("nan")
     load = os.getloadavg()
@@ -511,10 +658,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"escapes:                  {len(tally.escapes)}")
     print(f"rejected / accepted:      {sum(tally.rejected.values())} / "
           f"{sum(tally.accepted.values())} (clipped by max-update-norm: {tally.clipped})")
+    slowest = max(tally.honest_cpu, default=float("nan"))
     print(f"max CPU per reply:        {tally.max_cpu * 1e3:.2f} ms ({tally.max_cpu_class}); "
-          f"{tally.max_cpu / honest:.1f}x the median honest reply ({honest * 1e3:.3f} ms)")
+          f"{tally.max_cpu / honest:.1f}x the median honest reply ({honest * 1e3:.3f} ms); "
+          f"slowest honest {slowest * 1e3:.2f} ms")
     print(f"max peak memory per reply: {tally.max_peak} bytes ({tally.max_peak_class}); "
           f"{tally.max_peak / model_bytes:.2f}x the model's float32 size")
+    print()
+    print("costliest replies by peak memory (reply number, class, outcome, what it was):")
+    for peak, number, name, outcome, note in tally.top:
+        print(f"  {peak / model_bytes:.2f}x  #{number} {name} {outcome}: {note[:600]}")
+    if args.dump:
+        os.makedirs(args.dump, exist_ok=True)
+        for number, blob in tally.top_blobs.items():
+            path = os.path.join(args.dump, f"seed{args.seed}-reply{number}.payload")
+            with open(path, "wb") as fh:
+                fh.write(blob)
+            print(f"  wrote {path}")
     for line in tally.escapes[:20]:
         print("ESCAPE", line)
     return 1 if tally.escapes else 0

@@ -122,6 +122,10 @@ _F32_SAFE_RANGE = 1e38
 _F32_SAFE_SCALE = 1e36
 # Elements per working chunk: ~256 KiB of float32, comfortably inside L2.
 _CHUNK = 1 << 16
+# Largest chunk of the float64 dequantization path (only near the float32
+# limits): four 64 KiB buffers, so a hostile payload taking this path costs no
+# more memory than an honest one.
+_F64_CHUNK = 1 << 13
 
 
 # --------------------------------------------------------------------------- interfaces
@@ -174,7 +178,7 @@ class ValueStage(Stage, ABC):
     on bad bytes becomes a :class:`PayloadError`.
 
     Keep the encoding at most 4 bytes per value plus a small header: a
-    ``zstd`` body is bounded by ``5 * max_elements + 1 MiB`` bytes.
+    ``zstd`` body is bounded by ``5 * max_elements + 64 KiB + 256 * max_tensors`` bytes.
     """
 
     @abstractmethod
@@ -961,12 +965,30 @@ def dequantize(
     step64 = (hi.astype(np.float64) - lo.astype(np.float64)) / levels
     if not _f32_safe(lo, hi):
         # Near the float32 limits: evaluate in float64 (stays within [lo, hi]),
-        # a chunk at a time so the float64 temporaries stay small.
+        # a chunk at a time in four reused buffers.  A payload picks this path
+        # with a single huge block minimum; fresh float64 temporaries of _CHUNK
+        # elements per chunk (about 2 MB) made such a reply peak at 3x a
+        # 200k-parameter model (issue 12).  Now only ``out`` and the per-block
+        # arrays (at most 1/64 of the elements) scale with the tensor.
         lo64 = lo.astype(np.float64)
-        for e0 in range(0, n, _CHUNK):
-            e1 = min(n, e0 + _CHUNK)
-            bidx = np.arange(e0, e1) // block
-            out[e0:e1] = lo64[bidx] + codes[e0:e1] * step64[bidx]
+        # Chunks of at most _F64_CHUNK and at most 1/8 of the tensor (32 buffer
+        # bytes per element of a chunk), so the buffers stay below ``out``.
+        m = min(n, _F64_CHUNK, max(256, n // 8))
+        ramp = np.arange(m, dtype=np.int64)
+        bidx = np.empty(m, dtype=np.int64)
+        acc = np.empty(m, dtype=np.float64)
+        base = np.empty(m, dtype=np.float64)
+        for e0 in range(0, n, m):
+            e1 = min(n, e0 + m)
+            c = e1 - e0
+            bi, a, b = bidx[:c], acc[:c], base[:c]
+            np.add(ramp[:c], e0, out=bi)
+            bi //= block
+            np.take(step64, bi, out=a)
+            np.multiply(codes[e0:e1], a, out=a)
+            np.take(lo64, bi, out=b)
+            np.add(b, a, out=a)  # lo + code * step, the same float64 operations as before
+            np.copyto(out[e0:e1], a, casting="same_kind")
         return out
     step32 = step64.astype(np.float32)
     nblocks = lo.size

@@ -141,3 +141,38 @@ def test_tensor_count_beyond_the_body_is_rejected_before_looping() -> None:
     payload = _frame(struct.pack("<I", 60000) + bytes(100))
     with pytest.raises(PayloadError, match="60000 tensors cannot fit in 100 bytes"):
         decode(payload, max_elements=N)
+
+
+# The 784-256-10 MLP of benchmarks/hostile_replies.py --model large (203,530
+# parameters): on a model this size the fixed-size float64 temporaries of the
+# dequantizer's float64 path were no longer small against the model.
+MLP_SHAPES: list[tuple[int, ...]] = [(256, 784), (256,), (10, 256), (10,)]
+MLP_N = sum(int(np.prod(s)) for s in MLP_SHAPES)
+
+
+def test_one_huge_block_minimum_decodes_within_the_bound_on_a_small_model() -> None:
+    # Prepare: an honest q:8 payload with one edit, as the hostile-replies benchmark
+    # made it (seed 5, payload class): the 4th block minimum of the first tensor
+    # becomes -1.9e38, still finite and below its maximum, so the payload is valid
+    # and decodes through the float64 path. That reply peaked at 3.01x the model.
+    rng = np.random.default_rng(0)
+    update = [(rng.standard_normal(s) * 0.01).astype(np.float32) for s in MLP_SHAPES]
+    payload = bytearray(parse("q:8").encode(update, rng=rng)[0])
+    # magic+version+flags 5, count 4, ndim 1, dims 8, struct 1, kind 1, bits 1, block 4
+    lo_at = 25
+    assert payload[lo_at - 6 : lo_at] == b"\x02\x08" + struct.pack("<I", 2048)
+    payload[lo_at + 12 : lo_at + 16] = struct.pack("<f", -1.9e38)
+    decode(bytes(payload), max_elements=MLP_N, max_tensors=4)  # warm: lazy imports
+
+    # Execute
+    tracemalloc.start()
+    try:
+        out = decode(bytes(payload), max_elements=MLP_N, max_tensors=4)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    # Assert: decoded (a valid, finite, huge update), within 3x the model
+    assert [a.shape for a in out] == MLP_SHAPES
+    assert np.isfinite(out[0]).all() and out[0].min() < -1e38
+    assert peak <= PEAK_BOUND * 4 * MLP_N, f"decode peak {peak / (4 * MLP_N):.2f}x the model"
