@@ -325,11 +325,14 @@ def _mark_first_distinct_inplace(seed: int, n: int, k: int, mask: npt.NDArray[np
     bitgen = np.random.PCG64(seed)
     got = 0
     scale = _TWO_POW_M53 * n
+    # About 60 bytes of temporaries a draw: a batch of at most n / 16 draws keeps
+    # them under the tensor's own float32 size, so small models are bounded too.
+    batch = min(_SEED_BATCH, max(64, n // 16))
     # k <= n / 2 here: ~n ln 2 draws on average; the cap only bounds the loop.
     # Batches shrink with what is still needed (the stream, hence the result,
     # is the same whatever the batch sizes).
     for _ in range(64 * (n // 64 + 1)):
-        raw = np.asarray(bitgen.random_raw(min(_SEED_BATCH, 2 * (k - got) + 64)), dtype=np.uint64)
+        raw = np.asarray(bitgen.random_raw(min(batch, 2 * (k - got) + 64)), dtype=np.uint64)
         raw >>= np.uint64(11)
         vals = (raw.astype(np.float64) * scale).astype(np.int64)
         np.minimum(vals, n - 1, out=vals)

@@ -176,3 +176,24 @@ def test_one_huge_block_minimum_decodes_within_the_bound_on_a_small_model() -> N
     assert [a.shape for a in out] == MLP_SHAPES
     assert np.isfinite(out[0]).all() and out[0].min() < -1e38
     assert peak <= PEAK_BOUND * 4 * MLP_N, f"decode peak {peak / (4 * MLP_N):.2f}x the model"
+
+
+@pytest.mark.parametrize("spec", ["randk:0.5", "randk:0.5+q:8", "randk:0.9"])
+def test_random_k_support_on_a_small_model_is_bounded_by_the_model(spec: str) -> None:
+    # Prepare: the digits MLP (4,810 parameters), where fixed-size batches of
+    # draws used to dominate (11x the model)
+    shapes = [(64, 64), (64,), (64, 10), (10,)]
+    n = sum(int(np.prod(s)) for s in shapes)
+    rng = np.random.default_rng(0)
+    update = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    payload, _ = parse(spec).encode(update, None, rng=np.random.default_rng(1))
+    decode(payload, max_elements=n, max_tensors=len(shapes))  # warm numpy's caches
+    # Execute
+    tracemalloc.start()
+    try:
+        decode(payload, max_elements=n, max_tensors=len(shapes))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Assert
+    assert peak / (4 * n) <= PEAK_BOUND
