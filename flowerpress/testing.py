@@ -3,7 +3,8 @@
 :class:`InProcessGrid` implements Flower's ``Grid`` interface by calling a
 real ``ClientApp`` (mods included) in the same process, one ``Context`` per
 node. It is a test double for the transport only: the messages, records and
-apps are Flower's own. Faults are injected per node: a node that never
+apps are Flower's own. A ClientApp that raises is answered with an error
+reply, as a SuperNode does. Faults are injected per node: a node that never
 replies, a node whose reply is rewritten (corrupted payloads, NaN updates).
 Simulations and deployments use Flower's simulation engine and SuperLink.
 """
@@ -15,8 +16,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -113,7 +115,12 @@ class InProcessGrid(Grid):
             ids.append(mid)
             if node in self.silent:
                 continue
-            reply = self.client_app(msg, self._contexts[node])
+            try:
+                reply = self.client_app(msg, self._contexts[node])
+            except Exception as exc:  # what a SuperNode does with a failed ClientApp
+                # A SuperNode answers for a ClientApp that raised; so does this double.
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
             if node in self.tamper and msg.metadata.message_type == "train":
                 reply = self.tamper[node](reply)
             self._replies[mid] = reply
