@@ -278,6 +278,8 @@ def pareto_plot(summaries: Sequence[Summary], path: Path, *, target: float) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import textwrap
+
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5.5))
     colors = plt.get_cmap("tab10").colors
     runs: list[Run] = []
@@ -288,15 +290,15 @@ def pareto_plot(summaries: Sequence[Summary], path: Path, *, target: float) -> N
         color = colors[runs.index(s.run) % 10]
         acc = [float(r["accuracy"]) for r in s.rows]
         first = s is next(x for x in summaries if x.run == s.run)
-        ax.plot(s.cumulative_mb(), acc, "-", linewidth=1, color=color,
-                label=s.run.label if first else None)
+        # Long specs wrap onto several lines, so the legend never stretches the figure.
+        label = "\n".join(textwrap.wrap(s.run.label, 70)) if first else None
+        ax.plot(s.cumulative_mb(), acc, "-", linewidth=1, color=color, label=label)
         minutes = []
         total = 0.0
         for r in s.rows:
             total += float(r.get("link_seconds") or 0.0)
             minutes.append(total / 60)
-        ax2.plot(minutes, acc, "-", linewidth=1, color=color,
-                 label=s.run.label if first else None)
+        ax2.plot(minutes, acc, "-", linewidth=1, color=color)
         reach = s.first_reach(target)
         if reach is not None:
             ax.plot([reach["total"] / 1e6], [target], marker="o", color=color)
@@ -311,8 +313,8 @@ def pareto_plot(summaries: Sequence[Summary], path: Path, *, target: float) -> N
     ax2.set_xlabel("estimated time (min, log) under the link profile (default up:1mbit,"
                    "down:10mbit,rtt:50ms)")
     ax.set_title("MNIST, dirichlet:0.5, 50 clients, 10 per round; one line per seed")
-    ax2.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    fig.legend(fontsize=7, loc="lower center", ncol=min(3, len(runs)), frameon=False)
+    fig.tight_layout(rect=(0.0, 0.06 + 0.035 * max(1, (len(runs) + 2) // 3) * 2, 1.0, 1.0))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
