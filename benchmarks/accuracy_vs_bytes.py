@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -277,8 +278,6 @@ def pareto_plot(summaries: Sequence[Summary], path: Path, *, target: float) -> N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    import textwrap
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5.5))
     colors = plt.get_cmap("tab10").colors
