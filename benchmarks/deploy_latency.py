@@ -70,6 +70,13 @@ def _run(
     status["wall-seconds"] = time.monotonic() - started
     status["clientapp-launches"] = _clientapp_launches(dep) - launches_before
     rows = json.loads((out_dir / "results.json").read_text())["rounds"]
+    # What flowerpress counted: whole serialized Flower messages, both directions
+    # (only the flowerpress app writes these columns).
+    status["counted-bytes"] = {
+        key: sum(int(row.get(key) or 0) for row in rows)
+        for key in ("upload_bytes", "download_bytes", "upload_payload_bytes",
+                    "download_payload_bytes")
+    }
     return [float(row["seconds"]) for row in rows], status
 
 
@@ -93,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds per run (default 5)")
     parser.add_argument("--timeout", type=float, default=900.0, help="bound per run, seconds")
     parser.add_argument("--workdir", type=Path, default=None, help="keep logs here")
+    parser.add_argument("--compression", default="none",
+                        help="the flowerpress app's compression spec (default none)")
     args = parser.parse_args(argv)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="deploy-latency-"))
@@ -125,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             "clients-per-round": args.nodes,
             "min-replies": args.nodes,
             "out-dir": str(workdir / "out-flowerpress"),
+            "compression": args.compression,
             **training,
         }
         fp_rounds, fp_status = _run(dep, REPO, fp_config, args.timeout)
@@ -171,6 +181,24 @@ def main(argv: list[str] | None = None) -> int:
             f"{float(compute.get('serverapp-seconds', float('nan'))):.1f} | {client_s:.1f} | "
             f"{launches} | {per_launch:.2f} |"
         )
+
+    # Cross-check of the byte counts: Flower's own count of the run's traffic on the
+    # Fleet API (SuperLink <-> SuperNodes: every pull and push request and response,
+    # and the pushed and pulled objects, as protobuf sizes; TLS and HTTP/2 framing
+    # not included) against the serialized messages flowerpress counts.
+    print("\n| run | Flower: SuperLink inbound B | Flower: SuperLink outbound B | Flower: total B "
+          "| flowerpress: upload B | flowerpress: download B | flowerpress: total B "
+          "| Flower / flowerpress |")
+    print("|-----|----:|----:|----:|----:|----:|----:|----:|")
+    for name, status in runs:
+        traffic = status.get("network-traffic", {})
+        inbound = int(traffic.get("inbound-bytes", 0))
+        outbound = int(traffic.get("outbound-bytes", 0))
+        counted = status.get("counted-bytes", {})
+        up, down = int(counted.get("upload_bytes", 0)), int(counted.get("download_bytes", 0))
+        ratio = f"{(inbound + outbound) / (up + down):.3f}" if up + down else "n/a"
+        print(f"| {name} | {inbound:,} | {outbound:,} | {inbound + outbound:,} | {up:,} | "
+              f"{down:,} | {up + down:,} | {ratio} |")
     return 0
 
 
