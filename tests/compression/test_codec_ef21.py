@@ -11,6 +11,7 @@ from flowerpress import protocol
 from flowerpress.compression import CodecState, PayloadError, decode, parse
 from flowerpress.compression.envelope import payload_record
 from flowerpress.config import validate
+from tests.compression.payload_mutations import mutated_payloads
 
 SHAPES = [(6, 2, 3, 3), (6,), (24, 40), (5, 7)]
 N = sum(int(np.prod(s)) for s in SHAPES)
@@ -110,25 +111,8 @@ VALID = _valid_payloads()
 REFERENCE = [np.zeros(s, np.float32) for s in SHAPES]
 
 
-@hs.composite
-def hostile(draw: hs.DrawFn) -> bytes:
-    base = bytearray(draw(hs.sampled_from(VALID)))
-    for _ in range(draw(hs.integers(1, 3))):
-        kind = draw(hs.sampled_from(["flip", "truncate", "insert", "huge", "byte"]))
-        pos = draw(hs.integers(0, max(0, len(base) - 1)))
-        if kind == "flip" and base:
-            base[pos] ^= 1 << draw(hs.integers(0, 7))
-        elif kind == "byte" and base:
-            base[pos] = draw(hs.integers(0, 255))
-        elif kind == "truncate":
-            del base[pos:]
-        elif kind == "insert":
-            base[pos:pos] = draw(hs.binary(min_size=1, max_size=16))
-        else:
-            width = draw(hs.sampled_from([2, 4, 8]))
-            value = draw(hs.sampled_from([2**16 - 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1]))
-            base[pos: pos + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
-    return bytes(base)
+def hostile() -> hs.SearchStrategy[bytes]:
+    return mutated_payloads(VALID, kinds=("flip", "truncate", "insert", "huge", "byte"))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from flowerpress.compression import PayloadError, decode, parse
+from tests.compression.payload_mutations import mutated_payloads
 
 MAX_ELEMENTS = 4096
 _SHAPES: list[tuple[int, ...]] = [(6, 2, 3, 3), (6,), (24, 40), (), (0, 3), (5, 7)]
@@ -53,29 +54,8 @@ def _assert_rejected_or_valid(payload: bytes) -> None:
         assert np.isfinite(a).all()
 
 
-@hs.composite
-def mutated(draw: hs.DrawFn) -> bytes:
-    base = bytearray(draw(hs.sampled_from(VALID)))
-    for _ in range(draw(hs.integers(1, 3))):
-        kind = draw(hs.sampled_from(["flip", "truncate", "splice", "insert", "huge", "byte"]))
-        pos = draw(hs.integers(0, max(0, len(base) - 1)))
-        if kind == "flip" and base:
-            base[pos] ^= 1 << draw(hs.integers(0, 7))
-        elif kind == "byte" and base:
-            base[pos] = draw(hs.integers(0, 255))
-        elif kind == "truncate":
-            del base[pos:]
-        elif kind == "splice":
-            other = draw(hs.sampled_from(VALID))
-            cut = draw(hs.integers(0, len(other)))
-            base = base[:pos] + bytearray(other[cut:])
-        elif kind == "insert":
-            base[pos:pos] = draw(hs.binary(min_size=1, max_size=16))
-        else:  # overwrite a length/shape/count field with a huge value
-            width = draw(hs.sampled_from([2, 4, 8]))
-            value = draw(hs.sampled_from([2**16 - 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1]))
-            base[pos : pos + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
-    return bytes(base)
+def mutated() -> hs.SearchStrategy[bytes]:
+    return mutated_payloads(VALID)
 
 
 @settings(

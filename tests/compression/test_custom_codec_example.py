@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from flowerpress.compression import PayloadError, ValueStage, decode, parse, register_stage
+from tests.compression.payload_mutations import mutated_payloads
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = "examples.custom_codec.ternary:Ternary"
@@ -178,29 +179,10 @@ def _seeds() -> list[bytes]:
 SEEDS = _seeds()
 
 
-@hs.composite
-def mutated(draw: hs.DrawFn) -> bytes:
-    base = bytearray(draw(hs.sampled_from(SEEDS)))
-    for _ in range(draw(hs.integers(1, 3))):
-        kind = draw(hs.sampled_from(["flip", "truncate", "splice", "insert", "huge", "byte"]))
-        pos = draw(hs.integers(0, max(0, len(base) - 1)))
-        if kind == "flip" and base:
-            base[pos] ^= 1 << draw(hs.integers(0, 7))
-        elif kind == "byte" and base:
-            base[pos] = draw(hs.integers(0, 255))
-        elif kind == "truncate":
-            del base[pos:]
-        elif kind == "splice":
-            other = draw(hs.sampled_from(SEEDS))
-            cut = draw(hs.integers(0, len(other)))
-            base = base[:pos] + bytearray(other[cut:])
-        elif kind == "insert":
-            base[pos:pos] = draw(hs.binary(min_size=1, max_size=16))
-        else:  # overwrite a count / shape / scale field with a huge value
-            width = draw(hs.sampled_from([1, 2, 4, 8]))
-            value = draw(hs.sampled_from([2**8 - 1, 2**16 - 1, 2**31, 2**32 - 1, 2**64 - 1]))
-            base[pos : pos + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
-    return bytes(base)
+def mutated() -> hs.SearchStrategy[bytes]:
+    # huge values written into 1-byte fields too
+    return mutated_payloads(SEEDS, huge_widths=(1, 2, 4, 8),
+                            huge_values=(2**8 - 1, 2**16 - 1, 2**31, 2**32 - 1, 2**64 - 1))
 
 
 def test_fuzz_seeds_decode(ternary: type[ValueStage]) -> None:
