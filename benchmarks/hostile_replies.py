@@ -458,6 +458,17 @@ class Tally:
     #: The costliest replies by peak memory: (peak, reply number, class, outcome, note).
     top: list[tuple[int, int, str, str, str]] = field(default_factory=list)
     top_blobs: dict[int, bytes] = field(default_factory=dict)
+    #: The slowest replies by CPU: (cpu, reply number, class, outcome, note, reply).
+    slow: list[tuple[float, int, str, str, str, Message]] = field(default_factory=list)
+
+    def keep_slow(self, cpu: float, number: int, name: str, outcome: str, reply: Message,
+                  work: Workload, count: int = 5) -> None:
+        """Remember the reply if it is among the ``count`` slowest so far (kept for replay)."""
+        if len(self.slow) >= count and cpu <= self.slow[-1][0]:
+            return
+        self.slow.append((cpu, number, name, outcome, work.note, reply))
+        self.slow.sort(key=lambda t: -t[0])
+        del self.slow[count:]
 
     def keep_top(self, peak: int, number: int, name: str, outcome: str, reply: Message,
                  work: Workload, count: int = 5) -> None:
@@ -578,6 +589,34 @@ def _one(reply: Message, name: str, work: Workload, strategy: Any, max_norm: flo
     if peak > tally.max_peak:
         tally.max_peak, tally.max_peak_class = peak, name
     tally.keep_top(peak, number, name, outcome, reply, work)
+    tally.keep_slow(cpu, number, name, outcome, reply, work)
+
+
+def replay_cpu(reply: Message, model: Weights, strategy_spec: str, max_norm: float,
+               repeats: int = 5) -> float:
+    """The least CPU time of ``repeats`` replays of one reply through the same path.
+
+    One measurement of a reply can be inflated by what else ran at that moment
+    (the garbage collector, another process on the core); the minimum over
+    replays is the reply's own cost, under the same ``tracemalloc`` tracing.
+    """
+    work = Workload(received=model)
+    warm = np.random.default_rng(1)
+    best = float("inf")
+    tracemalloc.start()
+    try:
+        with server_identity():
+            for _ in range(repeats):
+                strategy = build_strategy(strategy_spec)
+                strategy.begin_round(1, [w.copy() for w in model])
+                # as in the run: the strategy's float64 sum exists before the reply
+                strategy.add(ClientUpdate(delta=work.honest_delta(warm), weight=1.0, node_id=0))
+                tally = Tally()
+                _one(reply, "replay", work, strategy, max_norm, tally)
+                best = min(best, tally.max_cpu)
+    finally:
+        tracemalloc.stop()
+    return best
 
 
 def honest_peaks(model: Weights) -> dict[str, float]:
@@ -668,6 +707,13 @@ def main(argv: list[str] | None = None) -> int:
     print("costliest replies by peak memory (reply number, class, outcome, what it was):")
     for peak, number, name, outcome, note in tally.top:
         print(f"  {peak / model_bytes:.2f}x  #{number} {name} {outcome}: {note[:600]}")
+    print()
+    print("slowest replies by CPU (reply number, class, outcome; CPU as measured in the run, "
+          "then the least of 5 replays):")
+    for cpu, number, name, outcome, note, reply in tally.slow:
+        again = replay_cpu(reply, model, args.strategy, args.max_update_norm)
+        print(f"  {cpu * 1e3:.2f} ms, replayed {again * 1e3:.2f} ms ({again / honest:.1f}x the "
+              f"median honest)  #{number} {name} {outcome}: {note[:300]}")
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
         for number, blob in tally.top_blobs.items():
