@@ -46,10 +46,11 @@ def test_own_task_runs_on_a_superlink_with_device_data(tmp_path: Path) -> None:
         dep.wait_nodes_online(DEVICES)
         run_id = dep.run_app(EXAMPLE, {"rounds": 1, "num-clients": DEVICES,
                                        "clients-per-round": DEVICES, "out-dir": str(out)})
-        status = dep.wait_run(run_id, timeout=480)
-        log = dep.run_log(run_id)
+        status = dep.wait_run(run_id, timeout=480, done_file=out / "report.png")
+        # The run log (a `flwr log` process) only when it explains a failure
+        assert status["status"] == "finished:completed", dep.run_log(run_id)
+        log = f"run {run_id}; results in {out}"
     # Assert: compression, distributed DP, FedAdam and federated evaluation on the devices
-    assert status["status"] == "finished:completed", log
     results = json.loads((out / "results.json").read_text())
     row = results["rounds"][0]
     assert row["clients"] == DEVICES and row["rejected"] == 0, log

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from flwr.common.config import parse_config_args
 
-from flowerpress.deploy.local import DeploymentError, ManagedProcess, format_config, free_port
+from flowerpress.deploy.local import (
+    DeploymentError,
+    LocalDeployment,
+    ManagedProcess,
+    format_config,
+    free_port,
+)
 
 # A parent that starts a detached grandchild (new session, like flower-superexec)
 # and prints the grandchild's pid, then both sleep.
@@ -111,3 +118,44 @@ def test_cli_connection_is_what_flwr_reads(tmp_path: Path, monkeypatch: pytest.M
     assert default.root_certificates == str(dep.credentials.ca_cert)
     assert not default.insecure
     assert list(dep.processes()) == []
+
+
+def test_wait_run_checks_status_once_the_done_file_appears(tmp_path: Path) -> None:
+    # Prepare: a deployment whose `flwr ls` is counted, not run
+    dep = LocalDeployment.__new__(LocalDeployment)
+    dep.superlink = None
+    done = tmp_path / "report.png"
+    calls: list[bool] = []
+
+    def run_status(run_id: int) -> dict[str, str]:
+        calls.append(done.exists())
+        return {"status": "finished:completed" if done.exists() else "running"}
+
+    dep.run_status = run_status  # type: ignore[method-assign]
+    def write_later() -> None:
+        time.sleep(1.0)
+        done.write_bytes(b"png")
+
+    writer = threading.Thread(target=write_later)
+    writer.start()
+    # Execute
+    status = dep.wait_run(7, timeout=30, max_interval=600.0, done_file=done)
+    writer.join()
+
+    # Assert: one check at the start, the next as soon as the file exists
+    assert status["status"] == "finished:completed"
+    assert calls == [False, True]
+
+
+def test_wait_run_without_the_done_file_still_sees_a_failed_run(tmp_path: Path) -> None:
+    # Prepare: the run fails and never writes its done file
+    dep = LocalDeployment.__new__(LocalDeployment)
+    dep.superlink = None
+    answers = iter(["running", "finished:failed"])
+    dep.run_status = lambda run_id: {"status": next(answers)}  # type: ignore[method-assign]
+
+    # Execute
+    status = dep.wait_run(7, timeout=30, max_interval=0.5, done_file=tmp_path / "never")
+
+    # Assert
+    assert status["status"] == "finished:failed"
