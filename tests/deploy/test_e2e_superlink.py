@@ -53,10 +53,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeploy
     ]
     with LocalDeployment(workdir, nodes=NO_CA + 1, startup_timeout=90.0) as dep:
         dep.start_superlink()
-        for index in (*range(NODES), NO_CA):
-            dep.register(index)
+        # Each SuperNode starts right after its key is registered: its start-up
+        # overlaps the next `flwr supernode register` process.
         for index, node_config in enumerate(node_configs):
+            dep.register(index)
             dep.start_supernode(index, node_config)
+        dep.register(NO_CA)
         dep.wait_nodes_online(NODES)
         yield dep
 

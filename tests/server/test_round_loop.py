@@ -40,9 +40,18 @@ def _run(grid: InProcessGrid, rounds: int = 3, cpr: int = 3, min_replies: int = 
     settings = LoopSettings(rounds=rounds, clients_per_round=cpr, round_timeout=timeout,
                             min_replies=min_replies, seed=0,
                             node_wait_timeout=1.0)
+    # InProcessGrid answers at push time, so a virtual clock changes nothing but the
+    # waits: a silent node's discovery query (5 s at least) and round timeouts pass
+    # at once instead of in real time.
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
     with server_identity():
         weights, rows, stop = run_federation(grid, initial, build_strategy("fedavg"), settings,
-                                             evaluate_fn=evaluate_fn)
+                                             evaluate_fn=evaluate_fn, clock=lambda: now[0],
+                                             sleep=sleep)
     assert stop is None
     return weights, rows
 
