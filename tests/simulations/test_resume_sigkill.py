@@ -51,7 +51,8 @@ def _kill_serverapp_after_round(link: SimulationLink, out: Path, after: int,
         saved = load_checkpoint(out) if (out / "checkpoint.npz").exists() else None
         if saved is not None and saved.state.server_round >= after:
             break
-        time.sleep(0.2)
+        # Rounds after the first take ~0.25 s here: poll often, or the run may end first
+        time.sleep(0.05)
     else:
         raise AssertionError(f"round {after} was not checkpointed within {timeout:.0f} s")
     family = _descendants(link.superlink.pid)
