@@ -27,7 +27,7 @@ from flowerpress.simulations.app import app as client_app
 from flowerpress.simulations.runner import SimulationLink, simulate, write_app_dir
 from flowerpress.testing import InProcessGrid, server_identity
 
-ROUNDS = 5
+ROUNDS = 10  # rounds after the first take ~0.25 s: 8 of them left after the kill point
 CONFIG = {"dataset": "digits", "partition": "iid", "model": "logreg", "num-clients": 4,
           "clients-per-round": 4, "rounds": ROUNDS, "local-epochs": 1, "round-timeout": 60.0,
           "dp": "distributed:clip=1.0,noise=1.0,rng=seeded"}
@@ -51,7 +51,7 @@ def _kill_serverapp_after_round(link: SimulationLink, out: Path, after: int,
         saved = load_checkpoint(out) if (out / "checkpoint.npz").exists() else None
         if saved is not None and saved.state.server_round >= after:
             break
-        # Rounds after the first take ~0.25 s here: poll often, or the run may end first
+        # Rounds after the first take ~0.25 s here: poll often (ROUNDS leaves ~2 s after round 2)
         time.sleep(0.05)
     else:
         raise AssertionError(f"round {after} was not checkpointed within {timeout:.0f} s")
