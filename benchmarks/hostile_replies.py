@@ -60,7 +60,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from flowerpress import protocol
 from flowerpress.compression import parse
-from flowerpress.compression.envelope import is_payload, payload_bytes, payload_record
+from flowerpress.compression.envelope import (
+    PAYLOAD_KEY,
+    PAYLOAD_STYPE,
+    is_payload,
+    payload_bytes,
+    payload_record,
+)
 from flowerpress.compression.wire import Reader
 from flowerpress.server.bounds import bound_update_norm
 from flowerpress.server.loop import StrategyFailedError, check_strategy_result
@@ -271,7 +277,7 @@ class Workload:
             values = ["float64", "int8", "", "object", None, 7, "bytes", "float16"]
             arr.__dict__["dtype"] = values[int(rng.integers(0, len(values)))]
         elif kind == 2:
-            values = ["", "torch.Tensor", None, 3, "flowerpress.payload", "numpy.ndarray "]
+            values = ["", "torch.Tensor", None, 3, PAYLOAD_STYPE, "numpy.ndarray "]
             arr.__dict__["stype"] = values[int(rng.integers(0, len(values)))]
         elif kind == 3:
             values = [None, "text", bytearray(8), memoryview(b"abc"), 12, [1, 2]]
@@ -281,9 +287,9 @@ class Workload:
                      for _ in range(int(rng.integers(1, 4)))]
             record = ArrayRecord(local + extra if rng.random() < 0.5 else local[:-1])
         elif kind == 5:  # the envelope's stype on a plain array, or a payload among others
-            arr.__dict__["stype"] = "flowerpress.payload"
+            arr.__dict__["stype"] = PAYLOAD_STYPE
             if rng.random() < 0.5:
-                record = ArrayRecord({"payload": arr})
+                record = ArrayRecord({PAYLOAD_KEY: arr})
         elif kind == 6:  # no arrays, or another record kind under the key
             return _message(None if rng.random() < 0.5 else ConfigRecord({"a": 1}),
                             self.good_metrics(rng))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -597,8 +598,15 @@ def partition_of_reply(reply: Message) -> int | None:
 # answer to the server's hello query: ``"info": {..., "download-anchor": HEX}``,
 # the digest of the initial model it builds; the server uses the anchor only
 # for a device whose digest equals its own. The train reply carries
-# ``"download"`` back: {"download-held": "A.T", "download-digest": HEX} and,
-# outside DP, "compute-seconds" (the device's local training time). The server
+# ``"download"`` back with one packed bytes value (issue 14: 51 bytes of message
+# instead of 124 as two named strings and a named float):
+#
+#     "download": {"h": ">II16s" anchor, round, digest   the version held (24 bytes)
+#                       [+ ">f" compute-seconds]}         outside DP (28 bytes)
+#     "download": {"h": ">f" compute-seconds}             a device holding no model
+#
+# The digest is the whole BLAKE2b-128 of :func:`weights_digest`, raw instead
+# of hex, not truncated (see :func:`held_version_of_reply`). The server
 # verifies every claim against its own record; nothing it allocates is sized by
 # a claim.
 
@@ -612,6 +620,12 @@ DOWNLOAD_ANCHOR = "download-anchor"
 #: The version id of the run's initial model (the anchor of a device's first difference).
 ANCHOR_VERSION = (0, 0)
 COMPUTE_SECONDS = "compute-seconds"
+#: Key of the reply's packed claim (and training time) in its ``download`` record.
+DOWNLOAD_CLAIM = "h"
+_CLAIM = struct.Struct(">II16s")
+_SECONDS = struct.Struct(">f")
+#: Largest anchor or round a claim may name (the nine digits of a version id).
+_MAX_VERSION_PART = 999_999_999
 #: Key prefix of the per-round diff payloads in a history download's ArrayRecord.
 DIFF_PREFIX = "diff."
 #: Hex characters of a weights digest (BLAKE2b, 16 bytes).
@@ -669,22 +683,73 @@ class HeldVersion:
     compute_seconds: float | None = None
 
 
-def held_version_of_reply(reply: Message) -> HeldVersion | None:
-    """The version a train reply claims its device holds, or None (malformed or absent).
+def pack_claim(version: tuple[int, int] | None, digest: str | None,
+               compute_seconds: float | None) -> bytes | None:
+    """The reply's packed ``download`` value: the held version, its digest, the training time.
 
-    Bounded and strict: a claim is two small integers and a 32-hex digest;
-    anything else is no claim (the device then gets a full model).
+    ``version`` and ``digest`` (a 32-hex :func:`weights_digest`) go together or
+    not at all; ``compute_seconds`` is packed as a float32 (left out unless
+    finite and within 0 to 1e6 s). None when there is nothing to say.
+
+    Raises
+    ------
+    ValueError
+        The version or the digest is not well formed.
     """
+    out = b""
+    if version is not None or digest is not None:
+        anchor, rnd = version if version is not None else (-1, -1)
+        if digest is None or parse_digest(digest) is None or not (
+                0 <= anchor <= rnd <= _MAX_VERSION_PART):
+            raise ValueError(f"not a claim: version {version}, digest {digest!r}")
+        out = _CLAIM.pack(anchor, rnd, bytes.fromhex(digest))
+    seconds = None if compute_seconds is None else _seconds(compute_seconds)
+    if seconds is not None:
+        out += _SECONDS.pack(seconds)
+    return out or None
+
+
+def _claim_bytes(reply: Message) -> bytes | None:
+    """The reply's packed ``download`` value if it has one of the three sizes, else None."""
     if reply.has_error() or not reply.has_content():
         return None
     record = reply.content.config_records.get(DOWNLOAD)
-    if record is None:
+    if record is None or len(record) != 1:
         return None
-    version = parse_version(record.get(DOWNLOAD_HELD))
-    digest = parse_digest(record.get(DOWNLOAD_DIGEST))
-    if version is None or digest is None:
+    raw = record.get(DOWNLOAD_CLAIM)
+    if not isinstance(raw, bytes) or len(raw) not in (
+            _SECONDS.size, _CLAIM.size, _CLAIM.size + _SECONDS.size):
         return None
-    return HeldVersion(version[0], version[1], digest, _seconds(record.get(COMPUTE_SECONDS)))
+    return raw
+
+
+def held_version_of_reply(reply: Message) -> HeldVersion | None:
+    """The version a train reply claims its device holds, or None (malformed or absent).
+
+    Bounded and strict: the ``download`` record holds exactly one bytes value of
+    24 or 28 bytes (:func:`pack_claim`), two integers ``0 <= anchor <= round <=
+    999999999`` and a 16-byte digest; anything else is no claim (the device then
+    gets a full model, or its first contact again).
+
+    Notes
+    -----
+    The claim is not a credential: the server sends a difference only if the
+    claim equals its own record of what it sent that node (version and digest),
+    and a device that lies only gets a difference it cannot use. What the
+    digest catches is an honest desynchronisation, e.g. a server resumed from an
+    older checkpoint that reuses a version id for another model. It stays the
+    whole 128-bit digest the download itself is checked with: 16 raw bytes cost
+    16 fewer than its hex form, and truncating it would save at most 8 more.
+    """
+    raw = _claim_bytes(reply)
+    if raw is None or len(raw) < _CLAIM.size:
+        return None
+    anchor, rnd, digest = _CLAIM.unpack_from(raw)
+    if not 0 <= anchor <= rnd <= _MAX_VERSION_PART:
+        return None
+    seconds = _seconds(_SECONDS.unpack_from(raw, _CLAIM.size)[0]) \
+        if len(raw) == _CLAIM.size + _SECONDS.size else None
+    return HeldVersion(anchor, rnd, digest.hex(), seconds)
 
 
 def anchor_of_reply(reply: Message) -> str | None:
@@ -708,10 +773,10 @@ def _seconds(raw: object) -> float | None:
 
 def compute_seconds_of_reply(reply: Message) -> float | None:
     """The local training time a train reply reports (its ``download`` record), or None."""
-    if reply.has_error() or not reply.has_content():
+    raw = _claim_bytes(reply)
+    if raw is None or len(raw) == _CLAIM.size:
         return None
-    record = reply.content.config_records.get(DOWNLOAD)
-    return None if record is None else _seconds(record.get(COMPUTE_SECONDS))
+    return _seconds(_SECONDS.unpack_from(raw, len(raw) - _SECONDS.size)[0])
 
 
 # --- EF21 upload estimates (the ``ef21`` codec stage) -----------------------------------

@@ -11,6 +11,7 @@ next to nothing.
 from __future__ import annotations
 
 import io
+import struct
 import tracemalloc
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -268,3 +269,100 @@ def test_the_hello_replys_anchor_is_a_well_formed_digest_or_nothing(anchor: Any)
     got = protocol.anchor_of_reply(reply)
     # Assert: only 32 lower-case hex characters count
     assert got == (anchor if anchor == "a" * 32 else None)
+
+
+# --- the reply's download claim (issue 14: one packed bytes value) ------------------------
+
+
+def _claim_reply(record: Mapping[str, Any] | None) -> Message:
+    from flwr.app import ConfigRecord
+
+    reply = _reply(payload_record(b""))
+    if record is not None:
+        reply.content[protocol.DOWNLOAD] = ConfigRecord(dict(record))
+    return reply
+
+
+@pytest.mark.parametrize(("version", "seconds"), [((0, 7), 1.5), ((3, 9), None),
+                                                  ((999_999_999, 999_999_999), 0.0)])
+def test_a_packed_claim_round_trips(version: tuple[int, int], seconds: float | None) -> None:
+    # Prepare
+    digest = "0123456789abcdef" * 2
+    packed = protocol.pack_claim(version, digest, seconds)
+    assert packed is not None and len(packed) == (24 if seconds is None else 28)
+    # Execute
+    reply = _claim_reply({protocol.DOWNLOAD_CLAIM: packed})
+    held = protocol.held_version_of_reply(reply)
+    # Assert: the whole 16-byte digest, the version, the time (float32)
+    assert held == protocol.HeldVersion(*version, digest, seconds)
+    assert protocol.compute_seconds_of_reply(reply) == seconds
+
+
+def test_a_device_holding_nothing_sends_only_its_time() -> None:
+    # Prepare
+    packed = protocol.pack_claim(None, None, 2.25)
+    # Execute
+    reply = _claim_reply({protocol.DOWNLOAD_CLAIM: packed})
+    # Assert
+    assert packed is not None and len(packed) == 4
+    assert protocol.held_version_of_reply(reply) is None
+    assert protocol.compute_seconds_of_reply(reply) == 2.25
+    assert protocol.pack_claim(None, None, None) is None
+    assert protocol.pack_claim(None, None, float("nan")) is None
+
+
+@pytest.mark.parametrize(("version", "digest"), [((2, 1), "a" * 32), ((0, 1), "a" * 31),
+                                                 ((0, 1), None), (None, "a" * 32),
+                                                 ((0, 10**9), "a" * 32), ((-1, 1), "a" * 32)])
+def test_pack_claim_refuses_what_it_could_not_parse(version: tuple[int, int] | None,
+                                                    digest: str | None) -> None:
+    with pytest.raises(ValueError, match="not a claim"):
+        protocol.pack_claim(version, digest, None)
+
+
+@pytest.mark.parametrize("record", [
+    None,
+    {},
+    {protocol.DOWNLOAD_CLAIM: b"\x00" * 23},
+    {protocol.DOWNLOAD_CLAIM: b"\x00" * 29},
+    {protocol.DOWNLOAD_CLAIM: b"\x00" * 10**5},
+    {protocol.DOWNLOAD_CLAIM: "\x00" * 24},
+    {protocol.DOWNLOAD_CLAIM: 7},
+    {protocol.DOWNLOAD_CLAIM: struct.pack(">II16s", 5, 4, bytes(16))},
+    {protocol.DOWNLOAD_CLAIM: struct.pack(">II16s", 0, 10**9, bytes(16))},
+    {protocol.DOWNLOAD_CLAIM: struct.pack(">II16s", 0, 3, bytes(16)), "x": 1},
+    {protocol.DOWNLOAD_HELD: "0.3", protocol.DOWNLOAD_DIGEST: "a" * 32},
+])
+def test_a_malformed_claim_is_no_claim(record: Mapping[str, Any] | None) -> None:
+    # Execute / Assert: never raises, never a claim
+    assert protocol.held_version_of_reply(_claim_reply(record)) is None
+
+
+@pytest.mark.parametrize("seconds", [float("nan"), float("inf"), -1.0, 2e6])
+def test_a_time_outside_its_bounds_is_no_time(seconds: float) -> None:
+    # Prepare: a true claim with a hostile time
+    packed = struct.pack(">II16sf", 0, 3, bytes(16), seconds)
+    reply = _claim_reply({protocol.DOWNLOAD_CLAIM: packed})
+    # Execute / Assert: the claim stands, the time does not
+    held = protocol.held_version_of_reply(reply)
+    assert held is not None and held.compute_seconds is None
+    assert protocol.compute_seconds_of_reply(reply) is None
+    assert protocol.compute_seconds_of_reply(
+        _claim_reply({protocol.DOWNLOAD_CLAIM: struct.pack(">f", seconds)})) is None
+
+
+def test_the_claim_costs_about_51_bytes_of_message() -> None:
+    # Prepare: the same reply without and with a claim and a time
+    from flwr.app import ConfigRecord
+
+    plain = _claim_reply(None)
+    claimed = _claim_reply({protocol.DOWNLOAD_CLAIM: protocol.pack_claim((0, 7), "a" * 32, 1.5)})
+    old = _claim_reply({"download-held": "0.7", "download-digest": "a" * 32,
+                        "compute-seconds": 1.5})
+    assert isinstance(old.content[protocol.DOWNLOAD], ConfigRecord)
+    # Execute
+    added = protocol.message_bytes(claimed) - protocol.message_bytes(plain)
+    # Assert: about 51 bytes (protobuf length prefixes may add one), against
+    # about 124 for the three named values it replaces
+    assert added <= 52
+    assert protocol.message_bytes(old) - protocol.message_bytes(claimed) >= 70

@@ -180,14 +180,17 @@ def _apply_diffs(incoming: ArrayRecord, base: tuple[int, int] | None,
 
 
 def held_record(context: Context, compute_seconds: float | None) -> ConfigRecord | None:
-    """The reply's ``download`` record: the version held now (and the training time)."""
+    """The reply's ``download`` record: the version held now (and the training time).
+
+    One packed bytes value (:func:`flowerpress.protocol.pack_claim`); None when
+    there is nothing to say.
+    """
     meta = context.state.config_records.get(HELD_META_KEY)
-    record = ConfigRecord()
+    version = digest = None
     if meta is not None:
-        version, digest = meta.get(protocol.DOWNLOAD_HELD), meta.get(protocol.DOWNLOAD_DIGEST)
-        if isinstance(version, str) and isinstance(digest, str):
-            record[protocol.DOWNLOAD_HELD] = version
-            record[protocol.DOWNLOAD_DIGEST] = digest
-    if compute_seconds is not None:
-        record[protocol.COMPUTE_SECONDS] = float(compute_seconds)
-    return record if len(record) else None
+        version = protocol.parse_version(meta.get(protocol.DOWNLOAD_HELD))
+        digest = protocol.parse_digest(meta.get(protocol.DOWNLOAD_DIGEST))
+        if version is None or digest is None:
+            version = digest = None
+    packed = protocol.pack_claim(version, digest, compute_seconds)
+    return None if packed is None else ConfigRecord({protocol.DOWNLOAD_CLAIM: packed})

@@ -3,7 +3,11 @@
 A flowerpress payload travels as one :class:`flwr.app.Array` of dtype
 ``bytes`` whose ``stype`` is :data:`PAYLOAD_STYPE`, alone in its ArrayRecord.
 The payload's own header carries the wire version; the ``stype`` only tells it
-apart from the plain arrays any Flower ClientApp sends.
+apart from the plain arrays any Flower ClientApp sends (``numpy.ndarray``,
+``torch.Tensor``), and a record that claims it is still decoded only if its
+header checks out. Both names are short because every message carries them:
+``"fp"`` and ``"p"`` cost 23 bytes less per message than ``"flowerpress.payload"``
+and ``"payload"`` (issue 14: about 2% of a top-k 0.5% reply).
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord
 
 #: ``stype`` of the Array that holds a flowerpress payload.
-PAYLOAD_STYPE = "flowerpress.payload"
+PAYLOAD_STYPE = "fp"
 #: Key of that Array inside its ArrayRecord.
-PAYLOAD_KEY = "payload"
+PAYLOAD_KEY = "p"
 
 
 def payload_record(payload: bytes) -> ArrayRecord:

@@ -541,7 +541,7 @@ def decode(
         ``bytes``, ``bytearray``, ``memoryview`` or a 1-D ``uint8`` array (the
         form a payload takes inside a Flower ``ArrayRecord``:
         ``np.frombuffer(payload, np.uint8)`` on the way in,
-        ``record["payload"].numpy()`` on the way out).
+        ``record[envelope.PAYLOAD_KEY].numpy()`` on the way out).
     max_elements
         Upper bound on the total number of elements of all tensors (use the
         model's parameter count).  Also bounds the decompressed body of a

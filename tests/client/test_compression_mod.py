@@ -8,7 +8,7 @@ from flwr.clientapp import ClientApp
 
 from flowerpress.client.mods import STATE_KEY, compression_mod
 from flowerpress.compression import decode, parse
-from flowerpress.compression.envelope import is_payload, payload_record
+from flowerpress.compression.envelope import PAYLOAD_KEY, is_payload, payload_record
 from flowerpress.protocol import validate_train_reply
 from flowerpress.testing import server_identity
 
@@ -53,11 +53,11 @@ def test_user_app_reply_becomes_a_payload_of_the_delta() -> None:
     # Assert: a payload, decoding to the delta the app made
     record = reply.content.array_records["arrays"]
     assert is_payload(record)
-    delta = decode(record["payload"].data, max_elements=1000)
+    delta = decode(record[PAYLOAD_KEY].data, max_elements=1000)
     for d, s in zip(delta, SHAPES, strict=True):
         np.testing.assert_array_equal(d, np.full(s, 0.5, dtype=np.float32))
     assert reply.content.metric_records["metrics"]["num-examples"] == 5
-    assert len(record["payload"].data) < sum(np.prod(s) for s in SHAPES) * 4
+    assert len(record[PAYLOAD_KEY].data) < sum(np.prod(s) for s in SHAPES) * 4
 
 
 def test_compressed_broadcast_is_decoded_and_delta_taken_against_it() -> None:

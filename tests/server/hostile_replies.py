@@ -8,6 +8,8 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
+from flowerpress.compression.envelope import PAYLOAD_KEY, PAYLOAD_STYPE
+
 Tamper = Callable[[Message], Message]
 
 
@@ -63,9 +65,9 @@ def nan_metric(reply: Message) -> Message:
 
 def garbage_payload(reply: Message) -> Message:
     """A compressed-payload envelope holding junk that declares many tensors."""
-    arr = Array(dtype="bytes", shape=(16,), stype="flowerpress.payload",
+    arr = Array(dtype="bytes", shape=(16,), stype=PAYLOAD_STYPE,
                 data=b"FPZ\x01" + b"\xff" * 12)
-    return _with(reply, ArrayRecord({"payload": arr}))
+    return _with(reply, ArrayRecord({PAYLOAD_KEY: arr}))
 
 
 def float32_max(reply: Message) -> Message:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -10,7 +12,7 @@ from flwr.clientapp.typing import Mod
 from flwr.common.serde import message_to_proto
 
 from flowerpress import protocol
-from flowerpress.client.download import HELD_KEY, HELD_META_KEY, held_model
+from flowerpress.client.download import HELD_KEY, HELD_META_KEY, held_model, held_record
 from flowerpress.client.mods import compression_mod
 from flowerpress.compression import parse
 from flowerpress.config import ConfigError, LinkProfile, parse_link, validate
@@ -174,13 +176,20 @@ def test_new_device_and_exhausted_bound_get_full_models() -> None:
     assert (last.full_downloads, last.diff_downloads) == (1, 1)
 
 
+def _raw_claim(anchor: int, rnd: int, digest: bytes) -> bytes:
+    return struct.pack(">II16s", anchor, rnd, digest)
+
+
 @pytest.mark.parametrize("claim", [
-    {protocol.DOWNLOAD_HELD: "1.1", protocol.DOWNLOAD_DIGEST: "0" * 32},  # wrong digest
-    {protocol.DOWNLOAD_HELD: "999999999.999999999", protocol.DOWNLOAD_DIGEST: "f" * 32},
-    {protocol.DOWNLOAD_HELD: "1e9", protocol.DOWNLOAD_DIGEST: "x"},
-    {protocol.DOWNLOAD_HELD: "2.1", protocol.DOWNLOAD_DIGEST: "0" * 32},  # anchor > round
+    {protocol.DOWNLOAD_CLAIM: _raw_claim(1, 1, bytes(16))},  # wrong digest
+    {protocol.DOWNLOAD_CLAIM: _raw_claim(999_999_999, 999_999_999, b"\xff" * 16)},
+    {protocol.DOWNLOAD_CLAIM: _raw_claim(0, 2**32 - 1, bytes(16))},  # round out of range
+    {protocol.DOWNLOAD_CLAIM: _raw_claim(2, 1, bytes(16))},  # anchor > round
+    {protocol.DOWNLOAD_CLAIM: b"x"},  # not one of the three sizes
+    {protocol.DOWNLOAD_CLAIM: "0" * 24},  # not bytes
+    {protocol.DOWNLOAD_HELD: "1.1", protocol.DOWNLOAD_DIGEST: "0" * 32},  # the old form
 ])
-def test_a_false_claim_gets_a_full_model(claim: dict[str, str]) -> None:
+def test_a_false_claim_gets_a_full_model(claim: dict[str, str | bytes]) -> None:
     # Prepare: node 1 lies about what it holds in every reply
     def lie(reply: Message) -> Message:
         reply.content[protocol.DOWNLOAD] = ConfigRecord(dict(claim))
@@ -195,11 +204,25 @@ def test_a_false_claim_gets_a_full_model(claim: dict[str, str]) -> None:
     assert all(o.rejected == 0 for o in outcomes)
 
 
+def test_a_true_claim_with_an_extra_entry_is_no_claim() -> None:
+    # Prepare: node 1 sends its true claim plus one more entry in the record
+    def pad(reply: Message) -> Message:
+        reply.content[protocol.DOWNLOAD]["extra"] = "x" * 100
+        return reply
+
+    grid = InProcessGrid(_user_app(), num_nodes=2, tamper={1: pad})
+    # Execute
+    _, outcomes = _rounds(grid, _history(), [[1, 2]] * 3)
+    # Assert: the record must hold exactly the packed value
+    assert [o.full_downloads for o in outcomes] == [2, 1, 1]
+
+
 def test_a_device_claiming_another_devices_version_gets_a_full_model() -> None:
     # Prepare: node 2 claims node 1's version, digest and all
     def steal(reply: Message) -> Message:
-        meta = grid.context(1).state.config_records[HELD_META_KEY]
-        reply.content[protocol.DOWNLOAD] = ConfigRecord(dict(meta))
+        record = held_record(grid.context(1), None)
+        assert record is not None
+        reply.content[protocol.DOWNLOAD] = record
         return reply
 
     grid = InProcessGrid(_user_app(), num_nodes=2, tamper={2: steal})

@@ -10,6 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from flowerpress.client.app import app as client_app
+from flowerpress.compression.envelope import PAYLOAD_KEY, PAYLOAD_STYPE
 from flowerpress.protocol import message_bytes, record_bytes
 from flowerpress.server.loop import LoopSettings, poll_replies, run_federation
 from flowerpress.strategies import build_strategy
@@ -100,8 +101,8 @@ def test_silent_client_does_not_stall_the_run() -> None:
 
 
 def _garbage(reply: Message) -> Message:
-    arr = Array(dtype="bytes", shape=(7,), stype="flowerpress.payload", data=b"\x00garbage")
-    reply.content = RecordDict({"arrays": ArrayRecord({"payload": arr}),
+    arr = Array(dtype="bytes", shape=(7,), stype=PAYLOAD_STYPE, data=b"\x00garbage")
+    reply.content = RecordDict({"arrays": ArrayRecord({PAYLOAD_KEY: arr}),
                                 "metrics": reply.content.metric_records["metrics"]})
     return reply
 
