@@ -19,7 +19,10 @@ from flowerpress.config import ConfigError, load_toml, parse_assignments, valida
 
 
 def _parser() -> argparse.ArgumentParser:
+    from flowerpress import __version__
+
     parser = argparse.ArgumentParser(prog="flowerpress", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"flowerpress {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate",
                          help="run a simulated federation on Flower's simulation engine")

@@ -52,3 +52,14 @@ def test_simulation_end_to_end_on_flowers_engine(tmp_path: Path) -> None:
     assert summary["total_upload_bytes"] == sum(r["upload_bytes"] for r in results["rounds"])
     assert summary["fp32_upload_bytes"] == 8 * summary["model_parameters"] * 4
     assert results["config"]["dataset"] == "digits"
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute
+    import flowerpress
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    # Assert: one line an operator compares between the server and its devices
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"flowerpress {flowerpress.__version__}"
