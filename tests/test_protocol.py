@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowerpress import protocol
 from flowerpress.compression import parse
@@ -366,3 +368,24 @@ def test_the_claim_costs_about_51_bytes_of_message() -> None:
     # about 124 for the three named values it replaces
     assert added <= 52
     assert protocol.message_bytes(old) - protocol.message_bytes(claimed) >= 70
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.one_of(st.binary(max_size=40),
+                     *(st.binary(min_size=n, max_size=n) for n in (4, 24, 28)),
+                     st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+                               st.binary(min_size=16, max_size=20)).map(
+                         lambda t: struct.pack(">II", t[0], t[1]) + t[2])),
+       key=st.sampled_from([protocol.DOWNLOAD_CLAIM, "x"]))
+def test_any_claim_bytes_give_a_bounded_claim_or_none(raw: bytes, key: str) -> None:
+    # Execute: whatever bytes a device packs under the claim key (or another key)
+    with server_identity():
+        reply = _claim_reply({key: raw})
+        held = protocol.held_version_of_reply(reply)
+        seconds = protocol.compute_seconds_of_reply(reply)
+    # Assert: never an exception; what is read is within the documented bounds
+    if held is not None:
+        assert 0 <= held.anchor <= held.server_round <= 999_999_999
+        assert len(held.digest) == 32 and int(held.digest, 16) >= 0
+    if seconds is not None:
+        assert 0.0 <= seconds <= 1e6
