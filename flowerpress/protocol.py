@@ -94,8 +94,12 @@ MAX_METRIC_NAME = 256
 DEFAULT_MAX_WEIGHT = 1_000_000
 #: Floating dtypes a plain ArrayRecord reply may use (npy ``descr``), with Flower's names.
 ALLOWED_DTYPES: Mapping[str, str] = {"<f2": "float16", "<f4": "float32", "<f8": "float64"}
-#: Largest npy header accepted (numpy writes 128 bytes; its own parser allows 10,000).
-MAX_NPY_HEADER = 4096
+#: Largest npy header accepted (numpy writes 128 bytes for a tensor of up to four
+#: dimensions, under 600 for 32; its own parser allows 10,000).
+MAX_NPY_HEADER = 1024
+#: Bytes an npy header's text may hold: printable ASCII (numpy writes a Python dict
+#: literal padded with spaces and ended by a newline).
+_NPY_HEADER_BYTES = frozenset(range(0x20, 0x7F)) | {0x0A}
 #: Largest finite float32: a local model beyond it is not a float32 model.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: Elements checked at a time (bounds temporary memory).
@@ -298,6 +302,13 @@ def _npy_array(name: str, data: object, shape: tuple[int, ...],
         if size > MAX_NPY_HEADER:
             raise UpdateRejected(f"{label}: npy header of {size} bytes, at most "
                                  f"{MAX_NPY_HEADER} allowed")
+        # Only a dict literal of printable ASCII goes to numpy's parser: anything
+        # else would take its slow path (re-tokenizing the text as a Python 2 header).
+        start = 10 if data[6] == 1 else 12
+        text = data[start:start + size]
+        if not text.startswith(b"{") or not _NPY_HEADER_BYTES.issuperset(text):
+            raise UpdateRejected(f"{label}: malformed npy header (not a printable-ASCII dict "
+                                 "literal)")
     stream = io.BytesIO(data)
     try:
         version = npy.read_magic(stream)

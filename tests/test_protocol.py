@@ -389,3 +389,18 @@ def test_any_claim_bytes_give_a_bounded_claim_or_none(raw: bytes, key: str) -> N
         assert len(held.digest) == 32 and int(held.digest, 16) >= 0
     if seconds is not None:
         assert 0.0 <= seconds <= 1e6
+
+
+@pytest.mark.parametrize("text", [b"\xc0" * 64, b"{'descr': '<f4',\x00" + b" " * 40, b" {}"])
+def test_an_npy_header_of_binary_text_is_rejected_before_numpy_parses_it(text: bytes) -> None:
+    # Prepare: a header numpy would re-tokenize as Python 2 text (its slow path)
+    data = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + b"\x00" * 48
+    # Execute / Assert
+    _rejects(_reply(_plain(data)), "array 'w'", "malformed npy header", "printable-ASCII")
+
+
+def test_npy_headers_numpy_writes_fit_the_header_bound() -> None:
+    # Up to 64 dimensions, numpy's own headers stay under MAX_NPY_HEADER
+    for ndim in (1, 4, 16, 64):
+        blob = _npy(np.zeros((1,) * ndim, np.float32))
+        assert int.from_bytes(blob[8:10], "little") <= protocol.MAX_NPY_HEADER
