@@ -498,6 +498,17 @@ class Tally:
             self.top_blobs[number] = blob
 
 
+def _begin_round(strategy: Any, server_round: int, global_weights: Weights, work: Workload,
+                 warm: np.random.Generator) -> None:
+    """Start a round holding one honest update, added outside any measurement.
+
+    The strategy's float64 sum is O(model) state of the round, not a cost of
+    the replies that follow.
+    """
+    strategy.begin_round(server_round, global_weights)
+    strategy.add(ClientUpdate(delta=work.honest_delta(warm), weight=1.0, node_id=0))
+
+
 def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm: float,
         round_size: int = 50, progress: bool = False,
         classes: Sequence[str] | None = None) -> Tally:
@@ -521,10 +532,7 @@ def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm
     with server_identity():
         while sent < replies:
             server_round += 1
-            strategy.begin_round(server_round, global_weights)
-            # One honest update outside the measurement: the strategy's float64 sum
-            # is O(model) state of the round, not a cost of the replies that follow.
-            strategy.add(ClientUpdate(delta=work.honest_delta(warm), weight=1.0, node_id=0))
+            _begin_round(strategy, server_round, global_weights, work, warm)
             for _ in range(min(round_size, replies - sent)):
                 sent += 1
                 name = names[int(rng.choice(len(names), p=probs))]
@@ -614,9 +622,7 @@ def replay_cpu(reply: Message, model: Weights, strategy_spec: str, max_norm: flo
         with server_identity():
             for _ in range(repeats):
                 strategy = build_strategy(strategy_spec)
-                strategy.begin_round(1, [w.copy() for w in model])
-                # as in the run: the strategy's float64 sum exists before the reply
-                strategy.add(ClientUpdate(delta=work.honest_delta(warm), weight=1.0, node_id=0))
+                _begin_round(strategy, 1, [w.copy() for w in model], work, warm)
                 tally = Tally()
                 _one(reply, "replay", work, strategy, max_norm, tally)
                 best = min(best, tally.max_cpu)

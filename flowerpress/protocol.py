@@ -94,8 +94,8 @@ MAX_METRIC_NAME = 256
 DEFAULT_MAX_WEIGHT = 1_000_000
 #: Floating dtypes a plain ArrayRecord reply may use (npy ``descr``), with Flower's names.
 ALLOWED_DTYPES: Mapping[str, str] = {"<f2": "float16", "<f4": "float32", "<f8": "float64"}
-#: Largest npy header accepted (numpy writes 128 bytes for a tensor of up to four
-#: dimensions, under 600 for 32; its own parser allows 10,000).
+#: Largest npy header accepted (numpy writes 118 bytes for a tensor of up to eight
+#: dimensions, 310 for 64; its own parser allows 10,000).
 MAX_NPY_HEADER = 1024
 #: Bytes an npy header's text may hold: printable ASCII (numpy writes a Python dict
 #: literal padded with spaces and ended by a newline).
@@ -630,7 +630,6 @@ DOWNLOAD_HELD = "download-held"
 DOWNLOAD_ANCHOR = "download-anchor"
 #: The version id of the run's initial model (the anchor of a device's first difference).
 ANCHOR_VERSION = (0, 0)
-COMPUTE_SECONDS = "compute-seconds"
 #: Key of the reply's packed claim (and training time) in its ``download`` record.
 DOWNLOAD_CLAIM = "h"
 _CLAIM = struct.Struct(">II16s")

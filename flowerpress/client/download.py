@@ -53,16 +53,23 @@ def _forget_inplace(context: Context) -> None:
             del context.state[key]
 
 
-def held_model(context: Context) -> tuple[tuple[int, int], str, Weights] | None:
-    """``((anchor, round), digest, weights)`` this device holds, or None."""
+def _held_version(context: Context) -> tuple[tuple[int, int], str] | None:
+    """``((anchor, round), digest)`` of the model this device's state names, or None."""
     meta = context.state.config_records.get(HELD_META_KEY)
-    record = context.state.array_records.get(HELD_KEY)
-    if meta is None or record is None:
+    if meta is None:
         return None
     version = protocol.parse_version(meta.get(protocol.DOWNLOAD_HELD))
     digest = protocol.parse_digest(meta.get(protocol.DOWNLOAD_DIGEST))
-    if version is None or digest is None:
+    return None if version is None or digest is None else (version, digest)
+
+
+def held_model(context: Context) -> tuple[tuple[int, int], str, Weights] | None:
+    """``((anchor, round), digest, weights)`` this device holds, or None."""
+    held = _held_version(context)
+    record = context.state.array_records.get(HELD_KEY)
+    if held is None or record is None:
         return None
+    version, digest = held
     weights = [np.array(a, dtype=np.float32) for a in record.to_numpy_ndarrays()]
     return version, digest, weights
 
@@ -185,12 +192,7 @@ def held_record(context: Context, compute_seconds: float | None) -> ConfigRecord
     One packed bytes value (:func:`flowerpress.protocol.pack_claim`); None when
     there is nothing to say.
     """
-    meta = context.state.config_records.get(HELD_META_KEY)
-    version = digest = None
-    if meta is not None:
-        version = protocol.parse_version(meta.get(protocol.DOWNLOAD_HELD))
-        digest = protocol.parse_digest(meta.get(protocol.DOWNLOAD_DIGEST))
-        if version is None or digest is None:
-            version = digest = None
+    held = _held_version(context)
+    version, digest = (None, None) if held is None else held
     packed = protocol.pack_claim(version, digest, compute_seconds)
     return None if packed is None else ConfigRecord({protocol.DOWNLOAD_CLAIM: packed})
