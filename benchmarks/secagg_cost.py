@@ -7,7 +7,7 @@ mods; scikit-learn digits, IID, logistic regression: 650 parameters, padded to
 
 * ``plain``: flowerpress's ordinary round (``run_round``), float32 weights up;
 * ``plain, 20% drop``: the same with a fifth of the cohort never answering;
-* ``secagg``: ``run_secagg_round`` with ``secagg=on:threshold=0.7`` and
+* ``secagg``: ``run_round`` with ``secagg=on:threshold=0.7`` and
   ``bits`` (16 by default), no DP noise;
 * ``secagg, 20% drop``: a fifth of the cohort vanishes after sharing keys and
   before sending its masked input (the costly case: the server recovers their
@@ -44,7 +44,6 @@ from flwr.common.serde import recorddict_to_proto
 from flowerpress.client.app import client_app
 from flowerpress.secagg import messages
 from flowerpress.server.loop import LoopSettings, run_round
-from flowerpress.server.secagg_round import run_secagg_round
 from flowerpress.strategies import build_strategy
 from flowerpress.tasks.registry import build_task, task_spec
 from flowerpress.testing import InProcessGrid, server_identity
@@ -92,7 +91,7 @@ def one_round(n: int, *, secagg: bool, drop: float, bits: int, timeout: float,
     spec = f"on:threshold=0.7,bits={bits},noise={noise}" if secagg else "off"
     settings = LoopSettings(rounds=1, clients_per_round=n, round_timeout=timeout,
                             min_replies=1, seed=0, node_wait_timeout=1.0, secagg=spec)
-    play = run_secagg_round if secagg else run_round
+    play = run_round  # settings.secagg picks the secure sum
     with server_identity():
         started = time.perf_counter()
         outcome = play(grid, 1, nodes, weights, build_strategy("fedavg"), settings,

@@ -157,6 +157,9 @@ SCHEMA: dict[str, Key] = {
     "max-missed-rounds": Key(int, 3, "skip a node that missed this many rounds in a row "
                              "until it answers again (0: never skip)", minimum=0,
                              maximum=100_000),
+    "max-rejected-rounds": Key(int, 3, "fail the run when every reply of this many rounds in a "
+                               "row was rejected for the same reason (0: never)", minimum=0,
+                               maximum=100_000),
     "max-update-norm": Key(float, 0.0, "clip each update to this L2 norm before the strategy "
                            "(Sun et al. 2019); 0: off", minimum=0.0, maximum=1e30),
     # --- later capabilities -------------------------------------------------------

@@ -42,12 +42,8 @@ from flowerpress.server.checkpoint import (
     save_checkpoint,
     unfinished_run,
 )
-from flowerpress.server.loop import (
-    LoopSettings,
-    RoundCallback,
-    StrategyFailedError,
-    run_federation,
-)
+from flowerpress.server.loop import LoopSettings, RoundCallback, run_federation
+from flowerpress.server.phases import RunFailedError
 from flowerpress.server.results import (
     build_results,
     failure_line,
@@ -96,8 +92,10 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
 
     Raises
     ------
-    StrategyFailedError
-        The strategy produced an unusable model. Like any other error during
+    RunFailedError
+        The strategy raised or produced an unusable model, the user's code
+        raised, or every reply of ``max-rejected-rounds`` rounds in a row was
+        rejected for the same reason. Like any other error during
         the rounds, results.json (with ``summary.failed``, one line), the last
         good model.npz and ``error.log`` (the traceback) are written first.
     CheckpointError
@@ -168,6 +166,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         num_clients=int(config["num-clients"]),
         dp=dp is not None,
         max_missed_rounds=int(config["max-missed-rounds"]),
+        max_rejected_rounds=int(config["max-rejected-rounds"]),
         secagg=str(config["secagg"]),
         download_history_bytes=int(float(config["download-history"]) * 1e6),
         download_full=str(config["download-full-compression"]),
@@ -215,9 +214,9 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
             else None, privacy=secagg_ledger or (None if dp is None else make_ledger),
             download=download,
             on_round=after_round, on_model=after_model, on_state=after_state, resume=resume)
-    except Exception as exc:  # StrategyFailedError and anything unforeseen
+    except Exception as exc:  # RunFailedError (the user's code, ...) and anything unforeseen
         if out_dir is not None:
-            line = str(exc) if isinstance(exc, StrategyFailedError) else failure_line(exc)
+            line = str(exc) if isinstance(exc, RunFailedError) else failure_line(exc)
             write_error_log(out_dir / ERROR_LOG, exc)
             write_json_atomic(out_dir / "results.json", results(rows_so_far, failed=line))
             # The last good global model: the one the failed round started from.

@@ -32,7 +32,8 @@ FORMAT = "flowerpress-checkpoint"
 VERSION = 1
 #: Run-config keys a resumed run may change; every other key must be the checkpoint's.
 RESUME_MAY_CHANGE = frozenset({"rounds", "round-timeout", "min-replies", "max-missed-rounds",
-                               "max-epsilon", "max-client-weight", "out-dir", "resume"})
+                               "max-rejected-rounds", "max-epsilon", "max-client-weight",
+                               "out-dir", "resume"})
 _ARRAY = "__array__"
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,12 +28,18 @@ from numpy.typing import NDArray
 from flowerpress import protocol
 from flowerpress.compression.envelope import payload_record
 from flowerpress.config import LinkProfile
-from flowerpress.protocol import UpdateRejected, message_bytes, record_bytes
 from flowerpress.server.bounds import bound_update_norm
 from flowerpress.server.checkpoint import LoopState
 from flowerpress.server.download import DownloadHistory
 from flowerpress.server.estimates import UploadEstimates
-from flowerpress.server.membership import EXPIRED_ERROR_CODE, Membership, is_unavailable_error
+from flowerpress.server.membership import Membership, check_hello
+from flowerpress.server.phases import POLL_MAX_S as POLL_MAX_S
+from flowerpress.server.phases import POLL_MIN_S as POLL_MIN_S
+from flowerpress.server.phases import RepeatedRejectionError, RoundBook, exchange, user_call
+from flowerpress.server.phases import RunFailedError as RunFailedError
+from flowerpress.server.phases import StrategyFailedError as StrategyFailedError
+from flowerpress.server.phases import UserCodeError as UserCodeError
+from flowerpress.server.phases import poll_replies as poll_replies
 from flowerpress.server.schedule import warmup_spec
 from flowerpress.strategies.base import ClientUpdate
 
@@ -50,8 +57,6 @@ ModelCallback = Callable[[int, "Weights"], None]
 #: and model are reported (the checkpoint).
 StateCallback = Callable[[LoopState], None]
 
-POLL_MIN_S = 0.005
-POLL_MAX_S = 0.05
 
 
 class AggregationStrategy(Protocol):
@@ -137,35 +142,10 @@ class LoopSettings:
     # Bound on the EF21 upload estimates (server/estimates.py), used when the
     # upload spec has ``ef21``.
     ef21_memory_bytes: int = 64_000_000
-
-
-def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> Iterator[Message]:
-    """Yield replies to ``message_ids`` as they arrive, until all came or ``timeout``."""
-    pending = set(message_ids)
-    deadline = clock() + timeout
-    delay = POLL_MIN_S
-    while pending:
-        try:
-            got = list(grid.pull_messages(pending))
-        except (ValueError, TypeError, KeyError, IndexError) as exc:
-            # Flower inflates replies inside pull_messages: a reply it cannot
-            # inflate must not end the run. Transport errors still propagate.
-            log.warning("a reply could not be read: %s: %.300s", type(exc).__name__, exc)
-            got = []
-        for reply in got:
-            mid = reply.metadata.reply_to_message_id
-            if mid in pending:
-                pending.discard(mid)
-                yield reply
-        if not pending:
-            return
-        remaining = deadline - clock()
-        if remaining <= 0:
-            return
-        delay = POLL_MIN_S if got else min(delay * 2, POLL_MAX_S)
-        sleep(min(delay, remaining))
+    # Fail the run when every reply of this many consecutive rounds was rejected
+    # for the same reason (a bug in the task or codec, not a hostile device);
+    # 0: never.
+    max_rejected_rounds: int = 3
 
 
 class FederationMismatchError(RuntimeError):
@@ -176,7 +156,8 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
                         clock: Callable[[], float] = time.monotonic,
                         sleep: Callable[[float], None] = time.sleep,
                         num_clients: int | None = None,
-                        anchors: dict[int, str] | None = None) -> dict[int, int | None]:
+                        anchors: dict[int, str] | None = None,
+                        excluded: dict[int, str] | None = None) -> dict[int, int | None]:
     """Connected node ids and the partition each reports (None: no answer).
 
     Waits (bounded) for ``wanted`` nodes, then asks every node for its
@@ -185,10 +166,16 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
     if given, receives the initial-model digest each node named (the history
     download's anchor).
 
+    Every answer is validated (:func:`check_hello`) inside the same guard as a
+    round's replies: a node whose answer is impossible (a partition count
+    other than ``num_clients``, an id out of range or claimed by another node)
+    is left out of the result, logged once and, if ``excluded`` is given,
+    recorded there with the reason; the run goes on without it.
+
     Raises
     ------
     FederationMismatchError
-        ``num_clients`` is given and simulation nodes report another number of
+        ``num_clients`` is given and most nodes report another number of
         partitions (``flwr run .`` started a federation of another size).
     """
     deadline = clock() + timeout
@@ -200,37 +187,48 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
         raise RuntimeError(f"no node connected within {timeout:.0f} s; expected {wanted}")
     if len(nodes) < wanted:
         log.warning("only %s of %s wanted nodes connected; going on with them", len(nodes), wanted)
-    msgs = [Message(RecordDict({protocol.CONFIG: ConfigRecord({protocol.HELLO: True})}),
-                    dst_node_id=n,
-                    message_type=MessageType.QUERY) for n in nodes]
-    ids = list(grid.push_messages(msgs))
-    id_to_node = dict(zip(ids, nodes, strict=True))
+    book = RoundBook(0, list(nodes))
     partition: dict[int, int | None] = dict.fromkeys(nodes)
-    reported_sizes: set[int] = set()
-    # The first messages wait for the simulation engine's actors (or a device)
-    # to start: give the query the whole node-wait budget.
-    for reply in poll_replies(grid, ids, timeout=max(deadline - clock(), 5.0), clock=clock,
-                              sleep=sleep):
-        node = id_to_node.get(reply.metadata.reply_to_message_id)
-        if node is None or reply.has_error():
-            continue
-        partition[node] = protocol.partition_of_reply(reply)
-        anchor = protocol.anchor_of_reply(reply)
+    claimed: dict[int, int] = {}
+    sizes: dict[int, int] = {}  # node -> the partition count it reported
+
+    def hello(node: int, reply: Message) -> None:
+        book.count_upload(node, reply)
+        info = reply.content.config_records.get(protocol.INFO) if reply.has_content() else None
+        raw = None if info is None else info.get(protocol.NUM_PARTITIONS)
+        if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0:
+            sizes[node] = raw
+        pid, _, anchor = check_hello(reply, num_clients=num_clients, claimed=claimed)
+        partition[node] = pid
+        if pid is not None:
+            claimed[pid] = node
         if anchors is not None and anchor is not None:
             anchors[node] = anchor
-        info = reply.content.config_records.get(protocol.INFO)
-        size = None if info is None else info.get(protocol.NUM_PARTITIONS)
-        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-            reported_sizes.add(size)
-    if num_clients is not None and reported_sizes and reported_sizes != {num_clients}:
-        from flowerpress.federation import federation_mismatch
 
-        line = federation_mismatch(max(reported_sizes), {"num-clients": num_clients})
-        raise FederationMismatchError(line or "the federation size differs from num-clients")
+    # The first messages wait for the simulation engine's actors (or a device)
+    # to start: give the query the whole node-wait budget.
+    exchange(grid, book, "start-up query",
+             {n: Message(RecordDict({protocol.CONFIG: ConfigRecord({protocol.HELLO: True})}),
+                         dst_node_id=n, message_type=MessageType.QUERY) for n in nodes},
+             hello, timeout=max(deadline - clock(), 5.0), clock=clock, sleep=sleep)
+    if num_clients is not None and sizes:
+        # Most nodes agreeing on another size: the federation is not the configured one
+        # (a configuration error); a few nodes claiming another size: those nodes lie.
+        counts = Counter(sizes.values())
+        common, votes = counts.most_common(1)[0]
+        if common != num_clients and votes * 2 > len(sizes):
+            from flowerpress.federation import federation_mismatch
+
+            line = federation_mismatch(common, {"num-clients": num_clients})
+            raise FederationMismatchError(line or "the federation size differs from num-clients")
+    for node, reason in book.rejected.items():
+        partition.pop(node, None)
+        if excluded is not None:
+            excluded[node] = f"start-up query: {reason}"
     missing = sum(p is None for p in partition.values())
     if missing:
         log.warning("%s of %s nodes did not report a partition id; sampling is not "
-                    "reproducible across runs for them", missing, len(nodes))
+                    "reproducible across runs for them", missing, len(partition))
     return partition
 
 
@@ -249,10 +247,6 @@ def discover_nodes(grid: Grid, *, wanted: int, timeout: float,
                                     sleep=sleep, num_clients=num_clients)
     big = 1 << 62
     return sorted(partition, key=lambda n: (big if partition[n] is None else partition[n], n))
-
-
-class StrategyFailedError(RuntimeError):
-    """The strategy's result is not a usable model; the round's result was not applied."""
 
 
 def check_strategy_result(result: Sequence[NDArray[Any]], reference: Sequence[NDArray[np.float32]],
@@ -302,6 +296,13 @@ class RoundOutcome:
     diff_downloads: int = 0
     #: the estimated round time under ``settings.link`` (None without a link)
     link_seconds: float | None = None
+    #: updates in what the server saw aggregated: the privacy charge's count
+    #: (a secure sum counts whenever it was decoded, whatever min-replies says)
+    released: int = 0
+    #: nodes caught breaking a protocol on purpose: excluded from later rounds
+    culprits: dict[int, str] = field(default_factory=dict)
+    #: the one reason every reply was rejected for, in a round with no valid update
+    only_reason: str | None = None
 
 
 def _broadcast(global_weights: Weights, download: DownloadCodec | None,
@@ -383,10 +384,11 @@ def run_round(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RoundOutcome:
-    """One round: send, collect, validate and fold each reply as it arrives.
+    """One round: plan, send, collect (validate, decode, fold each reply), close.
 
     Whatever goes wrong with one reply rejects that reply (one log line naming
-    the node and the reason) and the round goes on.
+    the node and the reason) and the round goes on; an exception from the
+    strategy fails the run (:class:`~flowerpress.server.phases.StrategyFailedError`).
 
     Without ``history`` every node gets the same broadcast and the new global
     is built on what they decoded. With it each node gets its own download
@@ -398,7 +400,48 @@ def run_round(
     With ``estimates`` (an ``ef21`` upload) each node's config names the EF21
     estimate the server holds for it, and the strategy gets the node's new
     estimate ``g_i + c`` instead of its decoded payload ``c``.
+
+    With ``settings.secagg`` on, the updates travel as one secure sum
+    (:func:`flowerpress.server.secagg_round.secure_sum`, four exchanges into
+    the same round book) and the strategy folds that sum as one update.
     """
+    book = RoundBook(server_round, list(nodes))
+    name = type(strategy).__name__
+    plan: _Downloads | None = None
+    if settings.secagg != "off":
+        from flowerpress.server.secagg_round import secure_sum
+
+        base, mean = secure_sum(grid, book, nodes, global_weights, settings,
+                                extra_config=extra_config, download=download, rng=rng,
+                                clock=clock, sleep=sleep)
+        user_call(f"strategy {name}", strategy.begin_round, server_round, base,
+                  error=StrategyFailedError)
+        released = 0
+        if mean is not None:  # the server saw the survivors' sum: it is released
+            released = book.valid
+            user_call(f"strategy {name}", strategy.add,
+                      ClientUpdate(delta=mean, weight=float(book.valid), node_id=0),
+                      error=StrategyFailedError)
+    else:
+        plan, base = _collect_updates(grid, book, global_weights, strategy, settings,
+                                      extra_config=extra_config, download=download,
+                                      history=history, anchors=anchors, estimates=estimates,
+                                      rng=rng, clock=clock, sleep=sleep)
+        released = book.valid if book.valid >= settings.min_replies else 0
+    return _close_round(book, strategy, base, global_weights, settings, released=released,
+                        plan=plan)
+
+
+def _collect_updates(grid: Grid, book: RoundBook, global_weights: Weights,
+                     strategy: AggregationStrategy, settings: LoopSettings, *,
+                     extra_config: Mapping[str, Scalar], download: DownloadCodec | None,
+                     history: DownloadHistory | None, anchors: Mapping[int, str] | None,
+                     estimates: UploadEstimates | None, rng: np.random.Generator,
+                     clock: Callable[[], float], sleep: Callable[[float], None]
+                     ) -> tuple[_Downloads, Weights]:
+    """Plan, send and collect a plain round: each reply validated, decoded and folded."""
+    server_round, nodes = book.server_round, book.asked
+    name = type(strategy).__name__
     instruction = protocol.TrainInstruction(
         server_round=server_round, seed=settings.seed,
         compression=warmup_spec(settings.compression, server_round,
@@ -406,104 +449,73 @@ def run_round(
         cohort_size=len(nodes), extra={**settings.client_config, **extra_config})
     plan = _build_downloads(nodes, server_round, global_weights, instruction, download,
                             history, rng, settings.seed, anchors, estimates)
-    messages = plan.messages
-    # Bytes as Flower sends them (the whole serialized message) and, apart, the arrays.
-    sizes = [message_bytes(m) for m in messages]
-    download_bytes = sum(sizes)
-    download_payload = sum(record_bytes(m.content) for m in messages)
-    ids = list(grid.push_messages(messages))
-    id_to_node = dict(zip(ids, nodes, strict=True))
-    down_of = dict(zip(nodes, sizes, strict=True))
-    received = plan.base
+    user_call(f"strategy {name}", strategy.begin_round, server_round, plan.base,
+              error=StrategyFailedError)
 
-    strategy.begin_round(server_round, plan.base)
-    valid = rejected = upload = upload_payload = unavailable = clipped = 0
-    participants: list[int] = []
-    replied: list[int] = []
-    reply_metrics: list[dict[str, float]] = []
-    link_times: list[float] = []
-    for reply in poll_replies(grid, ids, timeout=settings.round_timeout, clock=clock, sleep=sleep):
-        node = id_to_node[reply.metadata.reply_to_message_id]
-        if reply.has_error() and is_unavailable_error(reply):
-            unavailable += 1  # Flower's answer, not the node's: it is not there
-            log.info("round %s: node %s is unavailable: %.200s", server_round, node,
-                     reply.error.reason)
-            continue
-        if reply.has_error() and int(reply.error.code) == EXPIRED_ERROR_CODE:
-            continue  # the reply expired before it was pulled: counted as timed out
-        replied.append(node)
-        up = message_bytes(reply)
-        upload += up
-        if reply.has_error():
-            rejected += 1
-            log.warning("round %s: node %s replied with an error: %.200s", server_round, node,
-                        reply.error.reason)
-            if history is not None:
-                history.acknowledge(node, None)
-            continue
-        try:
-            upload_payload += record_bytes(reply.content)
-            checked = protocol.validate_train_reply(reply, plan.received[node],
-                                                    max_weight=settings.max_client_weight,
-                                                    dp=settings.dp)
-            estimate = None
-            if estimates is not None:
-                estimate = estimates.combine(node, protocol.ef21_base_of_reply(reply),
-                                             checked.delta)
-            delta, norm, was_clipped = bound_update_norm(
-                checked.delta if estimate is None else estimate, settings.max_update_norm)
-            strategy.add(ClientUpdate(delta=delta, weight=checked.weight,
-                                      node_id=node, metrics=checked.metrics))
-            if estimates is not None and estimate is not None:
-                estimates.commit(node, server_round, estimate)
-        except UpdateRejected as exc:
-            rejected += 1
-            log.warning("round %s: dropped the update of node %s: %.300s", server_round, node,
-                        exc)
-            continue
-        except Exception as exc:  # one reply never ends the run
-            rejected += 1
-            log.warning("round %s: dropped the update of node %s: %s: %.300s", server_round,
-                        node, type(exc).__name__, exc)
-            continue
-        valid += 1
+    def fold(node: int, reply: Message) -> None:
+        up = book.count_upload(node, reply)
+        checked = protocol.validate_train_reply(reply, plan.received[node],
+                                                max_weight=settings.max_client_weight,
+                                                dp=settings.dp)
+        estimate = None
+        if estimates is not None:
+            estimate = estimates.combine(node, protocol.ef21_base_of_reply(reply),
+                                         checked.delta)
+        delta, norm, was_clipped = bound_update_norm(
+            checked.delta if estimate is None else estimate, settings.max_update_norm)
+        user_call(f"strategy {name}", strategy.add,
+                  ClientUpdate(delta=delta, weight=checked.weight, node_id=node,
+                               metrics=checked.metrics), error=StrategyFailedError)
+        if estimates is not None and estimate is not None:
+            estimates.commit(node, server_round, estimate)
+        book.accept(node, checked.metrics)
         if was_clipped:
-            clipped += 1
+            book.clipped += 1
             log.info("round %s: update of node %s clipped from norm %.4g to max-update-norm=%g",
                      server_round, node, norm, settings.max_update_norm)
-        participants.append(node)
-        reply_metrics.append(dict(checked.metrics))
-        held = protocol.held_version_of_reply(reply)
         if history is not None:
-            history.acknowledge(node, held)
+            history.acknowledge(node, protocol.held_version_of_reply(reply))
         if settings.link is not None:
-            link_times.append(settings.link.client_seconds(
-                download_bytes=down_of[node], upload_bytes=up,
+            book.link_times.append(settings.link.client_seconds(
+                download_bytes=book.down_of.get(node, 0), upload_bytes=up,
                 compute_seconds=protocol.compute_seconds_of_reply(reply) or 0.0))
-    timed_out = len(nodes) - valid - rejected - unavailable
-    if timed_out:
+
+    def forget(node: int) -> None:
+        if history is not None:  # what the device holds now is unknown
+            history.acknowledge(node, None)
+
+    exchange(grid, book, "train", {n: plan.messages[i] for i, n in enumerate(nodes)}, fold,
+             timeout=settings.round_timeout, on_reject=forget, clock=clock, sleep=sleep)
+    return plan, plan.base
+
+
+def _close_round(book: RoundBook, strategy: AggregationStrategy, base: Weights,
+                 global_weights: Weights, settings: LoopSettings, *, released: int,
+                 plan: _Downloads | None) -> RoundOutcome:
+    """Close: the strategy's result (checked) and the round's counters."""
+    server_round = book.server_round
+    if book.timed_out:
         log.warning("round %s: %s of %s clients did not reply within %.1f s", server_round,
-                    timed_out, len(nodes), settings.round_timeout)
-    if valid >= settings.min_replies:
+                    book.timed_out, len(book.asked), settings.round_timeout)
+    if book.valid >= settings.min_replies:
         name = type(strategy).__name__
-        try:
-            result = strategy.result()
-        except Exception as exc:  # a strategy bug (or a metric it trusted): one line
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            raise StrategyFailedError(f"strategy {name} raised {type(exc).__name__}"
-                                      f"{': ' + first if first else ''}") from exc
-        new_global = check_strategy_result(result, received, name)
+        result = user_call(f"strategy {name}", strategy.result, error=StrategyFailedError)
+        new_global = check_strategy_result(result, base, name)
     else:
         log.warning("round %s: %s valid replies < min-replies=%s; the model is unchanged",
-                    server_round, valid, settings.min_replies)
+                    server_round, book.valid, settings.min_replies)
         new_global = global_weights
-    return RoundOutcome(new_global, valid, rejected, timed_out, upload, download_bytes,
-                        participants, reply_metrics, unavailable=unavailable, replied=replied,
-                        clipped=clipped, upload_payload_bytes=upload_payload,
-                        download_payload_bytes=download_payload, full_downloads=plan.full,
-                        diff_downloads=plan.diffs,
-                        link_seconds=None if settings.link is None else
-                        settings.link.round_seconds(link_times))
+    return RoundOutcome(
+        new_global, book.valid, book.rejected_count, book.timed_out, book.upload,
+        book.download, list(book.accepted), list(book.reply_metrics),
+        unavailable=book.unavailable_count, replied=sorted(book.replied),
+        clipped=book.clipped, upload_payload_bytes=book.upload_payload,
+        download_payload_bytes=book.download_payload,
+        full_downloads=0 if plan is None else plan.full,
+        diff_downloads=0 if plan is None else plan.diffs,
+        link_seconds=None if settings.link is None else
+        settings.link.round_seconds(book.link_times),
+        released=released, culprits=dict(book.culprits), only_reason=book.only_reason())
 
 
 def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weights: Weights,
@@ -511,40 +523,32 @@ def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weigh
                       sleep: Callable[[float], None] = time.sleep) -> dict[str, float | None]:
     """Federated evaluation: the example-weighted mean of the nodes' metrics.
 
-    Used when the task has no central test set. Invalid replies are ignored
-    (logged); ``evaluated_by`` counts the replies that were used.
+    Used when the task has no central test set. Every reply goes through the
+    same guard as a train reply (:func:`~flowerpress.server.phases.exchange`):
+    an invalid one is ignored (logged); ``evaluated_by`` counts the replies
+    that were used.
     """
     config = ConfigRecord({protocol.SERVER_ROUND: server_round, protocol.SEED: settings.seed})
     content = RecordDict({protocol.ARRAYS: ArrayRecord(weights), protocol.CONFIG: config})
-    messages = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
-                for n in nodes]
-    ids = list(grid.push_messages(messages))
-    id_to_node = dict(zip(ids, nodes, strict=True))
+    book = RoundBook(server_round, list(nodes))
     totals: dict[str, float] = {}
     weight_sum = 0.0
-    used = 0
-    for reply in poll_replies(grid, ids, timeout=settings.round_timeout, clock=clock,
-                              sleep=sleep):
-        if reply.has_error():
-            continue
-        try:
-            weight, metrics = protocol.validate_eval_reply(
-                reply, max_weight=settings.max_client_weight)
-        except UpdateRejected as exc:
-            log.warning("round %s: dropped the evaluation of node %s: %.300s", server_round,
-                        id_to_node.get(reply.metadata.reply_to_message_id), exc)
-            continue
-        except Exception as exc:  # one reply never ends the run
-            log.warning("round %s: dropped the evaluation of node %s: %s: %.300s", server_round,
-                        id_to_node.get(reply.metadata.reply_to_message_id),
-                        type(exc).__name__, exc)
-            continue
+
+    def add(node: int, reply: Message) -> None:
+        nonlocal weight_sum
+        book.count_upload(node, reply)
+        weight, metrics = protocol.validate_eval_reply(
+            reply, max_weight=settings.max_client_weight)
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + weight * value
         weight_sum += weight
-        used += 1
+        book.accept(node)
+
+    exchange(grid, book, "evaluate",
+             {n: Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
+              for n in nodes}, add, timeout=settings.round_timeout, clock=clock, sleep=sleep)
     out: dict[str, float | None] = {
-        "accuracy": None, "loss": None, "f1_macro": None, "evaluated_by": float(used)}
+        "accuracy": None, "loss": None, "f1_macro": None, "evaluated_by": float(book.valid)}
     if weight_sum > 0:
         names = {protocol.EVAL_LOSS: "loss", protocol.EVAL_ACC: "accuracy"}
         for key, total in totals.items():
@@ -597,7 +601,8 @@ def run_federation(
         ``on_round``'s rows so far (the caller keeps it).
     """
     rng = np.random.default_rng([settings.seed, 1])
-    membership = Membership(max_missed=settings.max_missed_rounds)
+    membership = Membership(max_missed=settings.max_missed_rounds,
+                            num_clients=settings.num_clients)
     weights = [np.asarray(w, dtype=np.float32) for w in initial_weights]
     rows: list[dict[str, Any]] = []
     first = 1
@@ -620,10 +625,14 @@ def run_federation(
     if first > settings.rounds:  # a finished run, resumed: nothing left to do
         return weights, rows, None
     anchors: dict[int, str] = {}
+    excluded: dict[int, str] = {}
     membership.add_discovered(discover_partitions(
         grid, wanted=settings.clients_per_round, timeout=settings.node_wait_timeout,
-        clock=clock, sleep=sleep, num_clients=settings.num_clients, anchors=anchors),
-        anchors=anchors)
+        clock=clock, sleep=sleep, num_clients=settings.num_clients, anchors=anchors,
+        excluded=excluded), anchors=anchors)
+    for node, reason in excluded.items():
+        membership.exclude(node, reason)
+    failures: list[str] = []  # the current streak of all-rejected rounds (one reason)
     if privacy is not None and ledger is None:
         population = len(membership.known(first))
         ledger = privacy(population)
@@ -670,18 +679,13 @@ def run_federation(
         extra: dict[str, Scalar] = dict(strategy.client_config(server_round))
         if ledger is not None:
             extra.update(ledger.train_config(server_round, cohort_size=len(sampled)))
-        if settings.secagg != "off":
-            from flowerpress.server.secagg_round import run_secagg_round
-
-            outcome = run_secagg_round(grid, server_round, sampled, weights, strategy, settings,
-                                       extra_config=extra, download=download, rng=rng,
-                                       clock=clock, sleep=sleep)
-        else:
-            outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
-                                extra_config=extra, download=download, history=history,
-                                anchors=membership.anchors(), estimates=estimates,
-                                rng=rng, clock=clock, sleep=sleep)
+        outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
+                            extra_config=extra, download=download, history=history,
+                            anchors=membership.anchors(), estimates=estimates,
+                            rng=rng, clock=clock, sleep=sleep)
         membership.record_round(sampled, outcome.replied)
+        for node, reason in outcome.culprits.items():
+            membership.exclude(node, f"round {server_round}: {reason}")
         weights = outcome.new_global
         epsilon = nominal = None
         if ledger is not None:
@@ -689,7 +693,7 @@ def run_federation(
             # not it reached us in time: local mode charges all of them. The
             # aggregate holds only the valid replies' noise: distributed mode
             # accounts z * sqrt(valid / sampled); an unchanged model released none.
-            released = outcome.valid if outcome.valid >= settings.min_replies else 0
+            released = outcome.released
             # Per-client charges are keyed by the partition a node holds where it
             # reports one (it survives a node's re-registration), else its node id.
             ledger.end_round([membership.stable_id(n) for n in sampled],
@@ -713,6 +717,7 @@ def run_federation(
             "timed_out": outcome.timed_out,
             "unavailable": len(known) - len(available) + outcome.unavailable,
             "clipped": outcome.clipped,
+            "excluded": membership.excluded_count(),
             "upload_bytes": outcome.upload_bytes,
             "download_bytes": outcome.download_bytes,
             "upload_payload_bytes": outcome.upload_payload_bytes,
@@ -743,7 +748,35 @@ def run_federation(
             on_model(server_round, weights)
         if on_round is not None:
             on_round(row)
+        failing = _repeated_rejection(rows, failures, outcome, settings)
+        if failing is not None:
+            raise RepeatedRejectionError(failing)
     return weights, rows, stop
+
+
+def _repeated_rejection(rows: Sequence[Mapping[str, Any]], failures: list[str],
+                        outcome: RoundOutcome, settings: LoopSettings) -> str | None:
+    """The failure line once ``max_rejected_rounds`` rounds in a row rejected every reply
+    for the same reason (a task, codec or configuration bug), else None.
+
+    ``failures`` holds the reasons of the current streak (updated in place).
+    """
+    from flowerpress.server.phases import reason_kind
+
+    if settings.max_rejected_rounds <= 0:
+        return None
+    reason = outcome.only_reason
+    if reason is None or (failures and reason_kind(failures[-1]) != reason_kind(reason)):
+        failures.clear()
+    if reason is None:
+        return None
+    failures.append(reason)
+    if len(failures) < settings.max_rejected_rounds:
+        return None
+    last = rows[-1]["round"] if rows else "?"
+    return (f"every reply of rounds {int(last) - len(failures) + 1}-{last} was rejected for "
+            f"the same reason (max-rejected-rounds={settings.max_rejected_rounds}): "
+            f"{' '.join(reason.split())[:300]}")
 
 
 def sample_round(nodes: Sequence[int], clients_per_round: int, rng: np.random.Generator,

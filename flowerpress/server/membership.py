@@ -49,6 +49,37 @@ def is_unavailable_error(reply: Message) -> bool:
     return reply.has_error() and int(reply.error.code) in UNAVAILABLE_ERROR_CODES
 
 
+def check_hello(reply: Message, *, num_clients: int | None,
+                claimed: Mapping[int, int]) -> tuple[int | None, int | None, str | None]:
+    """``(partition id, num-partitions, anchor)`` of a start-up query reply, validated.
+
+    Raises
+    ------
+    protocol.UpdateRejected
+        The answer is impossible: a partition count other than the run's
+        ``num_clients`` (where the run knows it), a partition id outside the
+        count, or an id another node already claimed this run (``claimed``:
+        partition -> node).
+    """
+    pid = protocol.partition_of_reply(reply)
+    anchor = protocol.anchor_of_reply(reply)
+    info = reply.content.config_records.get(protocol.INFO) if reply.has_content() else None
+    size = None if info is None else info.get(protocol.NUM_PARTITIONS)
+    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        size = None
+    if size is not None and num_clients is not None and size != num_clients:
+        raise protocol.UpdateRejected(f"it reports {size} partitions, the run has "
+                                      f"num-clients={num_clients}")
+    if pid is not None:
+        bound = size if size is not None else num_clients
+        if bound is not None and pid >= bound:
+            raise protocol.UpdateRejected(f"partition id {pid} is outside 0..{bound - 1}")
+        if pid in claimed:
+            raise protocol.UpdateRejected(f"partition id {pid} is already claimed by node "
+                                          f"{claimed[pid]}")
+    return pid, size, anchor
+
+
 def hello_message(node_id: int) -> Message:
     """The query that asks a node for its partition id (and proves it is there)."""
     return Message(RecordDict({protocol.CONFIG: ConfigRecord({protocol.HELLO: True})}),
@@ -65,6 +96,9 @@ class NodeRecord:
     missed: int = 0  # consecutive rounds it was asked and did not answer
     listed: bool = True  # Flower listed it at the last refresh
     anchor: str | None = None  # initial-model digest its query reply named (history download)
+    # Why the node is excluded from the run (an impossible answer, a protocol it
+    # broke on purpose); None: it is not.
+    excluded: str | None = None
 
 
 class Membership:
@@ -76,12 +110,16 @@ class Membership:
         Skip a node that missed this many consecutive rounds (no reply in
         time, or Flower said it is unavailable) until it answers a probe.
         ``0`` never skips for missed rounds.
+    num_clients : int or None
+        The run's federation size: a joining node reporting another partition
+        count, or a partition id outside it, is excluded (:func:`check_hello`).
     """
 
-    def __init__(self, *, max_missed: int) -> None:
+    def __init__(self, *, max_missed: int, num_clients: int | None = None) -> None:
         if isinstance(max_missed, bool) or not isinstance(max_missed, int) or max_missed < 0:
             raise ValueError(f"max_missed must be an int >= 0, got {max_missed!r}")
         self.max_missed = max_missed
+        self.num_clients = num_clients
         self.records: dict[int, NodeRecord] = {}
         # Query message id -> (node id, round it was sent in).
         self._queries: dict[str, tuple[int, int]] = {}
@@ -138,7 +176,7 @@ class Membership:
                 log.info("round %s: node %s is no longer listed by Flower; skipped until it "
                          "is back", server_round, record.node_id)
             record.listed = back
-        due = [r.node_id for r in self.records.values() if r.listed and (
+        due = [r.node_id for r in self.records.values() if r.listed and r.excluded is None and (
             (r.partition is None and r.since == server_round) or self._skipped(r))]
         self._ask(grid, due, server_round)
 
@@ -172,11 +210,22 @@ class Membership:
             if entry is None:
                 continue
             record = self.records.get(entry[0])
-            if record is None or reply.has_error():
+            if record is None or reply.has_error() or record.excluded is not None:
+                continue
+            # The same validation as the start-up query: an impossible answer
+            # excludes the node (one log line), never the run.
+            claimed = {r.partition: r.node_id for r in self.records.values()
+                       if r.partition is not None and r.node_id != record.node_id
+                       and r.excluded is None and r.listed}
+            try:
+                pid, _, anchor = check_hello(reply, num_clients=self.num_clients,
+                                             claimed=claimed)
+            except Exception as exc:  # one reply never ends the run
+                self.exclude(record.node_id, f"query reply: {exc}")
                 continue
             if record.partition is None:
-                record.partition = protocol.partition_of_reply(reply)
-            record.anchor = protocol.anchor_of_reply(reply)
+                record.partition = pid
+            record.anchor = anchor
             if self._skipped(record):
                 log.info("node %s answered a probe; it is sampled again", record.node_id)
             record.missed = 0
@@ -192,6 +241,20 @@ class Membership:
             if node not in got and record.missed == self.max_missed:
                 log.warning("node %s missed its last %s rounds; skipped until it answers",
                             node, record.missed)
+
+    def exclude(self, node: int, reason: str) -> None:
+        """Exclude ``node`` from the rest of the run (one log line); it is never asked again."""
+        record = self.records.get(node)
+        if record is None:
+            record = self.records[node] = NodeRecord(node, since=0)
+        if record.excluded is None:
+            log.warning("node %s is excluded from the run: %.300s", node, reason)
+        record.excluded = reason
+        record.partition = None  # its claim is not believed
+
+    def excluded_count(self) -> int:
+        """How many nodes are excluded from the run."""
+        return sum(r.excluded is not None for r in self.records.values())
 
     # -- views --------------------------------------------------------------------------
 
@@ -210,12 +273,14 @@ class Membership:
 
     def known(self, server_round: int) -> list[int]:
         """Nodes known before ``server_round`` (the population), in sampling order."""
-        return self._order(r for r in self.records.values() if r.since < server_round)
+        return self._order(r for r in self.records.values()
+                           if r.since < server_round and r.excluded is None)
 
     def available(self, server_round: int) -> list[int]:
         """Known nodes ``server_round`` may ask: listed and not skipped, in sampling order."""
         return self._order(r for r in self.records.values()
-                           if r.since < server_round and r.listed and not self._skipped(r))
+                           if r.since < server_round and r.listed and not self._skipped(r)
+                           and r.excluded is None)
 
     def anchors(self) -> dict[int, str]:
         """Node -> the initial-model digest its query reply named (nodes that named one)."""
@@ -238,7 +303,9 @@ class Membership:
                                 partition=None if pid is None else int(pid),
                                 since=int(item.get("since", 0)), missed=int(item.get("missed", 0)),
                                 listed=bool(item.get("listed", True)),
-                                anchor=protocol.parse_digest(item.get("anchor")))
+                                anchor=protocol.parse_digest(item.get("anchor")),
+                                excluded=None if item.get("excluded") is None
+                                else str(item["excluded"])[:500])
             records[record.node_id] = record
         self.records = records
         self._queries = {}

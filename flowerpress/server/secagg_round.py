@@ -1,31 +1,33 @@
-"""One round of secure aggregation (SecAgg+) through the Grid: the server learns only the sum.
+"""Secure aggregation (SecAgg+) as the way a round's sum travels: the server learns only the sum.
 
-:func:`run_secagg_round` has :func:`~flowerpress.server.loop.run_round`'s
-signature and returns the same :class:`~flowerpress.server.loop.RoundOutcome`;
-``run_federation`` calls it instead when the run config sets ``secagg``. The
-round has four stages, each a ``train`` message per device and a pull of the
-replies as they arrive (:func:`~flowerpress.server.loop.poll_replies`, with
-``round-timeout`` per stage):
+:func:`secure_sum` is the fold transport of the one round skeleton
+(:func:`flowerpress.server.loop.run_round`, phases in
+:mod:`flowerpress.server.phases`): the round plans, sends and collects
+through the same :class:`~flowerpress.server.phases.RoundBook` and
+:func:`~flowerpress.server.phases.exchange` as a plain round, in four
+exchanges, each a ``train`` message per device and a pull of the replies as
+they arrive (``round-timeout`` per stage):
 
 1. advertise keys -> 2. share keys -> 3. masked input (the model goes out,
 the devices train, encode and mask) -> 4. unmasking.
 
 A device that replies with an error or breaks the protocol (wrong sizes, ids
-it was not given, a replayed reply) is dropped at that stage and counted in
-``rejected``; a device that does not answer is counted in ``timed_out``; the
-round goes on while the threshold holds. Fewer survivors than the threshold
-raise :class:`~flowerpress.secagg.SecAggAbort` inside; the round is then
-skipped: the model is unchanged, ``clients`` is 0, ``timed_out`` counts the
-devices that vanished and ``rejected`` those dropped, and the loop goes on.
+it was not given, a replayed reply, fields beyond the stage's own) is dropped
+at that stage and counted in ``rejected``; a device that does not answer is
+counted in ``timed_out``; the round goes on while the threshold holds. A
+device caught breaking the protocol on purpose (the session's ``culprits``:
+inconsistent shares, bad reveals, false complaints) is also excluded from
+later rounds. Fewer survivors than the threshold raise
+:class:`~flowerpress.secagg.SecAggAbort` inside; the round is then skipped:
+the model is unchanged and nothing was released.
 
 The unmasked sum is decoded (:func:`flowerpress.secagg.encoding.decode_sum`)
-into the mean delta of the survivors and handed to the strategy as one
-:class:`~flowerpress.strategies.base.ClientUpdate` whose weight is the number
-of survivors: the strategy must aggregate by a weighted sum (every survivor
-weighs the same; ``num-examples`` is not sent).
-
-Bytes are the serialized sizes (Flower's protobuf ``RecordDict``) of every
-message of every stage, both directions.
+into the mean delta of the survivors, which the round folds into the
+strategy as one :class:`~flowerpress.strategies.base.ClientUpdate` whose
+weight is the number of survivors: the strategy must aggregate by a weighted
+sum (every survivor weighs the same; ``num-examples`` is not sent). A decoded
+sum is a release: the privacy ledger charges it whatever ``min-replies``
+says.
 """
 
 from __future__ import annotations
@@ -37,38 +39,25 @@ from typing import Any, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from flowerpress import protocol
 from flowerpress.secagg import encoding
 from flowerpress.secagg import messages as m
-from flowerpress.secagg.core import SecAggAbort, SecAggViolation, ServerSession
+from flowerpress.secagg.core import SecAggAbort, ServerSession
 from flowerpress.secagg.graph import default_degree
 from flowerpress.secagg.settings import effective, parse_secagg
 from flowerpress.server.loop import (
-    AggregationStrategy,
     DownloadCodec,
     LoopSettings,
     PrivacyLedger,
-    RoundOutcome,
     Scalar,
     Weights,
     _broadcast,
-    check_strategy_result,
-    poll_replies,
 )
-from flowerpress.strategies.base import ClientUpdate
+from flowerpress.server.phases import ReplyHandler, RoundBook, exchange
 
 log = logging.getLogger(__name__)
-
-#: Handles one device's reply to a stage; raises SecAggViolation to drop the device.
-ReplyHandler = Callable[[int, Message], None]
-
-
-def message_bytes(content: RecordDict) -> int:
-    """Serialized size of a message's content (Flower's protobuf)."""
-    return int(recorddict_to_proto(content).ByteSize())
 
 
 def round_seed(seed: int, server_round: int) -> int:
@@ -77,50 +66,11 @@ def round_seed(seed: int, server_round: int) -> int:
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
-class _Stages:
-    """Pushes one stage, pulls its replies, counts bytes and drops bad devices."""
-
-    def __init__(self, grid: Grid, server_round: int, timeout: float,
-                 clock: Callable[[], float], sleep: Callable[[float], None]) -> None:
-        self.grid, self.round, self.timeout = grid, server_round, timeout
-        self.clock, self.sleep = clock, sleep
-        self.upload = self.download = 0
-        self.rejected: set[int] = set()
-        self.vanished: set[int] = set()  # asked, never answered (within the timeout)
-
-    def run(self, name: str, contents: Mapping[int, RecordDict], handle: ReplyHandler) -> None:
-        nodes = list(contents)
-        messages = [Message(contents[n], dst_node_id=n, message_type=MessageType.TRAIN)
-                    for n in nodes]
-        self.download += sum(message_bytes(contents[n]) for n in nodes)
-        ids = list(self.grid.push_messages(messages))
-        id_to_node = dict(zip(ids, nodes, strict=True))
-        silent = set(nodes)
-        for reply in poll_replies(self.grid, ids, timeout=self.timeout, clock=self.clock,
-                                  sleep=self.sleep):
-            node = id_to_node[reply.metadata.reply_to_message_id]
-            silent.discard(node)
-            if not reply.has_error():
-                self.upload += message_bytes(reply.content)
-            try:
-                handle(node, reply)
-            except SecAggViolation as exc:
-                self.rejected.add(node)
-                log.warning("round %s, secagg %s: dropped node %s: %.300s", self.round, name,
-                            node, exc)
-            except Exception as exc:  # one reply never ends the round
-                self.rejected.add(node)
-                log.warning("round %s, secagg %s: dropped node %s: %s: %.300s", self.round,
-                            name, node, type(exc).__name__, exc)
-        self.vanished |= silent
-
-
-def run_secagg_round(
+def secure_sum(
     grid: Grid,
-    server_round: int,
+    book: RoundBook,
     nodes: Sequence[int],
     global_weights: Weights,
-    strategy: AggregationStrategy,
     settings: LoopSettings,
     *,
     extra_config: Mapping[str, Scalar],
@@ -128,8 +78,12 @@ def run_secagg_round(
     rng: np.random.Generator,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> RoundOutcome:
-    """One secure-aggregation round (see the module doc); ``run_round``'s contract.
+) -> tuple[Weights, Weights | None]:
+    """Run the four stages into ``book``; ``(received, mean delta or None if skipped)``.
+
+    ``received`` is the model the devices decoded from the broadcast (what the
+    strategy builds on). The survivors are ``book.accepted``; devices caught
+    cheating are in ``book.culprits``.
 
     Raises
     ------
@@ -139,7 +93,8 @@ def run_secagg_round(
     """
     parsed = parse_secagg(settings.secagg)
     if parsed is None:
-        raise ValueError("run_secagg_round called with secagg=off")
+        raise ValueError("secure_sum called with secagg=off")
+    server_round = book.server_round
     secagg, randk = effective(parsed, settings.compression)
     broadcast, received = _broadcast(global_weights, download, rng)
     dim = sum(int(w.size) for w in received)
@@ -151,20 +106,31 @@ def run_secagg_round(
     session = ServerSession(round_id=server_round, nodes=list(nodes), bits=secagg.bits,
                             length=plan.padded, fraction=secagg.threshold,
                             degree=secagg.degree or default_degree(cohort), seed=seed)
-    stages = _Stages(grid, server_round, settings.round_timeout, clock, sleep)
     packed_bytes = (plan.padded * secagg.bits + 7) // 8
     instruction = protocol.TrainInstruction(
         server_round=server_round, seed=settings.seed, compression="none", cohort_size=cohort,
         extra={**settings.client_config, **extra_config})
     train_config = {**instruction.to_record(), m.SPEC: secagg.spec(), m.SEED: seed,
                     m.RANDK: float(randk or 0.0), m.MIN_SUMMANDS: min_summands}
+
+    def stage(name: str, contents: Mapping[int, RecordDict], handle: ReplyHandler) -> None:
+        def counted(node: int, reply: Message) -> None:
+            book.count_upload(node, reply)
+            handle(node, reply)
+
+        exchange(grid, book, f"secagg {name}",
+                 {n: Message(c, dst_node_id=n, message_type=MessageType.TRAIN)
+                  for n, c in contents.items()}, counted, timeout=settings.round_timeout,
+                 clock=clock, sleep=sleep)
+        book.culprits.update(getattr(session, "culprits", {}))
+
     try:
-        stages.run(m.ADVERTISE, {
+        stage(m.ADVERTISE, {
             n: RecordDict({protocol.CONFIG: m.advertise_request(session.setup_for(n))})
             for n in nodes},
             lambda n, r: session.add_keys(n, m.parse_advertise_reply(r, n)))
         session.close_keys()
-        stages.run(m.SHARE_KEYS, {
+        stage(m.SHARE_KEYS, {
             n: RecordDict({protocol.CONFIG: m.share_keys_request(server_round,
                                                                  session.roster_for(n))})
             for n in session.u1},
@@ -177,47 +143,38 @@ def run_secagg_round(
             session.add_masked(node, encoding.unpack_words(packed, secagg.bits, plan.padded),
                                complaints)
 
-        stages.run(m.MASK, {
+        stage(m.MASK, {
             n: RecordDict({protocol.ARRAYS: broadcast, protocol.CONFIG: ConfigRecord(
                 {**train_config, **m.mask_config(server_round, session.inbox_for(n))})})
             for n in session.u2}, add_masked)
         survivors = session.close_masked()
-        accused = set(session.masked) - set(survivors)
-        stages.rejected |= accused
-        stages.run(m.UNMASK, {
+        book.culprits.update(getattr(session, "culprits", {}))
+        for node in set(session.masked) - set(survivors):
+            book.reject(node, "secagg masked input", "dropped by the complaints of its "
+                        "neighbours (or its own complaints were not believed)")
+        stage(m.UNMASK, {
             n: RecordDict({protocol.CONFIG: m.unmask_request(server_round,
                                                              *session.unmask_request(n))})
             for n in survivors},
             lambda n, r: session.add_unmask(n, *m.parse_unmask_reply(r, n)))
         total = session.finish()
+        book.culprits.update(getattr(session, "culprits", {}))
     except SecAggAbort as exc:
+        book.culprits.update(getattr(session, "culprits", {}))
         log.warning("round %s: secure aggregation skipped, the model is unchanged: %s",
                     server_round, exc)
-        return RoundOutcome(global_weights, 0, len(stages.rejected), len(stages.vanished),
-                            stages.upload, stages.download, [], [])
+        return received, None
+    # A survivor that failed in stage 4 still has its input in the sum: it counts as valid.
+    survivors = list(getattr(session, "survivors", survivors))
+    for node in survivors:
+        book.accept(node)
     mean = encoding.decode_sum(total, plan, len(survivors))
     delta: Weights = []
     offset = 0
     for g in received:
         delta.append(mean[offset:offset + g.size].reshape(g.shape).astype(np.float32))
         offset += g.size
-    valid = len(survivors)
-    # A survivor that failed in stage 4 still has its input in the sum: it counts as valid.
-    rejected = len(stages.rejected - set(survivors))
-    timed_out = cohort - valid - rejected
-    if timed_out:
-        log.warning("round %s: %s of %s clients did not complete secure aggregation within "
-                    "%.1f s per stage", server_round, timed_out, cohort, settings.round_timeout)
-    strategy.begin_round(server_round, received)
-    if valid >= settings.min_replies:
-        strategy.add(ClientUpdate(delta=delta, weight=float(valid), node_id=0))
-        new_global = check_strategy_result(strategy.result(), received, type(strategy).__name__)
-    else:
-        log.warning("round %s: %s survivors < min-replies=%s; the model is unchanged",
-                    server_round, valid, settings.min_replies)
-        new_global = global_weights
-    return RoundOutcome(new_global, valid, rejected, timed_out, stages.upload, stages.download,
-                        list(survivors), [{} for _ in survivors])
+    return received, delta
 
 
 def secagg_privacy(config: Mapping[str, Scalar], *, weighted_sum: bool, strategy: str,

@@ -18,7 +18,7 @@ from flowerpress.secagg import encoding
 from flowerpress.secagg import messages as m
 from flowerpress.secagg.settings import parse_secagg
 from flowerpress.server.loop import LoopSettings, RoundOutcome
-from flowerpress.server.secagg_round import run_secagg_round
+from flowerpress.server.loop import run_round
 from flowerpress.strategies import build_strategy
 from flowerpress.strategies.base import ClientUpdate
 from flowerpress.tasks.registry import build_task, task_spec
@@ -86,9 +86,9 @@ def _round(grid: VanishingGrid, strategy: Any = None, spec: str = SPEC,
     settings = LoopSettings(rounds=1, clients_per_round=cohort, round_timeout=0.3,
                             min_replies=1, seed=0, node_wait_timeout=1.0, secagg=spec)
     with server_identity():
-        outcome = run_secagg_round(grid, 1, list(range(1, cohort + 1)), initial,
-                                   strategy or build_strategy("fedavg"), settings,
-                                   extra_config={}, rng=np.random.default_rng(0))
+        outcome = run_round(grid, 1, list(range(1, cohort + 1)), initial,
+                            strategy or build_strategy("fedavg"), settings,
+                            extra_config={}, rng=np.random.default_rng(0))
     return outcome, initial
 
 
