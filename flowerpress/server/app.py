@@ -43,7 +43,7 @@ from flowerpress.server.checkpoint import (
     unfinished_run,
 )
 from flowerpress.server.loop import LoopSettings, RoundCallback, run_federation
-from flowerpress.server.phases import RunFailedError
+from flowerpress.server.phases import RunFailedError, user_call
 from flowerpress.server.results import (
     build_results,
     failure_line,
@@ -119,7 +119,9 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     central = task.central_data()
 
     def evaluate_fn(weights: Sequence[NDArray[np.float32]]) -> Mapping[str, float | None]:
-        return evaluation_row(task.evaluate(list(weights), central))
+        # The user's task on the server: an exception is a bug, one line naming it.
+        return evaluation_row(user_call(f"task {type(task).__name__}.evaluate",
+                                        task.evaluate, list(weights), central))
 
     if strategy is None:
         strategy = build_strategy(str(config["strategy"]))

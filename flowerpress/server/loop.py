@@ -676,7 +676,9 @@ def run_federation(
             log.warning("round %s: none of the %s known nodes can be asked; waiting %.0f s",
                         server_round, len(known), settings.round_timeout)
             sleep(settings.round_timeout)
-        extra: dict[str, Scalar] = dict(strategy.client_config(server_round))
+        extra: dict[str, Scalar] = dict(user_call(
+            f"strategy {type(strategy).__name__}", strategy.client_config, server_round,
+            error=StrategyFailedError))
         if ledger is not None:
             extra.update(ledger.train_config(server_round, cohort_size=len(sampled)))
         outcome = run_round(grid, server_round, sampled, weights, strategy, settings,

@@ -168,6 +168,12 @@ def secure_sum(
     survivors = list(getattr(session, "survivors", survivors))
     for node in survivors:
         book.accept(node)
+        if settings.link is not None:
+            # Four stages: three more round trips than a plain round; the device's
+            # training time is not sent (it would hint at its number of examples).
+            book.link_times.append(3 * settings.link.rtt_s + settings.link.client_seconds(
+                download_bytes=book.down_of.get(node, 0), upload_bytes=book.up_of.get(node, 0),
+                compute_seconds=0.0))
     mean = encoding.decode_sum(total, plan, len(survivors))
     delta: Weights = []
     offset = 0
