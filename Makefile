@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck bench clean
+.PHONY: install demo test lint typecheck bench wheel clean
 
 install: $(STAMP)
 
@@ -30,8 +30,14 @@ lint: install
 typecheck: install
 	$(PY) -m mypy
 
+# The install route for devices without the package index: copy dist/*.whl to the
+# device and `pip install` it there (docs/deploy.md, section 1).
+wheel: install
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	@ls dist/flowerpress-*.whl
+
 bench: install
 	$(PY) benchmarks/round_overhead.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache
+	rm -rf $(VENV) runs dist .pytest_cache .mypy_cache

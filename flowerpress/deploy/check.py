@@ -255,9 +255,9 @@ def main(argv: list[str]) -> int:
         return int(exc.code) if isinstance(exc.code, int) else 2
     try:
         config = parse_node_config(args.node_config)
-    except ValueError as exc:
+    except ValueError as exc:  # a bad --node-config is a usage error (docs/deploy.md)
         print(f"device check: {exc}", file=sys.stderr)
-        return 1
+        return 2
     report = check_device(config, dataset=args.dataset,
                           root_certificates=args.root_certificates,
                           private_key=args.auth_supernode_private_key)

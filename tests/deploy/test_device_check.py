@@ -66,7 +66,7 @@ def test_every_problem_is_one_line_and_exit_one(device: dict[str, Path],
 
 def test_unquoted_path_in_node_config_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(capsys, "--node-config", "data-path=/data/device.npz")
-    assert code == 1 and len(err) == 1 and "strings need quotes" in err[0]
+    assert code == 2 and len(err) == 1 and "strings need quotes" in err[0]
 
 
 def test_usage_error_exits_two(capsys: pytest.CaptureFixture[str]) -> None:
