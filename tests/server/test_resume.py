@@ -127,7 +127,7 @@ def test_a_new_run_does_not_overwrite_an_unfinished_checkpoint(tmp_path: Path) -
     with pytest.raises(CrashError):
         _serve(tmp_path, crash_round=2)
     # Execute / Assert
-    with pytest.raises(CheckpointError, match=r"unfinished run \(round 1 of 4\); set resume=true"):
+    with pytest.raises(CheckpointError, match=r"unfinished run \(round 1 of 4\).*resume=true"):
         _serve(tmp_path)
 
 
