@@ -200,9 +200,10 @@ def _read(path: Path) -> tuple[str, str | None, dict[int, NDArray[Any]]]:
         return CheckpointError(f"{path}: {what}")
 
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise fail("not a checkpoint (a single array, not an .npz archive)")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise fail("not a checkpoint (a single array, not an .npz archive)")
+        with loaded as data:
             names = list(data.files)
             if "state" not in names:
                 raise fail("not a checkpoint (no 'state' entry)")
@@ -298,7 +299,8 @@ def _state(document: dict[str, Any], arrays: Mapping[int, NDArray[Any]],
              "malformed state: the model is not a list of arrays")
     _require(all(w.dtype.kind in "fiu" for w in raw), path,
              "malformed state: the model has non-numeric arrays")
-    weights = [np.asarray(w, dtype=np.float32) for w in raw]
+    with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf, refused below
+        weights = [np.asarray(w, dtype=np.float32) for w in raw]
     for i, w in enumerate(weights):
         _require(bool(np.isfinite(w).all()), path,
                  f"the model's tensor {i} {w.shape} has NaN or infinite weights")
@@ -458,6 +460,7 @@ def _short(items: Sequence[Any]) -> str:
 
 def _verify_membership(state: LoopState, fail: Callable[[str], CheckpointError]) -> None:
     """The membership records: their fields' types and bounds, then the real load."""
+    from flowerpress import protocol
     from flowerpress.server.membership import Membership
 
     nodes = state.membership.get("nodes")
@@ -478,6 +481,9 @@ def _verify_membership(state: LoopState, fail: Callable[[str], CheckpointError])
             raise fail(f"the membership state has node {node} missing {missed!r} rounds")
         if not isinstance(item.get("listed", True), bool):
             raise fail(f"the membership state's 'listed' of node {node} is not a boolean")
+        anchor = item.get("anchor")
+        if anchor is not None and protocol.parse_digest(anchor) is None:
+            raise fail(f"the membership state has node {node} with a malformed anchor")
     try:
         Membership(max_missed=1).load_state_dict(state.membership)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
