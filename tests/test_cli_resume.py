@@ -77,3 +77,115 @@ def test_a_new_simulation_refuses_an_unfinished_runs_directory(
     # Assert
     err = capsys.readouterr().err
     assert code == 1 and "round 2 of 4" in err and "--resume" in err
+
+
+def _no_flower(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a SuperLink would be started."""
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a Flower process was started")
+
+    monkeypatch.setattr(runner, "SimulationLink", refuse)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize(("damage", "needle"), [
+    (lambda p: p.write_bytes(p.read_bytes()[:200]), "not a readable checkpoint"),
+    (lambda p: p.write_bytes(b""), "not a readable checkpoint"),
+])
+def test_resume_from_a_damaged_checkpoint_is_one_line_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        damage: Any, needle: str) -> None:
+    # Prepare
+    _checkpoint(tmp_path)
+    (tmp_path / "results.json").write_text('{"rounds": [{"round": 1}, {"round": 2}]}')
+    damage(tmp_path / "checkpoint.npz")
+    before = _files(tmp_path)
+    _no_flower(monkeypatch)
+    # Execute
+    code = main(["simulate", "--resume", str(tmp_path)])
+    # Assert
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{tmp_path / 'checkpoint.npz'}: {needle}" in err
+    assert _files(tmp_path) == before
+
+
+def test_resume_beyond_the_planned_rounds_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: checkpointed after round 2; the resumed run would plan 1 round
+    _checkpoint(tmp_path)
+    before = _files(tmp_path)
+    _no_flower(monkeypatch)
+    # Execute
+    code = main(["simulate", "--resume", str(tmp_path), "--set", "rounds=1"])
+    # Assert
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "round 2 is beyond the run's planned rounds (1)" in err
+    assert _files(tmp_path) == before
+
+
+def test_a_new_simulation_refuses_a_finished_runs_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a finished run (round 4 of 4) and its results
+    _checkpoint(tmp_path, server_round=4)
+    (tmp_path / "results.json").write_text('{"rounds": [{"round": 1}]}')
+    before = _files(tmp_path)
+    _no_flower(monkeypatch)
+    # Execute
+    code = main(["simulate", "--out", str(tmp_path), "--set", "dataset=digits"])
+    # Assert: one line, the way out named, nothing touched
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "finished run (round 4 of 4)" in err and "--overwrite" in err
+    assert "a privacy budget belongs to the data, not to a directory" in err
+    assert _files(tmp_path) == before
+
+
+def test_overwrite_passes_the_key_to_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    _checkpoint(tmp_path, server_round=4)
+    calls: list[dict[str, Any]] = []
+
+    def fake_simulate(config: dict[str, Any], out: Path, **kwargs: Any) -> dict[str, Any]:
+        calls.append(config)
+        return {"summary": {"final_accuracy": 0.5, "total_upload_bytes": 1,
+                            "fp32_upload_bytes": 4}}
+
+    monkeypatch.setattr(runner, "simulate", fake_simulate)
+    # Execute
+    code = main(["simulate", "--out", str(tmp_path), "--overwrite", "--quiet"])
+    # Assert
+    assert code == 0 and calls[0]["overwrite"] is True
+
+
+def test_overwrite_and_resume_cannot_be_combined(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", "--resume", str(tmp_path), "--overwrite"])
+    # Assert
+    assert info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_runner_refuses_before_starting_flower_and_writes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    _checkpoint(tmp_path, server_round=4)
+    before = _files(tmp_path)
+    _no_flower(monkeypatch)
+    config = validate(SAVED)
+    # Execute / Assert
+    with pytest.raises(runner.SimulationError, match="finished run"):
+        runner.simulate(config, tmp_path, progress=False)
+    with pytest.raises(runner.SimulationError, match="exclude each other"):
+        runner.simulate(config, tmp_path, progress=False, resume=True, overwrite=True)
+    with pytest.raises(runner.SimulationError, match="beyond the run's planned rounds"):
+        runner.simulate(validate({**SAVED, "rounds": 3}), tmp_path, progress=False, resume=True)
+    assert _files(tmp_path) == before
