@@ -189,3 +189,29 @@ def test_the_runner_refuses_before_starting_flower_and_writes_nothing(
     with pytest.raises(runner.SimulationError, match="beyond the run's planned rounds"):
         runner.simulate(validate({**SAVED, "rounds": 3}), tmp_path, progress=False, resume=True)
     assert _files(tmp_path) == before
+
+
+@pytest.mark.timeout(420)
+def test_a_checkpoint_of_another_model_fails_the_resumed_simulation_in_one_line(
+        tmp_path: Path) -> None:
+    # Prepare: a checkpoint the CLI can read (config, round) but whose model is not
+    # the task's: only the ServerApp, which builds the task, can tell
+    import json
+    import subprocess
+    import sys
+
+    _checkpoint(tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"rounds": [{"round": 1}, {"round": 2}], "summary": {"rounds_completed": 2}}))
+    kept = {name: (tmp_path / name).read_bytes() for name in ("checkpoint.npz", "results.json")}
+    # Execute: the console script on Flower's simulation engine, as a user runs it
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowerpress.cli", "simulate", "--resume", str(tmp_path),
+         "--quiet"], capture_output=True, text=True, timeout=400, check=False)
+    # Assert: exit 1, one line naming the file and the fault, the run's files untouched
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert len(err) == 1, proc.stderr[-3000:]
+    assert f"CheckpointError: {tmp_path / 'checkpoint.npz'}: the model's shapes [(3,)]" in err[0]
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+    assert not (tmp_path / "model.npz").exists()
