@@ -124,9 +124,9 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     from flowerpress.strategies import build_strategy
     from flowerpress.tasks.registry import build_task, task_spec
 
+    saved = claim_out_dir(config, out_dir)  # before anything in out_dir is touched
     if out_dir is not None:  # an error.log is always this run's
         (out_dir / ERROR_LOG).unlink(missing_ok=True)
-    saved = claim_out_dir(config, out_dir)
     if task is None:
         task = build_task(task_spec(config), config)
     initial = task.initial_weights()
@@ -294,9 +294,12 @@ def claim_out_dir(config: Config, out_dir: Path | None) -> Checkpoint | None:
         return None
     saved = load_checkpoint(out_dir)
     if saved is None:
-        reason = existing_run(out_dir)  # a results.json with rounds and no checkpoint
-        if reason is not None:
-            raise CheckpointError(f"resume: no {CHECKPOINT_NAME} to continue; {reason}")
+        if existing_run(out_dir) is not None:  # a results.json with rounds, no checkpoint
+            raise CheckpointError(
+                f"{out_dir / CHECKPOINT_NAME}: resume=true but there is no checkpoint, while "
+                f"{RESULTS_NAME} holds another run's rounds (resuming would restart its "
+                "privacy accounting): restore the checkpoint, discard the run with "
+                "overwrite=true, or choose another out-dir")
         log.warning("resume: no checkpoint in %s; starting a new run", out_dir)
         return None
     differences = config_differences(saved.config, config, DEFAULTS)

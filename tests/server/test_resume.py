@@ -369,8 +369,8 @@ def test_resume_refuses_results_without_a_checkpoint(finished_dp_run: Path,
     out = _copy(finished_dp_run, tmp_path / "run")
     (out / "checkpoint.npz").unlink()
     # Execute / Assert: resuming would start its epsilon from zero again
-    with pytest.raises(CheckpointError, match=r"no checkpoint\.npz to continue; .* holds the "
-                                              r"results\.json of another run \(2 rounds\)"):
+    with pytest.raises(CheckpointError, match=r"checkpoint\.npz: resume=true but there is no "
+                                              r"checkpoint, while results\.json holds another"):
         _serve(out, dp=DP, rounds=2, resume=True)
 
 
