@@ -1,8 +1,9 @@
 """The ``flowerpress`` command.
 
 ``flowerpress simulate --out DIR [--config FILE.toml] [--set KEY=VALUE ...]``
-runs a simulated federation; ``flowerpress simulate --resume DIR`` continues
-the run checkpointed in DIR; ``flowerpress certs ...`` writes TLS and
+runs a simulated federation (refused where DIR holds another run, unless
+``--overwrite``); ``flowerpress simulate --resume DIR`` continues the run
+checkpointed in DIR; ``flowerpress certs ...`` writes TLS and
 SuperNode keys for a deployment (``flowerpress certs add-node`` adds device keys
 to it); ``flowerpress device check ...`` checks a device before it joins. Bad
 input exits with status 2 and one line.
@@ -27,9 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate",
                          help="run a simulated federation on Flower's simulation engine")
     sim.add_argument("--out", type=Path, help="output directory (required unless --resume)")
-    sim.add_argument("--resume", type=Path, metavar="DIR",
-                     help="continue the run checkpointed in DIR, with its run config "
-                     "(--config and --set may change rounds, timeouts, max-epsilon)")
+    again = sim.add_mutually_exclusive_group()
+    again.add_argument("--resume", type=Path, metavar="DIR",
+                       help="continue the run checkpointed in DIR, with its run config "
+                       "(--config and --set may change rounds, timeouts, max-epsilon)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start a new run even if --out holds another run's results or "
+                       "checkpoint (they are removed; its privacy spend is not undone: a "
+                       "privacy budget belongs to the data, not to a directory)")
     sim.add_argument("--config", type=Path, help="TOML file with run-config keys")
     sim.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                      help="override one run-config key (repeatable)")
@@ -56,19 +62,37 @@ def _resume_values(directory: Path, out: Path | None) -> dict[str, object]:
     if saved is None:
         raise ConfigError(f"--resume {directory}: no checkpoint.npz there")
     return {k: v for k, v in saved.config.items()
-            if k in SCHEMA and k not in ("out-dir", "resume")}
+            if k in SCHEMA and k not in ("out-dir", "resume", "overwrite")}
 
 
 def _check_resumable(directory: Path, config: dict[str, object]) -> None:
+    """The checkpoint fits ``config``: the same keys but those a resume may change, and a
+    round within the planned rounds (the ServerApp checks the task's model and state)."""
     from flowerpress.config import DEFAULTS
-    from flowerpress.server.checkpoint import config_differences, load_checkpoint
+    from flowerpress.server.checkpoint import (
+        CheckpointError,
+        Expected,
+        config_differences,
+        load_checkpoint,
+        verify_checkpoint,
+    )
 
-    saved = load_checkpoint(directory)
-    assert saved is not None  # _resume_values found it
+    try:
+        saved = load_checkpoint(directory)
+        assert saved is not None  # _resume_values found it
+        verify_checkpoint(saved, Expected(rounds=_int(config["rounds"])))
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
     differences = config_differences(saved.config, config, DEFAULTS)
     if differences:
         raise ConfigError(f"--resume {directory}: these keys cannot change in a resumed run: "
                           f"{'; '.join(differences)}")
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int):
+        raise ConfigError(f"expected an integer, got {value!r}")
+    return value
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -80,6 +104,8 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.config is not None:
         values.update(load_toml(args.config))
     values.update(parse_assignments(args.assignments))
+    if args.overwrite:
+        values["overwrite"] = True
     config = validate(values)
     out: Path = args.out if args.resume is None else args.resume
     if args.resume is not None:

@@ -208,6 +208,8 @@ SCHEMA: dict[str, Key] = {
                   "aggregation)", check=_check_secagg),
     "out-dir": Key(str, "", "where the ServerApp writes results.json (empty: not written)"),
     "resume": Key(bool, False, "continue from the checkpoint in out-dir (none there: start)"),
+    "overwrite": Key(bool, False, "start a new run in an out-dir holding another run's "
+                     "results or checkpoint, removing them"),
 }
 
 DEFAULTS: Config = {name: key.default for name, key in SCHEMA.items()}

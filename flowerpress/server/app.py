@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,26 @@ from flowerpress.config import (
     validate,
 )
 from flowerpress.server.checkpoint import (
+    CHECKPOINT_NAME,
+    RESULTS_NAME,
+    RUN_FILES,
+    Checkpoint,
     CheckpointError,
+    Expected,
     LoopState,
-    check_weights,
     config_differences,
+    existing_run,
     load_checkpoint,
     save_checkpoint,
-    unfinished_run,
+    verify_checkpoint,
 )
-from flowerpress.server.loop import LoopSettings, RoundCallback, run_federation
+from flowerpress.server.loop import (
+    LoopSettings,
+    ResumeError,
+    RoundCallback,
+    make_history,
+    run_federation,
+)
 from flowerpress.server.phases import RunFailedError, user_call
 from flowerpress.server.results import (
     build_results,
@@ -86,7 +97,9 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     out_dir
         Where results.json, report.png, model.npz and checkpoint.npz go. With
         ``resume = true`` in ``config`` the run continues from the checkpoint
-        there (or starts, if there is none).
+        there (or starts, if there is none); with ``overwrite = true`` another
+        run's files there are removed first; with neither, an out-dir holding
+        another run is refused.
     on_round
         Called with every finished round row.
 
@@ -99,9 +112,11 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         the rounds, results.json (with ``summary.failed``, one line), the last
         good model.npz and ``error.log`` (the traceback) are written first.
     CheckpointError
-        ``resume`` and the checkpoint belongs to another configuration or
-        model; or not ``resume`` and ``out_dir`` holds an unfinished run's
-        checkpoint (it is never overwritten by a new run).
+        One line naming the file: ``resume`` and the checkpoint is damaged or
+        does not fit this run (configuration, planned rounds, model, strategy,
+        ledger or membership state); or neither ``resume`` nor ``overwrite``
+        and ``out_dir`` holds another run (:func:`existing_run`). Nothing in
+        ``out_dir`` is written before this is raised.
     """
     from flowerpress.compression import parse as parse_codec
     from flowerpress.privacy import ServerPrivacy, parse_dp
@@ -109,13 +124,13 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     from flowerpress.strategies import build_strategy
     from flowerpress.tasks.registry import build_task, task_spec
 
+    saved = claim_out_dir(config, out_dir)  # before anything in out_dir is touched
     if out_dir is not None:  # an error.log is always this run's
         (out_dir / ERROR_LOG).unlink(missing_ok=True)
     if task is None:
         task = build_task(task_spec(config), config)
     initial = task.initial_weights()
     elements = sum(int(w.size) for w in initial)
-    resume = resume_state(config, out_dir, initial)
     central = task.central_data()
 
     def evaluate_fn(weights: Sequence[NDArray[np.float32]]) -> Mapping[str, float | None]:
@@ -177,6 +192,18 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         compression_warmup=int(config["compression-warmup"]),
         ef21_memory_bytes=int(float(config["ef21-memory"]) * 1e6),
     )
+    privacy_factory = secagg_ledger or (None if dp is None else make_ledger)
+    resume: LoopState | None = None
+    if saved is not None:
+        verify_checkpoint(saved, _expected(saved, config, initial, strategy, privacy_factory,
+                                           ledgers, settings, download))
+        resume = saved.state
+        # Flower's logger: the line `flwr log` and `flwr run --stream` show.
+        logging.getLogger("flwr").info("flowerpress: resuming from %s after round %s",
+                                       saved.path, resume.server_round)
+    elif out_dir is not None and config.get("overwrite"):
+        for name in RUN_FILES:  # the other run is discarded, not mixed with this one
+            (out_dir / name).unlink(missing_ok=True)
     start = evaluate_fn(initial) if central is not None else None
     if start is not None:
         log.info("initial accuracy %s on the central test set", start["accuracy"])
@@ -213,9 +240,11 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     try:
         final, rows, stopped = run_federation(
             grid, initial, strategy, settings, evaluate_fn=evaluate_fn if central is not None
-            else None, privacy=secagg_ledger or (None if dp is None else make_ledger),
-            download=download,
+            else None, privacy=privacy_factory, download=download,
             on_round=after_round, on_model=after_model, on_state=after_state, resume=resume)
+    except ResumeError as exc:  # verify_checkpoint's probes should have caught it
+        where = CHECKPOINT_NAME if out_dir is None else out_dir / CHECKPOINT_NAME
+        raise CheckpointError(f"{where}: {exc}") from None
     except Exception as exc:  # RunFailedError (the user's code, ...) and anything unforeseen
         if out_dir is not None:
             line = str(exc) if isinstance(exc, RunFailedError) else failure_line(exc)
@@ -232,43 +261,81 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     return document
 
 
-def resume_state(config: Config, out_dir: Path | None,
-                 initial: Sequence[NDArray[np.float32]]) -> LoopState | None:
-    """The checkpointed state to continue from, or None to start a new run.
+def claim_out_dir(config: Config, out_dir: Path | None) -> Checkpoint | None:
+    """The checkpoint to continue (``resume``), or None after checking a new run may start.
+
+    A new run may start in an out-dir that holds no other run
+    (:func:`~flowerpress.server.checkpoint.existing_run`), or in any with
+    ``overwrite`` (:func:`serve` then removes the other run's files). With
+    ``resume`` the checkpoint must be readable and intact and its run config
+    the same except for the keys a resume may change; without a checkpoint a
+    new run starts, unless a results.json with rounds is there.
 
     Raises
     ------
     CheckpointError
-        With ``resume``: the checkpoint was written with other run-config keys
-        (besides those a resume may change: rounds, timeouts, ...) or for
-        another model. Without ``resume``: ``out_dir`` holds the checkpoint of
-        an unfinished run, which a new run would overwrite.
+        One line naming the file or directory and what is wrong.
     ConfigError
-        ``resume`` without ``out-dir``.
+        ``resume`` without ``out-dir``, or together with ``overwrite``.
     """
+    resume, overwrite = bool(config.get("resume")), bool(config.get("overwrite"))
+    if resume and overwrite:
+        raise ConfigError("resume=true and overwrite=true exclude each other: continue the "
+                          "run in out-dir, or discard it")
     if out_dir is None:
-        if config.get("resume"):
+        if resume:
             raise ConfigError("resume=true is not allowed without out-dir (where the "
                               "checkpoint is)")
         return None
-    if not config.get("resume"):
-        reason = unfinished_run(out_dir)
+    if not resume:
+        reason = None if overwrite else existing_run(out_dir)
         if reason is not None:
             raise CheckpointError(reason)
         return None
     saved = load_checkpoint(out_dir)
     if saved is None:
+        if existing_run(out_dir) is not None:  # a results.json with rounds, no checkpoint
+            raise CheckpointError(
+                f"{out_dir / CHECKPOINT_NAME}: resume=true but there is no checkpoint, while "
+                f"{RESULTS_NAME} holds another run's rounds (resuming would restart its "
+                "privacy accounting): restore the checkpoint, discard the run with "
+                "overwrite=true, or choose another out-dir")
         log.warning("resume: no checkpoint in %s; starting a new run", out_dir)
         return None
     differences = config_differences(saved.config, config, DEFAULTS)
     if differences:
-        raise CheckpointError(f"cannot resume from {out_dir}: the run config differs from the "
+        raise CheckpointError(f"{saved.path}: cannot resume: the run config differs from the "
                               f"checkpoint's in {'; '.join(differences)}")
-    check_weights(saved.state.weights, initial)
-    # Flower's logger: the line `flwr log` and `flwr run --stream` show.
-    logging.getLogger("flwr").info("flowerpress: resuming from %s after round %s", out_dir,
-                                   saved.state.server_round)
-    return saved.state
+    return saved
+
+
+def _expected(saved: Checkpoint, config: Config, initial: Sequence[NDArray[np.float32]],
+              strategy: Strategy, privacy: Callable[[int], Any] | None, ledgers: list[Any],
+              settings: LoopSettings, download: Any) -> Expected:
+    """What this run's components expect of ``saved``: probes that load into fresh copies."""
+    def load_strategy(state: dict[str, Any]) -> None:
+        # The loop loads it again when the rounds start (a load replaces the state).
+        load = getattr(strategy, "load_state_dict", None)
+        if callable(load):
+            load(state)
+        elif state:
+            raise ValueError(f"strategy {type(strategy).__name__} has no load_state_dict")
+
+    def load_privacy(population: int, state: Mapping[str, Any]) -> None:
+        assert privacy is not None
+        ledger = privacy(population)
+        ledgers.remove(ledger)  # a probe: not this run's ledger
+        ledger.load_state_dict(state)
+
+    def load_download(state: Any) -> None:
+        history = make_history(settings, download, initial)
+        if history is not None:
+            history.load_state_dict(state, saved.state.weights)
+
+    return Expected(rounds=int(config["rounds"]), dp=privacy is not None, model=initial,
+                    load_strategy=load_strategy,
+                    load_privacy=None if privacy is None else load_privacy,
+                    load_download=load_download)
 
 
 def settings_config(settings: Mapping[str, Scalar]) -> dict[str, Scalar]:
@@ -336,10 +403,14 @@ def server_app(task: Task | None = None, *, strategy: Strategy | str | None = No
                   on_round=_log_row)
         except Exception as exc:
             if out_dir is not None and not (out_dir / ERROR_LOG).exists():
-                # Failed before the rounds (task, data, nodes): no results yet.
+                # Failed before the rounds (task, data, nodes, checkpoint): the
+                # traceback always; a results.json only where none is, so another
+                # run's results (or the one a bad checkpoint was to continue) stay.
                 write_error_log(out_dir / ERROR_LOG, exc)
-                write_json_atomic(out_dir / "results.json", build_results(
-                    config, [], model_elements=0, failed=failure_line(exc)))
+                if not (out_dir / RESULTS_NAME).exists() and not isinstance(
+                        exc, CheckpointError):
+                    write_json_atomic(out_dir / RESULTS_NAME, build_results(
+                        config, [], model_elements=0, failed=failure_line(exc)))
             log.error("flowerpress: run failed: %s", failure_line(exc))
             raise
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -172,7 +173,7 @@ class SimulationLink:
 
 def simulate(config: Config, out_dir: Path, *, progress: bool = True,
              stream: TextIO = sys.stdout, timeout: float = DEFAULT_RUN_TIMEOUT,
-             resume: bool = False) -> dict[str, Any]:
+             resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run ``config`` on Flower's simulation engine and return the results document.
 
     Parameters
@@ -188,32 +189,55 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
         Upper bound on the whole run in seconds.
     resume
         Continue from the checkpoint in ``out_dir`` (run-config ``resume``).
+    overwrite
+        Start a new run even if ``out_dir`` holds another run's results or
+        checkpoint; they are removed (run-config ``overwrite``).
 
     Raises
     ------
     SimulationError
         If the SuperLink does not start or the run fails: one line with the
         cause and the path of the file in ``out_dir`` that holds the full log
-        (``error.log``, the ServerApp's traceback, or ``flwr-run.log``). Also,
-        without ``resume``, if ``out_dir`` holds an unfinished run's checkpoint.
+        (``error.log``, the ServerApp's traceback, or ``flwr-run.log``).
+        Before anything starts: without ``resume`` or ``overwrite``, if
+        ``out_dir`` holds another run; with ``resume``, if its checkpoint is
+        damaged or past the planned rounds (one line naming the file). A
+        refused run writes nothing in ``out_dir``.
     """
-    from flowerpress.server.checkpoint import CheckpointError, unfinished_run
+    from flowerpress.server.checkpoint import (
+        CheckpointError,
+        Expected,
+        existing_run,
+        load_checkpoint,
+        verify_checkpoint,
+    )
 
     out_dir = out_dir.resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.json"
     resume = resume or bool(config.get("resume"))
+    overwrite = overwrite or bool(config.get("overwrite"))
+    if resume and overwrite:
+        raise SimulationError("resume and overwrite exclude each other: continue the run in "
+                              f"{out_dir}, or discard it")
+    try:
+        if resume:
+            # What can be checked without the task; the ServerApp checks the rest.
+            saved = load_checkpoint(out_dir)
+            if saved is not None:
+                verify_checkpoint(saved, Expected(rounds=int(config["rounds"])))
+        elif not overwrite:
+            reason = existing_run(out_dir)
+            if reason is not None:
+                raise SimulationError(reason)
+    except CheckpointError as exc:
+        raise SimulationError(str(exc)) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        try:
-            reason = unfinished_run(out_dir)
-        except CheckpointError as exc:
-            reason = str(exc)
-        if reason is not None:
-            raise SimulationError(reason)
-        results.unlink(missing_ok=True)
+        results.unlink(missing_ok=True)  # so progress never shows another run's rows
     for stale in (ERROR_LOG, RUN_LOG, SUPERLINK_LOG):
         (out_dir / stale).unlink(missing_ok=True)
-    run_config = {**config, "out-dir": str(out_dir), "resume": resume}
+    before = _stat(results)
+    run_config = {**config, "out-dir": str(out_dir), "resume": resume, "overwrite": overwrite}
     printer = ProgressPrinter(int(config["rounds"]), stream) if progress else None
 
     with tempfile.TemporaryDirectory(prefix="flowerpress-sim-") as tmp_name:
@@ -224,7 +248,7 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
                 runner = link.run(app_dir, run_config, int(config["num-clients"]))
                 try:
                     return _wait_for_results(runner, results, printer, int(config["rounds"]),
-                                             timeout)
+                                             timeout, before=before)
                 except SimulationError:
                     shutil.copyfile(runner.log_path, out_dir / RUN_LOG)
                     raise
@@ -236,9 +260,24 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
                                   f"full log: {log_file}") from None
 
 
+def _stat(path: Path) -> tuple[int, int] | None:
+    """``path``'s modification time and size, or None if it does not exist."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 def _wait_for_results(runner: ManagedProcess, results: Path, printer: ProgressPrinter | None,
-                      rounds: int, timeout: float) -> dict[str, Any]:
-    """Follow ``results`` while ``runner`` lives; return the final document."""
+                      rounds: int, timeout: float,
+                      before: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Follow ``results`` while ``runner`` lives; return the final document.
+
+    ``before`` is ``results``' :func:`_stat` before the run: a results.json the
+    run did not rewrite (a resumed run refused before its rounds) is not its
+    outcome, the ServerApp's ``error.log`` is.
+    """
     if printer is not None:
         printer.header()
     seen, deadline = 0, time.monotonic() + timeout
@@ -250,11 +289,17 @@ def _wait_for_results(runner: ManagedProcess, results: Path, printer: ProgressPr
         raise SimulationError(f"the simulation did not finish within {timeout:.0f} s; "
                               f"full log: {run_log}")
     _follow(results, seen, printer)
-    failed = _failure(results)
+    error_log = results.parent / ERROR_LOG
+    rewritten = before is None or _stat(results) != before
+    failed = _failure(results) if rewritten else None
+    if failed is None and error_log.exists():
+        failed = _error_log_line(error_log)
     if failed is not None:
-        error_log = results.parent / ERROR_LOG
         where = error_log if error_log.exists() else run_log
         raise SimulationError(f"{failed}; full log: {where}")
+    if not rewritten:
+        raise SimulationError(f"the simulated federation did not finish "
+                              f"({_last_error_line(runner.output())}); full log: {run_log}")
     document = _read_final(results, rounds)
     if document is None:
         cause = _last_error_line(runner.output())
@@ -270,6 +315,19 @@ def _failure(results: Path) -> str | None:
     except (OSError, ValueError, KeyError, AttributeError):
         return None
     return str(failed) if failed else None
+
+
+def _error_log_line(error_log: Path) -> str | None:
+    """The exception line that ends a traceback in ``error_log``, without its module path."""
+    try:
+        lines = [ln.strip() for ln in error_log.read_text(encoding="utf-8").splitlines()]
+    except OSError:
+        return None
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        return None
+    # "flowerpress.server.checkpoint.CheckpointError: ..." -> "CheckpointError: ..."
+    return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=\w+(?::|$))", "", lines[-1])[:500]
 
 
 def _last_error_line(output: str) -> str:

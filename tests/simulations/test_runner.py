@@ -85,3 +85,29 @@ def test_progress_lines_show_a_dash_for_a_null_accuracy() -> None:
              "epsilon": None, "seconds": 0.1})
     # Assert
     assert " - " in stream.getvalue()
+
+
+def test_a_resume_the_serverapp_refused_is_its_error_not_the_old_results(
+        tmp_path: Path) -> None:
+    # Prepare: a finished run's results (untouched by the refused resume) and the
+    # traceback the ServerApp wrote when it refused the checkpoint
+    out = tmp_path / "out"
+    out.mkdir()
+    results = out / "results.json"
+    results.write_text(json.dumps({"rounds": [{"round": 1}], "summary": {
+        "rounds_completed": 1, "failed": "an older failure"}}))
+    (out / "report.png").write_bytes(b"png")
+    before = runner._stat(results)
+    (out / "error.log").write_text(
+        "Traceback (most recent call last):\n  File ...\n"
+        f"flowerpress.server.checkpoint.CheckpointError: {out}/checkpoint.npz: the model's "
+        "shapes [(3,)] are not the task's [(4,)]\n")
+    proc = _Exited(tmp_path / "flwr-run-0.log", "ERROR ServerApp raised\n")
+    # Execute
+    with pytest.raises(runner.SimulationError) as info:
+        runner._wait_for_results(proc, results, None, 1, 5.0,  # type: ignore[arg-type]
+                                 before=before)
+    # Assert
+    assert str(info.value) == (
+        f"CheckpointError: {out}/checkpoint.npz: the model's shapes [(3,)] are not the "
+        f"task's [(4,)]; full log: {out / 'error.log'}")
