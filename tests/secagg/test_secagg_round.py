@@ -17,8 +17,7 @@ from flowerpress.client.app import client_app
 from flowerpress.secagg import encoding
 from flowerpress.secagg import messages as m
 from flowerpress.secagg.settings import parse_secagg
-from flowerpress.server.loop import LoopSettings, RoundOutcome
-from flowerpress.server.loop import run_round
+from flowerpress.server.loop import LoopSettings, RoundOutcome, run_round
 from flowerpress.strategies import build_strategy
 from flowerpress.strategies.base import ClientUpdate
 from flowerpress.tasks.registry import build_task, task_spec
