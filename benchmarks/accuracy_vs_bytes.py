@@ -129,7 +129,7 @@ def run_flower(config: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     """Run ``config`` on Flower's simulation engine; return its results.json document."""
     from flowerpress.simulations.runner import simulate
 
-    return simulate(dict(config), out_dir, progress=True)
+    return simulate(dict(config), out_dir, progress=True, overwrite=True)  # a re-measurement
 
 
 @dataclass

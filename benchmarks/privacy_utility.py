@@ -106,7 +106,7 @@ def run_flower(config: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     """Run ``config`` on Flower's simulation engine; return results.json's content."""
     from flowerpress.simulations.runner import simulate
 
-    return simulate(dict(config), out_dir, progress=True)
+    return simulate(dict(config), out_dir, progress=True, overwrite=True)  # a re-measurement
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
