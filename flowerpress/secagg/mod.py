@@ -192,5 +192,7 @@ def _mask(msg: Message, context: Context, call_next: ClientAppCallable,
                                       noise_rng=random.SystemRandom())
     session, masked, complaints = client_mask(session, inbox, words)
     _save(context, session)
+    accused = sorted(complaints)
     return _reply(msg, {m.MASKED: encoding.pack_words(masked, session.bits),
-                        m.COMPLAINTS: m.pack_ids(complaints)})
+                        m.COMPLAINTS: m.pack_ids(accused),
+                        m.EVIDENCE: [complaints[a] for a in accused]})
