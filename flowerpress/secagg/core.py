@@ -107,7 +107,7 @@ class SecAggViolation(ValueError):  # noqa: N818
     """One device's message breaks the protocol; the server drops that device."""
 
 
-class SecAggRefused(SecAggViolation):  # noqa: N818
+class SecAggRefused(SecAggViolation):
     """A device answered with an error reply: dropped from the round, but no proof of cheating."""
 
 
@@ -159,7 +159,7 @@ def pairwise_seed(s_sk: bytes | X25519PrivateKey, peer_s_pk: bytes, *, round_id:
 
 
 def pair_private(root: bytes, kind: bytes, *, round_id: int, me: int, peer: int) -> bytes:
-    """``me``'s private key of kind ``c`` (encryption) or ``s`` (masks) for the pair with ``peer``."""
+    """``me``'s private key of kind ``c`` (encryption) or ``s`` (masks) for ``peer``."""
     return crypto.derive_private(root, label=kind, round_id=round_id, me=me, peer=peer)
 
 
@@ -552,7 +552,7 @@ class ServerSession:
 
     # -- culprits --
     def blame(self, node: int, reason: str) -> None:
-        """Name ``node`` a culprit (the first reason is kept); ignored for nodes not in the round."""
+        """Name ``node`` a culprit (its first reason is kept); ignores nodes not in the round."""
         if node in self.graph and node not in self.culprits:
             self.culprits[node] = " ".join(reason.split())[:300]
 
@@ -720,37 +720,41 @@ class ServerSession:
                    sk_shares: Mapping[int, bytes]) -> None:
         """Record a survivor's reveals, each checked against its commitment or public key.
 
-        One reveal that does not match discards all of the device's reveals
-        and names it a culprit (its input stays in the sum: the others' shares
-        remove its masks).
+        Reveals that verify are kept; one that does not names the device a
+        culprit and raises after the others are kept (its input stays in the
+        sum: the others' shares remove its self mask, and the pair keys it did
+        reveal correctly still remove its masks with dropped devices).
         """
         if node not in self.survivors or node in self.answered:
             raise self._violation(node, "unmask answer not expected (replay?)")
         alive, dropped = self.unmask_request(node)
         if not set(b_shares) <= set(alive) or not set(sk_shares) <= set(dropped):
             raise self._violation(node, "revealed shares for devices it was not asked about")
+        self.answered.add(node)
         kw = {"round_id": self.round_id, "holder": node}
-        for owner, share in b_shares.items():
+        bad: list[str] = []
+        for owner, share in sorted(b_shares.items()):
             held = self.dealings[owner].commitments.get(node)
             if held is None or len(share) != SB or crypto.share_commitment(
                     b"b", share, dealer=owner, **kw) != held[0]:
-                raise self._violation(node, f"revealed a share of b_{owner} that does not "
-                                      "match its commitment")
-        for owner, reveal in sk_shares.items():
+                bad.append(f"a share of b_{owner} that does not match its commitment")
+            else:
+                self.b_shares.setdefault(owner, {})[node] = share
+        for owner, reveal in sorted(sk_shares.items()):
             held = self.dealings[owner].commitments.get(node)
             if held is None or len(reveal) != SK_REVEAL_BYTES or crypto.share_commitment(
                     b"s", reveal[:SB], dealer=owner, **kw) != held[1]:
-                raise self._violation(node, f"revealed a share of s_{owner} that does not "
-                                      "match its commitment")
-            if crypto.public_key(reveal[SB:]) != self._pair_public(node, owner, _MASK):
-                raise self._violation(node, f"revealed a mask key for {owner} that is not its "
-                                      "advertised one")
-        for owner, share in b_shares.items():
-            self.b_shares.setdefault(owner, {})[node] = share
-        for owner, reveal in sk_shares.items():
-            self.sk_shares.setdefault(owner, {})[node] = reveal[:SB]
-            self.pair_keys.setdefault(owner, {})[node] = reveal[SB:]
-        self.answered.add(node)
+                bad.append(f"a share of s_{owner} that does not match its commitment")
+            else:
+                self.sk_shares.setdefault(owner, {})[node] = reveal[:SB]
+            if len(reveal) != SK_REVEAL_BYTES or crypto.public_key(
+                    reveal[SB:]) != self._pair_public(node, owner, _MASK):
+                bad.append(f"a mask key for {owner} that is not its advertised one")
+            else:
+                self.pair_keys.setdefault(owner, {})[node] = reveal[SB:]
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise self._violation(node, f"revealed {bad[0]}{more}")
 
     def _recover(self, owner: int, shares: Mapping[int, bytes], check: Callable[[bytes], bool],
                  what: str) -> bytes:
@@ -788,6 +792,15 @@ class ServerSession:
         raise SecAggAbort(f"{what} of node {owner}: no set of {t} authentic shares matches "
                           "its commitment (the dealer is blamed)")
 
+    def _commitment_check(self, owner: int) -> Callable[[bytes], bool]:
+        def check(secret: bytes) -> bool:
+            return crypto.commitment(secret, round_id=self.round_id,
+                                     node=owner) == self.keys[owner].b_commit
+        return check
+
+    def _root_check(self, owner: int) -> Callable[[bytes], bool]:
+        return lambda root: self._root_matches(owner, root)
+
     def _root_matches(self, owner: int, root: bytes) -> bool:
         return all(crypto.public_key(pair_private(root, _MASK, round_id=self.round_id, me=owner,
                                                   peer=p)) == self._pair_public(owner, p, _MASK)
@@ -806,9 +819,8 @@ class ServerSession:
         total = np.zeros(self.length, dtype=np.uint64)
         for node in self.survivors:
             total += self.masked[node]
-            b = self._recover(node, self.b_shares.get(node, {}), lambda s, n=node: (
-                crypto.commitment(s, round_id=self.round_id, node=n) == self.keys[n].b_commit),
-                "self-mask seed")
+            b = self._recover(node, self.b_shares.get(node, {}),
+                              self._commitment_check(node), "self-mask seed")
             total -= crypto.prg(b, self.length, 64, stream=STREAM_SELF)
         live = set(self.survivors)
         for gone in (j for j in self.u2 if j not in live):
@@ -822,8 +834,7 @@ class ServerSession:
                 else:  # it did not answer stage 4: rebuild the dropped device's root
                     if root is None:
                         root = self._recover(gone, self.sk_shares.get(gone, {}),
-                                             lambda s, n=gone: self._root_matches(n, s),
-                                             "mask key")
+                                             self._root_check(gone), "mask key")
                     seed = pairwise_seed(pair_private(root, _MASK, round_id=self.round_id,
                                                       me=gone, peer=peer),
                                          self._pair_public(peer, gone, _MASK),

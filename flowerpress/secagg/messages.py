@@ -149,6 +149,34 @@ def _bytes_list(record: ConfigRecord, key: str, node: int, count: int) -> list[b
     return [v for v in value if isinstance(v, bytes)]
 
 
+# --- device side: reply records (secagg_mod sends these and nothing else) --------------
+
+
+def advertise_reply(keys: PublicKeys) -> ConfigRecord:
+    """Stage 1's reply."""
+    return ConfigRecord({C_PK: keys.c_pk, S_PK: keys.s_pk, B_COMMIT: keys.b_commit})
+
+
+def share_keys_reply(entries: Mapping[int, bytes]) -> ConfigRecord:
+    """Stage 2's reply: one entry per neighbour and one for the device itself."""
+    dst = sorted(entries)
+    return ConfigRecord({DST: pack_ids(dst), CIPHERTEXTS: [entries[d] for d in dst]})
+
+
+def mask_reply(packed: bytes, complaints: Mapping[int, bytes]) -> ConfigRecord:
+    """Stage 3's reply: the packed masked vector, the complaints and their evidence."""
+    accused = sorted(complaints)
+    return ConfigRecord({MASKED: packed, COMPLAINTS: pack_ids(accused),
+                         EVIDENCE: [complaints[a] for a in accused]})
+
+
+def unmask_reply(b: Mapping[int, bytes], sk: Mapping[int, bytes]) -> ConfigRecord:
+    """Stage 4's reply."""
+    return ConfigRecord({B_OWNERS: pack_ids(sorted(b)), B_SHARES: [b[k] for k in sorted(b)],
+                         SK_OWNERS: pack_ids(sorted(sk)),
+                         SK_SHARES: [sk[k] for k in sorted(sk)]})
+
+
 # --- server side: requests and reply parsers -------------------------------------------
 
 
