@@ -10,6 +10,7 @@ hostile device must be named in ``ServerSession.culprits``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import struct
@@ -99,10 +100,8 @@ def _deliver(server: ServerSession, stage: str, node: int, record: ConfigRecord,
         content["metrics"] = MetricRecord({"train-seconds": 1.25})
     with server_identity():
         reply = Message(content, dst_node_id=node, message_type="train")
-    try:
+    with contextlib.suppress(SecAggViolation):
         m.receive_reply(server, stage, node, reply)
-    except SecAggViolation:
-        pass
 
 
 def run_session(inputs: Mapping[int, np.ndarray], hostile: Mapping[int, str], *,
