@@ -113,6 +113,27 @@ def commitment(secret: bytes, *, round_id: int, node: int) -> bytes:
                           + secret).digest()
 
 
+def derive_private(root: bytes, *, label: bytes, round_id: int, me: int, peer: int) -> bytes:
+    """The X25519 private key ``me`` uses with ``peer`` only, derived from a 32-byte root.
+
+    Per-pair keys let a device reveal the key of one pair (to prove a complaint,
+    or to remove the mask it shares with a dropped peer) without revealing any
+    other pair's (HKDF is one-way; the root itself is never revealed, only
+    Shamir-shared).
+    """
+    if len(root) != KEY_BYTES:
+        raise ValueError(f"root has {len(root)} bytes, expected {KEY_BYTES}")
+    info = _LABEL + b"pair-" + label + struct.pack("<QQQ", round_id, me, peer)
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(root)
+
+
+def share_commitment(kind: bytes, share: bytes, *, round_id: int, dealer: int,
+                     holder: int) -> bytes:
+    """SHA-256 commitment to one Shamir share (hiding: a share is uniform in a 521-bit field)."""
+    return hashlib.sha256(_LABEL + b"share-" + kind + struct.pack("<QQQ", round_id, dealer,
+                                                                  holder) + share).digest()
+
+
 def prg(seed: bytes, length: int, bits: int, *, stream: int = 0) -> NDArray[np.uint64]:
     """``length`` words uniform modulo ``2**bits``: the ChaCha20 keystream under ``seed``.
 

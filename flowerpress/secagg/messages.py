@@ -13,17 +13,28 @@ mod for any ClientApp (a user's own included), the way Flower's own
 =============  ==========================================  ==================================
 stage          server -> device (``"config"``)             device -> server (``"secagg"``)
 =============  ==========================================  ==================================
-advertise      round, bits, length, threshold, neighbours  c-pk, s-pk, b-commit
-share-keys     the neighbours' public keys                 dst ids, one ciphertext each
-mask           the train instruction, the model, the       packed masked vector, complaints
-               ciphertexts addressed to the device
+advertise      round, bits, length, threshold, neighbours  c-pk, s-pk (one key per
+                                                           neighbour), b-commit
+share-keys     the neighbours' pair keys                   dst ids, one entry each
+                                                           (ciphertext + commitments; its
+                                                           own: commitments + check)
+mask           the train instruction, the model, the       packed masked vector, complaints,
+               entries addressed to the device             evidence (one pair key each)
 unmask         alive ids, dropped ids                      b owners + shares, sk owners +
-                                                           shares
+                                                           (share + pair mask key)
 =============  ==========================================  ==================================
+
+A reply carries the ConfigRecord :data:`RECORD` with the stage's own keys
+(:data:`REPLY_KEYS`) and nothing else: no other record, no metric, no array.
+A field beyond the protocol's (the device's training time correlated 0.85 with
+its number of examples, the value the mode hides) is refused, not ignored.
 
 The parsers of replies (``parse_*_reply``) are the server's only readers of
 what a device sent; they raise :class:`~flowerpress.secagg.core.SecAggViolation`
-naming the field.
+naming the field (:class:`~flowerpress.secagg.core.SecAggRefused` for an error
+reply). :func:`receive_reply` parses a reply into a
+:class:`~flowerpress.secagg.core.ServerSession` and names the device in its
+``culprits`` when the reply breaks the protocol.
 """
 
 from __future__ import annotations
@@ -34,7 +45,13 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message
 
-from flowerpress.secagg.core import PublicKeys, SecAggViolation
+from flowerpress.secagg import encoding
+from flowerpress.secagg.core import (
+    PublicKeys,
+    SecAggRefused,
+    SecAggViolation,
+    ServerSession,
+)
 
 STAGE = "secagg-stage"
 RECORD = "secagg"
@@ -62,8 +79,15 @@ DROPPED = "secagg-dropped"
 # device -> server
 C_PK, S_PK, B_COMMIT = "c-pk", "s-pk", "b-commit"
 DST, CIPHERTEXTS = "dst", "ciphertexts"
-MASKED, COMPLAINTS = "masked", "complaints"
+MASKED, COMPLAINTS, EVIDENCE = "masked", "complaints", "evidence"
 B_OWNERS, B_SHARES, SK_OWNERS, SK_SHARES = "b-owners", "b-shares", "sk-owners", "sk-shares"
+#: The keys each stage's reply may carry (in :data:`RECORD`); nothing else is accepted.
+REPLY_KEYS: dict[str, frozenset[str]] = {
+    ADVERTISE: frozenset({C_PK, S_PK, B_COMMIT}),
+    SHARE_KEYS: frozenset({DST, CIPHERTEXTS}),
+    MASK: frozenset({MASKED, COMPLAINTS, EVIDENCE}),
+    UNMASK: frozenset({B_OWNERS, B_SHARES, SK_OWNERS, SK_SHARES}),
+}
 
 MAX_IDS = 1 << 20
 
@@ -87,12 +111,21 @@ def stage_of(msg: Message) -> str | None:
     return stage if isinstance(stage, str) else None
 
 
-def _record(reply: Message, node: int) -> ConfigRecord:
+def _record(reply: Message, node: int, stage: str) -> ConfigRecord:
+    """The reply's ConfigRecord, if the reply carries that record with the stage's keys only."""
     if reply.has_error():
-        raise SecAggViolation(f"node {node} replied with an error: {reply.error.reason:.200}")
-    record = reply.content.config_records.get(RECORD)
-    if record is None:
-        raise SecAggViolation(f"node {node}: reply has no ConfigRecord {RECORD!r}")
+        raise SecAggRefused(f"node {node} replied with an error: {reply.error.reason:.200}")
+    content = reply.content
+    records = set(content.config_records)
+    if records != {RECORD} or len(content.array_records) or len(content.metric_records):
+        extra = sorted({*records, *content.array_records, *content.metric_records} - {RECORD})
+        raise SecAggViolation(f"node {node}: a {stage} reply carries exactly the ConfigRecord "
+                              f"{RECORD!r}, not {extra[:5] or 'nothing'}")
+    record = content.config_records[RECORD]
+    extra_keys = sorted(set(record) - REPLY_KEYS[stage])
+    if extra_keys:
+        raise SecAggViolation(f"node {node}: keys {extra_keys[:5]} are not part of a {stage} "
+                              "reply")
     return record
 
 
@@ -116,6 +149,34 @@ def _bytes_list(record: ConfigRecord, key: str, node: int, count: int) -> list[b
     return [v for v in value if isinstance(v, bytes)]
 
 
+# --- device side: reply records (secagg_mod sends these and nothing else) --------------
+
+
+def advertise_reply(keys: PublicKeys) -> ConfigRecord:
+    """Stage 1's reply."""
+    return ConfigRecord({C_PK: keys.c_pk, S_PK: keys.s_pk, B_COMMIT: keys.b_commit})
+
+
+def share_keys_reply(entries: Mapping[int, bytes]) -> ConfigRecord:
+    """Stage 2's reply: one entry per neighbour and one for the device itself."""
+    dst = sorted(entries)
+    return ConfigRecord({DST: pack_ids(dst), CIPHERTEXTS: [entries[d] for d in dst]})
+
+
+def mask_reply(packed: bytes, complaints: Mapping[int, bytes]) -> ConfigRecord:
+    """Stage 3's reply: the packed masked vector, the complaints and their evidence."""
+    accused = sorted(complaints)
+    return ConfigRecord({MASKED: packed, COMPLAINTS: pack_ids(accused),
+                         EVIDENCE: [complaints[a] for a in accused]})
+
+
+def unmask_reply(b: Mapping[int, bytes], sk: Mapping[int, bytes]) -> ConfigRecord:
+    """Stage 4's reply."""
+    return ConfigRecord({B_OWNERS: pack_ids(sorted(b)), B_SHARES: [b[k] for k in sorted(b)],
+                         SK_OWNERS: pack_ids(sorted(sk)),
+                         SK_SHARES: [sk[k] for k in sorted(sk)]})
+
+
 # --- server side: requests and reply parsers -------------------------------------------
 
 
@@ -127,10 +188,13 @@ def advertise_request(setup: Mapping[str, Any]) -> ConfigRecord:
 
 
 def parse_advertise_reply(reply: Message, node: int) -> PublicKeys:
-    """The keys a device advertised."""
-    r = _record(reply, node)
-    return PublicKeys(_bytes(r, C_PK, node, size=32), _bytes(r, S_PK, node, size=32),
-                      _bytes(r, B_COMMIT, node, size=32))
+    """The keys a device advertised (their count is checked by the session)."""
+    r = _record(reply, node, ADVERTISE)
+    c_pk = _bytes(r, C_PK, node, limit=32 * MAX_IDS)
+    s_pk = _bytes(r, S_PK, node, limit=32 * MAX_IDS)
+    if len(c_pk) % 32 or len(s_pk) % 32:
+        raise SecAggViolation(f"node {node}: {C_PK!r} and {S_PK!r} must be 32-byte keys")
+    return PublicKeys(c_pk, s_pk, _bytes(r, B_COMMIT, node, size=32))
 
 
 def share_keys_request(round_id: int, roster: Mapping[int, PublicKeys]) -> ConfigRecord:
@@ -143,8 +207,8 @@ def share_keys_request(round_id: int, roster: Mapping[int, PublicKeys]) -> Confi
 
 
 def parse_share_keys_reply(reply: Message, node: int, *, max_peers: int) -> dict[int, bytes]:
-    """The ciphertexts a device addressed to its neighbours."""
-    r = _record(reply, node)
+    """The entries a device addressed to its neighbours and itself."""
+    r = _record(reply, node, SHARE_KEYS)
     dst = unpack_ids(r.get(DST), what=f"node {node}: {DST!r}")
     if len(dst) > max_peers or len(set(dst)) != len(dst):
         raise SecAggViolation(f"node {node}: {DST!r} repeats ids or names too many")
@@ -160,12 +224,18 @@ def mask_config(round_id: int, inbox: Mapping[int, bytes]) -> dict[str, Any]:
 
 
 def parse_mask_reply(reply: Message, node: int, *, packed_bytes: int
-                     ) -> tuple[bytes, list[int]]:
-    """The packed masked vector (exactly ``packed_bytes``) and the complaints."""
-    r = _record(reply, node)
+                     ) -> tuple[bytes, dict[int, bytes]]:
+    """The packed masked vector (exactly ``packed_bytes``) and the complaints with their
+    evidence (accused id -> the complainer's 32-byte pair key)."""
+    r = _record(reply, node, MASK)
     masked = _bytes(r, MASKED, node, size=packed_bytes)
     complaints = unpack_ids(r.get(COMPLAINTS, b""), what=f"node {node}: {COMPLAINTS!r}")
-    return masked, complaints
+    if len(set(complaints)) != len(complaints):
+        raise SecAggViolation(f"node {node}: {COMPLAINTS!r} repeats ids")
+    evidence = _bytes_list(r, EVIDENCE, node, len(complaints))
+    if any(len(e) != 32 for e in evidence):
+        raise SecAggViolation(f"node {node}: {EVIDENCE!r} must be 32-byte keys")
+    return masked, dict(zip(complaints, evidence, strict=True))
 
 
 def unmask_request(round_id: int, alive: Sequence[int], dropped: Sequence[int]
@@ -177,8 +247,8 @@ def unmask_request(round_id: int, alive: Sequence[int], dropped: Sequence[int]
 
 def parse_unmask_reply(reply: Message, node: int
                        ) -> tuple[dict[int, bytes], dict[int, bytes]]:
-    """Revealed shares: ``(b shares by owner, s_sk shares by owner)``."""
-    r = _record(reply, node)
+    """Revealed shares: ``(b shares by owner, s shares + pair mask keys by owner)``."""
+    r = _record(reply, node, UNMASK)
     b_owners = unpack_ids(r.get(B_OWNERS, b""), what=f"node {node}: {B_OWNERS!r}")
     sk_owners = unpack_ids(r.get(SK_OWNERS, b""), what=f"node {node}: {SK_OWNERS!r}")
     if len(set(b_owners)) != len(b_owners) or len(set(sk_owners)) != len(sk_owners):
@@ -186,3 +256,35 @@ def parse_unmask_reply(reply: Message, node: int
     b = dict(zip(b_owners, _bytes_list(r, B_SHARES, node, len(b_owners)), strict=True))
     sk = dict(zip(sk_owners, _bytes_list(r, SK_SHARES, node, len(sk_owners)), strict=True))
     return b, sk
+
+
+def receive_reply(session: ServerSession, stage: str, node: int, reply: Message) -> None:
+    """Parse ``node``'s reply to ``stage`` into ``session``.
+
+    Raises
+    ------
+    SecAggViolation
+        The reply breaks the protocol: the device is dropped from the round by
+        the caller and named in ``session.culprits`` (an error reply,
+        :class:`SecAggRefused`, is dropped without blame).
+    """
+    try:
+        if stage == ADVERTISE:
+            session.add_keys(node, parse_advertise_reply(reply, node))
+        elif stage == SHARE_KEYS:
+            session.add_shares(node, parse_share_keys_reply(reply, node,
+                                                            max_peers=len(session.nodes)))
+        elif stage == MASK:
+            packed, complaints = parse_mask_reply(
+                reply, node, packed_bytes=(session.length * session.bits + 7) // 8)
+            session.add_masked(node, encoding.unpack_words(packed, session.bits,
+                                                           session.length), complaints)
+        elif stage == UNMASK:
+            session.add_unmask(node, *parse_unmask_reply(reply, node))
+        else:
+            raise ValueError(f"unknown stage {stage!r}")
+    except SecAggRefused:
+        raise
+    except SecAggViolation as exc:
+        session.blame(node, str(exc).removeprefix(f"node {node}: "))
+        raise

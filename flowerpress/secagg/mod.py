@@ -15,8 +15,10 @@ no-op unless the server runs a ``secagg`` round. For the four stages it
 3. ``mask``: lets the ClientApp train (``call_next``), then turns
    ``local - received`` into the clipped, rotated, rounded, noised (with
    ``noise > 0``) vector modulo ``2**bits`` (:mod:`flowerpress.secagg.encoding`),
-   masks it and replies with the packed masked vector only: no weights, no
-   metrics (``num-examples`` and the loss would leak what the sum hides);
+   masks it and replies with the packed masked vector and its complaints (with
+   their evidence) only: no weights, no metrics, no timing (``num-examples``,
+   the loss and the training time would leak what the sum hides; the
+   compression mod outside it adds no ``download`` record to a secure stage);
 4. ``unmask``: reveals the shares the server may have, once.
 
 A request a device must refuse (a replay, a stage out of order, an unmask
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -99,8 +100,9 @@ def _save(context: Context, session: ClientSession) -> None:
     context.state[STATE_KEY] = ConfigRecord(session.to_record())
 
 
-def _reply(msg: Message, values: dict[str, Any]) -> Message:
-    return Message(RecordDict({m.RECORD: ConfigRecord(values)}), reply_to=msg)
+def _reply(msg: Message, record: ConfigRecord) -> Message:
+    # The stage's record and nothing else (messages.REPLY_KEYS; the server refuses more).
+    return Message(RecordDict({m.RECORD: record}), reply_to=msg)
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -127,7 +129,7 @@ def _handle(stage: str, msg: Message, context: Context, call_next: ClientAppCall
             length=_int(config, m.LENGTH), threshold=_int(config, m.THRESHOLD),
             neighbours=m.unpack_ids(config.get(m.NEIGHBOURS), what="neighbours"))
         _save(context, session)
-        return _reply(msg, {m.C_PK: keys.c_pk, m.S_PK: keys.s_pk, m.B_COMMIT: keys.b_commit})
+        return _reply(msg, m.advertise_reply(keys))
     session = _load(context, round_id)
     if stage == m.SHARE_KEYS:
         peers = m.unpack_ids(config.get(m.PEERS), what="peers")
@@ -137,8 +139,7 @@ def _handle(stage: str, msg: Message, context: Context, call_next: ClientAppCall
                   for p, c, s, b in zip(peers, c_pk, s_pk, b_commit, strict=True)}
         session, cts = client_share_keys(session, roster)
         _save(context, session)
-        dst = sorted(cts)
-        return _reply(msg, {m.DST: m.pack_ids(dst), m.CIPHERTEXTS: [cts[d] for d in dst]})
+        return _reply(msg, m.share_keys_reply(cts))
     if stage == m.MASK:
         return _mask(msg, context, call_next, session, config)
     if stage == m.UNMASK:
@@ -146,10 +147,7 @@ def _handle(stage: str, msg: Message, context: Context, call_next: ClientAppCall
                                        m.unpack_ids(config.get(m.ALIVE), what="alive"),
                                        m.unpack_ids(config.get(m.DROPPED), what="dropped"))
         _save(context, session)
-        return _reply(msg, {m.B_OWNERS: m.pack_ids(sorted(b)),
-                            m.B_SHARES: [b[k] for k in sorted(b)],
-                            m.SK_OWNERS: m.pack_ids(sorted(sk)),
-                            m.SK_SHARES: [sk[k] for k in sorted(sk)]})
+        return _reply(msg, m.unmask_reply(b, sk))
     raise StageError(f"unknown stage {stage!r}")
 
 
@@ -192,5 +190,4 @@ def _mask(msg: Message, context: Context, call_next: ClientAppCallable,
                                       noise_rng=random.SystemRandom())
     session, masked, complaints = client_mask(session, inbox, words)
     _save(context, session)
-    return _reply(msg, {m.MASKED: encoding.pack_words(masked, session.bits),
-                        m.COMPLAINTS: m.pack_ids(complaints)})
+    return _reply(msg, m.mask_reply(encoding.pack_words(masked, session.bits), complaints))

@@ -3,6 +3,11 @@
 * ``threshold`` (0.5, 1], default 0.7: the fraction of the cohort (and of every
   device's neighbourhood) that must survive to unmask. Up to ``1 - T`` of the
   cohort may drop out after masking; fewer survivors skip the round.
+
+A minimum cohort: ``clients-per-round`` must be large enough that every decoded
+sum adds at least :data:`MIN_SUMMANDS` (3) devices, ``ceil(T * m) >= 3``
+(:func:`min_cohort`: 3 at the default threshold, 4 at ``T <= 2/3``); below it the
+run is refused in one line (:func:`refusal`).
 * ``bits`` [2, 62], default 16: bits per coordinate of the masked vector. The
   codec ``q:B`` sets it too (they must agree if both are given).
 * ``clip`` > 0, default 1.0: the L2 norm every device clips its update to.
@@ -25,6 +30,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_BITS = 16
+#: The fewest devices a decoded sum may add: below three a sum reveals an individual update
+#: (one summand is the update, two give each device the other's).
+MIN_SUMMANDS = 3
 
 
 @dataclass(frozen=True)
@@ -126,9 +134,31 @@ def codec_of(compression: str) -> tuple[int | None, float | None]:
     return bits, fraction
 
 
+def min_cohort(settings: SecAggSettings) -> int:
+    """The smallest ``clients-per-round`` whose every decoded sum adds :data:`MIN_SUMMANDS`
+    devices (3 at the default threshold 0.7, 4 at thresholds up to 2/3)."""
+    cohort = MIN_SUMMANDS
+    while settings.min_summands(cohort) < MIN_SUMMANDS:
+        cohort += 1
+    return cohort
+
+
 def refusal(settings: SecAggSettings, *, compression: str, dp: str,
-            weighted_sum: bool, strategy: str) -> str | None:
-    """One line saying why this run cannot use secure aggregation, or None."""
+            weighted_sum: bool, strategy: str, clients_per_round: int | None = None
+            ) -> str | None:
+    """One line saying why this run cannot use secure aggregation, or None.
+
+    ``clients_per_round`` (when given) must be large enough that every sum the
+    server can decode adds at least :data:`MIN_SUMMANDS` devices
+    (:meth:`SecAggSettings.min_summands`): with one summand the "sum" is that
+    device's update, with two each device learns the other's by subtracting
+    its own (Bonawitz et al. 2017 assume a threshold of several honest users).
+    """
+    if clients_per_round is not None and settings.min_summands(
+            clients_per_round) < MIN_SUMMANDS:
+        return (f"clients-per-round={clients_per_round} is below secure aggregation's "
+                f"minimum cohort of {min_cohort(settings)} at threshold={settings.threshold} "
+                f"(a decoded sum must add at least {MIN_SUMMANDS} devices)")
     if not weighted_sum:
         return (f"secagg needs a strategy that aggregates by a weighted sum; {strategy} is not "
                 "one (the server only sees the sum)")
@@ -164,4 +194,5 @@ def refusal_of_config(config: Mapping[str, object]) -> str | None:
         return None
     strategy = str(config["strategy"])
     return refusal(settings, compression=str(config["compression"]), dp=str(config["dp"]),
-                   weighted_sum=bool(build_strategy(strategy).weighted_sum), strategy=strategy)
+                   weighted_sum=bool(build_strategy(strategy).weighted_sum), strategy=strategy,
+                   clients_per_round=int(str(config["clients-per-round"])))

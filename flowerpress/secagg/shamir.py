@@ -18,7 +18,7 @@ server combines one secret per cohort member every round.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 #: The Mersenne prime 2**521 - 1: larger than every 256-bit secret and every node id.
 PRIME = (1 << 521) - 1
@@ -80,3 +80,66 @@ def combine(shares: Mapping[int, bytes]) -> bytes:
     if secret >= 1 << (8 * SECRET_BYTES):
         raise ValueError("shares are inconsistent: the interpolated secret is out of range")
     return secret.to_bytes(SECRET_BYTES, "big")
+
+
+# --- field-level helpers (the verifiable dealing of flowerpress.secagg.core) -----------
+
+
+def field_bytes(value: int) -> bytes:
+    """A field element as :data:`SHARE_BYTES` big-endian bytes."""
+    return (value % PRIME).to_bytes(SHARE_BYTES, "big")
+
+
+def field_int(data: bytes) -> int:
+    """Inverse of :func:`field_bytes`.
+
+    Raises
+    ------
+    ValueError
+        ``data`` is not :data:`SHARE_BYTES` long or not below the modulus.
+    """
+    if len(data) != SHARE_BYTES:
+        raise ValueError("malformed field element")
+    value = int.from_bytes(data, "big")
+    if value >= PRIME:
+        raise ValueError("malformed field element: not below the modulus")
+    return value
+
+
+def random_polynomial(constant: int, *, threshold: int) -> list[int]:
+    """Coefficients (constant first) of a uniform polynomial of degree ``threshold - 1``."""
+    if threshold < 1:
+        raise ValueError(f"threshold={threshold} must be >= 1")
+    return [constant % PRIME] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+
+
+def evaluate(coefficients: Sequence[int], x: int) -> int:
+    """The polynomial at ``x`` (Horner, modulo :data:`PRIME`)."""
+    y = 0
+    for c in reversed(coefficients):
+        y = (y * x + c) % PRIME
+    return y
+
+
+def interpolate(points: Mapping[int, int], at: int) -> int:
+    """The value at ``at`` of the polynomial of degree ``< len(points)`` through ``points``.
+
+    Raises
+    ------
+    ValueError
+        No points, or two points share an ``x``.
+    """
+    if not points:
+        raise ValueError("no points to interpolate")
+    xs = list(points)
+    if len(set(x % PRIME for x in xs)) != len(xs):
+        raise ValueError("interpolation points repeat")
+    value = 0
+    for xi in xs:
+        num, den = 1, 1
+        for xj in xs:
+            if xj != xi:
+                num = num * (at - xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        value = (value + points[xi] * num * pow(den, -1, PRIME)) % PRIME
+    return value

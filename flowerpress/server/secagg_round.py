@@ -55,7 +55,7 @@ from flowerpress.server.loop import (
     Weights,
     _broadcast,
 )
-from flowerpress.server.phases import ReplyHandler, RoundBook, exchange
+from flowerpress.server.phases import RoundBook, exchange
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +106,17 @@ def secure_sum(
     session = ServerSession(round_id=server_round, nodes=list(nodes), bits=secagg.bits,
                             length=plan.padded, fraction=secagg.threshold,
                             degree=secagg.degree or default_degree(cohort), seed=seed)
-    packed_bytes = (plan.padded * secagg.bits + 7) // 8
     instruction = protocol.TrainInstruction(
         server_round=server_round, seed=settings.seed, compression="none", cohort_size=cohort,
         extra={**settings.client_config, **extra_config})
     train_config = {**instruction.to_record(), m.SPEC: secagg.spec(), m.SEED: seed,
                     m.RANDK: float(randk or 0.0), m.MIN_SUMMANDS: min_summands}
 
-    def stage(name: str, contents: Mapping[int, RecordDict], handle: ReplyHandler) -> None:
+    def stage(name: str, contents: Mapping[int, RecordDict]) -> None:
         def counted(node: int, reply: Message) -> None:
             book.count_upload(node, reply)
-            handle(node, reply)
+            # Parses, validates and adds; a protocol violation names the node a culprit.
+            m.receive_reply(session, name, node, reply)
 
         exchange(grid, book, f"secagg {name}",
                  {n: Message(c, dst_node_id=n, message_type=MessageType.TRAIN)
@@ -127,26 +127,17 @@ def secure_sum(
     try:
         stage(m.ADVERTISE, {
             n: RecordDict({protocol.CONFIG: m.advertise_request(session.setup_for(n))})
-            for n in nodes},
-            lambda n, r: session.add_keys(n, m.parse_advertise_reply(r, n)))
+            for n in nodes})
         session.close_keys()
         stage(m.SHARE_KEYS, {
             n: RecordDict({protocol.CONFIG: m.share_keys_request(server_round,
                                                                  session.roster_for(n))})
-            for n in session.u1},
-            lambda n, r: session.add_shares(n, m.parse_share_keys_reply(
-                r, n, max_peers=cohort)))
+            for n in session.u1})
         session.close_shares()
-
-        def add_masked(node: int, reply: Message) -> None:
-            packed, complaints = m.parse_mask_reply(reply, node, packed_bytes=packed_bytes)
-            session.add_masked(node, encoding.unpack_words(packed, secagg.bits, plan.padded),
-                               complaints)
-
         stage(m.MASK, {
             n: RecordDict({protocol.ARRAYS: broadcast, protocol.CONFIG: ConfigRecord(
                 {**train_config, **m.mask_config(server_round, session.inbox_for(n))})})
-            for n in session.u2}, add_masked)
+            for n in session.u2})
         survivors = session.close_masked()
         book.culprits.update(getattr(session, "culprits", {}))
         for node in set(session.masked) - set(survivors):
@@ -155,8 +146,7 @@ def secure_sum(
         stage(m.UNMASK, {
             n: RecordDict({protocol.CONFIG: m.unmask_request(server_round,
                                                              *session.unmask_request(n))})
-            for n in survivors},
-            lambda n, r: session.add_unmask(n, *m.parse_unmask_reply(r, n)))
+            for n in survivors})
         total = session.finish()
         book.culprits.update(getattr(session, "culprits", {}))
     except SecAggAbort as exc:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from flowerpress.config import ConfigError, validate
 from flowerpress.secagg import encoding
-from flowerpress.secagg.settings import codec_of, parse_secagg, refusal
+from flowerpress.secagg.settings import codec_of, min_cohort, parse_secagg, refusal
 
 
 def test_pack_roundtrip_and_size() -> None:
@@ -99,3 +100,27 @@ def test_settings_and_refusals_are_one_line() -> None:
                                 weighted_sum=True, strategy="fedavg") or "")
     assert "disagree" in (refusal(s, compression="q:8", dp="off", weighted_sum=True,
                                   strategy="fedavg") or "")
+
+
+@pytest.mark.parametrize(("spec", "cohort", "refused"), [
+    ("on", 1, True), ("on", 2, True), ("on", 3, False),
+    ("on:threshold=0.6", 3, True), ("on:threshold=0.6", 4, False)])
+def test_a_cohort_below_the_minimum_is_refused_in_one_line(spec: str, cohort: int,
+                                                          refused: bool) -> None:
+    # Prepare
+    settings = parse_secagg(spec)
+    assert settings is not None
+    # Execute
+    line = refusal(settings, compression="q:16", dp="off", weighted_sum=True,
+                   strategy="fedavg", clients_per_round=cohort)
+    # Assert: every decoded sum adds at least three devices
+    assert (line is not None) == refused
+    assert line is None or ("minimum cohort" in line and "\n" not in line)
+    assert min_cohort(settings) == (3 if settings.threshold > 2 / 3 else 4)
+
+
+def test_the_run_config_refuses_secure_aggregation_of_one_device() -> None:
+    # Prepare / Execute / Assert: config validation calls the same refusal
+    with pytest.raises(ConfigError, match="minimum cohort of 3"):
+        validate({"secagg": "on", "clients-per-round": "1", "num-clients": "10",
+                  "min-replies": "1", "compression": "q:16"})

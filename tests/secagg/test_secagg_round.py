@@ -16,6 +16,7 @@ from flwr.common.serde import recorddict_to_proto
 from flowerpress.client.app import client_app
 from flowerpress.secagg import encoding
 from flowerpress.secagg import messages as m
+from flowerpress.secagg.core import CIPHER_SHARE_BYTES, COMMIT_BYTES
 from flowerpress.secagg.settings import parse_secagg
 from flowerpress.server.loop import LoopSettings, RoundOutcome, run_round
 from flowerpress.strategies import build_strategy
@@ -147,6 +148,12 @@ def test_the_server_sees_no_individual_update() -> None:
         centred = encoding.from_modular(words, plan.bits).astype(np.float64)
         assert max(_corr(centred, e) for e in expected.values()) < 0.15
     assert len(masked) == 10
+    # ... and no reply carries anything beyond its stage's keys (no training time)
+    for reply in grid.pulled:
+        assert set(reply.content.config_records) == {m.RECORD}
+        assert not reply.content.metric_records and not reply.content.array_records
+        assert set(reply.content.config_records[m.RECORD]) <= set().union(
+            *m.REPLY_KEYS.values())
     # ... while the released aggregate is the mean of the clipped updates
     got = _flat(outcome.new_global) - _flat(initial)
     want = np.mean([d * min(1.0, 2.0 / np.linalg.norm(d)) for d in deltas], axis=0)
@@ -202,7 +209,11 @@ def _rewrite(stage: str, change: Callable[[ConfigRecord], None]) -> Callable[[Me
 
 
 def _garbage_shares(record: ConfigRecord) -> None:
-    record[m.CIPHERTEXTS] = [os.urandom(len(c)) for c in record[m.CIPHERTEXTS]]
+    # Each neighbour's ciphertext replaced, the commitments and check polynomial kept:
+    # every receiver complains and its evidence convicts the dealer.
+    cut = CIPHER_SHARE_BYTES
+    record[m.CIPHERTEXTS] = [os.urandom(cut) + c[cut:] if len(c) == cut + COMMIT_BYTES else c
+                             for c in record[m.CIPHERTEXTS]]
 
 
 def _short_vector(record: ConfigRecord) -> None:
