@@ -210,3 +210,22 @@ def test_the_book_counts_a_survivor_rejected_late_as_valid_and_silence_as_timed_
     book.silent |= {4}
     assert (book.valid, book.rejected_count, book.timed_out) == (2, 1, 1)
     assert book.only_reason() is None
+
+
+def _extra_field(reply: Message) -> Message:
+    """A secure-stage reply with a record beyond the protocol's own (a side channel)."""
+    if not reply.has_error():
+        reply.content = RecordDict({**dict(reply.content.items()),
+                                    "side": ConfigRecord({"seconds": 1.25})})
+    return reply
+
+
+def test_a_device_caught_breaking_secure_aggregation_is_excluded_from_later_rounds() -> None:
+    # Prepare: node 3 adds a field beyond the protocol to every secure-stage reply
+    doc = _serve({"tamper": {3: _extra_field}}, secagg="on:threshold=0.7,clip=2.0",
+                 compression="q:8")
+    # Assert: round 1 drops it (rejected); from round 2 on it is excluded and never asked
+    rows = doc["rounds"]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
+    assert (rows[0]["clients"], rows[0]["rejected"], rows[0]["excluded"]) == (5, 1, 1)
+    assert all((r["clients"], r["rejected"], r["excluded"]) == (5, 0, 1) for r in rows[1:])
