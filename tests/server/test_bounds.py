@@ -54,7 +54,7 @@ def test_the_next_bound_is_a_few_times_the_last_rounds_median_norm() -> None:
     # Prepare
     bound = UpdateNormBound([np.full(100, 1.0, np.float32)])  # M_1 = 10
     # Execute: round 1 accepts 1, 2, 3 and one float32-max update
-    for update in _updates([1.0, 2.0, 3.0]) + [[np.full(8, F32_MAX, np.float32)]]:
+    for update in [*_updates([1.0, 2.0, 3.0]), [np.full(8, F32_MAX, np.float32)]]:
         bound.apply(update, server_round=1)
     before = bound.current()
     _, norm, clipped = bound.apply(_updates([1.0])[0], server_round=2)
@@ -68,9 +68,9 @@ def test_one_hostile_update_in_ten_does_not_move_the_bound() -> None:
     honest = [0.9, 1.0, 1.1, 1.0, 0.95, 1.05, 1.0, 0.98, 1.02]
     clean, attacked = (UpdateNormBound([np.ones(100, np.float32)]) for _ in range(2))
     # Execute
-    for update in _updates(honest + [1.0]):
+    for update in _updates([*honest, 1.0]):
         clean.apply(update, server_round=1)
-    for update in _updates(honest) + [[np.full(8, F32_MAX, np.float32)]]:
+    for update in [*_updates(honest), [np.full(8, F32_MAX, np.float32)]]:
         attacked.apply(update, server_round=1)
     clean.apply(_updates([1.0])[0], server_round=2)
     attacked.apply(_updates([1.0])[0], server_round=2)
