@@ -239,6 +239,7 @@ def test_the_secure_aggregation_block_names_zero_out() -> None:
     from flowerpress.secagg.settings import parse_secagg
 
     settings = parse_secagg("on:threshold=0.7,clip=1.0,noise=1.0")
+    assert settings is not None
     ledger = SecAggLedger(settings, dim=64, randk=None, delta=1e-5)
     ledger.end_round(list(range(10)), [], aggregated=10)
     block = ledger.privacy_block()
