@@ -161,7 +161,10 @@ SCHEMA: dict[str, Key] = {
                                "row was rejected for the same reason (0: never)", minimum=0,
                                maximum=100_000),
     "max-update-norm": Key(float, 0.0, "clip each update to this L2 norm before the strategy "
-                           "(Sun et al. 2019); 0: off", minimum=0.0, maximum=1e30),
+                           "(Sun et al. 2019); 0: derived from the model and the run "
+                           "(4x the last round's median norm; never off; under DP "
+                           "C + sigma (sqrt(d) + 20)), see flowerpress/server/bounds.py",
+                           minimum=0.0, maximum=1e30),
     # --- later capabilities -------------------------------------------------------
     "compression": Key(str, "none", "upload codec spec, e.g. topk:0.01+q:8+ef+zstd",
                        check=_check_compression),

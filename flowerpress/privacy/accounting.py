@@ -57,6 +57,8 @@ from flowerpress.privacy.keys import (
     SAMPLING_SCHEMES,
     Sampling,
 )
+from flowerpress.privacy.mechanisms import DP_NOISE_TAIL, dp_update_bound
+from flowerpress.privacy.mod import device_noise_multiplier
 from flowerpress.privacy.registry import (
     Accountant,
     GaussianRelease,
@@ -649,16 +651,31 @@ class ServerPrivacy:
             return self.clients_per_round
         return _check_int("cohort_size", cohort_size, 1, self.num_clients)
 
+    def _noise_shares(self, cohort: int, aggregated: int, *, topped_up: bool) -> int:
+        """Noise shares the accountant may count in a sum of ``aggregated`` replies.
+
+        Each device adds the share of a cohort of ``H = ceil(honest * cohort)``; up to
+        ``cohort - H`` of the replies may carry none (``honest`` in the spec). The
+        client charged is honest and in the sum, so at least ``max(1, k - (c - H))``
+        shares are there; a top-up restores all ``H``.
+        """
+        honest = self.settings.noise_cohort(cohort)
+        if topped_up:
+            return honest
+        return max(1, aggregated - (cohort - honest))
+
     def _release(
         self, *, cohort: int, aggregated: int, population: int, topped_up: bool = False
     ) -> GaussianRelease:
         """What one round releases, per charged client (per-client) or in aggregate."""
         unit = _unit(self.relation)
         z = self.settings.noise
-        share = self.mechanism.device_noise_multiplier(z, cohort_size=cohort)
+        share = self.mechanism.device_noise_multiplier(
+            z, cohort_size=self.settings.noise_cohort(cohort))
         if self.mechanism.per_update or not self.weighted_sum:
             return GaussianRelease(share / unit, self.relation)
-        aggregate = share * math.sqrt(cohort) if topped_up else share * math.sqrt(aggregated)
+        aggregate = share * math.sqrt(self._noise_shares(cohort, aggregated,
+                                                         topped_up=topped_up))
         if self.sampling == "fixed":
             return GaussianRelease(aggregate / unit, self.relation, "fixed", population, cohort)
         if self.sampling == "poisson":
@@ -745,8 +762,10 @@ class ServerPrivacy:
     def topup_std(self, aggregated: int, *, cohort_size: int | None = None) -> float:
         """Std the server may add to the *sum* of updates when replies are missing.
 
-        Distributed mode: c devices each add ``z_u*C/sqrt(c)``; with only ``aggregated``
-        of them summed the aggregate lacks ``z_u*C*sqrt((c-k)/c)``. Adding it on the
+        Distributed mode: c devices each add ``z_u*C/sqrt(H)`` (``H = c`` unless
+        ``honest < 1``); with only ``aggregated = k`` of them summed, of which
+        ``c - H`` may carry no noise, the aggregate lacks
+        ``z_u*C*sqrt(1 - max(1, k-(c-H))/H)``. Adding it on the
         server (trusted for the aggregate view) and passing ``topped_up=True`` to
         :meth:`end_round` keeps the accounted multiplier at z.
         """
@@ -754,8 +773,21 @@ class ServerPrivacy:
         _check_int("aggregated", aggregated, 0, cohort)
         if self.mechanism.per_update:
             return 0.0
-        missing = (cohort - aggregated) / cohort
+        honest = self.settings.noise_cohort(cohort)
+        present = self._noise_shares(cohort, aggregated, topped_up=False) if aggregated else 0
+        missing = max(0.0, (honest - present) / honest)
         return self.update_noise_multiplier * self._clip * math.sqrt(missing)
+
+    def update_bound(self, elements: int) -> float:
+        """The server's L2 bound on one accepted update of the round being collected.
+
+        ``C + sigma (sqrt(d) + 20)`` (:func:`flowerpress.privacy.mechanisms.dp_update_bound`),
+        with ``C`` the clip and ``sigma`` the noise std the last :meth:`train_config`
+        asked one device for. It holds whatever a device claims; an honest update
+        exceeds it with probability at most ``exp(-200)`` (docs/privacy.md).
+        """
+        std = device_noise_multiplier(self.settings, cohort_size=self._sent_cohort) * self._clip
+        return dp_update_bound(clip=self._clip, noise_std=std, elements=elements)
 
     def end_round(
         self,
@@ -916,6 +948,22 @@ class ServerPrivacy:
             "max_epsilon": self.max_epsilon,
             "budget_exceeded": self._exceeded,
             "neighboring_relation": _RELATION_TEXT[self.relation],
+            "relation": self.relation,
+            "honest_fraction": s.honest,
+            "trust": (
+                "every client's own dp_mod clips and noises its update (its guarantee "
+                "needs nothing else); "
+                + ("each update carries the full noise, so no other device is trusted"
+                   if self.mechanism.per_update else
+                   f"the noise is sized so that ceil({s.honest:g} x cohort) devices carry "
+                   "it all, and the accountant counts only that many noise shares in every "
+                   "sum: any other devices may send no noise")
+            ),
+            "server_update_bound": (
+                f"every accepted update is clipped to C + sigma (sqrt(d) + {DP_NOISE_TAIL:g}) "
+                "(C the clip, sigma one device's noise std, d the model size); it binds on "
+                f"an honest update with probability <= exp(-{DP_NOISE_TAIL**2 / 2:g})"
+            ),
             "accountant": f"{self.accountant_name}: {self._aggregate.describe()}",
             "accounting_unit": unit,
             "rounds_accounted": self._rounds,

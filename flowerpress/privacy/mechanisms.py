@@ -33,6 +33,14 @@ Update = list[NDArray[np.floating]]
 # single sample. Opacus' secure mode uses the same construction with 4 draws.
 SECURE_GAUSSIAN_DRAWS = 4
 
+#: The server's DP update bound ``C + sigma (sqrt(d) + t)`` (:func:`dp_update_bound`):
+#: a Gaussian vector's norm exceeds ``sigma (sqrt(d) + t)`` with probability at most
+#: ``exp(-t^2/2)`` (Gaussian concentration of the 1-Lipschitz norm around its mean,
+#: which is below ``sigma sqrt(d)``; Boucheron, Lugosi & Massart 2013, Thm 5.6).
+#: ``t = 20``: ``exp(-200) = 1.4e-87``; ``t = 14`` would already give ``3e-43``,
+#: the spare ``6 sigma`` absorbs the float32 rounding of the reply.
+DP_NOISE_TAIL = 20.0
+
 # Stream ids of the seeded generator, so update noise and count noise never share draws.
 STREAM_UPDATE_NOISE = 0
 STREAM_COUNT_NOISE = 1
@@ -122,6 +130,43 @@ def clip_update(
     copied = [np.array(a, dtype=np.float64, copy=True) for a in update]
     norm = clip_inplace(copied, clip=clip)
     return copied, norm
+
+
+def dp_update_bound(*, clip: float, noise_std: float, elements: int,
+                    tail: float = DP_NOISE_TAIL) -> float:
+    """The server's bound on a DP update: ``C + sigma (sqrt(d) + tail)``.
+
+    An honest device sends ``x + N`` with ``||x|| <= C`` (its own clip) and
+    ``N ~ N(0, sigma^2 I_d)``; ``||x + N|| <= C + ||N||`` and ``||N||`` exceeds
+    ``sigma (sqrt(d) + t)`` with probability at most ``exp(-t^2 / 2)``. So the
+    server can clip every accepted update to this bound, whatever a device
+    claims, and the bound binds on an honest update only on that event.
+
+    Parameters
+    ----------
+    clip
+        The clip ``C`` the round's devices were sent (> 0).
+    noise_std
+        Std ``sigma`` of the noise one honest device adds per coordinate (>= 0).
+    elements
+        The model's element count ``d`` (>= 1).
+    tail
+        ``t``; the default 20 puts the failure probability at ``exp(-200)``.
+
+    Raises
+    ------
+    ValueError
+        A parameter outside its range (named).
+    """
+    if not (math.isfinite(clip) and clip > 0.0):
+        raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
+    if not (math.isfinite(noise_std) and noise_std >= 0.0):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+    if isinstance(elements, bool) or not isinstance(elements, int) or elements < 1:
+        raise ValueError(f"elements must be an int >= 1, got {elements!r}")
+    if not (math.isfinite(tail) and tail >= 0.0):
+        raise ValueError(f"tail must be a finite number >= 0, got {tail!r}")
+    return clip + noise_std * (math.sqrt(elements) + tail)
 
 
 def gaussian_like(

@@ -194,10 +194,14 @@ class DevicePolicy:
 
 
 def device_noise_multiplier(settings: DpSettings, *, cohort_size: int) -> float:
-    """Noise std / clip this device adds to its own update for ``settings``."""
+    """Noise std / clip this device adds to its own update for ``settings``.
+
+    The mechanism's share for a cohort of ``settings.noise_cohort(cohort_size)``:
+    with ``honest=h`` the noise is sized as if only ``ceil(h c)`` devices added any.
+    """
     update_noise = get_clipping(settings.clipping).update_noise_multiplier(settings)
     return get_mechanism(settings.mode).device_noise_multiplier(
-        update_noise, cohort_size=cohort_size
+        update_noise, cohort_size=settings.noise_cohort(cohort_size)
     )
 
 
@@ -352,7 +356,8 @@ def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
     metrics = MetricRecord({METRIC_NUM_EXAMPLES: 1, METRIC_DP_NOISED: 1})
     if settings.adaptive and settings.count_noise is not None:
         indicator = 1.0 if norm <= clip else 0.0
-        count_std = mechanism.device_noise_multiplier(settings.count_noise, cohort_size=clients)
+        count_std = mechanism.device_noise_multiplier(
+            settings.count_noise, cohort_size=settings.noise_cohort(clients))
         if settings.rng == "opendp":
             released = float(opendp_gaussian(np.array([indicator]), std=count_std)[0])
         else:

@@ -14,26 +14,33 @@ noise on the clip-indicator count, default chosen by the server), ``rng`` (``sec
 default; ``opendp`` for OpenDP's floating-point-safe sampler, slow, small models only;
 or ``seeded`` for reproducible simulations, which is not private),
 ``clipping`` (a registered clipping rule; default ``adaptive`` with ``quantile``, else
-``fixed``).
+``fixed``), ``honest`` (the fraction of each cohort assumed to add its noise, in (0, 1],
+default 1; distributed noise is sized so that this fraction alone carries it).
 
-Example: ``distributed:clip=1.0,noise=1.0,quantile=0.5,clip-lr=0.2,rng=seeded``.
+Example: ``distributed:clip=1.0,noise=1.0,quantile=0.5,clip-lr=0.2,rng=seeded,honest=0.8``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 # Registers the built-in mechanisms and clipping rules (numpy only, device-safe).
 import flowerpress.privacy.mechanisms  # noqa: F401
-from flowerpress.privacy.registry import available_clippings, available_mechanisms, get_clipping
+from flowerpress.privacy.registry import (
+    available_clippings,
+    available_mechanisms,
+    get_clipping,
+    get_mechanism,
+)
 
 Mode = str  # a registered DP mechanism name
 RngMode = Literal["secure", "seeded", "opendp"]
 
 RNG_MODES: tuple[RngMode, ...] = ("secure", "seeded", "opendp")
-_KEYS = ("clip", "noise", "quantile", "clip-lr", "count-noise", "rng", "clipping")
+_KEYS = ("clip", "noise", "quantile", "clip-lr", "count-noise", "rng", "clipping", "honest")
 
 DEFAULT_CLIP_LR = 0.2  # Andrew et al. 2021 use eta_C = 0.2 in their experiments.
 
@@ -78,6 +85,16 @@ class DpSettings:
     clipping : str
         A registered clipping rule; ``""`` resolves to ``adaptive`` when ``quantile``
         is set, else ``fixed``.
+    honest : float
+        Fraction ``h`` of each cohort assumed to add its noise (in (0, 1]). With a
+        mechanism that splits the noise (``distributed``), each device adds
+        ``1/sqrt(H)`` of it, ``H = ceil(h c)`` of a cohort of ``c``, so any ``H``
+        honest devices carry the whole noise whatever the other ``c - H`` send;
+        the accountant assumes only ``H`` noise shares in every sum (Kairouz, Liu
+        & Steinke 2021, "The Distributed Discrete Gaussian Mechanism for Federated
+        Learning with Secure Aggregation", size the noise for dropouts the same way).
+        Refused (``< 1``) with a per-update mechanism (``local``), where one device's
+        noise never depends on another's.
     """
 
     # Tuned every run.
@@ -92,6 +109,8 @@ class DpSettings:
     rng: RngMode = "secure"
     # Clip schedule (resolved at construction).
     clipping: str = ""
+    # Trust: the fraction of each cohort that adds its noise.
+    honest: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in available_mechanisms():
@@ -121,6 +140,23 @@ class DpSettings:
                 )
         if self.rng not in RNG_MODES:
             raise ValueError(f"dp: rng must be one of {', '.join(RNG_MODES)}, got {self.rng!r}")
+        if not (math.isfinite(self.honest) and 0.0 < self.honest <= 1.0):
+            raise ValueError(f"dp: honest must be in (0, 1], got {self.honest!r}")
+        if self.honest < 1.0 and get_mechanism(self.mode).per_update:
+            raise ValueError(
+                f"dp: honest applies to mechanisms that split the noise across the cohort "
+                f"(e.g. distributed); {self.mode} noises every update in full, got "
+                f"honest={self.honest!r}"
+            )
+
+    def noise_cohort(self, cohort_size: int) -> int:
+        """``H = ceil(honest * cohort_size)``: the devices whose noise shares are counted.
+
+        Exact for decimal fractions (``honest=0.8`` of 10 is 8, not 9).
+        """
+        if isinstance(cohort_size, bool) or not isinstance(cohort_size, int) or cohort_size < 1:
+            raise ValueError(f"cohort_size must be an int >= 1, got {cohort_size!r}")
+        return max(1, math.ceil(Fraction(repr(self.honest)) * cohort_size))
 
     @property
     def adaptive(self) -> bool:
@@ -139,6 +175,8 @@ class DpSettings:
         args.append(f"rng={self.rng}")
         if self.clipping != ("fixed" if self.quantile is None else "adaptive"):
             args.append(f"clipping={self.clipping}")
+        if self.honest != 1.0:
+            args.append(f"honest={self.honest!r}")
         return f"{self.mode}:{','.join(args)}"
 
 
@@ -212,4 +250,5 @@ def parse_dp(spec: str) -> DpSettings | None:
         ),
         rng=rng,  # checked against RNG_MODES above
         clipping=values.get("clipping", "").lower(),
+        honest=_float("honest", values["honest"]) if "honest" in values else 1.0,
     )

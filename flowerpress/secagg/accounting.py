@@ -153,6 +153,12 @@ class SecAggLedger:
             "claimed", "delta": self.delta, "rho": sum(self.rhos), "epsilon": self.epsilon,
             "trust_model": "honest-but-curious server sees only the sum of the survivors; "
             "noise shares of colluding devices do not count",
+            # Theorem 1 is applied with Delta_2 = the norm bound of ONE device's rounded
+            # vector: the sums compared differ by that vector being there or not.
+            "relation": "zero-out",
+            "neighboring_relation": "zero-out client: its vector replaced by zero, i.e. "
+            "added to or removed from the sum (sensitivity Delta_2, one device's rounded "
+            "norm bound); under replace-one the sensitivity would be 2 Delta_2",
         }
 
     def state_dict(self) -> dict[str, Any]:
