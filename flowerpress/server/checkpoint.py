@@ -87,6 +87,9 @@ class LoopState:
         The population the ledger was built for (its sampling rate depends on it).
     download
         State of the download codec (None: the broadcast codecs keep none today).
+    bound
+        :meth:`flowerpress.server.bounds.UpdateNormBound.state_dict` (None in
+        checkpoints written before the bound had state).
     resumed_at
         The rounds after which the run was resumed, in order.
     """
@@ -101,6 +104,7 @@ class LoopState:
     privacy_population: int | None = None
     download: Any = None
     resumed_at: list[int] = field(default_factory=list)
+    bound: dict[str, Any] | None = None
 
 
 def _encode(value: Any, arrays: list[NDArray[Any]]) -> Any:
@@ -158,6 +162,7 @@ def save_checkpoint(out_dir: Path, state: LoopState, config: Mapping[str, Any]) 
         "privacy_population": state.privacy_population,
         "download": _encode(state.download, arrays),
         "resumed_at": list(state.resumed_at),
+        "bound": state.bound,
     }
     text = json.dumps(document)
     digest = _digest(text, arrays)
@@ -315,6 +320,9 @@ def _state(document: dict[str, Any], arrays: Mapping[int, NDArray[Any]],
     population = document.get("privacy_population")
     _require(population is None or (_is_int(population) and population >= 1), path,
              f"the privacy population {population!r} is not a positive integer")
+    bound = document.get("bound")
+    _require(bound is None or isinstance(bound, dict), path,
+             "malformed state: the update bound is not a table")
     resumed_at = document.get("resumed_at", [])
     _require(isinstance(resumed_at, list) and all(
         _is_int(r) and 0 <= r <= server_round for r in resumed_at), path,
@@ -326,7 +334,7 @@ def _state(document: dict[str, Any], arrays: Mapping[int, NDArray[Any]],
         strategy=_decode(document["strategy"], arrays),
         privacy=privacy, privacy_population=population,
         download=_decode(document["download"], arrays),
-        resumed_at=list(resumed_at),
+        resumed_at=list(resumed_at), bound=bound,
     )
 
 

@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 from flowerpress import protocol
 from flowerpress.compression.envelope import payload_record
 from flowerpress.config import LinkProfile
-from flowerpress.server.bounds import bound_update_norm
+from flowerpress.server.bounds import UpdateNormBound
 from flowerpress.server.checkpoint import LoopState
 from flowerpress.server.download import DownloadHistory
 from flowerpress.server.estimates import UploadEstimates
@@ -123,8 +123,9 @@ class LoopSettings:
     # Skip a node that missed this many consecutive rounds until it answers a
     # probe (0: never skip for missed rounds).
     max_missed_rounds: int = 3
-    # L2 bound on each validated update before the strategy sees it; 0 = off
-    # (run-config max-update-norm; flowerpress.server.bounds).
+    # L2 bound on each validated update before the strategy sees it (run-config
+    # max-update-norm; flowerpress.server.bounds.UpdateNormBound): > 0 fixes it;
+    # 0 derives it from the model and the norms accepted so far; never off.
     max_update_norm: float = 0.0
     secagg: str = "off"  # secure aggregation (flowerpress.server.secagg_round)
     # The history download (flowerpress.server.download): bound on its memory in
@@ -380,6 +381,7 @@ def run_round(
     history: DownloadHistory | None = None,
     anchors: Mapping[int, str] | None = None,
     estimates: UploadEstimates | None = None,
+    bound: UpdateNormBound | None = None,
     rng: np.random.Generator,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -400,6 +402,11 @@ def run_round(
     With ``estimates`` (an ``ef21`` upload) each node's config names the EF21
     estimate the server holds for it, and the strategy gets the node's new
     estimate ``g_i + c`` instead of its decoded payload ``c``.
+
+    ``bound`` clips every accepted update before the strategy sees it
+    (:class:`~flowerpress.server.bounds.UpdateNormBound`: fixed, derived from
+    the model and the accepted norms, or the DP bound); ``None`` builds the
+    rule of ``settings.max_update_norm`` for this round alone.
 
     With ``settings.secagg`` on, the updates travel as one secure sum
     (:func:`flowerpress.server.secagg_round.secure_sum`, four exchanges into
@@ -423,10 +430,12 @@ def run_round(
                       ClientUpdate(delta=mean, weight=float(book.valid), node_id=0),
                       error=StrategyFailedError)
     else:
+        if bound is None:
+            bound = UpdateNormBound(global_weights, max_norm=settings.max_update_norm)
         plan, base = _collect_updates(grid, book, global_weights, strategy, settings,
                                       extra_config=extra_config, download=download,
                                       history=history, anchors=anchors, estimates=estimates,
-                                      rng=rng, clock=clock, sleep=sleep)
+                                      bound=bound, rng=rng, clock=clock, sleep=sleep)
         released = book.valid if book.valid >= settings.min_replies else 0
     return _close_round(book, strategy, base, global_weights, settings, released=released,
                         plan=plan)
@@ -436,9 +445,9 @@ def _collect_updates(grid: Grid, book: RoundBook, global_weights: Weights,
                      strategy: AggregationStrategy, settings: LoopSettings, *,
                      extra_config: Mapping[str, Scalar], download: DownloadCodec | None,
                      history: DownloadHistory | None, anchors: Mapping[int, str] | None,
-                     estimates: UploadEstimates | None, rng: np.random.Generator,
-                     clock: Callable[[], float], sleep: Callable[[float], None]
-                     ) -> tuple[_Downloads, Weights]:
+                     estimates: UploadEstimates | None, bound: UpdateNormBound,
+                     rng: np.random.Generator, clock: Callable[[], float],
+                     sleep: Callable[[float], None]) -> tuple[_Downloads, Weights]:
     """Plan, send and collect a plain round: each reply validated, decoded and folded."""
     server_round, nodes = book.server_round, book.asked
     name = type(strategy).__name__
@@ -461,8 +470,8 @@ def _collect_updates(grid: Grid, book: RoundBook, global_weights: Weights,
         if estimates is not None:
             estimate = estimates.combine(node, protocol.ef21_base_of_reply(reply),
                                          checked.delta)
-        delta, norm, was_clipped = bound_update_norm(
-            checked.delta if estimate is None else estimate, settings.max_update_norm)
+        delta, norm, was_clipped = bound.apply(
+            checked.delta if estimate is None else estimate, server_round=server_round)
         user_call(f"strategy {name}", strategy.add,
                   ClientUpdate(delta=delta, weight=checked.weight, node_id=node,
                                metrics=checked.metrics), error=StrategyFailedError)
@@ -471,8 +480,8 @@ def _collect_updates(grid: Grid, book: RoundBook, global_weights: Weights,
         book.accept(node, checked.metrics)
         if was_clipped:
             book.clipped += 1
-            log.info("round %s: update of node %s clipped from norm %.4g to max-update-norm=%g",
-                     server_round, node, norm, settings.max_update_norm)
+            log.info("round %s: update of node %s clipped from norm %.4g to the %s bound %.4g",
+                     server_round, node, norm, bound.mode, bound.current())
         if history is not None:
             history.acknowledge(node, protocol.held_version_of_reply(reply))
         if settings.link is not None:
@@ -645,6 +654,14 @@ def run_federation(
             raise ResumeError(f"the checkpoint's download history does not fit this run: "
                               f"{exc}") from None
     estimates = make_estimates(settings)
+    bound = UpdateNormBound(initial_weights, max_norm=settings.max_update_norm,
+                            dp_bound=getattr(ledger, "update_bound", None))
+    if resume is not None and resume.bound is not None:
+        try:
+            bound.load_state_dict(resume.bound)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ResumeError(f"the checkpoint's update bound does not fit this run: "
+                              f"{exc}") from None
     for server_round in range(first, settings.rounds + 1):
         started = clock()
         membership.refresh(grid, server_round)
@@ -684,7 +701,7 @@ def run_federation(
         outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
                             extra_config=extra, download=download, history=history,
                             anchors=membership.anchors(), estimates=estimates,
-                            rng=rng, clock=clock, sleep=sleep)
+                            bound=bound, rng=rng, clock=clock, sleep=sleep)
         membership.record_round(sampled, outcome.replied)
         for node, reason in outcome.culprits.items():
             membership.exclude(node, f"round {server_round}: {reason}")
@@ -745,7 +762,8 @@ def run_federation(
                 strategy=state_dict() if callable(state_dict) else {},
                 privacy=privacy_state() if callable(privacy_state) else None,
                 privacy_population=population, resumed_at=resumed_at,
-                download=None if history is None else history.state_dict()))
+                download=None if history is None else history.state_dict(),
+                bound=bound.state_dict()))
         if on_model is not None:
             on_model(server_round, weights)
         if on_round is not None:

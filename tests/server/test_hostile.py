@@ -309,8 +309,6 @@ def _float32_max_once() -> Any:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="needs UpdateNormBound wired into the round loop "
-                   "(issue 20 item 3; the lead's loop.py); remove this mark when wired")
 def test_the_default_bound_keeps_flowers_fedadam_moving_after_one_float32_max_update() -> None:
     # Prepare: the issue's case, digits, 10 devices, flwr:FedAdam, the default bound
     config = validate({**E2E, "rounds": 5, "lr": 0.1, "local-epochs": 2, "batch-size": 16,
