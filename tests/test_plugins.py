@@ -151,4 +151,4 @@ def test_short_names_from_a_plugin_run_a_federation(plugin_path: Path) -> None:
     rows = result["rounds"]
     assert [r["clients"] for r in rows] == [3, 3] and all(r["rejected"] == 0 for r in rows)
     assert rows[-1]["accuracy"] > 0.8
-    assert result["task"]["name"] == "blobs"
+    assert result["summary"]["task"]["name"] == "blobs"

@@ -51,6 +51,6 @@ def test_plugin_names_work_under_flwr_run(tmp_path: Path,
     # ...and results.json records what ran: lr went to the task, batch-size did not
     assert results["config"]["strategy"] == "plain-mean"
     assert results["config"]["lr"] == 0.2 and "batch-size" not in results["config"]
-    assert results["task"] == {"name": "blobs", "run_config_keys": ["lr"],
+    assert results["summary"]["task"] == {"name": "blobs", "run_config_keys": ["lr"],
                                "hyperparameters": {"local-epochs": 1, "batch-size": 32,
                                                    "lr": 0.2, "seed": 0}}

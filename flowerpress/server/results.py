@@ -10,13 +10,13 @@ The layout is the contract of ARCHITECTURE.md::
      "summary": {"final_accuracy", "total_upload_bytes", "total_download_bytes",
                  "total_bytes", "total_upload_payload_bytes",
                  "total_download_payload_bytes", "total_link_seconds",
-                 "fp32_upload_bytes"},
-     "privacy": {...} | null,
-     "task": {"name", "run_config_keys", "hyperparameters"}}
+                 "fp32_upload_bytes", "task": {"name", "run_config_keys",
+                 "hyperparameters"}},
+     "privacy": {...} | null}
 
 ``config`` records what ran: a task-only key (``flowerpress.config.TASK_KEYS``:
 ``lr``, ``batch-size``, ...) that the task does not take is left out, and
-``task`` names the task, the run-config keys it took and the values it
+``summary.task`` names the task, the run-config keys it took and the values it
 reported training with (``Task.hyperparameters``).
 
 ``upload_bytes`` and ``download_bytes`` are the Flower messages as Flower
@@ -95,16 +95,15 @@ def build_results(
     if task is not None:
         taken = set(task["run_config_keys"])
         recorded = {k: v for k, v in recorded.items() if k not in TASK_KEYS or k in taken}
+        summary["task"] = dict(task)
     document = {"config": recorded, "rounds": [dict(r) for r in rows], "summary": summary,
                 "privacy": dict(privacy) if privacy is not None else None}
-    if task is not None:
-        document["task"] = dict(task)
     cleaned: dict[str, Any] = finite_json(document)
     return cleaned
 
 
 def task_record(task: Task, *, name: str, taken: Collection[str]) -> dict[str, Any]:
-    """results.json's ``task``: its spec (or ``module:Class``), the keys it took, its values.
+    """results.json's ``summary.task``: its spec (or ``module:Class``), the keys it took, its values.
 
     ``taken`` is what the run config gave it (``Task.run_config_keys`` for a
     task built from the run config; nothing for a task object).

@@ -125,7 +125,7 @@ class Task(ABC):
         return cls(**{**taken, **kwargs})
 
     def hyperparameters(self) -> Mapping[str, Scalar]:
-        """The values this task trains with, recorded in results.json (``task``).
+        """The values this task trains with, recorded in results.json (``summary.task``).
 
         Keys as in the run config (``lr``, ``batch-size``, ...). The default
         reports none; :class:`~flowerpress.tasks.TorchClassifierTask` reports

@@ -3,7 +3,7 @@
 ``dataset``, ``partition``, ``model``, ``local-epochs``, ``batch-size`` and
 ``lr`` reach a task only through ``Task.run_config_keys``; set to another value
 for a task that does not take them they are refused with one line, and
-results.json leaves them out and records the task's own values instead.
+results.json leaves them out and records the task's own values in ``summary.task``.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def test_results_record_only_what_ran() -> None:
     # Assert: no task-only key the task did not take; its own values under task
     assert not set(TASK_KEYS) & set(document["config"])
     assert document["config"]["seed"] == DEFAULTS["seed"]  # the server's sampling, ...
-    assert document["task"] == {"name": "fixed", "run_config_keys": [],
+    assert document["summary"]["task"] == {"name": "fixed", "run_config_keys": [],
                                 "hyperparameters": {"local-epochs": 1, "batch-size": 32,
                                                     "lr": 0.05, "seed": 0}}
 
@@ -119,7 +119,7 @@ def test_bundled_task_records_every_key_it_took() -> None:
         task, name="bundled", taken=type(task).run_config_keys))
     # Assert
     assert set(TASK_KEYS) <= set(document["config"])
-    assert document["task"]["hyperparameters"]["batch-size"] == 8
+    assert document["summary"]["task"]["hyperparameters"]["batch-size"] == 8
 
 
 def test_serve_refuses_a_key_a_task_object_ignores_and_records_what_ran() -> None:
@@ -141,5 +141,5 @@ def test_serve_refuses_a_key_a_task_object_ignores_and_records_what_ran() -> Non
                        task=task)
     # Assert: the batch size that ran (32) is recorded; the run config's 16 is not
     assert "batch-size" not in result["config"] and "lr" not in result["config"]
-    assert result["task"]["hyperparameters"]["batch-size"] == 32
-    assert result["task"]["name"].endswith(":Fixed")
+    assert result["summary"]["task"]["hyperparameters"]["batch-size"] == 32
+    assert result["summary"]["task"]["name"].endswith(":Fixed")
