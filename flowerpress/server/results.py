@@ -103,7 +103,7 @@ def build_results(
 
 
 def task_record(task: Task, *, name: str, taken: Collection[str]) -> dict[str, Any]:
-    """results.json's ``summary.task``: its spec (or ``module:Class``), the keys it took, its values.
+    """results.json's ``summary.task``: its spec or ``module:Class``, keys taken, values.
 
     ``taken`` is what the run config gave it (``Task.run_config_keys`` for a
     task built from the run config; nothing for a task object).
