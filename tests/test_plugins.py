@@ -31,13 +31,14 @@ def plugin_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Pat
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_FAILED", {})
     saved_stages = dict(stages._BY_NAME), dict(stages._BY_WIRE)
-    modules = set(sys.modules)
     with STRATEGIES.restored(), TASKS.restored():
         try:
             yield tmp_path
         finally:
-            for name in set(sys.modules) - modules:
-                del sys.modules[name]
+            # Only the plug-ins: forgetting what they imported (torch's lazy
+            # submodules) would make the next import register ops twice.
+            for name in ("tiny_plugin", "broken_plugin"):
+                sys.modules.pop(name, None)
             stages._BY_NAME.clear()
             stages._BY_NAME.update(saved_stages[0])
             stages._BY_WIRE.clear()
