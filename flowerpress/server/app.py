@@ -98,6 +98,9 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
 
     Raises
     ------
+    flowerpress.config.ConfigError
+        A task-only key (``lr``, ``batch-size``, ...) set to a non-default value
+        that the task does not take (a task object takes none), before any round.
     StrategyFailedError
         The strategy produced an unusable model. Like any other error during
         the rounds, results.json (with ``summary.failed``, one line), the last
