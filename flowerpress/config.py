@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,12 @@ def _check_dataset(value: str) -> object:
             "expected mnist, digits, synthetic:ALPHA,BETA or hub:NAME (a flwr-datasets name)"
         )
     return value
+
+
+def _check_plugins(value: str) -> object:
+    from flowerpress.registry import import_plugins
+
+    return import_plugins(value)
 
 
 def _check_task(value: str) -> object:
@@ -134,6 +140,10 @@ def _check_attack(value: str) -> object:
 
 
 SCHEMA: dict[str, Key] = {
+    # --- the user's code: imported first, everywhere -----------------------------
+    "plugins": Key(str, "", "comma-separated modules imported on the server and every node "
+                   "before any spec is parsed, e.g. mypkg.codecs,mypkg.strategies (they "
+                   "register names)", check=_check_plugins),
     # --- what to learn ---------------------------------------------------------
     "task": Key(str, "", "empty (the bundled `dataset`), a registered task or "
                 "package.module:Class[:ARG=V,...]", check=_check_task),
@@ -217,6 +227,13 @@ SCHEMA: dict[str, Key] = {
 
 DEFAULTS: Config = {name: key.default for name, key in SCHEMA.items()}
 
+#: Keys only a task reads (:meth:`flowerpress.tasks.Task.from_run_config`); neither the
+#: server nor a device does. A task declares those it takes
+#: (``Task.run_config_keys``); a run config may not set the others to a non-default
+#: value, and results.json leaves them out (they did not run).
+TASK_KEYS: tuple[str, ...] = ("dataset", "partition", "model", "local-epochs", "batch-size",
+                              "lr")
+
 
 def _coerce(name: str, key: Key, raw: object) -> Scalar:
     """Convert ``raw`` to the key's type or raise ConfigError."""
@@ -280,7 +297,9 @@ def validate(values: Mapping[str, object], *, strict: bool = True) -> Config:
         One line naming the key and what it accepts.
     """
     config: Config = dict(DEFAULTS)
-    for name, raw in values.items():
+    # Plug-ins first: the specs of the other keys may name what they register.
+    ordered = sorted(values.items(), key=lambda item: item[0] != "plugins")
+    for name, raw in ordered:
         key = SCHEMA.get(name)
         if key is None:
             if strict:
@@ -298,6 +317,11 @@ def validate(values: Mapping[str, object], *, strict: bool = True) -> Config:
             f"min-replies={config['min-replies']} is not allowed; "
             f"must be <= clients-per-round ({cpr})"
         )
+    if any(config[name] != DEFAULTS[name] for name in TASK_KEYS):
+        from flowerpress.tasks.registry import TASKS, task_spec
+
+        spec = task_spec(config)
+        check_task_keys(config, TASKS.resolve(spec)[0].run_config_keys, task=spec)
     if str(config["secagg"]) not in ("", "off"):
         from flowerpress.secagg.settings import refusal_of_config
 
@@ -305,6 +329,36 @@ def validate(values: Mapping[str, object], *, strict: bool = True) -> Config:
         if line:
             raise ConfigError(f"secagg={config['secagg']!r} is not allowed: {line}")
     return config
+
+
+def check_task_keys(config: Mapping[str, object], taken: Collection[str], *,
+                    task: str) -> None:
+    """Refuse a task-only key (:data:`TASK_KEYS`) set to a non-default value the task ignores.
+
+    Parameters
+    ----------
+    config
+        The run config (keys missing from it count as their defaults).
+    taken
+        The run-config keys the task reads (``Task.run_config_keys``; none for a
+        task object, which is built before any run config exists).
+    task
+        The task's spec or ``module:Class``, for the message.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the first such key, the task and the keys it does take.
+    """
+    for name in TASK_KEYS:
+        value = config.get(name, DEFAULTS[name])
+        if name in taken or value == DEFAULTS[name]:
+            continue
+        takes = ", ".join(k for k in TASK_KEYS if k in taken) or "none of them"
+        raise ConfigError(
+            f"{name}={value!r} is not allowed: task {task!r} does not take {name} (of "
+            f"{', '.join(TASK_KEYS)} it takes {takes}); set it in the task's spec or "
+            "constructor instead")
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:

@@ -11,6 +11,11 @@ the run config, the CLI and Python::
 annotated on the class's constructor (``int``, ``float``, ``bool``, ``str``,
 or one of them ``| None``, where ``none`` means ``None``). A registry refuses
 a duplicate name unless ``force=True`` (as Opacus' ``register_accountant``).
+
+Plug-in modules (the run-config key ``plugins``) register a user's names in
+every process that parses specs: :func:`import_plugins` imports each module
+once per process, on the server, on every node and in the CLI, before any spec
+is parsed, so a short name means the same everywhere.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ _FALSE = {"false", "0", "no", "off"}
 
 class SpecError(ValueError):
     """A spec names something that does not exist or has a bad argument."""
+
+
+class PluginError(ValueError):
+    """A plug-in module named in ``plugins`` is not a module name or fails to import."""
 
 
 #: Builds an object from its class and the spec's converted keyword arguments.
@@ -269,3 +278,65 @@ def parse_args(spec: str, cls: type, args: str, *, kind: str = "spec",
             raise error(f"{kind} {spec!r}: argument {name!r} given twice")
         kwargs[name] = _convert(spec, name, value.strip(), settable[name], what=kind, error=error)
     return kwargs
+
+
+# --- plug-in modules ---------------------------------------------------------------------
+
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+#: Plug-in modules this process could not import, with the line that says why. Python
+#: forgets a module whose import failed, so importing it again would run its
+#: registrations a second time and report a duplicate name instead of the cause.
+_FAILED: dict[str, str] = {}
+
+
+def plugin_modules(text: str) -> tuple[str, ...]:
+    """The module names of a ``plugins`` value (comma-separated; empty items skipped).
+
+    Raises
+    ------
+    PluginError
+        An item is not a dotted module name, or is given twice.
+    """
+    names: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if not _MODULE.match(item):
+            raise PluginError(f"plug-in {item!r} is not a module name; expected "
+                              "comma-separated dotted names, e.g. mypkg.codecs,mypkg.strategies")
+        if item in names:
+            raise PluginError(f"plug-in module {item!r} is named twice")
+        names.append(item)
+    return tuple(names)
+
+
+def import_plugins(text: str) -> tuple[str, ...]:
+    """Import the plug-in modules ``text`` names, once per process; return their names.
+
+    Each module registers its tasks, strategies, codec stages or DP mechanisms
+    at import, the way the built-ins do. A module already imported is not run
+    again (registries refuse duplicates), and one that failed fails again with
+    the same line. Modules are imported with the working directory on
+    ``sys.path``, like ``package.module:Class`` specs.
+
+    Raises
+    ------
+    PluginError
+        One line naming the module and the cause (``ModuleNotFoundError``, or
+        whatever its import raised, e.g. a name that is already registered).
+    """
+    names = plugin_modules(text)
+    for name in names:
+        if name in _FAILED:
+            raise PluginError(_FAILED[name])
+        if name in sys.modules:
+            continue
+        try:
+            with _cwd_on_path():
+                importlib.import_module(name)
+        except Exception as exc:  # the user's module: any error is its import failing
+            reason = " ".join(str(exc).split()) or "no message"
+            _FAILED[name] = (f"cannot import plug-in module {name!r}: "
+                             f"{type(exc).__name__}: {reason}")[:500]
+            raise PluginError(_FAILED[name]) from exc
+    return names

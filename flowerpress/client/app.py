@@ -8,7 +8,10 @@ The app itself only trains and evaluates; what happens to the reply on its
 way out (privacy noise, compression) is done by Flower mods
 (:func:`~flowerpress.client.mods.compression_mod`,
 :func:`~flowerpress.privacy.dp_mod`), which work on any ClientApp that
-replies with an ArrayRecord of weights.
+replies with an ArrayRecord of weights. Outermost,
+:func:`~flowerpress.client.mods.plugins_mod` imports the run config's
+``plugins`` modules on this node (Flower ships a loaded ClientApp to its
+workers, so the user's app module never runs there).
 
 A node's data is loaded once per process and kept in memory (Flower's
 simulation engine reuses a process for many messages). A SuperNode starts a
@@ -36,7 +39,7 @@ from flwr.clientapp.typing import Mod
 from flwr.common.constant import ErrorCode
 
 from flowerpress import protocol
-from flowerpress.client.mods import make_compression_mod
+from flowerpress.client.mods import make_compression_mod, plugins_mod
 from flowerpress.privacy.mod import dp_mod
 from flowerpress.secagg.mod import secagg_mod
 from flowerpress.tasks.base import Scalar, Task, TaskError, TrainContext, Weights
@@ -126,6 +129,10 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
         task), so a first history download can be a difference from them.
     outer_mods
         Further Flower mods placed outside flowerpress's.
+
+    Whatever ``mods`` says, :func:`~flowerpress.client.mods.plugins_mod` comes
+    first: it imports the run config's ``plugins`` modules (once per process)
+    before any spec (task, codec, DP mechanism) is parsed.
     """
 
     def resolve(context: Context) -> Task:
@@ -153,7 +160,7 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
         return cached[1]
 
     compression = make_compression_mod(initial_weights=initial_weights)
-    app = ClientApp(mods=[*outer_mods,
+    app = ClientApp(mods=[plugins_mod, *outer_mods,
                           *([compression, dp_mod, secagg_mod] if mods else [])])
 
     @app.query()

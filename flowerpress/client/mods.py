@@ -17,7 +17,8 @@ Error-feedback residuals and low-rank warm starts live in ``Context.state`` unde
 
 so the order on the way out is train -> clip -> noise -> compress: compression
 after noise is post-processing and keeps the DP guarantee, and the residuals are
-computed from the privatized update.
+computed from the privatized update. :func:`plugins_mod` goes outside it: it
+imports the run's plug-in modules before any spec is parsed.
 
 :func:`make_compression_mod` builds the same mod with a provider of the run's
 initial model (``Task.initial_weights``; :func:`flowerpress.client_app` passes
@@ -57,6 +58,7 @@ from flowerpress.client.download import (
 )
 from flowerpress.compression import CodecState, decode, parse
 from flowerpress.compression.envelope import is_payload, payload_bytes, payload_record
+from flowerpress.registry import PluginError, import_plugins
 from flowerpress.secagg.messages import stage_of as secagg_stage_of
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,33 @@ def _with_arrays(content: RecordDict, arrays: ArrayRecord) -> RecordDict:
     out = RecordDict({k: v for k, v in content.items() if k != ARRAYS_KEY})
     out[ARRAYS_KEY] = arrays
     return out
+
+
+#: Plug-in failures this process has logged (one log line each, not one per message).
+_LOGGED_PLUGIN_ERRORS: set[str] = set()
+
+
+def plugins_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Import the run config's ``plugins`` modules, once per process, before anything runs.
+
+    Flower's simulation engine ships a loaded ClientApp to its Ray actors and a
+    SuperNode starts a fresh process per message: the user's app module does
+    not run there, so the names it registers (codec stages, tasks, DP
+    mechanisms) would be unknown. Place this mod outermost, before any mod that
+    parses a spec (:func:`compression_mod` decodes the broadcast with it). A
+    module that fails to import is one log line per process and an error reply
+    naming it; the server counts the reply as rejected.
+    """
+    try:
+        import_plugins(str(context.run_config.get("plugins", "") or ""))
+    except PluginError as exc:
+        line = str(exc)
+        if line not in _LOGGED_PLUGIN_ERRORS:
+            _LOGGED_PLUGIN_ERRORS.add(line)
+            log.error("flowerpress ClientApp: %s", line)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                             reason=f"PluginError: {line}"), reply_to=msg)
+    return call_next(msg, context)
 
 
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

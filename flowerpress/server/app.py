@@ -30,6 +30,7 @@ from flowerpress.config import (
     Config,
     ConfigError,
     Scalar,
+    check_task_keys,
     parse_link,
     validate,
 )
@@ -59,6 +60,7 @@ from flowerpress.server.results import (
     build_results,
     failure_line,
     save_model_atomic,
+    task_record,
     write_error_log,
     write_json_atomic,
     write_report,
@@ -105,6 +107,9 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
 
     Raises
     ------
+    flowerpress.config.ConfigError
+        A task-only key (``lr``, ``batch-size``, ...) set to a non-default value
+        that the task does not take (a task object takes none), before any round.
     RunFailedError
         The strategy raised or produced an unusable model, the user's code
         raised, or every reply of ``max-rejected-rounds`` rounds in a row was
@@ -122,13 +127,19 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     from flowerpress.privacy import ServerPrivacy, parse_dp
     from flowerpress.privacy.keys import Sampling
     from flowerpress.strategies import build_strategy
-    from flowerpress.tasks.registry import build_task, task_spec
+    from flowerpress.tasks.registry import build_task, task_name, task_spec
 
     saved = claim_out_dir(config, out_dir)  # before anything in out_dir is touched
     if out_dir is not None:  # an error.log is always this run's
         (out_dir / ERROR_LOG).unlink(missing_ok=True)
     if task is None:
-        task = build_task(task_spec(config), config)
+        name = task_spec(config)
+        task = build_task(name, config)
+        taken = type(task).run_config_keys
+    else:  # a task object never sees the run config
+        name, taken = task_name(task), frozenset[str]()
+    check_task_keys(config, taken, task=name)
+    ran = task_record(task, name=name, taken=taken)
     initial = task.initial_weights()
     elements = sum(int(w.size) for w in initial)
     central = task.central_data()
@@ -222,7 +233,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
                 failed: str | None = None) -> dict[str, Any]:
         return build_results(config, rows, model_elements=elements, initial=start,
                              privacy=ledgers[-1].privacy_block() if ledgers else None,
-                             stopped=stopped, failed=failed, resumed_at=resumed_at)
+                             stopped=stopped, failed=failed, resumed_at=resumed_at, task=ran)
 
     def after_state(state: LoopState) -> None:
         # The checkpoint first: it is what a resumed run reads; results.json
@@ -379,8 +390,12 @@ def server_app(task: Task | None = None, *, strategy: Strategy | str | None = No
         base["strategy"] = strategy
     elif strategy_object is not None:
         base["strategy"] = type(strategy_object).__name__
-    validate(base if strategy_object is None else
-             {k: v for k, v in base.items() if k != "strategy"})
+    validated = validate(base if strategy_object is None else
+                         {k: v for k, v in base.items() if k != "strategy"})
+    if task is not None:  # the run config never reaches a task object
+        from flowerpress.tasks.registry import task_name
+
+        check_task_keys(validated, (), task=task_name(task))
     app = ServerApp()
 
     @app.main()
@@ -389,7 +404,11 @@ def server_app(task: Task | None = None, *, strategy: Strategy | str | None = No
         values = {**base, **{k: v for k, v in context.run_config.items() if k in SCHEMA}}
         if strategy_object is not None:
             values.pop("strategy", None)
-        config = validate(values, strict=False)
+        try:  # plug-ins are imported here: a module that fails is the run's one line
+            config = validate(values, strict=False)
+        except ConfigError as exc:
+            log.error("flowerpress: run failed: %s", failure_line(exc))
+            raise
         from flowerpress.federation import runtime_env_mismatch
 
         warning = runtime_env_mismatch(os.environ)

@@ -10,8 +10,14 @@ The layout is the contract of ARCHITECTURE.md::
      "summary": {"final_accuracy", "total_upload_bytes", "total_download_bytes",
                  "total_bytes", "total_upload_payload_bytes",
                  "total_download_payload_bytes", "total_link_seconds",
-                 "fp32_upload_bytes"},
+                 "fp32_upload_bytes", "task": {"name", "run_config_keys",
+                 "hyperparameters"}},
      "privacy": {...} | null}
+
+``config`` records what ran: a task-only key (``flowerpress.config.TASK_KEYS``:
+``lr``, ``batch-size``, ...) that the task does not take is left out, and
+``summary.task`` names the task, the run-config keys it took and the values it
+reported training with (``Task.hyperparameters``).
 
 ``upload_bytes`` and ``download_bytes`` are the Flower messages as Flower
 serializes them (``flowerpress.protocol.message_bytes``: metadata, every
@@ -26,9 +32,12 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from flowerpress.config import TASK_KEYS
+from flowerpress.tasks.base import Task
 
 ROUND_FIELDS = ("round", "accuracy", "loss", "f1_macro", "clients", "rejected", "timed_out",
                 "unavailable", "upload_bytes", "download_bytes", "upload_payload_bytes",
@@ -45,13 +54,16 @@ def build_results(
     stopped: str | None = None,
     failed: str | None = None,
     resumed_at: Sequence[int] = (),
+    task: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the results document from the round rows.
 
     ``failed`` is the one-line reason a run ended in error (the strategy
     produced an unusable model, ...); the rows so far are kept.
     ``resumed_at`` lists the rounds after which the run was resumed from its
-    checkpoint (``summary.resumed_after_rounds``).
+    checkpoint (``summary.resumed_after_rounds``). ``task`` is the run's
+    :func:`task_record`: with it, ``config`` keeps only the task-only keys the
+    task took.
     """
     fp32 = sum(int(r["clients"]) + int(r["rejected"]) for r in rows) * model_elements * 4
     summary: dict[str, Any] = {
@@ -79,10 +91,25 @@ def build_results(
         summary["failed"] = failed
     if resumed_at:
         summary["resumed_after_rounds"] = [int(r) for r in resumed_at]
-    document = {"config": dict(config), "rounds": [dict(r) for r in rows], "summary": summary,
+    recorded = dict(config)
+    if task is not None:
+        taken = set(task["run_config_keys"])
+        recorded = {k: v for k, v in recorded.items() if k not in TASK_KEYS or k in taken}
+        summary["task"] = dict(task)
+    document = {"config": recorded, "rounds": [dict(r) for r in rows], "summary": summary,
                 "privacy": dict(privacy) if privacy is not None else None}
     cleaned: dict[str, Any] = finite_json(document)
     return cleaned
+
+
+def task_record(task: Task, *, name: str, taken: Collection[str]) -> dict[str, Any]:
+    """results.json's ``summary.task``: its spec or ``module:Class``, keys taken, values.
+
+    ``taken`` is what the run config gave it (``Task.run_config_keys`` for a
+    task built from the run config; nothing for a task object).
+    """
+    return {"name": name, "run_config_keys": sorted(taken),
+            "hyperparameters": dict(task.hyperparameters())}
 
 
 def finite_json(value: Any) -> Any:
@@ -180,7 +207,10 @@ def write_report(path: Path, results: Mapping[str, Any]) -> None:
         ax3.set_xlabel(f"estimated time (min), link {cfg.get('link')}")
         ax3.set_ylabel("test accuracy")
         ax3.grid(alpha=0.3)
-    fig.suptitle(f"{cfg.get('dataset')} {cfg.get('partition')}  "
+    # A user task takes no dataset or partition: config then leaves them out.
+    what = " ".join(str(v) for v in (cfg.get("task") or cfg.get("dataset"),
+                                      cfg.get("partition")) if v)
+    fig.suptitle(f"{what}  "
                  f"compression={cfg.get('compression')}  "
                  f"download={cfg.get('download-compression')}  dp={cfg.get('dp')}  "
                  f"strategy={cfg.get('strategy')}", fontsize=9)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -97,17 +97,41 @@ class Task(ABC):
     (constructor arguments as ``:arg=value,...``), register it with
     :func:`flowerpress.tasks.register_task`, or pass an instance to
     :func:`flowerpress.server_app` / :func:`flowerpress.client_app`.
+
+    The run-config keys only a task reads (``dataset``, ``partition``,
+    ``model``, ``local-epochs``, ``batch-size``, ``lr``:
+    :data:`flowerpress.config.TASK_KEYS`) reach a task named in the run config
+    only if it lists them in :attr:`run_config_keys`; a run config that sets
+    another of them to a non-default value is refused, and results.json
+    records only those the task took.
     """
+
+    #: The run-config keys :meth:`from_run_config` reads, e.g. ``{"lr",
+    #: "local-epochs"}``. None by default: the constructor's (or the spec's)
+    #: values rule, and a run config may not pretend to set them.
+    run_config_keys: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Scalar], **kwargs: Any) -> Task:
-        """Build the task from the spec's arguments (and, if it wants, the run config).
+        """Build the task from the spec's arguments and the run-config keys it takes.
 
-        The default ignores the run config: ``cls(**kwargs)``. The bundled tasks
-        override it to read ``partition``, ``model``, ``lr``, ... from it.
+        The default passes each key of :attr:`run_config_keys` that the run
+        config holds as the constructor argument of the same name (``-`` as
+        ``_``: ``local-epochs`` -> ``local_epochs``); the spec's arguments win.
+        The bundled tasks override it (``num-clients`` -> ``num_partitions``).
         """
-        del run_config
-        return cls(**kwargs)
+        taken = {key.replace("-", "_"): run_config[key]
+                 for key in sorted(cls.run_config_keys) if key in run_config}
+        return cls(**{**taken, **kwargs})
+
+    def hyperparameters(self) -> Mapping[str, Scalar]:
+        """The values this task trains with, recorded in results.json (``summary.task``).
+
+        Keys as in the run config (``lr``, ``batch-size``, ...). The default
+        reports none; :class:`~flowerpress.tasks.TorchClassifierTask` reports
+        its ``local-epochs``, ``batch-size``, ``lr`` and ``seed``.
+        """
+        return {}
 
     @abstractmethod
     def initial_weights(self) -> Weights:

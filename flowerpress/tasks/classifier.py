@@ -104,6 +104,11 @@ class TorchClassifierTask(Task):
         """The seeded model's ``state_dict`` as float32 arrays."""
         return get_weights(self._seeded_model())
 
+    def hyperparameters(self) -> Mapping[str, Scalar]:
+        """``local-epochs``, ``batch-size``, ``lr`` and ``seed`` (of the initial weights)."""
+        return {"local-epochs": self.local_epochs, "batch-size": self.batch_size,
+                "lr": self.lr, "seed": self.seed}
+
     def train(self, weights: Weights, data: Any, context: TrainContext) -> TrainResult:
         """SGD for ``local_epochs`` from ``weights``; metrics train-loss and local-steps."""
         split = as_split(data, "training data")

@@ -34,6 +34,12 @@ def task_spec(run_config: Mapping[str, Scalar]) -> str:
     return spec or "bundled"
 
 
+def task_name(task: Task) -> str:
+    """A task object's ``module:Class``, as a spec names it (for messages and results)."""
+    cls = type(task)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 def build_task(spec: str, run_config: Mapping[str, Scalar] | None = None) -> Task:
     """Build the task ``spec`` names, letting it read the run config.
 
