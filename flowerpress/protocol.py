@@ -62,6 +62,16 @@ DP = "dp"
 DP_CLIP = "dp-clip"
 HELLO = "hello"
 
+# --- the message format (server <-> device, in the start-up query and its reply) ------
+#: The version of this contract's messages: bumped whenever a message's records
+#: change so that another version cannot read them (0.2: strict secure-aggregation
+#: stages, packed download claims). The server's query carries it; the device's
+#: reply carries its own and its flowerpress version; the server excludes a device
+#: whose format differs, and the device logs one line saying so.
+MESSAGE_FORMAT = 2
+FORMAT_KEY = "message-format"
+VERSION_KEY = "flowerpress-version"
+
 # --- reply keys (device -> server) ---------------------------------------------------
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
@@ -218,10 +228,36 @@ def eval_reply(msg: Message, *, num_examples: int, loss: float, accuracy: float 
     return Message(RecordDict({METRICS: MetricRecord(values)}), reply_to=msg)
 
 
+def hello_query() -> RecordDict:
+    """The server's start-up query: which partition a device holds, and which format."""
+    return RecordDict({CONFIG: ConfigRecord({HELLO: True, FORMAT_KEY: MESSAGE_FORMAT})})
+
+
 def query_reply(msg: Message, *, partition_id: int, num_partitions: int) -> Message:
-    """The device's reply to the server's ``query`` (which partition it holds)."""
-    info = ConfigRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})
+    """The device's reply to the server's ``query``: its partition, format and version."""
+    from flowerpress import __version__
+
+    info = ConfigRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions,
+                         FORMAT_KEY: MESSAGE_FORMAT, VERSION_KEY: __version__})
     return Message(RecordDict({INFO: info}), reply_to=msg)
+
+
+def format_mismatch(theirs: object, their_version: object, *, side: str) -> str | None:
+    """One line when another side's message format differs from ours, else None.
+
+    ``side`` names the other side (``"node 7"``, ``"the server"``); sender
+    values are cut before they are printed.
+    """
+    from flowerpress import __version__
+
+    if isinstance(theirs, int) and not isinstance(theirs, bool) and theirs == MESSAGE_FORMAT:
+        return None
+    fmt = _short(theirs) if theirs is not None else "none (flowerpress 0.1 or older)"
+    version = (their_version[:40] if isinstance(their_version, str)
+               and their_version[:40].isprintable() else "unknown")
+    return (f"{side} speaks message format {fmt} (flowerpress {version}); this side speaks "
+            f"{MESSAGE_FORMAT} (flowerpress {__version__}): install the same flowerpress "
+            "wheel on the server and every device")
 
 
 # --- validation of replies (the server's side) ----------------------------------------

@@ -32,7 +32,7 @@ from flowerpress.server.bounds import UpdateNormBound
 from flowerpress.server.checkpoint import LoopState
 from flowerpress.server.download import DownloadHistory
 from flowerpress.server.estimates import UploadEstimates
-from flowerpress.server.membership import Membership, check_hello
+from flowerpress.server.membership import Membership, check_hello, hello_message
 from flowerpress.server.phases import POLL_MAX_S as POLL_MAX_S
 from flowerpress.server.phases import POLL_MIN_S as POLL_MIN_S
 from flowerpress.server.phases import RepeatedRejectionError, RoundBook, exchange, user_call
@@ -209,8 +209,7 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
     # The first messages wait for the simulation engine's actors (or a device)
     # to start: give the query the whole node-wait budget.
     exchange(grid, book, "start-up query",
-             {n: Message(RecordDict({protocol.CONFIG: ConfigRecord({protocol.HELLO: True})}),
-                         dst_node_id=n, message_type=MessageType.QUERY) for n in nodes},
+             {n: hello_message(n) for n in nodes},
              hello, timeout=max(deadline - clock(), 5.0), clock=clock, sleep=sleep)
     if num_clients is not None and sizes:
         # Most nodes agreeing on another size: the federation is not the configured one

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from flowerpress import protocol
@@ -56,14 +56,20 @@ def check_hello(reply: Message, *, num_clients: int | None,
     Raises
     ------
     protocol.UpdateRejected
-        The answer is impossible: a partition count other than the run's
+        The node speaks another message format (another flowerpress version),
+        or its answer is impossible: a partition count other than the run's
         ``num_clients`` (where the run knows it), a partition id outside the
         count, or an id another node already claimed this run (``claimed``:
         partition -> node).
     """
+    info = reply.content.config_records.get(protocol.INFO) if reply.has_content() else None
+    mismatch = protocol.format_mismatch(
+        None if info is None else info.get(protocol.FORMAT_KEY),
+        None if info is None else info.get(protocol.VERSION_KEY), side="the node")
+    if mismatch is not None:
+        raise protocol.UpdateRejected(mismatch)
     pid = protocol.partition_of_reply(reply)
     anchor = protocol.anchor_of_reply(reply)
-    info = reply.content.config_records.get(protocol.INFO) if reply.has_content() else None
     size = None if info is None else info.get(protocol.NUM_PARTITIONS)
     if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
         size = None
@@ -82,8 +88,7 @@ def check_hello(reply: Message, *, num_clients: int | None,
 
 def hello_message(node_id: int) -> Message:
     """The query that asks a node for its partition id (and proves it is there)."""
-    return Message(RecordDict({protocol.CONFIG: ConfigRecord({protocol.HELLO: True})}),
-                   dst_node_id=node_id, message_type=MessageType.QUERY)
+    return Message(protocol.hello_query(), dst_node_id=node_id, message_type=MessageType.QUERY)
 
 
 @dataclass

@@ -130,7 +130,9 @@ def test_one_hostile_device_does_not_count_as_a_failing_round() -> None:
 
 def _hello(pid: int, size: int) -> Any:
     def tamper(reply: Message) -> Message:
-        info = ConfigRecord({protocol.PARTITION_ID: pid, protocol.NUM_PARTITIONS: size})
+        info = ConfigRecord({protocol.PARTITION_ID: pid, protocol.NUM_PARTITIONS: size,
+                             protocol.FORMAT_KEY: protocol.MESSAGE_FORMAT,
+                             protocol.VERSION_KEY: "0.2.0"})
         reply.content = RecordDict({protocol.INFO: info})
         return reply
     return tamper
@@ -172,6 +174,49 @@ def test_an_impossible_start_up_answer_excludes_the_node_and_the_run_goes_on(
     assert all(r["excluded"] == 1 and r["clients"] == 5 for r in doc["rounds"])
     if dp != "off":
         assert all(r["epsilon"] is not None for r in doc["rounds"])
+
+
+def _old_version(reply: Message) -> Message:
+    info = reply.content.config_records[protocol.INFO]
+    info[protocol.FORMAT_KEY] = protocol.MESSAGE_FORMAT - 1
+    info[protocol.VERSION_KEY] = "0.1.0"
+    return reply
+
+
+def test_a_device_speaking_another_message_format_is_excluded_naming_both_versions(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare
+    config = validate({**BASE, "rounds": 1})
+    # Execute
+    with server_identity(), caplog.at_level("WARNING", logger="flowerpress.server"):
+        grid = QueryTamperGrid(client_app, 6, run_config=config,
+                               query_tamper={2: _old_version})
+        doc = serve(grid, config)
+    # Assert: one line on the server naming both versions; the run goes on without node 2
+    lines = [r.getMessage() for r in caplog.records if "excluded from the run" in r.getMessage()]
+    assert len(lines) == 1 and "node 2" in lines[0] and "flowerpress 0.1.0" in lines[0]
+    assert (doc["rounds"][0]["clients"], doc["rounds"][0]["excluded"]) == (5, 1)
+
+
+def test_the_device_says_in_one_line_when_the_server_speaks_another_format(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: a query from a server of another format
+    from flowerpress.client.app import client_app as device_app
+
+    content = RecordDict({protocol.CONFIG: ConfigRecord({
+        protocol.HELLO: True, protocol.FORMAT_KEY: protocol.MESSAGE_FORMAT + 1})})
+    # Execute
+    with server_identity(), caplog.at_level("ERROR"):
+        query = Message(content, dst_node_id=1, message_type="query")
+        grid = InProcessGrid(device_app(), 1, run_config=validate({**BASE, "num-clients": 1,
+                                                                   "clients-per-round": 1}))
+        ids = list(grid.push_messages([query]))
+        replies = list(grid.pull_messages(ids))
+    # Assert: the device still answers (with its format), and says why it will be excluded
+    assert len(replies) == 1 and not replies[0].has_error()
+    info = replies[0].content.config_records[protocol.INFO]
+    assert info[protocol.FORMAT_KEY] == protocol.MESSAGE_FORMAT
+    assert any("the server speaks message format" in r.getMessage() for r in caplog.records)
 
 
 # --- nothing reads a reply before the guard ---------------------------------------------
