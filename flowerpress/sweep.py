@@ -228,11 +228,11 @@ def parse_grid(data: Mapping[str, object], *, source: str = "grid") -> Grid:
         overrides = {k: config[k] for k in raw}
         label = name or _label(overrides)
         for other in configurations:
-            if other.label == label:
-                raise ConfigError(f"{source}: two configurations are named {label!r}")
             if other.config == config:
                 raise ConfigError(f"{source}: configurations {other.label!r} and {label!r} "
                                   "are the same run config")
+            if other.label == label:
+                raise ConfigError(f"{source}: two configurations are named {label!r}")
         configurations.append(Configuration(label=label, id=_config_id(label, config),
                                             overrides=overrides, config=config))
     seeds = _seeds(data.get("seeds"), source)
@@ -309,6 +309,11 @@ def _toml_value(value: Scalar) -> str:
     if isinstance(value, int | float):
         return repr(value)
     return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def _toml_lines(values: Mapping[str, Scalar]) -> str:
+    """``key = value`` lines of a flat TOML table."""
+    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
 
 
 def config_file(run: Run) -> Path:
@@ -455,7 +460,7 @@ class _Progress:
 
 
 def run_sweep(grid: Grid, out: Path, *, jobs: int | None = None, target: float | None = None,
-              retry_failed: bool = False, stream: TextIO = sys.stdout,
+              retry_failed: bool = False, stream: TextIO | None = None,
               command: RunCommand = simulate_command, poll_seconds: float = 0.5) -> SweepOutcome:
     """Run every configuration of ``grid`` at every seed, then write the table and plot.
 
@@ -472,6 +477,8 @@ def run_sweep(grid: Grid, out: Path, *, jobs: int | None = None, target: float |
         Accuracy for the "to target" columns; None: the whole run.
     retry_failed
         Run again the runs that failed before (their directory set aside).
+    stream
+        Where the progress lines go; default standard output.
     command
         The command line of one run; :func:`simulate_command` (tests substitute it).
 
@@ -483,6 +490,7 @@ def run_sweep(grid: Grid, out: Path, *, jobs: int | None = None, target: float |
         the next invocation resumes, writes the table so far and is re-raised.
     """
     jobs = default_jobs() if jobs is None else jobs
+    stream = sys.stdout if stream is None else stream
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs} is not allowed; must be >= 1")
     out.mkdir(parents=True, exist_ok=True)
@@ -509,9 +517,8 @@ def _sweep(grid: Grid, out: Path, jobs: int, target: float | None, retry_failed:
     for configuration in grid.configurations:
         path = out / "runs" / configuration.id / "config.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{k} = {_toml_value(v)}\n"
-                                for k, v in configuration.config.items()
-                                if k not in RESERVED_KEYS), encoding="utf-8")
+        path.write_text(_toml_lines({k: v for k, v in configuration.config.items()
+                                     if k not in RESERVED_KEYS}), encoding="utf-8")
     for run in runs:
         status = run_status(run.out)
         if status == "finished":
@@ -544,8 +551,11 @@ def _sweep(grid: Grid, out: Path, jobs: int, target: float | None, retry_failed:
                 with log.open("ab") as fh:
                     fh.write(f"$ {' '.join(argv)}\n".encode())
                     fh.flush()
-                    popen = subprocess.Popen(argv, stdout=fh,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    # Its own process group: a terminal's Ctrl-C reaches the sweep alone,
+                    # which forwards one SIGINT (a second one would cut short the
+                    # child's own clean-up of its SuperLink).
+                    popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, process_group=0,
                                              preexec_fn=_die_with_parent)
                 running.append(_Child(run, popen, log, time.monotonic()))
                 if resume:
