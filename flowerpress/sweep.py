@@ -341,6 +341,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
     the SuperLink and ``flwr run`` it started (they run in their own sessions
     and would otherwise outlive a killed sweep and keep writing the run dir).
     """
+    # A sweep started in the background of a script inherits SIGINT ignored, and so
+    # would its children: Python then installs no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGINT), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
