@@ -297,7 +297,10 @@ def test_a_killed_sweep_resumes_skipping_finished_runs(tmp_path: Path) -> None:
                         command=command, poll_seconds=0.05)
     """)
     env = {**os.environ, "FAKE_CALLS": str(calls)}
-    proc = subprocess.Popen([sys.executable, "-c", driver], env=env, stdout=subprocess.DEVNULL)
+    # Started as `sweep ... &` from a script would be: with SIGINT ignored, which its
+    # children must not inherit (they stop on SIGINT when the sweep dies).
+    proc = subprocess.Popen([sys.executable, "-c", driver], env=env, stdout=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     grid = sweep.load_grid(grid_file)
     first, second = sweep.plan_runs(grid, out)
     try:
