@@ -412,10 +412,19 @@ def _lock(out: Path) -> Path:
         pid = int(lock.read_text().strip())
     except (OSError, ValueError):
         pid = 0
-    if pid and pid != os.getpid() and Path(f"/proc/{pid}").exists():
+    if pid and pid != os.getpid() and "sweep" in _cmdline(pid):
         raise ConfigError(f"another sweep (pid {pid}) is running in {out}")
     lock.write_text(f"{os.getpid()}\n")
     return lock
+
+
+def _cmdline(pid: int) -> str:
+    """The command line of ``pid``; empty when it is gone (or not on Linux)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
 
 
 def _failure_line(run: Run, log: Path, code: int) -> str:
@@ -866,8 +875,8 @@ def markdown_table(table: Sequence[Mapping[str, Any]], *, target: float | None) 
     header = ["config", "seeds", "accuracy", "macro-F1"]
     if target is not None:
         header.append(f"rounds to {target:g}")
-    header += [f"total MB ({span})", "x fewer bytes than baseline", f"link s ({span})",
-               "epsilon"]
+    header += [f"total MB ({span})", "upload: x fewer than baseline",
+               "total: x fewer than baseline", f"link s ({span})", "epsilon"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table:
         seeds = str(row["seeds"])
@@ -879,7 +888,8 @@ def markdown_table(table: Sequence[Mapping[str, Any]], *, target: float | None) 
                  _pair(row, "f1", ".4f")]
         if target is not None:
             cells.append(_pair(row, "rounds_to_target", ".0f"))
-        cells += [_pair(row, "total_bytes", ".3f", 1e6), _pair(row, "total_reduction", ".2f"),
+        cells += [_pair(row, "total_bytes", ".3f", 1e6), _pair(row, "upload_reduction", ".2f"),
+                  _pair(row, "total_reduction", ".2f"),
                   _pair(row, "link_seconds", ".1f"), _pair(row, "epsilon", ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
