@@ -65,7 +65,7 @@ from flowerpress.config import SCHEMA, Config, ConfigError, Scalar, validate
 #: Keys a grid file may hold at its top level.
 GRID_FILE_KEYS = ("base", "grid", "seeds", "config", "baseline")
 #: Run-config keys the sweep sets itself: the seed comes from ``seeds``, the rest per run.
-RESERVED_KEYS = ("seed", "out-dir", "resume")
+RESERVED_KEYS = ("seed", "out-dir", "resume", "overwrite")
 #: Memory one simulate run takes at most on Flower's simulation engine (SuperLink,
 #: the ServerApp, Ray with its workers). Measured: 2.4 GB summed RSS for the
 #: digits task with 4 clients, which overcounts pages Ray's processes share.

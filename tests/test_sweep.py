@@ -131,6 +131,13 @@ def test_grid_expands_to_the_product_then_the_explicit_configurations() -> None:
     assert runs[0].out == Path("out/runs") / grid.configurations[0].id / "seed-0"
 
 
+def test_the_readme_grid_is_two_codecs_by_two_privacy_levels_at_three_seeds() -> None:
+    grid = sweep.load_grid(Path(__file__).resolve().parents[1] / "examples/sweep/digits.toml")
+    assert len(grid.configurations) == 4 and grid.seeds == (0, 1, 2)
+    assert grid.baseline == "compression=none, dp=off"
+    assert {c.config["dataset"] for c in grid.configurations} == {"digits"}
+
+
 def test_the_baseline_defaults_to_the_first_configuration_and_ids_are_stable() -> None:
     first, again = sweep.parse_grid(_grid()), sweep.parse_grid(_grid())
     assert first.baseline == "compression=none"
