@@ -5,8 +5,10 @@ runs a simulated federation (refused where DIR holds another run, unless
 ``--overwrite``); ``flowerpress simulate --resume DIR`` continues the run
 checkpointed in DIR; ``flowerpress certs ...`` writes TLS and
 SuperNode keys for a deployment (``flowerpress certs add-node`` adds device keys
-to it); ``flowerpress device check ...`` checks a device before it joins. Bad
-input exits with status 2 and one line.
+to it); ``flowerpress device check ...`` checks a device before it joins;
+``flowerpress sweep GRID.toml --out DIR`` runs a grid of configurations at
+several seeds and ``flowerpress compare RUN_DIR... --out DIR`` tables existing
+runs (median and worst over seeds). Bad input exits with status 2 and one line.
 """
 
 from __future__ import annotations
@@ -44,7 +46,70 @@ def _parser() -> argparse.ArgumentParser:
                                  "(`certs add-node`: add device keys)", add_help=False)
     sub.add_parser("device", help="`device check`: check a device's node config, data, "
                                   "certificate and key before it joins", add_help=False)
+    _add_sweep_parsers(sub)
     return parser
+
+
+def _add_sweep_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sweep`` and ``compare``: many runs, one table (flowerpress.sweep)."""
+    sweep = sub.add_parser("sweep", help="run a grid of configurations at several seeds; "
+                           "write summary.csv/json and pareto.png (resumable)")
+    sweep.add_argument("grid", type=Path, metavar="GRID.toml",
+                       help="[base] keys, [grid] lists of values, seeds = [...], optional "
+                       "[[config]] tables and baseline = LABEL")
+    sweep.add_argument("--out", type=Path, required=True, help="the sweep's directory; the "
+                       "same command again skips finished runs and resumes interrupted ones")
+    sweep.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the "
+                       "cores, fewer if memory is short)")
+    sweep.add_argument("--target", type=float, default=None, metavar="ACC",
+                       help="accuracy for rounds, bytes and link time to target (default: "
+                       "the whole run)")
+    sweep.add_argument("--retry-failed", action="store_true",
+                       help="run failed runs again (their directories are set aside)")
+    comp = sub.add_parser("compare", help="the sweep's table and plots from existing runs "
+                          "(runs whose configs differ only in seed are one row)")
+    comp.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR",
+                      help="run directories, or directories with runs below them")
+    comp.add_argument("--out", type=Path, required=True, help="where the table and plot go")
+    comp.add_argument("--target", type=float, default=None, metavar="ACC",
+                      help="accuracy for the \"to target\" columns (default: the whole run)")
+    comp.add_argument("--baseline", default=None, metavar="LABEL|RUN_DIR",
+                      help="the row the byte ratios are taken against (default: the first)")
+
+
+def versus_float32(upload: int, fp32: int) -> str:
+    """How the uploaded message bytes compare with the float32 arrays they replace."""
+    if upload <= fp32:
+        return f"{fp32 / max(upload, 1):.1f}x less than float32"
+    # Uncompressed, the messages' framing and metadata make them larger than the arrays.
+    return f"{upload / max(fp32, 1):.2f}x more than float32"
+
+
+def _sweep_commands(args: argparse.Namespace) -> int:
+    """``flowerpress sweep`` and ``flowerpress compare``; 1 when a run failed."""
+    from flowerpress import sweep
+
+    if args.target is not None and not 0.0 < args.target <= 1.0:
+        raise ConfigError(f"--target {args.target} is not allowed; expected an accuracy "
+                          "in (0, 1]")
+    if args.command == "compare":
+        table = sweep.compare(args.runs, args.out, target=args.target, baseline=args.baseline)
+        print(sweep.markdown_table(table, target=args.target))
+        print(f"table in {args.out}/summary.csv and summary.json, plot in {args.out}/pareto.png")
+        return 0
+    grid = sweep.load_grid(args.grid)
+    try:
+        outcome = sweep.run_sweep(grid, args.out, jobs=args.jobs, target=args.target,
+                                  retry_failed=args.retry_failed)
+    except KeyboardInterrupt:
+        return 130
+    print(sweep.markdown_table(outcome.table, target=args.target))
+    print(f"table in {args.out}/summary.csv and summary.json, plot in {args.out}/pareto.png")
+    if outcome.failed:
+        print(f"{len(outcome.failed)} run(s) failed (reasons in {args.out}/failures.json); "
+              "`--retry-failed` runs them again", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _resume_values(directory: Path, out: Path | None) -> dict[str, object]:
@@ -122,7 +187,7 @@ def _simulate(args: argparse.Namespace) -> int:
     up, fp32 = s["total_upload_bytes"], s["fp32_upload_bytes"]
     acc = "-" if s["final_accuracy"] is None else format(s["final_accuracy"], ".4f")
     print(f"final accuracy {acc}; uploaded {up / 1e6:.3f} MB "
-          f"({fp32 / max(up, 1):.1f}x less than float32); results in {out}/results.json")
+          f"({versus_float32(up, fp32)}); results in {out}/results.json")
     if s.get("stopped"):
         print(s["stopped"])
     return 0
@@ -144,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args)
+        if args.command in ("sweep", "compare"):
+            return _sweep_commands(args)
     except ConfigError as exc:
         print(f"flowerpress: error: {exc}", file=sys.stderr)
         return 2
