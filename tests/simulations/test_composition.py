@@ -143,7 +143,8 @@ def all_pairs(factors: Mapping[str, Sequence[str]],
     the best of ``candidates`` built from an uncovered pair, filling the other
     factors in a shuffled order, each with the level that covers the most
     uncovered pairs with the levels already chosen, among those that keep the
-    partial row clear of the pairs ``allowed`` refuses. Seeded, so the rows are the same on every run.
+    partial row clear of the pairs ``allowed`` refuses. Seeded, so the rows are
+    the same on every run.
 
     Parameters
     ----------
@@ -233,7 +234,7 @@ def _pair(a: str, x: str, b: str, y: str) -> Pair:
     return _ordered(list(FACTORS), a, x, b, y)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _allowed_items(items: frozenset[tuple[str, str]]) -> bool:
     return refusal(dict(items)) is None
 
@@ -387,6 +388,7 @@ def _cell_param(row: Row) -> Any:
 
 
 @pytest.mark.timeout(1200)
+@pytest.mark.xdist_group("simulation-matrix")  # one worker, one shared engine
 @pytest.mark.parametrize("row", [_cell_param(row) for row in ROWS])
 def test_cell_runs_every_round_with_the_expected_devices(row: dict[str, str],
                                                          engine: SharedEngine) -> None:
@@ -423,3 +425,23 @@ def test_the_rows_cover_every_allowed_pair_and_run_past_max_missed_rounds() -> N
     assert all(refusal(row) is None for row in ROWS)
     assert ROUNDS > MAX_MISSED
     assert len(ROWS) < 40  # pairwise, not the product
+
+
+def test_all_pairs_of_three_binary_factors_takes_five_rows_and_skips_a_refused_pair() -> None:
+    # Prepare: three factors of two levels; a=1 with b=1 is refused
+    factors = {"a": ["0", "1"], "b": ["0", "1"], "c": ["0", "1"]}
+
+    def allowed(row: Mapping[str, str]) -> bool:
+        return not (row.get("a") == "1" and row.get("b") == "1")
+
+    # Execute
+    rows, refused = all_pairs(factors, allowed)
+    # Assert: every other pair is held; no row holds the refused one
+    assert refused == [(("a", "1"), ("b", "1"))]
+    held = {((p, row[p]), (q, row[q])) for row in rows
+            for p, q in itertools.combinations(factors, 2)}
+    for p, q in itertools.combinations(factors, 2):
+        for x, y in itertools.product(factors[p], factors[q]):
+            assert (((p, x), (q, y)) in held) == allowed({p: x, q: y})
+    # a=1 needs c=0 and c=1, both with b=0; so a=0 needs b=1 with c=0 and c=1; and a0b0
+    assert len(rows) == 5
