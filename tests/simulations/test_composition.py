@@ -24,7 +24,6 @@ import functools
 import itertools
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -312,10 +311,14 @@ class SharedEngine:
 
 
 @pytest.fixture(scope="module")
-def engine(request: pytest.FixtureRequest) -> Iterator[SharedEngine]:
-    """The shared engine, with every selected cell already submitted (so they overlap)."""
-    with tempfile.TemporaryDirectory(prefix="flowerpress-matrix-") as tmp, \
-            SharedEngine(Path(tmp)) as shared:
+def engine(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedEngine]:
+    """The shared engine, with every selected cell already submitted (so they overlap).
+
+    Its directory is pytest's (kept for the last three sessions), so a failing
+    cell's ``error.log`` and ``flwr-run.log`` are still there to read.
+    """
+    with SharedEngine(tmp_path_factory.mktemp("matrix")) as shared:
         selected = {item.callspec.params["row"]["__id__"]  # type: ignore[attr-defined]
                     for item in request.session.items
                     if item.originalname == "test_cell_runs_every_round_with_the_expected_devices"
