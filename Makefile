@@ -22,7 +22,7 @@ demo: install
 test: install
 	$(PY) -m ruff check flowerpress tests benchmarks examples
 	$(PY) -m mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 lint: install
 	$(PY) -m ruff check flowerpress tests benchmarks examples

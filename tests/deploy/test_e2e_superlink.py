@@ -3,11 +3,25 @@
 One SuperLink (``--enable-supernode-auth``, certificates from ``flowerpress certs``)
 serves the whole module; every process is stopped by the fixture, also on failure
 or timeout (pytest-timeout's signal method raises in the test, so teardown runs).
+Under pytest-xdist the module stays on one worker (``xdist_group``), so the
+deployment starts once.
+
+The last test SIGKILLs the ServerApp mid-run and resumes with ``flwr run``: the
+SuperLink (``--isolation subprocess``, the default) starts the ServerApp as a
+``flwr-serverapp`` process under its SuperExec; killing it is a server crash. The
+same run config plus ``resume=true`` on a new ``flwr run`` continues from the
+checkpoint in ``out-dir``: the run ends with the planned rounds, once each, and
+epsilon continues from where it was. (It ran on a deployment of its own before;
+this one serves it as well and saves a SuperLink and two SuperNodes' start-up.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +31,25 @@ import pytest
 from sklearn.datasets import load_digits
 
 from flowerpress.deploy.data import save_device_data
-from flowerpress.deploy.local import LocalDeployment
+from flowerpress.deploy.local import (
+    CONNECTION_NAME,
+    DeploymentError,
+    LocalDeployment,
+    _descendants,
+)
+from flowerpress.server.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 ROUNDS = 2
 #: Key index -> role. 0..2 registered and online; 3 never registered; 4 registered,
 #: started without the CA certificate.
 NODES, UNREGISTERED, NO_CA = 3, 3, 4
+#: The resumed run: two rounds are enough, the kill comes after round 1 is
+#: checkpointed (so mid-run), and the resumed run must add round 2 with epsilon
+#: above round 1's.
+RESUME_ROUNDS = 2
+
+pytestmark = pytest.mark.xdist_group("deploy-superlink")  # one worker, one deployment
 
 
 def _app_config_keys() -> set[str]:
@@ -136,6 +162,63 @@ def test_flwr_run_completes_rounds_with_compression(
         summary = results["summary"]
         assert 0 < summary["total_upload_bytes"] < 0.5 * summary["fp32_upload_bytes"]
         assert np.isfinite([row["accuracy"] for row in rows]).all()
+
+
+def _serverapp_pids(superlink_pid: int) -> list[int]:
+    found = []
+    for pid in _descendants(superlink_pid):
+        with contextlib.suppress(OSError):
+            if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
+
+
+# Before the test that adds (and stops) a node, which the SuperLink may still list for a
+# while: this run samples every online node. It kills this deployment's ServerApp only.
+@pytest.mark.timeout(900, method="signal")
+def test_serverapp_killed_mid_run_resumes_to_the_planned_rounds(
+    deployment: LocalDeployment, tmp_path: Path
+) -> None:
+    # Prepare
+    out = tmp_path / "results"
+    run_config: dict[str, str | int | float | bool] = {
+        "rounds": RESUME_ROUNDS, "dataset": "digits", "partition": "iid", "model": "logreg",
+        "num-clients": NODES, "clients-per-round": NODES, "min-replies": NODES,
+        "local-epochs": 1, "dp": "distributed:clip=1.0,noise=1.0", "out-dir": str(out),
+    }
+    assert deployment.superlink is not None
+    # Execute: kill the ServerApp once round 1 is checkpointed
+    first = deployment.run_app(REPO, run_config)
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        saved = load_checkpoint(out) if (out / "checkpoint.npz").exists() else None
+        if saved is not None and saved.state.server_round >= 1:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("round 1 was not checkpointed:\n" + deployment.run_log(first))
+    pids = _serverapp_pids(deployment.superlink.pid)
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    with contextlib.suppress(DeploymentError):  # the docs' advice; may be finished already
+        deployment.flwr("stop", str(first), CONNECTION_NAME)
+    saved = load_checkpoint(out)
+    assert saved is not None
+    killed_after = saved.state.server_round
+    assert killed_after < RESUME_ROUNDS
+    spent = [row["epsilon"] for row in saved.state.rows]
+    second = deployment.run_app(REPO, {**run_config, "resume": True})
+    status = deployment.wait_run(second, timeout=420, done_file=out / "report.png")
+    # The run log (a `flwr log` process) only when it explains a failure
+    assert status["status"] == "finished:completed", deployment.run_log(second)
+    # Assert
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rounds"]
+    assert [row["round"] for row in rows] == list(range(1, RESUME_ROUNDS + 1))
+    assert results["summary"]["resumed_after_rounds"] == [killed_after]
+    eps = [row["epsilon"] for row in rows]
+    assert eps[:killed_after] == spent and eps == sorted(eps) and eps[-1] > spent[-1]
+    assert all(row["clients"] == NODES for row in rows[killed_after:]), rows
 
 
 @pytest.mark.timeout(240, method="signal")
