@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from numpy.typing import NDArray
 
 from flowerpress.compression.envelope import is_payload, payload_bytes
@@ -273,13 +273,251 @@ def record_bytes(content: RecordDict) -> int:
 MESSAGE_ID_CHARS = 64
 
 
-def message_bytes(msg: Message) -> int:
-    """Bytes of ``msg`` as Flower serializes it: ``message_to_proto(msg).SerializeToString()``.
+@dataclass(frozen=True)
+class WireLimits:
+    """How much of a message :func:`message_bytes` walks before it refuses it.
+
+    Every bound is checked with ``len()`` before the container is walked, so
+    counting costs at most about ``max_entries`` steps however large the
+    message is: a reply cannot make counting its bytes slow.
+    """
+
+    #: Records in the message's RecordDict.
+    max_records: int = 64
+    #: Arrays, record entries, list elements and shape dimensions, all records together.
+    max_entries: int = 1 << 14
+    #: Characters of non-ASCII text, all strings together (an ASCII string's size is
+    #: read in O(1), a non-ASCII one is encoded a chunk at a time to count its bytes).
+    max_text: int = 1 << 16
+
+
+#: The bounds :func:`message_bytes` applies unless told otherwise.
+WIRE_LIMITS = WireLimits()
+
+# Protobuf wire facts for Flower's messages (flwr/proto/*.proto): a field's tag
+# is the varint of (number << 3 | wire type); field numbers below 16 take one byte.
+_INT64_MIN, _INT64_MAX, _UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
+_TEXT_CHUNK = 1 << 14
+
+
+def _varint(value: int) -> int:
+    """Bytes of the varint of ``0 <= value < 2**64``."""
+    return (value.bit_length() + 6) // 7 or 1
+
+
+def _framed(size: int) -> int:
+    """A length-delimited field of ``size`` bytes with a one-byte tag."""
+    return 1 + _varint(size) + size
+
+
+def _zigzag(value: int) -> int:
+    """Bytes of a ``sint64`` varint."""
+    return _varint(value << 1 if value >= 0 else (-value << 1) - 1)
+
+
+class _Walk:
+    """One count of a message: the entries budget and what is being counted (for errors)."""
+
+    def __init__(self, limits: WireLimits) -> None:
+        self.limits = limits
+        self.left = limits.max_entries
+        self.text_left = limits.max_text
+
+    def spend(self, count: int, what: str) -> None:
+        self.left -= count
+        if self.left < 0:
+            raise UpdateRejected(f"{what}: more than the {self.limits.max_entries} entries "
+                                 "(arrays, record entries, list elements) a message may hold")
+
+    def text(self, value: object, what: str) -> int:
+        """UTF-8 bytes of a protobuf string (never copies more than a chunk)."""
+        if not isinstance(value, str):
+            raise UpdateRejected(f"{what} is a {type(value).__name__}, not a string")
+        if value.isascii():
+            return len(value)
+        self.text_left -= len(value)
+        if self.text_left < 0:
+            raise UpdateRejected(f"{what}: more than the {self.limits.max_text} characters "
+                                 "of non-ASCII text a message may hold")
+        try:
+            return sum(len(value[i:i + _TEXT_CHUNK].encode("utf-8"))
+                       for i in range(0, len(value), _TEXT_CHUNK))
+        except UnicodeEncodeError:
+            raise UpdateRejected(f"{what} is not valid UTF-8 text") from None
+
+    def string_field(self, value: object, what: str) -> int:
+        """A proto3 ``string`` field with a one-byte tag (absent when empty)."""
+        size = self.text(value, what)
+        return _framed(size) if size else 0
+
+
+def _uint64(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT64_MAX:
+        raise UpdateRejected(f"{what}={_short(value)} is not a uint64")
+    return value
+
+
+def _double_set(value: object, what: str) -> bool:
+    """Whether a proto3 ``double`` is written (any bit pattern but +0.0 is)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UpdateRejected(f"{what}={_short(value)} is not a double")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise UpdateRejected(f"{what} is an int beyond the double range") from None
+    return number != 0.0 or math.copysign(1.0, number) < 0
+
+
+def _metadata_size(metadata: object, walk: _Walk) -> int:
+    """Bytes of ``flwr.proto.Metadata`` (``metadata_to_proto``), with the pushed message id."""
+    size = 0
+    for name in ("run_id", "src_node_id", "dst_node_id"):
+        value = _uint64(getattr(metadata, name, None), f"metadata {name}")
+        size += 1 + _varint(value) if value else 0
+    message_id = getattr(metadata, "message_id", None)
+    size += _framed(MESSAGE_ID_CHARS) if message_id == "" else walk.string_field(
+        message_id, "metadata message_id")
+    for name in ("reply_to_message_id", "group_id", "message_type"):
+        size += walk.string_field(getattr(metadata, name, None), f"metadata {name}")
+    for name in ("ttl", "created_at"):
+        size += 9 if _double_set(getattr(metadata, name, None), f"metadata {name}") else 0
+    for name in ("src_task_id", "dst_task_id"):  # optional: written when set, even to 0
+        value = getattr(metadata, name, None)
+        if value is not None:
+            size += 1 + _varint(_uint64(value, f"metadata {name}"))
+    return size
+
+
+def _error_size(error: object, walk: _Walk) -> int:
+    """Bytes of ``flwr.proto.Error`` (``error_to_proto``)."""
+    code = getattr(error, "code", None)
+    if isinstance(code, bool) or not isinstance(code, int) \
+            or not _INT64_MIN <= code <= _INT64_MAX:
+        raise UpdateRejected(f"error code {_short(code)} is not an int64")
+    reason = getattr(error, "reason", None)
+    return (1 + _zigzag(code) if code else 0) + walk.string_field(
+        "" if reason is None else reason, "error reason")
+
+
+def _array_size(array: object, what: str, walk: _Walk) -> int:
+    """Bytes of ``flwr.proto.Array``: dtype, packed int32 shape, stype, data (never read)."""
+    if not isinstance(array, Array):
+        raise UpdateRejected(f"{what} is a {type(array).__name__}, not an Array")
+    shape = array.shape
+    if not isinstance(shape, tuple | list):
+        raise UpdateRejected(f"{what} shape is a {type(shape).__name__}, not a tuple")
+    walk.spend(len(shape), f"{what} shape")
+    packed = 0
+    for dim in shape:
+        if isinstance(dim, np.integer):
+            dim = int(dim)
+        if type(dim) is not int or not _INT32_MIN <= dim <= _INT32_MAX:
+            raise UpdateRejected(f"{what} shape has dimension {_short(dim)}, not an int32")
+        packed += _varint(dim) if dim >= 0 else 10  # a negative int32 is sign-extended
+    data = array.data
+    if not isinstance(data, bytes):
+        raise UpdateRejected(f"{what} data is a {type(data).__name__}, not bytes")
+    return (walk.string_field(array.dtype, f"{what} dtype") + (_framed(packed) if packed else 0)
+            + walk.string_field(array.stype, f"{what} stype")
+            + (_framed(len(data)) if data else 0))
+
+
+def _list_size(values: list[object], kind: type, what: str, walk: _Walk) -> int:
+    """Bytes of the ``vals`` of a DoubleList, SintList, UintList, BoolList, StringList or
+    BytesList (field 1; packed for numbers, one field per element for text)."""
+    if not values:
+        return 0
+    if kind is float:
+        return _framed(8 * len(values))
+    if kind is bool:
+        return _framed(len(values))
+    if kind is int:
+        if any(v > _INT64_MAX for v in values):  # type: ignore[operator]  # Flower: UintList
+            return _framed(sum(_varint(_uint64(v, what)) for v in values))
+        if any(v < _INT64_MIN for v in values):  # type: ignore[operator]
+            raise UpdateRejected(f"{what} holds an int below the int64 range")
+        return _framed(sum(_zigzag(v) for v in values))  # type: ignore[arg-type]
+    if kind is str:
+        return sum(_framed(walk.text(v, what)) for v in values)
+    return sum(_framed(len(v)) for v in values)  # type: ignore[arg-type]
+
+
+def _value_size(value: object, allowed: tuple[type, ...], what: str, walk: _Walk) -> int:
+    """Bytes of a ``MetricRecordValue`` / ``ConfigRecordValue``: the oneof field Flower's
+    ``record_value_dict_to_proto`` picks (the first type of ``allowed`` that fits)."""
+    is_list = isinstance(value, list)
+    if is_list:
+        walk.spend(len(value), what)  # type: ignore[arg-type]
+    for kind in allowed:
+        if isinstance(value, kind):
+            if kind is float:
+                return 9  # a oneof double is written even when 0.0
+            if kind is bool:
+                return 2
+            if kind is int:
+                number = value
+                if number > _INT64_MAX:  # type: ignore[operator]
+                    return 1 + _varint(_uint64(number, what))
+                if number < _INT64_MIN:  # type: ignore[operator]
+                    raise UpdateRejected(f"{what} is an int below the int64 range")
+                return 1 + _zigzag(number)  # type: ignore[arg-type]
+            if kind is str:
+                return _framed(walk.text(value, what))
+            return _framed(len(value))  # type: ignore[arg-type]
+        if is_list and all(isinstance(v, kind) for v in value):  # type: ignore[union-attr]
+            inner = _list_size(value, kind, what, walk)  # type: ignore[arg-type]
+            return 2 + _varint(inner) + inner  # fields 21-26 take a two-byte tag
+    raise UpdateRejected(f"{what} is a {type(value).__name__}, which Flower's "
+                         f"{'ConfigRecord' if str in allowed else 'MetricRecord'} cannot carry")
+
+
+_METRIC_TYPES = (float, int)
+_CONFIG_TYPES = (bool, int, float, str, bytes)
+
+
+def _record_size(record: object, what: str, walk: _Walk) -> int:
+    """Bytes of an ArrayRecord, MetricRecord or ConfigRecord message (its items)."""
+    if isinstance(record, ArrayRecord):
+        allowed: tuple[type, ...] | None = None
+    elif isinstance(record, MetricRecord):
+        allowed = _METRIC_TYPES
+    elif isinstance(record, ConfigRecord):
+        allowed = _CONFIG_TYPES
+    else:
+        raise UpdateRejected(f"{what} is a {type(record).__name__}, not a record Flower carries")
+    walk.spend(len(record), what)
+    size = 0
+    for key, value in record.items():
+        label = f"{what}[{_short(key)}]"
+        entry = walk.string_field(key, f"{what} key")
+        inner = (_array_size(value, label, walk) if allowed is None
+                 else _value_size(value, allowed, label, walk))
+        entry += _framed(inner)  # the value message is always written
+        size += _framed(entry)
+    return size
+
+
+def message_bytes(msg: Message, *, limits: WireLimits = WIRE_LIMITS) -> int:
+    """Bytes of ``msg`` as Flower serializes it: ``message_to_proto(msg).ByteSize()``.
 
     Metadata, every record (arrays, metrics, config), the error if any and the
     protobuf framing. A message the ServerApp has not pushed yet has no id:
     it is counted with the 64-character id Flower gives it on push, so the
     count is the same before and after ``Grid.push_messages``.
+
+    The size is computed from the protobuf wire format, field by field, and
+    never builds the protobuf: array data and bytes values are measured with
+    ``len()``, never copied, and every count is checked against ``limits``
+    before a container is walked. Whatever a reply holds, counting costs
+    O(``limits.max_entries``) time and no memory sized by the reply.
+
+    Raises
+    ------
+    UpdateRejected
+        One line, if ``msg`` holds something Flower's wire types cannot carry
+        (a shape dimension outside int32, an int outside int64/uint64, text
+        that is not UTF-8, a value of another type), or more than ``limits``.
 
     Notes
     -----
@@ -289,13 +527,28 @@ def message_bytes(msg: Message) -> int:
     ServerApp to the SuperLink once, and each SuperNode pulls its message's
     objects. The serialized length is what one node's message costs on its
     link, within the few dozen bytes of object framing (docs/benchmarks.md).
+    An Array's metadata travels as JSON in those objects, so a reply can hold
+    values (a shape dimension of 2**40) that ``message_to_proto`` refuses
+    with ``ValueError``: here they are an :class:`UpdateRejected`.
     """
-    from flwr.common.serde import message_to_proto
-
-    proto = message_to_proto(msg)
-    if not proto.metadata.message_id:
-        proto.metadata.message_id = "0" * MESSAGE_ID_CHARS
-    return int(proto.ByteSize())
+    walk = _Walk(limits)
+    size = _framed(_metadata_size(msg.metadata, walk))
+    if msg.has_content():
+        content = msg.content
+        if not isinstance(content, RecordDict):
+            raise UpdateRejected(f"content is a {type(content).__name__}, not a RecordDict")
+        if len(content) > limits.max_records:
+            raise UpdateRejected(f"message has {len(content)} records, at most "
+                                 f"{limits.max_records} counted")
+        items = 0
+        for name, record in content.items():
+            label = f"record {_short(name)}"
+            inner = _record_size(record, label, walk)
+            items += _framed(walk.string_field(name, "record name") + _framed(inner))
+        size += _framed(items)
+    if msg.has_error():
+        size += _framed(_error_size(msg.error, walk))
+    return size
 
 
 def _short(value: object) -> str:
