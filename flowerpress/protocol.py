@@ -37,12 +37,13 @@ import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from numpy.typing import NDArray
 
-from flowerpress.compression.envelope import is_payload, payload_bytes
+from flowerpress.compression.envelope import PAYLOAD_KEY, is_payload, payload_bytes
 
 Scalar = bool | int | float | str
 Weights = list[NDArray[np.float32]]
@@ -98,6 +99,9 @@ METRIC_RANGES: Mapping[str, tuple[float, float]] = {
 }
 #: Upper bound on the number of metrics a reply may carry.
 MAX_METRICS = 64
+#: Upper bound on the number of records a reply may carry (a train reply has at most
+#: four: arrays, metrics, the download claim and the EF21 base).
+MAX_RECORDS = 16
 #: Upper bound on the length of a metric's name.
 MAX_METRIC_NAME = 256
 #: Default cap on a reply's ``num-examples`` weight (run-config ``max-client-weight``).
@@ -144,9 +148,16 @@ def parse_bool(value: object, *, name: str) -> bool:
     raise ValueError(f"{name}={value!r} is not allowed; expected true or false")
 
 
+def _config_record(content: RecordDict, key: str) -> ConfigRecord | None:
+    """The ConfigRecord under ``key``, or None: O(1), whatever else the content holds
+    (``RecordDict.config_records`` builds a view of every record)."""
+    record = content.get(key)
+    return record if isinstance(record, ConfigRecord) else None
+
+
 def message_config(msg: Message) -> dict[str, Scalar]:
     """The scalar entries of a message's ``"config"`` ConfigRecord (empty if absent)."""
-    record = msg.content.config_records.get(CONFIG)
+    record = _config_record(msg.content, CONFIG)
     if record is None:
         return {}
     return {k: v for k, v in record.items() if isinstance(v, bool | int | float | str)}
@@ -383,9 +394,9 @@ def _metadata_size(metadata: object, walk: _Walk) -> int:
     for name in ("ttl", "created_at"):
         size += 9 if _double_set(getattr(metadata, name, None), f"metadata {name}") else 0
     for name in ("src_task_id", "dst_task_id"):  # optional: written when set, even to 0
-        value = getattr(metadata, name, None)
-        if value is not None:
-            size += 1 + _varint(_uint64(value, f"metadata {name}"))
+        task = getattr(metadata, name, None)
+        if task is not None:
+            size += 1 + _varint(_uint64(task, f"metadata {name}"))
     return size
 
 
@@ -410,11 +421,10 @@ def _array_size(array: object, what: str, walk: _Walk) -> int:
     walk.spend(len(shape), f"{what} shape")
     packed = 0
     for dim in shape:
-        if isinstance(dim, np.integer):
-            dim = int(dim)
-        if type(dim) is not int or not _INT32_MIN <= dim <= _INT32_MAX:
+        number = int(dim) if isinstance(dim, np.integer) else dim
+        if type(number) is not int or not _INT32_MIN <= number <= _INT32_MAX:
             raise UpdateRejected(f"{what} shape has dimension {_short(dim)}, not an int32")
-        packed += _varint(dim) if dim >= 0 else 10  # a negative int32 is sign-extended
+        packed += _varint(number) if number >= 0 else 10  # a negative int32 is sign-extended
     data = array.data
     if not isinstance(data, bytes):
         raise UpdateRejected(f"{what} data is a {type(data).__name__}, not bytes")
@@ -423,7 +433,7 @@ def _array_size(array: object, what: str, walk: _Walk) -> int:
             + (_framed(len(data)) if data else 0))
 
 
-def _list_size(values: list[object], kind: type, what: str, walk: _Walk) -> int:
+def _list_size(values: list[Any], kind: type, what: str, walk: _Walk) -> int:
     """Bytes of the ``vals`` of a DoubleList, SintList, UintList, BoolList, StringList or
     BytesList (field 1; packed for numbers, one field per element for text)."""
     if not values:
@@ -433,40 +443,40 @@ def _list_size(values: list[object], kind: type, what: str, walk: _Walk) -> int:
     if kind is bool:
         return _framed(len(values))
     if kind is int:
-        if any(v > _INT64_MAX for v in values):  # type: ignore[operator]  # Flower: UintList
+        if any(v > _INT64_MAX for v in values):  # Flower then picks a UintList
             return _framed(sum(_varint(_uint64(v, what)) for v in values))
-        if any(v < _INT64_MIN for v in values):  # type: ignore[operator]
+        if any(v < _INT64_MIN for v in values):
             raise UpdateRejected(f"{what} holds an int below the int64 range")
-        return _framed(sum(_zigzag(v) for v in values))  # type: ignore[arg-type]
+        return _framed(sum(_zigzag(v) for v in values))
     if kind is str:
         return sum(_framed(walk.text(v, what)) for v in values)
-    return sum(_framed(len(v)) for v in values)  # type: ignore[arg-type]
+    return sum(_framed(len(v)) for v in values)
 
 
-def _value_size(value: object, allowed: tuple[type, ...], what: str, walk: _Walk) -> int:
+def _value_size(value: Any, allowed: tuple[type, ...], what: str, walk: _Walk) -> int:
     """Bytes of a ``MetricRecordValue`` / ``ConfigRecordValue``: the oneof field Flower's
     ``record_value_dict_to_proto`` picks (the first type of ``allowed`` that fits)."""
     is_list = isinstance(value, list)
     if is_list:
-        walk.spend(len(value), what)  # type: ignore[arg-type]
+        walk.spend(len(value), what)
     for kind in allowed:
         if isinstance(value, kind):
+            single: Any = value  # (isinstance against a type variable narrows to object)
             if kind is float:
                 return 9  # a oneof double is written even when 0.0
             if kind is bool:
                 return 2
             if kind is int:
-                number = value
-                if number > _INT64_MAX:  # type: ignore[operator]
-                    return 1 + _varint(_uint64(number, what))
-                if number < _INT64_MIN:  # type: ignore[operator]
+                if single > _INT64_MAX:
+                    return 1 + _varint(_uint64(single, what))
+                if single < _INT64_MIN:
                     raise UpdateRejected(f"{what} is an int below the int64 range")
-                return 1 + _zigzag(number)  # type: ignore[arg-type]
+                return 1 + _zigzag(single)
             if kind is str:
-                return _framed(walk.text(value, what))
-            return _framed(len(value))  # type: ignore[arg-type]
-        if is_list and all(isinstance(v, kind) for v in value):  # type: ignore[union-attr]
-            inner = _list_size(value, kind, what, walk)  # type: ignore[arg-type]
+                return _framed(walk.text(single, what))
+            return _framed(len(single))
+        if is_list and all(isinstance(v, kind) for v in value):
+            inner = _list_size(value, kind, what, walk)
             return 2 + _varint(inner) + inner  # fields 21-26 take a two-byte tag
     raise UpdateRejected(f"{what} is a {type(value).__name__}, which Flower's "
                          f"{'ConfigRecord' if str in allowed else 'MetricRecord'} cannot carry")
@@ -631,11 +641,14 @@ def _npy_array(name: str, data: object, shape: tuple[int, ...],
 
 
 def _declared_shape(value: object) -> tuple[int, ...] | None:
-    """``Array.shape`` as a tuple of ints, or None if it is anything else."""
+    """``Array.shape`` as a tuple of int32 dims (Flower's wire type), or None.
+
+    The length is checked before any dimension is read.
+    """
     if not isinstance(value, list | tuple) or len(value) > 64:
         return None
-    if not all(type(d) is int for d in value):  # no bools, floats or int subclasses
-        return None
+    if not all(type(d) is int and _INT32_MIN <= d <= _INT32_MAX for d in value):
+        return None  # no bools, floats, int subclasses or dims Flower's int32 cannot carry
     return tuple(value)
 
 
@@ -677,6 +690,10 @@ def decode_weights(record: ArrayRecord, reference: Sequence[NDArray[np.float32]]
     if is_payload(record):
         from flowerpress.compression import PayloadError, decode
 
+        envelope = record[PAYLOAD_KEY]
+        if _declared_shape(getattr(envelope, "shape", None)) is None:
+            raise UpdateRejected(f"payload declares shape {_short(envelope.shape)}, not a "
+                                 "tuple of int32 dimensions")
         payload = payload_bytes(record)
         if not isinstance(payload, bytes):
             raise UpdateRejected(f"payload is {type(payload).__name__}, expected bytes")
@@ -739,9 +756,18 @@ def _check_shapes(update: Sequence[NDArray[np.float32]],
             raise UpdateRejected(f"{what} tensor {i} has shape {u.shape}, expected {r.shape}")
 
 
-def validate_metrics(record: MetricRecord | None, *, required: Sequence[str] = ()
+def _check_record_count(content: RecordDict) -> None:
+    """At most :data:`MAX_RECORDS` records, checked before any of them is looked at."""
+    if len(content) > MAX_RECORDS:
+        raise UpdateRejected(f"reply has {len(content)} records, at most {MAX_RECORDS} allowed")
+
+
+def validate_metrics(record: object, *, required: Sequence[str] = ()
                      ) -> dict[str, float]:
-    """A reply's metrics as finite floats within their documented ranges."""
+    """A reply's metrics as finite floats within their documented ranges.
+
+    The count (at most :data:`MAX_METRICS`) is checked before any metric is read.
+    """
     if record is None:
         if required:
             raise UpdateRejected(f"reply has no MetricRecord {METRICS!r}")
@@ -837,13 +863,15 @@ def validate_train_reply(reply: Message, received: Sequence[NDArray[np.float32]]
         Naming the field and the bound that failed.
     """
     content = reply.content
-    metrics = validate_metrics(content.metric_records.get(METRICS), required=(NUM_EXAMPLES,))
+    _check_record_count(content)
+    metrics = validate_metrics(content.get(METRICS), required=(NUM_EXAMPLES,))
     weight = validate_weight(metrics, max_weight=max_weight)
     if dp:
         _check_dp_contract(metrics)
-    record = content.array_records.get(ARRAYS)
-    if record is None:
-        raise UpdateRejected(f"reply has no ArrayRecord {ARRAYS!r}")
+    record = content.get(ARRAYS)
+    if not isinstance(record, ArrayRecord):
+        raise UpdateRejected(f"reply has no ArrayRecord {ARRAYS!r}" if record is None else
+                             f"{ARRAYS!r} is a {type(record).__name__}, expected an ArrayRecord")
     values = decode_weights(record, received)
     _check_shapes(values, received, "update")
     _check_finite(values, "update")
@@ -862,7 +890,8 @@ def validate_train_reply(reply: Message, received: Sequence[NDArray[np.float32]]
 def validate_eval_reply(reply: Message, *, max_weight: float = DEFAULT_MAX_WEIGHT
                         ) -> tuple[float, dict[str, float]]:
     """``(num_examples, metrics)`` of an evaluate reply, validated."""
-    metrics = validate_metrics(reply.content.metric_records.get(METRICS),
+    _check_record_count(reply.content)
+    metrics = validate_metrics(reply.content.get(METRICS),
                                required=(NUM_EXAMPLES, EVAL_LOSS))
     weight = validate_weight(metrics, max_weight=max_weight)
     return weight, {k: v for k, v in metrics.items() if k != NUM_EXAMPLES}
@@ -870,7 +899,7 @@ def validate_eval_reply(reply: Message, *, max_weight: float = DEFAULT_MAX_WEIGH
 
 def partition_of_reply(reply: Message) -> int | None:
     """The partition id a query reply reports, or None."""
-    info = reply.content.config_records.get(INFO)
+    info = _config_record(reply.content, INFO)
     pid = None if info is None else info.get(PARTITION_ID)
     if isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < (1 << 31):
         return pid
@@ -1012,7 +1041,7 @@ def _claim_bytes(reply: Message) -> bytes | None:
     """The reply's packed ``download`` value if it has one of the three sizes, else None."""
     if reply.has_error() or not reply.has_content():
         return None
-    record = reply.content.config_records.get(DOWNLOAD)
+    record = _config_record(reply.content, DOWNLOAD)
     if record is None or len(record) != 1:
         return None
     raw = record.get(DOWNLOAD_CLAIM)
@@ -1059,7 +1088,7 @@ def anchor_of_reply(reply: Message) -> str | None:
     """
     if reply.has_error() or not reply.has_content():
         return None
-    info = reply.content.config_records.get(INFO)
+    info = _config_record(reply.content, INFO)
     return None if info is None else parse_digest(info.get(DOWNLOAD_ANCHOR))
 
 
@@ -1100,7 +1129,7 @@ def ef21_base_of_reply(reply: Message) -> int | None:
     """
     if reply.has_error() or not reply.has_content():
         return None
-    record = reply.content.config_records.get(EF21)
+    record = _config_record(reply.content, EF21)
     if record is None or len(record) != 1:
         return None
     value = record.get(EF21_BASE)

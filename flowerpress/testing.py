@@ -27,6 +27,98 @@ from flwr.supercore.task_identity import TaskIdentity
 ReplyTamper = Callable[[Message], Message]
 
 
+class NotCarried(Exception):  # noqa: N818 (reads as a verdict)
+    """Flower itself refuses to carry a message: the sender, the SuperLink or the
+    ServerApp's inflation raised (the reply never reaches flowerpress's code)."""
+
+
+def through_superlink(msg: Message) -> Message:
+    """``msg`` as a ServerApp pulls it from Flower 1.41's SuperLink after a SuperNode sent it.
+
+    The calls of the deployment path, in order, with the real transport's
+    bytes in between:
+
+    1. SuperNode (``start_client_internal._insert_message``): the message id is
+       its object id; the header goes as ``message_to_proto`` of the message
+       without content, the content as deflated objects (``get_all_nested_objects``:
+       the RecordDict and ArrayRecord as JSON maps of object ids, an Array's
+       dtype, shape and stype as JSON, its data in ``ArrayChunk`` objects,
+       Metric/ConfigRecords as protobuf).
+    2. SuperLink: ``message_from_proto`` of the header (``Fleet.PushMessages``),
+       each object checked against its id and head (``ObjectStore.put``), the
+       header again as ``message_to_proto`` (``Runtime.PullMessages``).
+    3. ServerApp (``HttpGrid.pull_messages``): ``inflate_object_from_contents``
+       and the message id set from the header.
+
+    A hostile device is not bound by step 1's Python objects, only by what
+    steps 2 and 3 accept; building a message by setting an Array's fields
+    directly (any JSON value) and deflating it covers that space.
+
+    Raises
+    ------
+    NotCarried
+        One of the three parties refuses the message (naming which).
+    """
+    from flwr.app.message import remove_content_from_message
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_id,
+        no_object_id_recompute,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import (
+        inflate_object_from_contents,
+        validate_object_content,
+    )
+
+    try:
+        with no_object_id_recompute():
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            header = message_to_proto(remove_content_from_message(msg)).SerializeToString()
+            contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
+    except Exception as exc:
+        raise NotCarried(f"the SuperNode cannot send it: {type(exc).__name__}") from exc
+    try:
+        from flwr.proto.message_pb2 import Message as ProtoMessage
+
+        stored = message_from_proto(ProtoMessage.FromString(header))
+        for oid, content in contents.items():
+            if get_object_id(content) != oid:
+                raise ValueError(f"object {oid} does not match its content")
+            validate_object_content(content)
+        pulled = message_to_proto(stored).SerializeToString()
+    except Exception as exc:
+        raise NotCarried(f"the SuperLink refuses it: {type(exc).__name__}") from exc
+    try:
+        msg_id = ProtoMessage.FromString(pulled).metadata.message_id
+        out = inflate_object_from_contents(msg_id, contents)
+        if not isinstance(out, Message):
+            raise TypeError(f"inflated a {type(out).__name__}")
+        out.metadata.__dict__["_message_id"] = msg_id
+    except Exception as exc:  # HttpGrid.pull_messages raises: the poll drops the reply
+        raise NotCarried(f"the ServerApp cannot inflate it: {type(exc).__name__}") from exc
+    return out
+
+
+def through_simulation(msg: Message) -> Message:
+    """``msg`` as the ServerApp gets it from Flower 1.41's simulation engine.
+
+    The Ray backend returns the ClientApp's reply from its actor by pickling
+    it (``ray.get``); the in-memory LinkState and ``InMemoryGrid`` then hand
+    the same Python object to the ServerApp. So every Python value survives,
+    including ones the deployment path cannot carry (a metric of 10**400).
+    """
+    import pickle
+
+    try:
+        out = pickle.loads(pickle.dumps(msg, protocol=5))
+    except Exception as exc:
+        raise NotCarried(f"Ray cannot pickle it: {type(exc).__name__}") from exc
+    if not isinstance(out, Message):
+        raise NotCarried(f"unpickled a {type(out).__name__}")
+    return out
+
+
 @contextmanager
 def server_identity(run_id: int = 1, task_id: int = 1) -> Iterator[None]:
     """Set the process-wide identity Flower stamps on server messages, then restore it.
