@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import math
 import os
 import struct
@@ -56,7 +57,7 @@ from typing import Any
 
 import numpy as np
 import zstandard
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from flowerpress import protocol
 from flowerpress.compression import parse
@@ -68,15 +69,24 @@ from flowerpress.compression.envelope import (
     payload_record,
 )
 from flowerpress.compression.wire import Reader
+from flowerpress.secagg import encoding
+from flowerpress.secagg import messages as sm
+from flowerpress.secagg.core import SecAggViolation
 from flowerpress.server.bounds import bound_update_norm
 from flowerpress.server.loop import StrategyFailedError, check_strategy_result
 from flowerpress.strategies import build_strategy
 from flowerpress.strategies.base import ClientUpdate
-from flowerpress.testing import server_identity
+from flowerpress.testing import NotCarried, server_identity, through_simulation, through_superlink
 
 Weights = list[np.ndarray]
 Maker = Callable[[np.random.Generator], Message]
 
+#: The node id of the hostile device (the server's own node id is 0).
+NODE = 7
+#: Devices in a secure-aggregation cohort (share-keys replies name at most this many peers).
+COHORT = 10
+#: Bits per word of the secure-aggregation mask stage.
+SECAGG_BITS = 16
 CODECS = ["none", "fp16", "q:8", "q:2", "sign", "topk:0.1+q:8+zstd", "randk:0.5",
           "topk:1.0", "lowrank:4+q:8", "zstd", "sign+ef+zstd:1"]
 DESCRS = ["'<f4'", "'<f8'", "'<f2'", "'>f4'", "'<i4'", "'|O'", "'<c8'", "'|V0'", "'|S0'",
@@ -111,6 +121,31 @@ def _header(descr: str, shape: str, fortran: str = "False", version: int = 1,
     return b"\x93NUMPY\x02\x00" + struct.pack("<I", len(body)) + body
 
 
+#: The instruction each kind of reply answers (a real reply carries its metadata).
+_INSTRUCTIONS: dict[str, Message] = {}
+
+
+def _instruction(message_type: str) -> Message:
+    """The server's message a reply of ``message_type`` answers (built once, pushed id)."""
+    if message_type not in _INSTRUCTIONS:
+        ins = Message(RecordDict(), dst_node_id=NODE, message_type=message_type)
+        ins.metadata.__dict__["_message_id"] = f"{len(_INSTRUCTIONS):064x}"
+        _INSTRUCTIONS[message_type] = ins
+    return _INSTRUCTIONS[message_type]
+
+
+def _reply(content: RecordDict, message_type: str = "train") -> Message:
+    """A device's reply carrying ``content`` (metadata as a SuperNode sets it)."""
+    return Message(content, reply_to=_instruction(message_type))
+
+
+def _raw_record(kind: type, values: dict[Any, Any]) -> Any:
+    """A Metric/ConfigRecord holding ``values`` unchecked (any value a sender could set)."""
+    record = kind({})
+    record.__dict__["_data"].update(values)
+    return record
+
+
 def _message(arrays: Any, metrics: Any) -> Message:
     """A train reply as it reaches the server (record values set as the wire could)."""
     content = RecordDict()
@@ -124,7 +159,7 @@ def _message(arrays: Any, metrics: Any) -> Message:
             content["metrics"] = record
         else:
             content["metrics"] = metrics
-    return Message(content, dst_node_id=0, message_type="train")
+    return _reply(content)
 
 
 def _mutate(rng: np.random.Generator, blob: bytes, *, region: int | None = None,
@@ -188,13 +223,25 @@ class Workload:
     payloads: list[bytes] = field(default_factory=list)
     #: What the last maker did (codec and edits), for the report of the costliest replies.
     note: str = ""
+    #: Whether the last query/evaluate/secagg reply was left honest (it must be accepted).
+    honest_reply: bool = False
+    #: The secure-aggregation stage of the last secagg reply.
+    stage: str = ""
+    #: Bytes of a mask-stage reply's packed vector (the model's length at SECAGG_BITS).
+    packed_bytes: int = 0
 
     def __post_init__(self) -> None:
+        self.packed_bytes = (self.length * SECAGG_BITS + 7) // 8
         rng = np.random.default_rng(1)
         delta = self.honest_delta(rng)
         for spec in CODECS:
             blob, _ = parse(spec).encode(delta, None, rng=rng)
             self.payloads.append(blob)
+
+    @property
+    def length(self) -> int:
+        """Elements of the model (the secure-aggregation vector's length)."""
+        return sum(int(g.size) for g in self.received)
 
     def honest_delta(self, rng: np.random.Generator) -> Weights:
         return [(rng.standard_normal(g.shape) * 0.01).astype(np.float32) for g in self.received]
@@ -344,10 +391,172 @@ class Workload:
             return _message(payload_record(blob), self.good_metrics(rng))
         return _message(ArrayRecord(local), self.good_metrics(rng))
 
+    # --- structure and the other kinds of reply ------------------------------------------
+
+    def wire(self, rng: np.random.Generator) -> Message:
+        """A train reply whose structure is hostile: Array fields as any JSON value (the
+        deployment path moves them as JSON), extra or foreign records, an error reply."""
+        reply = self.honest(rng)
+        content = reply.content
+        kind = int(rng.integers(0, 4))
+        if kind == 0:  # one Array field of a plain or payload record, as JSON carries it
+            record = content["arrays"]
+            arr = list(record.values())[int(rng.integers(0, len(record)))]
+            name = ["shape", "shape", "shape", "dtype", "stype"][int(rng.integers(0, 5))]
+            value = _pick(rng, JSON_SHAPES if name == "shape" else JSON_TEXT)
+            arr.__dict__[name] = value
+            self.note = f"array {name} := {_short_repr(value)}"
+        elif kind == 1:  # extra records, or a hostile record added
+            _structure_inplace(rng, content, self)
+        elif kind == 2:  # an error reply, as a device may send one
+            reason = "x" * int(rng.choice([0, 10, 10**4, 10**6]))
+            self.note = f"error reply, reason of {len(reason)} characters"
+            return Message(Error(code=int(rng.integers(-2**63, 2**63 - 1)), reason=reason),
+                           reply_to=_instruction("train"))
+        else:  # the train reply's own config records (download claim, EF21 base) fuzzed
+            content["download"] = ConfigRecord({"h": b"\x00" * 28})
+            content["ef21"] = ConfigRecord({"ef21-base": 1})
+            _fuzz_values_inplace(rng, content[["download", "ef21"][int(rng.integers(0, 2))]],
+                                 self)
+        return reply
+
+    def query(self, rng: np.random.Generator) -> Message:
+        """The start-up hello reply: partition id, number of partitions, anchor digest."""
+        info = ConfigRecord({protocol.PARTITION_ID: int(rng.integers(0, COHORT)),
+                             protocol.NUM_PARTITIONS: COHORT,
+                             protocol.DOWNLOAD_ANCHOR: rng.bytes(16).hex()})
+        return self._fuzzed(rng, RecordDict({protocol.INFO: info}), "query")
+
+    def evaluate(self, rng: np.random.Generator) -> Message:
+        values = {protocol.NUM_EXAMPLES: int(rng.integers(1, 500)),
+                  protocol.EVAL_LOSS: float(rng.random()), protocol.EVAL_ACC: float(rng.random())}
+        return self._fuzzed(rng, RecordDict({protocol.METRICS: MetricRecord(values)}),
+                            "evaluate")
+
+    def secagg(self, rng: np.random.Generator) -> Message:
+        """A reply to one of the four secure-aggregation stages (``secagg-stage`` in note)."""
+        stage = sm.STAGES[int(rng.integers(0, len(sm.STAGES)))]
+        self.stage = stage
+        peers = sorted(int(p) for p in rng.choice(np.arange(1, 1000), size=COHORT - 1,
+                                                  replace=False))
+        values: dict[str, Any]
+        if stage == sm.ADVERTISE:
+            values = {sm.C_PK: rng.bytes(32), sm.S_PK: rng.bytes(32), sm.B_COMMIT: rng.bytes(32)}
+        elif stage == sm.SHARE_KEYS:
+            values = {sm.DST: sm.pack_ids(peers), sm.CIPHERTEXTS: [rng.bytes(120) for _ in peers]}
+        elif stage == sm.MASK:
+            values = {sm.MASKED: rng.bytes(self.packed_bytes), sm.COMPLAINTS: sm.pack_ids([])}
+        else:
+            half = len(peers) // 2
+            values = {sm.B_OWNERS: sm.pack_ids(peers[:half]),
+                      sm.B_SHARES: [rng.bytes(40) for _ in peers[:half]],
+                      sm.SK_OWNERS: sm.pack_ids(peers[half:]),
+                      sm.SK_SHARES: [rng.bytes(40) for _ in peers[half:]]}
+        return self._fuzzed(rng, RecordDict({sm.RECORD: ConfigRecord(values)}), "train")
+
+    def _fuzzed(self, rng: np.random.Generator, content: RecordDict,
+                message_type: str) -> Message:
+        """The honest reply (a fifth of the time) or one with one to three hostile edits."""
+        self.honest_reply = rng.random() < 0.2
+        if self.honest_reply:
+            self.note = "honest"
+            return _reply(content, message_type)
+        notes: list[str] = []
+        for _ in range(int(rng.integers(1, 4))):
+            kind = int(rng.integers(0, 10))
+            name = next(iter(content.keys()), None)
+            if kind < 6 and name is not None:
+                _fuzz_values_inplace(rng, content[name], self)
+            elif kind < 8:
+                _structure_inplace(rng, content, self)
+            elif kind == 8 and name is not None:  # the record under another kind
+                other = [MetricRecord, ConfigRecord][int(rng.integers(0, 2))]
+                content[name] = other({"a": 1})
+                self.note = f"{name} is a {other.__name__}"
+            else:
+                self.note = f"error reply, code {int(rng.integers(-5, 5))}"
+                return Message(Error(code=int(rng.integers(-5, 5)),
+                                     reason="é" * int(rng.integers(0, 300))),
+                               reply_to=_instruction(message_type))
+            notes.append(self.note)
+        self.note = "; ".join(notes)
+        return _reply(content, message_type)
+
     def makers(self) -> dict[str, Maker]:
         return {"payload": self.payload, "npy": self.npy, "fields": self.fields,
                 "weight": self.weight, "metrics": self.metrics, "values": self.values,
-                "honest": self.honest}
+                "honest": self.honest, "wire": self.wire, "query": self.query,
+                "evaluate": self.evaluate, "secagg": self.secagg}
+
+
+#: Shapes as JSON can carry them in an Array object (Flower 1.41 json.loads its metadata).
+JSON_SHAPES: list[Any] = [(2**31,), (2**40, 3), (-2**31 - 1,), (2**63,), (2**64,), (10**30,),
+                          (-1,), (True, 3), (1.5,), ("a",), [], [[1]], list(range(10**4)),
+                          [0] * 70, "abc", {"a": 1}, None, 7, (2**31 - 1, 2**31 - 1)]
+#: dtype/stype values (Flower's inflation refuses non-strings; pickle keeps them).
+JSON_TEXT: list[Any] = ["", "float64", "fp", "numpy.ndarray", "\ud800", "é" * 10**5,
+                        "x" * 10**6, 7, None, [1], {"a": 1}, True]
+#: Values a Metric/ConfigRecord entry may be set to (Flower's deflation refuses some).
+HOSTILE_VALUES: list[Any] = [2**63 - 1, 2**63, 2**64 - 1, 2**64, -2**63, -2**63 - 1, 10**400, -1,
+                             0, True, float("nan"), float("inf"), -0.0, 1e308, "", "\ud800",
+                             "é" * 1000, b"", b"\x00" * 31, b"\x00" * 33, b"\xff" * 10**5,
+                             [], [b"a"] * 9, [b"a"] * 5000, [1] * 5000, [2**64 - 1, -1],
+                             [True, 2], [1.0, 2], [[1]], {"a": 1}, None, np.float64(1.0),
+                             np.int64(3)]
+
+
+def _pick(rng: np.random.Generator, values: Sequence[Any]) -> Any:
+    return values[int(rng.integers(0, len(values)))]
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    if len(text) <= 60:
+        return text
+    size = f" of {len(value)}" if hasattr(value, "__len__") else ""
+    return f"{text[:40]}... ({type(value).__name__}{size})"
+
+
+def _fuzz_values_inplace(rng: np.random.Generator, record: Any, work: Workload) -> None:
+    """Set, drop or multiply the entries of a Metric/ConfigRecord (unchecked values)."""
+    data = record.__dict__.get("_data")
+    if data is None or isinstance(record, ArrayRecord):
+        return
+    kind = int(rng.integers(0, 4))
+    keys = list(data)
+    if kind < 2 and keys:  # one entry set to a hostile value
+        key = _pick(rng, keys)
+        data[key] = _pick(rng, HOSTILE_VALUES)
+        work.note = f"{key} := {_short_repr(data[key])}"
+    elif kind == 2 and keys:  # an entry dropped
+        key = _pick(rng, keys)
+        del data[key]
+        work.note = f"{key} dropped"
+    else:  # many entries, or a long or non-text name
+        count = int(rng.choice([1, 65, 5000, 20000]))
+        name = _pick(rng, ["k", "é", "x" * 300, "\ud800"])
+        data.update({f"{name}{i}": 1.0 for i in range(count)})
+        work.note = f"{count} entries named {name[:8]!r}..."
+
+
+def _structure_inplace(rng: np.random.Generator, content: RecordDict, work: Workload) -> None:
+    """Add records to a reply: many of them, or an ArrayRecord with a hostile Array."""
+    kind = int(rng.integers(0, 3))
+    if kind == 0:
+        count = int(rng.choice([17, 100, 3000]))
+        for i in range(count):
+            content[f"r{i}"] = ConfigRecord({"a": i})
+        work.note = f"{count} extra records"
+    elif kind == 1:
+        record = ArrayRecord({"p": Array(np.zeros(3, np.float32))})
+        record["p"].__dict__["shape"] = _pick(rng, JSON_SHAPES)
+        content[_pick(rng, ["arrays", "x", "p", "info"])] = record
+        work.note = f"an ArrayRecord with shape {_short_repr(record['p'].shape)}"
+    else:
+        count = int(rng.choice([2, 300, 3000]))
+        content["many"] = ArrayRecord({f"a{i}": Array(np.zeros(1, np.float32))
+                                       for i in range(count)})
+        work.note = f"an ArrayRecord of {count} arrays"
 
 
 _KINDS = {0: "f32", 1: "f16", 2: "q", 3: "sign"}
@@ -458,21 +667,23 @@ class Tally:
     honest_cpu: list[float] = field(default_factory=list)
     reasons: Counter[str] = field(default_factory=Counter)
     class_cpu: dict[str, float] = field(default_factory=dict)
-    class_validate_peak: dict[str, int] = field(default_factory=dict)
-    max_validate_peak: int = 0
     class_peak: dict[str, int] = field(default_factory=dict)
+    #: Replies Flower itself refused to carry, by class and transport.
+    not_carried: Counter[str] = field(default_factory=Counter)
+    #: The highest peak of the server path by transport.
+    transport_peak: dict[str, int] = field(default_factory=dict)
     #: The costliest replies by peak memory: (peak, reply number, class, outcome, note).
     top: list[tuple[int, int, str, str, str]] = field(default_factory=list)
     top_blobs: dict[int, bytes] = field(default_factory=dict)
-    #: The slowest replies by CPU: (cpu, reply number, class, outcome, note, reply).
-    slow: list[tuple[float, int, str, str, str, Message]] = field(default_factory=list)
+    #: The slowest replies by CPU: (cpu, reply number, class, outcome, note, reply, stage).
+    slow: list[tuple[float, int, str, str, str, Message, str]] = field(default_factory=list)
 
     def keep_slow(self, cpu: float, number: int, name: str, outcome: str, reply: Message,
-                  work: Workload, count: int = 5) -> None:
+                  work: Workload, count: int = 5, stage: str = "") -> None:
         """Remember the reply if it is among the ``count`` slowest so far (kept for replay)."""
         if len(self.slow) >= count and cpu <= self.slow[-1][0]:
             return
-        self.slow.append((cpu, number, name, outcome, work.note, reply))
+        self.slow.append((cpu, number, name, outcome, work.note, reply, stage))
         self.slow.sort(key=lambda t: -t[0])
         del self.slow[count:]
 
@@ -509,19 +720,31 @@ def _begin_round(strategy: Any, server_round: int, global_weights: Weights, work
     strategy.add(ClientUpdate(delta=work.honest_delta(warm), weight=1.0, node_id=0))
 
 
+#: The ways a reply reaches the ServerApp in Flower 1.41 (flowerpress.testing).
+#: Pickling comes first: deflation caches memoryview chunks in the message, which Ray's
+#: pickling of a ClientApp's fresh reply never sees.
+TRANSPORTS: dict[str, Callable[[Message], Message]] = {"simulation": through_simulation,
+                                                       "superlink": through_superlink}
+#: Classes whose replies answer a train message (the others say their kind in the name).
+TRAIN_CLASSES = ("payload", "npy", "fields", "weight", "metrics", "values", "honest", "wire")
+#: Share of each class in the mix (the train classes as before, then the other kinds).
+MIX = {"payload": 0.17, "npy": 0.17, "fields": 0.1, "weight": 0.07, "metrics": 0.07,
+       "values": 0.09, "honest": 0.08, "wire": 0.07, "query": 0.06, "evaluate": 0.06,
+       "secagg": 0.06}
+
+
 def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm: float,
         round_size: int = 50, progress: bool = False,
         classes: Sequence[str] | None = None) -> Tally:
-    """Send ``replies`` replies through the reply path; return the tally."""
+    """Send ``replies`` replies over both of Flower's paths and through the server's calls."""
     rng = np.random.default_rng(seed)
     work = Workload(received=model)
     makers = work.makers()
     names = list(makers)
-    # Mostly hostile; a few honest replies keep the accepted path exercised.
-    probs = np.array([0.22, 0.22, 0.14, 0.1, 0.1, 0.12, 0.1])
+    probs = np.array([MIX[n] for n in names])
     if classes:  # only these classes (another stream of replies than the full mix)
         probs = np.array([p if n in classes else 0.0 for n, p in zip(names, probs, strict=True)])
-        probs /= probs.sum()
+    probs /= probs.sum()
     strategy = build_strategy(strategy_spec)
     tally = Tally()
     global_weights = [w.copy() for w in model]
@@ -536,10 +759,21 @@ def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm
             for _ in range(min(round_size, replies - sent)):
                 sent += 1
                 name = names[int(rng.choice(len(names), p=probs))]
-                work.note = ""
+                work.note, work.stage, work.honest_reply = "", "", False
                 reply = makers[name](rng)
+                honest = name == "honest" or work.honest_reply
                 tally.tried[name] += 1
-                _one(reply, name, work, strategy, max_norm, tally, sent)
+                for transport, carry in TRANSPORTS.items():
+                    try:
+                        arrival = carry(reply)
+                    except NotCarried as exc:
+                        tally.not_carried[f"{name} ({transport})"] += 1
+                        if honest:
+                            tally.escapes.append(f"honest {name} reply not carried over "
+                                                 f"{transport}: {exc}")
+                        continue
+                    _one(arrival, name, work, strategy, max_norm, tally, sent,
+                         transport=transport, honest=honest, stage=work.stage)
             try:
                 new = check_strategy_result(strategy.result(), global_weights, strategy_spec)
             except StrategyFailedError as exc:
@@ -554,61 +788,111 @@ def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm
     return tally
 
 
+def _count_rejected(reply: Message) -> None:
+    """A rejected reply's bytes are counted too (its ``UpdateRejected`` is the verdict)."""
+    try:
+        protocol.message_bytes(reply)
+    except protocol.UpdateRejected:
+        pass
+
+
+def _server_path(reply: Message, name: str, work: Workload, strategy: Any, max_norm: float,
+                 tally: Tally, stage: str) -> None:
+    """The calls a real run makes on one arriving reply (flowerpress.server.loop and
+    secagg_round), in the order of the round's collect phase: validate (or parse), count
+    its bytes (a rejected reply's too), then use it.
+
+    Raises
+    ------
+    UpdateRejected, SecAggViolation
+        The reply is rejected (what the round's guard turns into one log line).
+    """
+    if name in ("secagg", "query"):  # no validator of their own: counted first
+        protocol.message_bytes(reply)
+    if name == "secagg":
+        if stage == sm.ADVERTISE:
+            sm.parse_advertise_reply(reply, NODE)
+        elif stage == sm.SHARE_KEYS:
+            sm.parse_share_keys_reply(reply, NODE, max_peers=COHORT)
+        elif stage == sm.MASK:
+            packed, _ = sm.parse_mask_reply(reply, NODE, packed_bytes=work.packed_bytes)
+            encoding.unpack_words(packed, SECAGG_BITS, work.length)
+        else:
+            sm.parse_unmask_reply(reply, NODE)
+        return
+    if reply.has_error():  # a device's error reply is dropped, counted as rejected
+        _count_rejected(reply)
+        raise protocol.UpdateRejected("error reply")
+    if name == "query":
+        if protocol.partition_of_reply(reply) is None:
+            raise protocol.UpdateRejected("no partition id")
+        protocol.anchor_of_reply(reply)
+        return
+    try:
+        if name == "evaluate":
+            protocol.validate_eval_reply(reply, max_weight=work.max_weight)
+        else:
+            checked = protocol.validate_train_reply(reply, work.received,
+                                                    max_weight=work.max_weight)
+    except protocol.UpdateRejected:
+        _count_rejected(reply)
+        raise
+    protocol.message_bytes(reply)
+    if name == "evaluate":
+        return
+    protocol.ef21_base_of_reply(reply)
+    protocol.held_version_of_reply(reply)
+    protocol.compute_seconds_of_reply(reply)
+    delta, _, was_clipped = bound_update_norm(checked.delta, max_norm)
+    strategy.add(ClientUpdate(delta=delta, weight=checked.weight, node_id=1,
+                              metrics=checked.metrics))
+    tally.clipped += was_clipped
+
+
 def _one(reply: Message, name: str, work: Workload, strategy: Any, max_norm: float,
-         tally: Tally, number: int = 0) -> None:
+         tally: Tally, number: int = 0, *, transport: str = "", honest: bool = False,
+         stage: str = "") -> None:
     tracemalloc.reset_peak()
     base, _ = tracemalloc.get_traced_memory()
     start = time.process_time()
     outcome, reason = "accepted", ""
     try:
-        checked = protocol.validate_train_reply(reply, work.received, max_weight=work.max_weight)
-    except protocol.UpdateRejected as exc:
+        _server_path(reply, name, work, strategy, max_norm, tally, stage)
+    except (protocol.UpdateRejected, SecAggViolation) as exc:
         outcome, reason = "rejected", str(exc)
+        if "\n" in reason:
+            tally.escapes.append(f"{name} ({transport}): a rejection of several lines")
         tally.reasons[f"{name}: {_reason(reason)}"] += 1
-    except Exception as exc:  # an escape from the contract
+    except Exception as exc:  # an escape: the round's guard would have to catch it
         outcome = "escape"
-        tally.escapes.append(f"{name}: validate raised {type(exc).__name__}: {str(exc)[:200]}")
-    else:
-        _, validate_peak = tracemalloc.get_traced_memory()
-        validate_peak -= base
-        tally.class_validate_peak[name] = max(validate_peak,
-                                              tally.class_validate_peak.get(name, 0))
-        tally.max_validate_peak = max(validate_peak, tally.max_validate_peak)
-        try:
-            delta, _, was_clipped = bound_update_norm(checked.delta, max_norm)
-            strategy.add(ClientUpdate(delta=delta, weight=checked.weight, node_id=1,
-                                      metrics=checked.metrics))
-            tally.clipped += was_clipped
-        except Exception as exc:
-            outcome = "escape"
-            tally.escapes.append(f"{name}: add raised {type(exc).__name__}: {str(exc)[:200]}")
+        tally.escapes.append(f"{name} {stage} ({transport}): {type(exc).__name__}: "
+                             f"{str(exc)[:200]} [{work.note[:200]}]")
     cpu = time.process_time() - start
     _, peak = tracemalloc.get_traced_memory()
     peak -= base
+    label = f"{name}:{stage}" if stage else name
     if outcome == "accepted":
         tally.accepted[name] += 1
     elif outcome == "rejected":
         tally.rejected[name] += 1
-        if name == "honest":
-            tally.escapes.append(f"honest reply rejected: {reason[:200]}")
-    if name == "honest":
+        if honest:
+            tally.escapes.append(f"honest {label} reply rejected ({transport}): {reason[:200]}")
+    if honest:
         tally.honest_cpu.append(cpu)
-    tally.class_cpu[name] = max(cpu, tally.class_cpu.get(name, 0.0))
-    if outcome != "accepted":  # for accepted ones, validation's own peak was taken above
-        tally.class_validate_peak[name] = max(peak, tally.class_validate_peak.get(name, 0))
-        tally.max_validate_peak = max(peak, tally.max_validate_peak)
-    tally.class_peak[name] = max(peak, tally.class_peak.get(name, 0))
+    tally.class_cpu[label] = max(cpu, tally.class_cpu.get(label, 0.0))
+    tally.class_peak[label] = max(peak, tally.class_peak.get(label, 0))
+    tally.transport_peak[transport] = max(peak, tally.transport_peak.get(transport, 0))
     if cpu > tally.max_cpu:
-        tally.max_cpu, tally.max_cpu_class = cpu, name
+        tally.max_cpu, tally.max_cpu_class = cpu, label
     if peak > tally.max_peak:
-        tally.max_peak, tally.max_peak_class = peak, name
-    tally.keep_top(peak, number, name, outcome, reply, work)
-    tally.keep_slow(cpu, number, name, outcome, reply, work)
+        tally.max_peak, tally.max_peak_class = peak, label
+    tally.keep_top(peak, number, label, f"{outcome} ({transport})", reply, work)
+    tally.keep_slow(cpu, number, name, f"{outcome} ({transport})", reply, work, stage=stage)
 
 
-def replay_cpu(reply: Message, model: Weights, strategy_spec: str, max_norm: float,
-               repeats: int = 5) -> float:
-    """The least CPU time of ``repeats`` replays of one reply through the same path.
+def replay_cpu(reply: Message, name: str, stage: str, model: Weights, strategy_spec: str,
+               max_norm: float, repeats: int = 5) -> float:
+    """The least CPU time of ``repeats`` replays of one arrived reply through the same path.
 
     One measurement of a reply can be inflated by what else ran at that moment
     (the garbage collector, another process on the core); the minimum over
@@ -624,19 +908,21 @@ def replay_cpu(reply: Message, model: Weights, strategy_spec: str, max_norm: flo
                 strategy = build_strategy(strategy_spec)
                 _begin_round(strategy, 1, [w.copy() for w in model], work, warm)
                 tally = Tally()
-                _one(reply, "replay", work, strategy, max_norm, tally)
+                _one(reply, name, work, strategy, max_norm, tally, stage=stage)
                 best = min(best, tally.max_cpu)
     finally:
         tracemalloc.stop()
     return best
 
 
-def honest_peaks(model: Weights) -> dict[str, float]:
-    """Peak memory of validating one honest reply per codec, as a multiple of the model."""
+def honest_peaks(model: Weights) -> dict[str, tuple[float, float]]:
+    """Per upload codec, peak memory of one honest train reply as a multiple of the model:
+    Flower's own deflation and inflation (``through_superlink``, the reply included) and
+    the server path after it (bytes, validation, norm bound, strategy add)."""
     work = Workload(received=model)
     rng = np.random.default_rng(2)
     model_bytes = sum(int(w.size) for w in model) * 4
-    out: dict[str, float] = {}
+    out: dict[str, tuple[float, float]] = {}
     with server_identity():
         for spec in ["plain", *CODECS]:
             if spec == "plain":
@@ -645,12 +931,18 @@ def honest_peaks(model: Weights) -> dict[str, float]:
                 record = payload_record(parse(spec).encode(work.honest_delta(rng), None,
                                                            rng=rng)[0])
             reply = _message(record, work.good_metrics(rng))
-            protocol.validate_train_reply(reply, model)  # warm: lazy imports
+            strategy = build_strategy("fedavg")
+            _begin_round(strategy, 1, model, work, rng)
+            _server_path(through_superlink(reply), "honest", work, strategy, 0.0, Tally(), "")
             tracemalloc.start()
-            protocol.validate_train_reply(reply, model)
+            arrival = through_superlink(reply)
+            _, wire = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            base, _ = tracemalloc.get_traced_memory()
+            _server_path(arrival, "honest", work, strategy, 0.0, Tally(), "")
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-            out[spec] = peak / model_bytes
+            out[spec] = (wire / model_bytes, (peak - base) / model_bytes)
     return out
 
 
@@ -674,6 +966,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dump", default="",
                         help="directory to write the payloads of the costliest replies to")
     args = parser.parse_args(argv)
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # "Key ... was overwritten" per reply
     model = digits_model() if args.model == "digits" else large_model()
     model_bytes = sum(int(w.size) for w in model) * 4
     started = time.monotonic()
@@ -689,23 +982,34 @@ def main(argv: list[str] | None = None) -> int:
           f"strategy {args.strategy}; max-update-norm {args.max_update_norm:g}; "
           f"seed {args.seed}; {seconds:.0f} s")
     print()
-    print("| class | tried | rejected | accepted | max CPU (ms) | max peak, validation "
-          "(x model) | max peak, validation + bound + add (x model) |")
+    print("| class | tried | not carried (superlink / simulation) | rejected | accepted | "
+          "max CPU (ms) | max peak, server path (x model) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in sorted(tally.tried):
-        print(f"| {name} | {tally.tried[name]} | {tally.rejected[name]} | "
-              f"{tally.accepted[name]} | {tally.class_cpu[name] * 1e3:.2f} | "
-              f"{tally.class_validate_peak.get(name, 0) / model_bytes:.2f} | "
-              f"{tally.class_peak[name] / model_bytes:.2f} |")
+        labels = sorted(k for k in tally.class_cpu if k == name or k.startswith(name + ":"))
+        cpu = max((tally.class_cpu[k] for k in labels), default=0.0)
+        peak = max((tally.class_peak[k] for k in labels), default=0)
+        print(f"| {name} | {tally.tried[name]} | {tally.not_carried[f'{name} (superlink)']} / "
+              f"{tally.not_carried[f'{name} (simulation)']} | {tally.rejected[name]} | "
+              f"{tally.accepted[name]} | {cpu * 1e3:.2f} | {peak / model_bytes:.2f} |")
     total = sum(tally.tried.values())
-    print(f"| **all** | **{total}** | **{sum(tally.rejected.values())}** | "
-          f"**{sum(tally.accepted.values())}** | {tally.max_cpu * 1e3:.2f} | "
-          f"{tally.max_validate_peak / model_bytes:.2f} | {tally.max_peak / model_bytes:.2f} |")
+    arrived = sum(tally.rejected.values()) + sum(tally.accepted.values())
+    print(f"| **all** | **{total}** | {sum(tally.not_carried.values())} | "
+          f"**{sum(tally.rejected.values())}** | **{sum(tally.accepted.values())}** | "
+          f"{tally.max_cpu * 1e3:.2f} | {tally.max_peak / model_bytes:.2f} |")
     print()
-    print("honest replies, peak memory of validate_train_reply (x model), by upload codec:")
-    print(" ".join(f"{spec}={ratio:.2f}" for spec, ratio in honest_peaks(model).items()))
+    stages = sorted(k for k in tally.class_cpu if k.startswith("secagg:"))
+    print("secure-aggregation stages, max CPU (ms) / max peak (x model): " + ", ".join(
+        f"{k[7:]} {tally.class_cpu[k] * 1e3:.2f} / {tally.class_peak[k] / model_bytes:.2f}"
+        for k in stages))
+    print("max peak of the server path by transport (x model): " + ", ".join(
+        f"{k} {v / model_bytes:.2f}" for k, v in sorted(tally.transport_peak.items())))
+    print("honest train replies by upload codec, peak (x model) of Flower's transport "
+          "(deflate + inflate, reply included) / of the server path after it:")
+    print(" ".join(f"{spec}={wire:.2f}/{path:.2f}"
+                   for spec, (wire, path) in honest_peaks(model).items()))
     print()
-    print(f"replies tried:            {total}")
+    print(f"replies made:             {total} ({arrived} arrivals over the two transports)")
     print(f"escapes:                  {len(tally.escapes)}")
     print(f"rejected / accepted:      {sum(tally.rejected.values())} / "
           f"{sum(tally.accepted.values())} (clipped by max-update-norm: {tally.clipped})")
@@ -722,8 +1026,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("slowest replies by CPU (reply number, class, outcome; CPU as measured in the run, "
           "then the least of 5 replays):")
-    for cpu, number, name, outcome, note, reply in tally.slow:
-        again = replay_cpu(reply, model, args.strategy, args.max_update_norm)
+    for cpu, number, name, outcome, note, reply, stage in tally.slow:
+        again = replay_cpu(reply, name, stage, model, args.strategy, args.max_update_norm)
         print(f"  {cpu * 1e3:.2f} ms, replayed {again * 1e3:.2f} ms ({again / honest:.1f}x the "
               f"median honest)  #{number} {name} {outcome}: {note[:300]}")
     if args.dump:

@@ -295,8 +295,9 @@ class WireLimits:
 
     #: Records in the message's RecordDict.
     max_records: int = 64
-    #: Arrays, record entries, list elements and shape dimensions, all records together.
-    max_entries: int = 1 << 14
+    #: Arrays, record entries, list elements and shape dimensions, all records together
+    #: (a train reply holds the model's tensors, at most 64 metrics and two claims).
+    max_entries: int = 4096
     #: Characters of non-ASCII text, all strings together (an ASCII string's size is
     #: read in O(1), a non-ASCII one is encoded a chunk at a time to count its bytes).
     max_text: int = 1 << 16
@@ -304,6 +305,7 @@ class WireLimits:
 
 #: The bounds :func:`message_bytes` applies unless told otherwise.
 WIRE_LIMITS = WireLimits()
+_UNBOUNDED = WireLimits(max_records=1 << 62, max_entries=1 << 62, max_text=1 << 62)
 
 # Protobuf wire facts for Flower's messages (flwr/proto/*.proto): a field's tag
 # is the varint of (number << 3 | wire type); field numbers below 16 take one byte.
@@ -498,17 +500,20 @@ def _record_size(record: object, what: str, walk: _Walk) -> int:
         raise UpdateRejected(f"{what} is a {type(record).__name__}, not a record Flower carries")
     walk.spend(len(record), what)
     size = 0
+    # Labels are formatted only for an error (this loop runs once per entry).
     for key, value in record.items():
-        label = f"{what}[{_short(key)}]"
-        entry = walk.string_field(key, f"{what} key")
-        inner = (_array_size(value, label, walk) if allowed is None
-                 else _value_size(value, allowed, label, walk))
+        try:
+            entry = walk.string_field(key, "key")
+            inner = (_array_size(value, "array", walk) if allowed is None
+                     else _value_size(value, allowed, "value", walk))
+        except UpdateRejected as exc:
+            raise UpdateRejected(f"{what}[{_short(key)}]: {exc}") from None
         entry += _framed(inner)  # the value message is always written
         size += _framed(entry)
     return size
 
 
-def message_bytes(msg: Message, *, limits: WireLimits = WIRE_LIMITS) -> int:
+def message_bytes(msg: Message, *, limits: WireLimits | None = WIRE_LIMITS) -> int:
     """Bytes of ``msg`` as Flower serializes it: ``message_to_proto(msg).ByteSize()``.
 
     Metadata, every record (arrays, metrics, config), the error if any and the
@@ -521,6 +526,8 @@ def message_bytes(msg: Message, *, limits: WireLimits = WIRE_LIMITS) -> int:
     ``len()``, never copied, and every count is checked against ``limits``
     before a container is walked. Whatever a reply holds, counting costs
     O(``limits.max_entries``) time and no memory sized by the reply.
+    ``limits=None`` counts without bounds: for the server's own messages (a
+    model of many tensors, a secure-aggregation stage naming the cohort).
 
     Raises
     ------
@@ -541,6 +548,8 @@ def message_bytes(msg: Message, *, limits: WireLimits = WIRE_LIMITS) -> int:
     values (a shape dimension of 2**40) that ``message_to_proto`` refuses
     with ``ValueError``: here they are an :class:`UpdateRejected`.
     """
+    if limits is None:
+        limits = _UNBOUNDED
     walk = _Walk(limits)
     size = _framed(_metadata_size(msg.metadata, walk))
     if msg.has_content():
@@ -756,10 +765,30 @@ def _check_shapes(update: Sequence[NDArray[np.float32]],
             raise UpdateRejected(f"{what} tensor {i} has shape {u.shape}, expected {r.shape}")
 
 
-def _check_record_count(content: RecordDict) -> None:
-    """At most :data:`MAX_RECORDS` records, checked before any of them is looked at."""
+def _check_structure(content: RecordDict) -> None:
+    """Bound every count of a train or evaluate reply before anything is read or counted.
+
+    At most :data:`MAX_RECORDS` records; every record but ``"arrays"`` (whose
+    tensor count is the model's, checked by :func:`decode_weights`) holds at
+    most :data:`MAX_METRICS` entries, and a list value at most as many
+    elements. So whatever else the reply carries, :func:`message_bytes` of a
+    validated reply walks at most ``MAX_RECORDS * MAX_METRICS`` values besides
+    the model's tensors.
+    """
+    if not isinstance(content, RecordDict):
+        raise UpdateRejected(f"content is a {type(content).__name__}, not a RecordDict")
     if len(content) > MAX_RECORDS:
         raise UpdateRejected(f"reply has {len(content)} records, at most {MAX_RECORDS} allowed")
+    for name, record in content.items():
+        if name == ARRAYS or not isinstance(record, MetricRecord | ConfigRecord | ArrayRecord):
+            continue  # checked where it is read (a record of another type: refused there)
+        if len(record) > MAX_METRICS:
+            raise UpdateRejected(f"record {_short(name)} has {len(record)} entries, at most "
+                                 f"{MAX_METRICS} allowed")
+        for key, value in record.items():
+            if isinstance(value, list) and len(value) > MAX_METRICS:
+                raise UpdateRejected(f"record {_short(name)}[{_short(key)}] is a list of "
+                                     f"{len(value)} values, at most {MAX_METRICS} allowed")
 
 
 def validate_metrics(record: object, *, required: Sequence[str] = ()
@@ -863,7 +892,7 @@ def validate_train_reply(reply: Message, received: Sequence[NDArray[np.float32]]
         Naming the field and the bound that failed.
     """
     content = reply.content
-    _check_record_count(content)
+    _check_structure(content)
     metrics = validate_metrics(content.get(METRICS), required=(NUM_EXAMPLES,))
     weight = validate_weight(metrics, max_weight=max_weight)
     if dp:
@@ -890,7 +919,7 @@ def validate_train_reply(reply: Message, received: Sequence[NDArray[np.float32]]
 def validate_eval_reply(reply: Message, *, max_weight: float = DEFAULT_MAX_WEIGHT
                         ) -> tuple[float, dict[str, float]]:
     """``(num_examples, metrics)`` of an evaluate reply, validated."""
-    _check_record_count(reply.content)
+    _check_structure(reply.content)
     metrics = validate_metrics(reply.content.get(METRICS),
                                required=(NUM_EXAMPLES, EVAL_LOSS))
     weight = validate_weight(metrics, max_weight=max_weight)
