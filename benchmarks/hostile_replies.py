@@ -533,7 +533,7 @@ def _fuzz_values_inplace(rng: np.random.Generator, record: Any, work: Workload) 
         del data[key]
         work.note = f"{key} dropped"
     else:  # many entries, or a long or non-text name
-        count = int(rng.choice([1, 65, 5000, 20000]))
+        count = int(rng.choice([1, 65, 5000]))
         name = _pick(rng, ["k", "é", "x" * 300, "\ud800"])
         data.update({f"{name}{i}": 1.0 for i in range(count)})
         work.note = f"{count} entries named {name[:8]!r}..."
@@ -543,7 +543,7 @@ def _structure_inplace(rng: np.random.Generator, content: RecordDict, work: Work
     """Add records to a reply: many of them, or an ArrayRecord with a hostile Array."""
     kind = int(rng.integers(0, 3))
     if kind == 0:
-        count = int(rng.choice([17, 100, 3000]))
+        count = int(rng.choice([17, 100, 1000]))
         for i in range(count):
             content[f"r{i}"] = ConfigRecord({"a": i})
         work.note = f"{count} extra records"
@@ -553,7 +553,7 @@ def _structure_inplace(rng: np.random.Generator, content: RecordDict, work: Work
         content[_pick(rng, ["arrays", "x", "p", "info"])] = record
         work.note = f"an ArrayRecord with shape {_short_repr(record['p'].shape)}"
     else:
-        count = int(rng.choice([2, 300, 3000]))
+        count = int(rng.choice([2, 100, 600]))
         content["many"] = ArrayRecord({f"a{i}": Array(np.zeros(1, np.float32))
                                        for i in range(count)})
         work.note = f"an ArrayRecord of {count} arrays"
@@ -692,10 +692,11 @@ class Tally:
         """Remember the reply if it is among the ``count`` costliest so far."""
         if len(self.top) >= count and peak <= self.top[-1][0]:
             return
-        record = reply.content.array_records.get(protocol.ARRAYS)
+        record = reply.content.get(protocol.ARRAYS) if reply.has_content() else None
         blob = None
         note = work.note
-        if name in ("payload", "honest", "values") and record is not None and is_payload(record):
+        if name in ("payload", "honest", "values") and isinstance(record, ArrayRecord) \
+                and is_payload(record):
             blob = payload_bytes(record)
             max_body = 5 * sum(int(g.size) for g in work.received) + (1 << 20)
             note = f"{note} | {describe_payload(blob, max_body)}" if note else describe_payload(
@@ -749,7 +750,6 @@ def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm
     tally = Tally()
     global_weights = [w.copy() for w in model]
     warm = np.random.default_rng(seed + 1)
-    tracemalloc.start()
     server_round = 0
     sent = 0
     with server_identity():
@@ -784,7 +784,6 @@ def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm
             if progress and server_round % 200 == 0:
                 print(f"  {sent} replies, {len(tally.escapes)} escapes", file=sys.stderr,
                       flush=True)
-    tracemalloc.stop()
     return tally
 
 
@@ -852,6 +851,10 @@ def _server_path(reply: Message, name: str, work: Workload, strategy: Any, max_n
 def _one(reply: Message, name: str, work: Workload, strategy: Any, max_norm: float,
          tally: Tally, number: int = 0, *, transport: str = "", honest: bool = False,
          stage: str = "") -> None:
+    # Traced from here only: Flower's transport before it runs untraced (and fast).
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
     tracemalloc.reset_peak()
     base, _ = tracemalloc.get_traced_memory()
     start = time.process_time()
@@ -870,6 +873,8 @@ def _one(reply: Message, name: str, work: Workload, strategy: Any, max_norm: flo
     cpu = time.process_time() - start
     _, peak = tracemalloc.get_traced_memory()
     peak -= base
+    if not tracing:
+        tracemalloc.stop()
     label = f"{name}:{stage}" if stage else name
     if outcome == "accepted":
         tally.accepted[name] += 1

@@ -39,6 +39,7 @@ reply). :func:`receive_reply` parses a reply into a
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -114,14 +115,19 @@ def stage_of(msg: Message) -> str | None:
 def _record(reply: Message, node: int, stage: str) -> ConfigRecord:
     """The reply's ConfigRecord, if the reply carries that record with the stage's keys only."""
     if reply.has_error():
-        raise SecAggRefused(f"node {node} replied with an error: {reply.error.reason:.200}")
+        raise SecAggRefused(f"node {node} replied with an error: "
+                            f"{reply.error.reason or '':.200}")
     content = reply.content
-    records = set(content.config_records)
-    if records != {RECORD} or len(content.array_records) or len(content.metric_records):
-        extra = sorted({*records, *content.array_records, *content.metric_records} - {RECORD})
+    record = content.get(RECORD)
+    # Counts first (O(1)): a reply's records and keys are only listed once they are few.
+    if len(content) != 1 or not isinstance(record, ConfigRecord):
+        extra = sorted(str(k)[:40] for k in itertools.islice(content, 8) if k != RECORD)
         raise SecAggViolation(f"node {node}: a {stage} reply carries exactly the ConfigRecord "
-                              f"{RECORD!r}, not {extra[:5] or 'nothing'}")
-    record = content.config_records[RECORD]
+                              f"{RECORD!r}, not {extra[:5] or 'nothing'}"
+                              f"{' (and more)' if len(content) > 8 else ''}")
+    if len(record) > len(REPLY_KEYS[stage]):
+        raise SecAggViolation(f"node {node}: a {stage} reply has {len(record)} keys, at most "
+                              f"{len(REPLY_KEYS[stage])}")
     extra_keys = sorted(set(record) - REPLY_KEYS[stage])
     if extra_keys:
         raise SecAggViolation(f"node {node}: keys {extra_keys[:5]} are not part of a {stage} "
