@@ -404,3 +404,197 @@ def test_npy_headers_numpy_writes_fit_the_header_bound() -> None:
     for ndim in (1, 4, 16, 64):
         blob = _npy(np.zeros((1,) * ndim, np.float32))
         assert int.from_bytes(blob[8:10], "little") <= protocol.MAX_NPY_HEADER
+
+
+# --- bytes as Flower serializes them, without trusting the reply (issue 20) ------------
+
+def _proto_size(msg: Message) -> int:
+    """What ``message_bytes`` must equal: Flower's protobuf of the message, pushed id."""
+    from flwr.common.serde import message_to_proto
+
+    proto = message_to_proto(msg)
+    if not proto.metadata.message_id:
+        proto.metadata.message_id = "0" * protocol.MESSAGE_ID_CHARS
+    return int(proto.ByteSize())
+
+
+def _instruction(message_type: str = "train") -> Message:
+    ins = Message(RecordDict({"config": protocol.TrainInstruction(3, 0).to_record()}),
+                  dst_node_id=9, message_type=message_type)
+    ins.metadata.__dict__["_message_id"] = "a" * protocol.MESSAGE_ID_CHARS
+    return ins
+
+
+def _real_messages() -> list[Message]:
+    """Replies of every kind a run sees (and the server's own train message)."""
+    from flwr.app import ConfigRecord, Error
+
+    from flowerpress.secagg import messages as sm
+
+    rng = np.random.default_rng(0)
+    delta = [(rng.standard_normal(w.shape) * 0.01).astype(np.float32) for w in MODEL]
+    out: list[Message] = []
+    ins, ev, query = _instruction(), _instruction("evaluate"), _instruction("query")
+    out.append(protocol.train_reply(ins, [w + d for w, d in zip(MODEL, delta, strict=True)],
+                                    num_examples=32, metrics={"train-loss": 0.25,
+                                                              "local-steps": 4.0}))
+    for spec in ["none", "q:8", "topk:0.5+q:4+zstd", "sign+ef"]:
+        blob, _ = parse(spec).encode(delta, None, rng=rng)
+        reply = Message(RecordDict({"arrays": payload_record(blob),
+                                    "metrics": MetricRecord({"num-examples": 1, "dp-noised": 1}),
+                                    "download": ConfigRecord({"h": b"\x01" * 28}),
+                                    "ef21": ConfigRecord({"ef21-base": 2})}), reply_to=ins)
+        out.append(reply)
+    out.append(protocol.eval_reply(ev, num_examples=50, loss=0.7, accuracy=0.81,
+                                   metrics={"f1": 0.5}))
+    out.append(protocol.query_reply(query, partition_id=3, num_partitions=10))
+    out.append(Message(Error(code=3, reason="ClientApp raised: é"), reply_to=ins))
+    out.append(Message(Error(code=0), reply_to=ins))
+    for values in ({sm.C_PK: b"c" * 32, sm.S_PK: b"s" * 32, sm.B_COMMIT: b"b" * 32},
+                   {sm.DST: sm.pack_ids([2**64 - 1, 5]), sm.CIPHERTEXTS: [b"x" * 90, b""]},
+                   {sm.MASKED: b"\x00" * 1000, sm.COMPLAINTS: b""},
+                   {sm.B_OWNERS: sm.pack_ids([1]), sm.B_SHARES: [b"y" * 40],
+                    sm.SK_OWNERS: b"", sm.SK_SHARES: []}):
+        out.append(Message(RecordDict({sm.RECORD: ConfigRecord(values)}), reply_to=ins))
+    out.append(Message(RecordDict({"arrays": ArrayRecord(MODEL),
+                                   "config": protocol.TrainInstruction(
+                                       2, 7, "q:8", 10, {"dp-clip": 0.5, "x": [1.5, -0.0],
+                                                         "i": [0, -3, 2**63 - 1],
+                                                         "u": 2**64 - 1}).to_record()}),
+                       dst_node_id=4, message_type="train"))
+    out.append(Message(RecordDict(), reply_to=ins))
+    return out
+
+
+def test_message_bytes_is_flowers_serialized_size_for_every_kind_of_message() -> None:
+    from flowerpress.testing import through_superlink
+
+    with server_identity():
+        messages = _real_messages()
+        arrived = [through_superlink(m) for m in messages if m.metadata.reply_to_message_id]
+    for msg in [*messages, *arrived]:
+        assert protocol.message_bytes(msg) == _proto_size(msg)
+
+
+_METRIC_VALUES = st.one_of(
+    st.floats(allow_nan=True), st.integers(-(2**63), 2**64 - 1),
+    st.lists(st.floats(allow_nan=True), max_size=5),
+    st.lists(st.integers(-(2**63), 2**63 - 1), max_size=5),
+    st.lists(st.integers(0, 2**64 - 1), max_size=5))
+_CONFIG_VALUES = st.one_of(
+    _METRIC_VALUES, st.booleans(), st.text(max_size=20), st.binary(max_size=40),
+    st.lists(st.booleans(), max_size=5), st.lists(st.text(max_size=5), max_size=5),
+    st.lists(st.binary(max_size=5), max_size=5))
+
+
+@settings(max_examples=150, deadline=None)
+@given(metrics=st.dictionaries(st.text(max_size=12), _METRIC_VALUES, max_size=6),
+       config=st.dictionaries(st.text(max_size=12), _CONFIG_VALUES, max_size=6),
+       shape=st.lists(st.integers(-(2**31), 2**31 - 1), max_size=5),
+       data=st.binary(max_size=64), names=st.text(max_size=8))
+def test_message_bytes_equals_the_protobuf_size_of_any_carried_record(
+        metrics: dict[str, Any], config: dict[str, Any], shape: list[int], data: bytes,
+        names: str) -> None:
+    # Prepare: records Flower's wire types carry, and an Array whose fields JSON carried
+    from flwr.app import ConfigRecord
+
+    array = Array(dtype=names, shape=tuple(shape), stype=names, data=data)
+    with server_identity():
+        msg = Message(RecordDict({"m" + names: MetricRecord(metrics),
+                                  "c": ConfigRecord(config),
+                                  names: ArrayRecord({names: array})}), reply_to=_instruction())
+    # Execute / Assert
+    assert protocol.message_bytes(msg) == _proto_size(msg)
+
+
+def _hostile_shape_reply(shape: tuple[Any, ...]) -> Message:
+    """A plain train reply whose first Array declares ``shape``, as Flower 1.41 delivers it."""
+    from flowerpress.testing import through_superlink
+
+    record = ArrayRecord(MODEL)
+    next(iter(record.values())).__dict__["shape"] = shape
+    with server_identity():
+        return through_superlink(Message(RecordDict({
+            "arrays": record, "metrics": MetricRecord(dict(OK_METRICS))}),
+            reply_to=_instruction()))
+
+
+@pytest.mark.parametrize("shape", [(2**31, 3), (4, 2**40), (-(2**31) - 1,), (2**64,)])
+def test_a_shape_dimension_outside_int32_is_an_update_rejected_not_a_value_error(
+        shape: tuple[int, ...]) -> None:
+    # Prepare: Flower's JSON metadata carries the dimension intact
+    from flwr.common.serde import message_to_proto
+
+    reply = _hostile_shape_reply(shape)
+    assert next(iter(reply.content["arrays"].values())).shape == shape
+    with pytest.raises(ValueError, match="out of range"):
+        message_to_proto(reply)
+    # Execute / Assert: one line each, from counting and from validation
+    with pytest.raises(UpdateRejected, match="int32") as info:
+        protocol.message_bytes(reply)
+    assert "\n" not in str(info.value)
+    _rejects(reply, "declares shape")
+
+
+def test_counting_a_large_reply_copies_none_of_its_data() -> None:
+    # Prepare: a 40 MB plain reply
+    big = Array(dtype="float32", shape=(10_000_000,), stype="numpy.ndarray",
+                data=b"\x00" * 40_000_000)
+    with server_identity():
+        reply = Message(RecordDict({"arrays": ArrayRecord({"w": big}),
+                                    "metrics": MetricRecord({"num-examples": 1})}),
+                        reply_to=_instruction())
+    # Execute
+    tracemalloc.start()
+    size = protocol.message_bytes(reply)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # Assert
+    assert size == _proto_size(reply)
+    assert peak < 64 * 1024
+
+
+@pytest.mark.parametrize("build", [
+    lambda: {"metrics": MetricRecord({f"m{i}": 1.0 for i in range(5000)})},
+    lambda: {"metrics": MetricRecord({"l": [1.0] * 5000})},
+    lambda: {"arrays": ArrayRecord({f"a{i}": Array(np.zeros(1, np.float32))
+                                    for i in range(5000)})},
+    lambda: {f"r{i}": MetricRecord({"a": 1}) for i in range(100)},
+])
+def test_counting_refuses_more_than_its_limits_before_walking(
+        build: Callable[[], dict[str, Any]]) -> None:
+    with server_identity():
+        reply = Message(RecordDict(build()), reply_to=_instruction())
+    with pytest.raises(UpdateRejected, match="at most|more than") as info:
+        protocol.message_bytes(reply)
+    assert "\n" not in str(info.value)
+    assert protocol.message_bytes(reply, limits=None) == _proto_size(reply)
+
+
+@pytest.mark.parametrize(("field", "value"), [("dtype", "\ud800"), ("stype", "a\udfff")])
+def test_text_flower_cannot_encode_is_an_update_rejected(field: str, value: str) -> None:
+    from flowerpress.testing import through_superlink
+
+    record = ArrayRecord(MODEL)
+    next(iter(record.values())).__dict__[field] = value
+    with server_identity():
+        reply = through_superlink(Message(RecordDict({"arrays": record}),
+                                          reply_to=_instruction()))
+    with pytest.raises(UpdateRejected, match="UTF-8"):
+        protocol.message_bytes(reply)
+
+
+@pytest.mark.parametrize("content", [
+    lambda: {f"r{i}": MetricRecord({"a": 1}) for i in range(17)},
+    lambda: {"metrics": MetricRecord(dict(OK_METRICS)), "x": MetricRecord(
+        {f"m{i}": 1.0 for i in range(65)})},
+    lambda: {"metrics": MetricRecord(dict(OK_METRICS)), "x": MetricRecord({"l": [1.0] * 65})},
+])
+def test_validation_bounds_a_replys_structure_before_reading_it(
+        content: Callable[[], dict[str, Any]]) -> None:
+    with server_identity():
+        reply = Message(RecordDict(content()), reply_to=_instruction())
+    for validate in (lambda: validate_train_reply(reply, MODEL),
+                     lambda: protocol.validate_eval_reply(reply)):
+        with pytest.raises(UpdateRejected, match="at most"):
+            validate()
