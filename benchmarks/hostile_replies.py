@@ -42,6 +42,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import math
@@ -789,10 +790,8 @@ def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm
 
 def _count_rejected(reply: Message) -> None:
     """A rejected reply's bytes are counted too (its ``UpdateRejected`` is the verdict)."""
-    try:
+    with contextlib.suppress(protocol.UpdateRejected):
         protocol.message_bytes(reply)
-    except protocol.UpdateRejected:
-        pass
 
 
 def _server_path(reply: Message, name: str, work: Workload, strategy: Any, max_norm: float,

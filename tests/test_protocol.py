@@ -565,7 +565,7 @@ def test_counting_refuses_more_than_its_limits_before_walking(
         build: Callable[[], dict[str, Any]]) -> None:
     with server_identity():
         reply = Message(RecordDict(build()), reply_to=_instruction())
-    with pytest.raises(UpdateRejected, match="at most|more than") as info:
+    with pytest.raises(UpdateRejected, match=r"at most|more than") as info:
         protocol.message_bytes(reply)
     assert "\n" not in str(info.value)
     assert protocol.message_bytes(reply, limits=None) == _proto_size(reply)
