@@ -154,6 +154,10 @@ class InProcessGrid(Grid):
         Node ids that never reply (a crashed or unreachable device).
     tamper
         Per node id, a function that rewrites its replies to train messages.
+    transport
+        How every reply travels to the server, e.g. :func:`through_superlink`
+        (Flower 1.41's deployment path); a reply it refuses to carry
+        (:class:`NotCarried`) never arrives. None: the reply object itself.
     """
 
     client_app: ClientApp
@@ -163,6 +167,7 @@ class InProcessGrid(Grid):
     run_config: Mapping[str, bool | int | float | str] = field(default_factory=dict)
     silent: set[int] = field(default_factory=set)
     tamper: dict[int, ReplyTamper] = field(default_factory=dict)
+    transport: ReplyTamper | None = None
     pushed: list[Message] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -215,6 +220,11 @@ class InProcessGrid(Grid):
                                       reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
             if node in self.tamper and msg.metadata.message_type == "train":
                 reply = self.tamper[node](reply)
+            if self.transport is not None:
+                try:
+                    reply = self.transport(reply)
+                except NotCarried:
+                    continue
             self._replies[mid] = reply
         return ids
 

@@ -86,6 +86,14 @@ def finite_but_huge(reply: Message) -> Message:
     return _with(reply, ArrayRecord(huge))
 
 
+def int32_shape(reply: Message) -> Message:
+    """A declared shape dimension outside int32: Flower 1.41 carries it (JSON metadata), its
+    protobuf cannot (``message_to_proto`` raises ``ValueError: Value out of range``)."""
+    record = reply.content.array_records["arrays"]
+    next(iter(record.values())).__dict__["shape"] = (2**40, 1)
+    return reply
+
+
 #: The malformed classes, one per round in turn.
 MALFORMED: tuple[Tamper, ...] = (malformed_header, overflowing_shape, zero_itemsize, huge_weight,
                                  nan_metric, garbage_payload, float32_max)
