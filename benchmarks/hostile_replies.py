@@ -496,14 +496,14 @@ JSON_SHAPES: list[Any] = [(2**31,), (2**40, 3), (-2**31 - 1,), (2**63,), (2**64,
                           [0] * 70, "abc", {"a": 1}, None, 7, (2**31 - 1, 2**31 - 1)]
 #: dtype/stype values (Flower's inflation refuses non-strings; pickle keeps them).
 JSON_TEXT: list[Any] = ["", "float64", "fp", "numpy.ndarray", "\ud800", "é" * 10**5,
-                        "x" * 10**6, 7, None, [1], {"a": 1}, True]
+                        "x" * 10**6, 7, None, [1], {"a": 1}, True, np.zeros(2)]
 #: Values a Metric/ConfigRecord entry may be set to (Flower's deflation refuses some).
 HOSTILE_VALUES: list[Any] = [2**63 - 1, 2**63, 2**64 - 1, 2**64, -2**63, -2**63 - 1, 10**400, -1,
                              0, True, float("nan"), float("inf"), -0.0, 1e308, "", "\ud800",
                              "é" * 1000, b"", b"\x00" * 31, b"\x00" * 33, b"\xff" * 10**5,
                              [], [b"a"] * 9, [b"a"] * 5000, [1] * 5000, [2**64 - 1, -1],
                              [True, 2], [1.0, 2], [[1]], {"a": 1}, None, np.float64(1.0),
-                             np.int64(3)]
+                             np.int64(3), np.zeros(2), np.bool_(True)]
 
 
 def _pick(rng: np.random.Generator, values: Sequence[Any]) -> Any:

@@ -634,7 +634,7 @@ def _npy_array(name: str, data: object, shape: tuple[int, ...],
     if (not isinstance(dtype, np.dtype) or dtype.fields is not None
             or dtype.subdtype is not None or descr not in ALLOWED_DTYPES):
         raise UpdateRejected(f"{label}: dtype {descr!r} is not one of {sorted(ALLOWED_DTYPES)}")
-    if declared_dtype != ALLOWED_DTYPES[descr]:
+    if not isinstance(declared_dtype, str) or declared_dtype != ALLOWED_DTYPES[descr]:
         raise UpdateRejected(f"{label}: declares dtype {_short(declared_dtype)} but its npy "
                              f"header says {ALLOWED_DTYPES[descr]}")
     if not isinstance(got_shape, tuple) or got_shape != shape:
@@ -722,7 +722,7 @@ def decode_weights(record: ArrayRecord, reference: Sequence[NDArray[np.float32]]
             raise UpdateRejected(f"{label} declares shape "
                                  f"{_short(getattr(arr, 'shape', None))}, expected {ref.shape}")
         stype = getattr(arr, "stype", None)
-        if stype != "numpy.ndarray":
+        if not isinstance(stype, str) or stype != "numpy.ndarray":
             raise UpdateRejected(f"{label} has stype {_short(stype)}, expected numpy.ndarray")
         out.append(_npy_array(str(name), getattr(arr, "data", None), ref.shape,
                               getattr(arr, "dtype", None)))

@@ -598,3 +598,36 @@ def test_validation_bounds_a_replys_structure_before_reading_it(
                      lambda: protocol.validate_eval_reply(reply)):
         with pytest.raises(UpdateRejected, match="at most"):
             validate()
+
+
+@pytest.mark.parametrize("field", ["dtype", "stype", "shape"])
+def test_array_fields_the_simulation_engine_carries_as_any_object_are_rejected(
+        field: str) -> None:
+    # Prepare: Ray pickles a reply, so an Array field can be any object (a numpy array,
+    # whose == is elementwise and whose truth value raises)
+    from flowerpress.testing import through_simulation
+
+    record = ArrayRecord(MODEL)
+    next(iter(record.values())).__dict__[field] = np.zeros(2)
+    with server_identity():
+        reply = through_simulation(Message(RecordDict({
+            "arrays": record, "metrics": MetricRecord(dict(OK_METRICS))}),
+            reply_to=_instruction()))
+    # Execute / Assert
+    _rejects(reply, field if field != "shape" else "declares shape")
+    with pytest.raises(UpdateRejected, match=field):
+        protocol.message_bytes(reply)
+
+
+def test_a_secagg_share_list_of_another_type_is_a_violation() -> None:
+    from flwr.app import ConfigRecord
+
+    from flowerpress.secagg import messages as sm
+    from flowerpress.secagg.core import SecAggViolation
+
+    record = ConfigRecord({})
+    record.__dict__["_data"][sm.B_SHARES] = np.float64(1.0)  # kept as is by pickling
+    with server_identity():
+        reply = Message(RecordDict({sm.RECORD: record}), reply_to=_instruction())
+    with pytest.raises(SecAggViolation, match="b-shares"):
+        sm.parse_unmask_reply(reply, 7)

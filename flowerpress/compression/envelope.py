@@ -29,6 +29,7 @@ def payload_record(payload: bytes) -> ArrayRecord:
 def is_payload(record: ArrayRecord) -> bool:
     """Whether ``record`` holds a flowerpress payload rather than plain arrays."""
     return (len(record) == 1 and PAYLOAD_KEY in record
+            and isinstance(record[PAYLOAD_KEY].stype, str)  # any object survives pickling
             and record[PAYLOAD_KEY].stype == PAYLOAD_STYPE)
 
 

@@ -147,7 +147,7 @@ def _bytes(record: ConfigRecord, key: str, node: int, *, size: int | None = None
 
 def _bytes_list(record: ConfigRecord, key: str, node: int, count: int) -> list[bytes]:
     value = record.get(key)
-    if count == 0 and value in (None, []):
+    if count == 0 and (value is None or (isinstance(value, list) and not value)):
         return []
     if not isinstance(value, list) or len(value) != count or \
             not all(isinstance(v, bytes) for v in value):
