@@ -240,6 +240,11 @@ class Workload:
             self.payloads.append(blob)
 
     @property
+    def limits(self) -> protocol.WireLimits:
+        """How much of a train or evaluate reply the round counts (``reply_limits``)."""
+        return protocol.reply_limits(self.received)
+
+    @property
     def length(self) -> int:
         """Elements of the model (the secure-aggregation vector's length)."""
         return sum(int(g.size) for g in self.received)
@@ -788,10 +793,10 @@ def run(replies: int, *, model: Weights, seed: int, strategy_spec: str, max_norm
     return tally
 
 
-def _count_rejected(reply: Message) -> None:
+def _count_rejected(reply: Message, work: Workload) -> None:
     """A rejected reply's bytes are counted too (its ``UpdateRejected`` is the verdict)."""
     with contextlib.suppress(protocol.UpdateRejected):
-        protocol.message_bytes(reply)
+        protocol.message_bytes(reply, limits=work.limits)
 
 
 def _server_path(reply: Message, name: str, work: Workload, strategy: Any, max_norm: float,
@@ -819,7 +824,7 @@ def _server_path(reply: Message, name: str, work: Workload, strategy: Any, max_n
             sm.parse_unmask_reply(reply, NODE)
         return
     if reply.has_error():  # a device's error reply is dropped, counted as rejected
-        _count_rejected(reply)
+        _count_rejected(reply, work)
         raise protocol.UpdateRejected("error reply")
     if name == "query":
         if protocol.partition_of_reply(reply) is None:
@@ -833,9 +838,9 @@ def _server_path(reply: Message, name: str, work: Workload, strategy: Any, max_n
             checked = protocol.validate_train_reply(reply, work.received,
                                                     max_weight=work.max_weight)
     except protocol.UpdateRejected:
-        _count_rejected(reply)
+        _count_rejected(reply, work)
         raise
-    protocol.message_bytes(reply)
+    protocol.message_bytes(reply, limits=work.limits)
     if name == "evaluate":
         return
     protocol.ef21_base_of_reply(reply)

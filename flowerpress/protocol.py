@@ -102,6 +102,9 @@ MAX_METRICS = 64
 #: Upper bound on the number of records a reply may carry (a train reply has at most
 #: four: arrays, metrics, the download claim and the EF21 base).
 MAX_RECORDS = 16
+#: Upper bound on the entries and list elements a reply's records other than
+#: ``"arrays"`` hold together (metrics, claims, anything else a ClientApp adds).
+MAX_REPLY_VALUES = 1024
 #: Upper bound on the length of a metric's name.
 MAX_METRIC_NAME = 256
 #: Default cap on a reply's ``num-examples`` weight (run-config ``max-client-weight``).
@@ -296,8 +299,9 @@ class WireLimits:
     #: Records in the message's RecordDict.
     max_records: int = 64
     #: Arrays, record entries, list elements and shape dimensions, all records together
-    #: (a train reply holds the model's tensors, at most 64 metrics and two claims).
-    max_entries: int = 4096
+    #: (a query reply holds 3, a secure-aggregation reply about twice its neighbours; a
+    #: train reply the model's tensors and dims besides: see :func:`reply_limits`).
+    max_entries: int = 1024
     #: Characters of non-ASCII text, all strings together (an ASCII string's size is
     #: read in O(1), a non-ASCII one is encoded a chunk at a time to count its bytes).
     max_text: int = 1 << 16
@@ -305,6 +309,17 @@ class WireLimits:
 
 #: The bounds :func:`message_bytes` applies unless told otherwise.
 WIRE_LIMITS = WireLimits()
+
+
+def reply_limits(reference: Sequence[NDArray[np.float32]]) -> WireLimits:
+    """The bounds for counting a train or evaluate reply to a round on ``reference``.
+
+    What a reply that passes :func:`validate_train_reply` can hold: the
+    model's tensors (an entry each, plus their dimensions), at most
+    :data:`MAX_RECORDS` records and :data:`MAX_REPLY_VALUES` other values.
+    """
+    tensors = sum(1 + g.ndim for g in reference)
+    return WireLimits(max_records=MAX_RECORDS, max_entries=tensors + MAX_REPLY_VALUES + 2)
 _UNBOUNDED = WireLimits(max_records=1 << 62, max_entries=1 << 62, max_text=1 << 62)
 
 # Protobuf wire facts for Flower's messages (flwr/proto/*.proto): a field's tag
@@ -771,24 +786,32 @@ def _check_structure(content: RecordDict) -> None:
     At most :data:`MAX_RECORDS` records; every record but ``"arrays"`` (whose
     tensor count is the model's, checked by :func:`decode_weights`) holds at
     most :data:`MAX_METRICS` entries, and a list value at most as many
-    elements. So whatever else the reply carries, :func:`message_bytes` of a
-    validated reply walks at most ``MAX_RECORDS * MAX_METRICS`` values besides
-    the model's tensors.
+    elements, :data:`MAX_REPLY_VALUES` in all. So :func:`message_bytes` of a
+    validated reply, with :func:`reply_limits`, never refuses it.
     """
     if not isinstance(content, RecordDict):
         raise UpdateRejected(f"content is a {type(content).__name__}, not a RecordDict")
     if len(content) > MAX_RECORDS:
         raise UpdateRejected(f"reply has {len(content)} records, at most {MAX_RECORDS} allowed")
+    values = 0
     for name, record in content.items():
         if name == ARRAYS or not isinstance(record, MetricRecord | ConfigRecord | ArrayRecord):
             continue  # checked where it is read (a record of another type: refused there)
         if len(record) > MAX_METRICS:
             raise UpdateRejected(f"record {_short(name)} has {len(record)} entries, at most "
                                  f"{MAX_METRICS} allowed")
+        values += len(record)
         for key, value in record.items():
-            if isinstance(value, list) and len(value) > MAX_METRICS:
-                raise UpdateRejected(f"record {_short(name)}[{_short(key)}] is a list of "
-                                     f"{len(value)} values, at most {MAX_METRICS} allowed")
+            if isinstance(value, list):
+                if len(value) > MAX_METRICS:
+                    raise UpdateRejected(f"record {_short(name)}[{_short(key)}] is a list of "
+                                         f"{len(value)} values, at most {MAX_METRICS} allowed")
+                values += len(value)
+            elif isinstance(value, Array) and isinstance(value.shape, tuple | list):
+                values += len(value.shape)
+        if values > MAX_REPLY_VALUES:
+            raise UpdateRejected(f"reply holds more than {MAX_REPLY_VALUES} values besides "
+                                 f"its {ARRAYS!r}")
 
 
 def validate_metrics(record: object, *, required: Sequence[str] = ()

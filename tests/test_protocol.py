@@ -631,3 +631,30 @@ def test_a_secagg_share_list_of_another_type_is_a_violation() -> None:
         reply = Message(RecordDict({sm.RECORD: record}), reply_to=_instruction())
     with pytest.raises(SecAggViolation, match="b-shares"):
         sm.parse_unmask_reply(reply, 7)
+
+
+def test_reply_limits_count_any_valid_reply_of_a_model_with_many_tensors() -> None:
+    # Prepare: a model of 2,000 tensors, more than the default limits walk
+    model = [np.zeros((2, 2), np.float32) for _ in range(2000)]
+    with server_identity():
+        reply = Message(RecordDict({"arrays": ArrayRecord(model),
+                                    "metrics": MetricRecord({f"m{i}": 1.0 for i in range(63)}
+                                                            | {"num-examples": 1})}),
+                        reply_to=_instruction())
+    validate_train_reply(reply, model)
+    # Execute / Assert
+    with pytest.raises(UpdateRejected):
+        protocol.message_bytes(reply)
+    assert protocol.message_bytes(reply, limits=protocol.reply_limits(model)) == \
+        _proto_size(reply)
+
+
+def test_a_reply_holds_at_most_max_reply_values_besides_its_arrays() -> None:
+    from flwr.app import ConfigRecord
+
+    records = {f"c{i}": ConfigRecord({"l": [1] * 64, "m": [1] * 64}) for i in range(15)}
+    with server_identity():
+        reply = Message(RecordDict({"metrics": MetricRecord(dict(OK_METRICS)), **records}),
+                        reply_to=_instruction())
+    with pytest.raises(UpdateRejected, match=f"more than {protocol.MAX_REPLY_VALUES} values"):
+        validate_train_reply(reply, MODEL)
