@@ -818,10 +818,11 @@ def _server_path(reply: Message, name: str, work: Workload, strategy: Any, max_n
         elif stage == sm.SHARE_KEYS:
             sm.parse_share_keys_reply(reply, NODE, max_peers=COHORT)
         elif stage == sm.MASK:
-            packed, _ = sm.parse_mask_reply(reply, NODE, packed_bytes=work.packed_bytes)
+            packed, _ = sm.parse_mask_reply(reply, NODE, packed_bytes=work.packed_bytes,
+                                            max_peers=COHORT)
             encoding.unpack_words(packed, SECAGG_BITS, work.length)
         else:
-            sm.parse_unmask_reply(reply, NODE)
+            sm.parse_unmask_reply(reply, NODE, max_peers=COHORT)
         return
     if reply.has_error():  # a device's error reply is dropped, counted as rejected
         _count_rejected(reply, work)

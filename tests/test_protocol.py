@@ -658,3 +658,22 @@ def test_a_reply_holds_at_most_max_reply_values_besides_its_arrays() -> None:
                         reply_to=_instruction())
     with pytest.raises(UpdateRejected, match=f"more than {protocol.MAX_REPLY_VALUES} values"):
         validate_train_reply(reply, MODEL)
+
+
+def test_secagg_id_lists_are_refused_beyond_the_cohort_before_they_are_unpacked() -> None:
+    from flwr.app import ConfigRecord
+
+    from flowerpress.secagg import messages as sm
+    from flowerpress.secagg.core import SecAggViolation
+
+    ids = sm.pack_ids(range(1, 12_501))  # 100 KB: 12,500 Python ints if unpacked
+    with server_identity():
+        mask = Message(RecordDict({sm.RECORD: ConfigRecord({sm.MASKED: b"\x00" * 8,
+                                                            sm.COMPLAINTS: ids})}),
+                       reply_to=_instruction())
+        unmask = Message(RecordDict({sm.RECORD: ConfigRecord({sm.B_OWNERS: ids})}),
+                         reply_to=_instruction())
+    with pytest.raises(SecAggViolation, match="at most 10"):
+        sm.parse_mask_reply(mask, 7, packed_bytes=8, max_peers=10)
+    with pytest.raises(SecAggViolation, match="at most 10"):
+        sm.parse_unmask_reply(unmask, 7, max_peers=10)

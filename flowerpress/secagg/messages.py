@@ -98,10 +98,11 @@ def pack_ids(ids: Sequence[int]) -> bytes:
     return np.asarray(list(ids), dtype=np.uint64).astype("<u8").tobytes()
 
 
-def unpack_ids(data: object, *, what: str) -> list[int]:
-    """Inverse of :func:`pack_ids`; SecAggViolation if malformed."""
-    if not isinstance(data, bytes) or len(data) % 8 or len(data) // 8 > MAX_IDS:
-        raise SecAggViolation(f"{what}: expected packed uint64 node ids")
+def unpack_ids(data: object, *, what: str, limit: int = MAX_IDS) -> list[int]:
+    """Inverse of :func:`pack_ids`; SecAggViolation if malformed or more than ``limit`` ids
+    (checked before any is unpacked: each becomes a Python int)."""
+    if not isinstance(data, bytes) or len(data) % 8 or len(data) // 8 > limit:
+        raise SecAggViolation(f"{what}: expected at most {limit} packed uint64 node ids")
     return [int(v) for v in np.frombuffer(data, dtype="<u8")]
 
 
@@ -215,7 +216,7 @@ def share_keys_request(round_id: int, roster: Mapping[int, PublicKeys]) -> Confi
 def parse_share_keys_reply(reply: Message, node: int, *, max_peers: int) -> dict[int, bytes]:
     """The entries a device addressed to its neighbours and itself."""
     r = _record(reply, node, SHARE_KEYS)
-    dst = unpack_ids(r.get(DST), what=f"node {node}: {DST!r}")
+    dst = unpack_ids(r.get(DST), what=f"node {node}: {DST!r}", limit=max_peers)
     if len(dst) > max_peers or len(set(dst)) != len(dst):
         raise SecAggViolation(f"node {node}: {DST!r} repeats ids or names too many")
     cts = _bytes_list(r, CIPHERTEXTS, node, len(dst))
@@ -229,13 +230,15 @@ def mask_config(round_id: int, inbox: Mapping[int, bytes]) -> dict[str, Any]:
             INBOX: [inbox[s] for s in senders]}
 
 
-def parse_mask_reply(reply: Message, node: int, *, packed_bytes: int
-                     ) -> tuple[bytes, dict[int, bytes]]:
+def parse_mask_reply(reply: Message, node: int, *, packed_bytes: int,
+                     max_peers: int = MAX_IDS) -> tuple[bytes, dict[int, bytes]]:
     """The packed masked vector (exactly ``packed_bytes``) and the complaints with their
-    evidence (accused id -> the complainer's 32-byte pair key)."""
+    evidence (accused id -> the complainer's 32-byte pair key), at most ``max_peers``
+    (pass the cohort size, so that memory is never sized by the reply)."""
     r = _record(reply, node, MASK)
     masked = _bytes(r, MASKED, node, size=packed_bytes)
-    complaints = unpack_ids(r.get(COMPLAINTS, b""), what=f"node {node}: {COMPLAINTS!r}")
+    complaints = unpack_ids(r.get(COMPLAINTS, b""), what=f"node {node}: {COMPLAINTS!r}",
+                            limit=max_peers)
     if len(set(complaints)) != len(complaints):
         raise SecAggViolation(f"node {node}: {COMPLAINTS!r} repeats ids")
     evidence = _bytes_list(r, EVIDENCE, node, len(complaints))
@@ -251,12 +254,15 @@ def unmask_request(round_id: int, alive: Sequence[int], dropped: Sequence[int]
                          DROPPED: pack_ids(dropped)})
 
 
-def parse_unmask_reply(reply: Message, node: int
+def parse_unmask_reply(reply: Message, node: int, *, max_peers: int = MAX_IDS
                        ) -> tuple[dict[int, bytes], dict[int, bytes]]:
-    """Revealed shares: ``(b shares by owner, s shares + pair mask keys by owner)``."""
+    """Revealed shares: ``(b shares by owner, s shares + pair mask keys by owner)``, at
+    most ``max_peers`` owners each (pass the cohort size)."""
     r = _record(reply, node, UNMASK)
-    b_owners = unpack_ids(r.get(B_OWNERS, b""), what=f"node {node}: {B_OWNERS!r}")
-    sk_owners = unpack_ids(r.get(SK_OWNERS, b""), what=f"node {node}: {SK_OWNERS!r}")
+    b_owners = unpack_ids(r.get(B_OWNERS, b""), what=f"node {node}: {B_OWNERS!r}",
+                          limit=max_peers)
+    sk_owners = unpack_ids(r.get(SK_OWNERS, b""), what=f"node {node}: {SK_OWNERS!r}",
+                           limit=max_peers)
     if len(set(b_owners)) != len(b_owners) or len(set(sk_owners)) != len(sk_owners):
         raise SecAggViolation(f"node {node}: revealed shares repeat an owner")
     b = dict(zip(b_owners, _bytes_list(r, B_SHARES, node, len(b_owners)), strict=True))
@@ -282,11 +288,13 @@ def receive_reply(session: ServerSession, stage: str, node: int, reply: Message)
                                                             max_peers=len(session.nodes)))
         elif stage == MASK:
             packed, complaints = parse_mask_reply(
-                reply, node, packed_bytes=(session.length * session.bits + 7) // 8)
+                reply, node, packed_bytes=(session.length * session.bits + 7) // 8,
+                max_peers=len(session.nodes))
             session.add_masked(node, encoding.unpack_words(packed, session.bits,
                                                            session.length), complaints)
         elif stage == UNMASK:
-            session.add_unmask(node, *parse_unmask_reply(reply, node))
+            session.add_unmask(node, *parse_unmask_reply(reply, node,
+                                                         max_peers=len(session.nodes)))
         else:
             raise ValueError(f"unknown stage {stage!r}")
     except SecAggRefused:
