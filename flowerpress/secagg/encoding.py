@@ -342,14 +342,18 @@ def unpack_words(data: bytes, bits: int, length: int) -> NDArray[np.uint64]:
     expected = (length * bits + 7) // 8
     if len(data) != expected:
         raise ValueError(f"packed vector has {len(data)} bytes, expected {expected}")
-    # A chunk of words at a time (a multiple of 8, so every chunk starts on a byte):
-    # unpacking all at once held 16 bytes per bit of the vector, 70x the model at 16 bits.
+    # A chunk of words at a time (a multiple of 8, so every chunk starts on a byte), one
+    # bit plane at a time: unpacking all at once held 16 bytes per bit of the vector (70x
+    # the model at 16 bits); this holds the output and about 32 KB.
     raw = np.frombuffer(data, dtype=np.uint8)
-    shifts = np.arange(bits, dtype=np.uint64)
-    out: NDArray[np.uint64] = np.empty(length, dtype=np.uint64)
+    out: NDArray[np.uint64] = np.zeros(length, dtype=np.uint64)
+    plane = np.empty(_UNPACK_WORDS, dtype=np.uint64)
     for lo in range(0, length, _UNPACK_WORDS):
         n = min(_UNPACK_WORDS, length - lo)
         flat = np.unpackbits(raw[lo * bits // 8:((lo + n) * bits + 7) // 8], bitorder="little")
-        bitmat = flat[: n * bits].reshape(n, bits).astype(np.uint64)
-        np.sum(bitmat << shifts, axis=1, dtype=np.uint64, out=out[lo:lo + n])
+        planes = flat[: n * bits].reshape(n, bits)
+        chunk, buf = out[lo:lo + n], plane[:n]
+        for k in range(bits):
+            np.left_shift(planes[:, k], np.uint64(k), out=buf, dtype=np.uint64)
+            np.bitwise_or(chunk, buf, out=chunk)
     return out
