@@ -430,7 +430,9 @@ class Workload:
         """The start-up hello reply: partition id, number of partitions, anchor digest."""
         info = ConfigRecord({protocol.PARTITION_ID: int(rng.integers(0, COHORT)),
                              protocol.NUM_PARTITIONS: COHORT,
-                             protocol.DOWNLOAD_ANCHOR: rng.bytes(16).hex()})
+                             protocol.DOWNLOAD_ANCHOR: rng.bytes(16).hex(),
+                             protocol.FORMAT_KEY: protocol.MESSAGE_FORMAT,
+                             protocol.VERSION_KEY: "0.2.0"})
         return self._fuzzed(rng, RecordDict({protocol.INFO: info}), "query")
 
     def evaluate(self, rng: np.random.Generator) -> Message:
