@@ -167,9 +167,11 @@ class RoundBook:
         log.warning("round %s: rejected node %s (%s): %.300s", self.server_round, node, stage,
                     reason)
 
-    def count_upload(self, node: int, reply: Message) -> int:
-        """Count a reply's bytes as Flower sends them (bounded; raises UpdateRejected)."""
-        up = protocol.message_bytes(reply)
+    def count_upload(self, node: int, reply: Message, *,
+                     limits: protocol.WireLimits = protocol.WIRE_LIMITS) -> int:
+        """Count a reply's bytes as Flower sends them (bounded by ``limits``, e.g.
+        ``protocol.reply_limits(model)`` for a train reply; raises UpdateRejected)."""
+        up = protocol.message_bytes(reply, limits=limits)
         self.upload += up
         self.up_of[node] = self.up_of.get(node, 0) + up
         if reply.has_content():
@@ -177,8 +179,8 @@ class RoundBook:
         return up
 
     def count_download(self, node: int, message: Message) -> int:
-        """Count a message the server sends."""
-        size = protocol.message_bytes(message)
+        """Count a message the server sends (its own: not bounded)."""
+        size = protocol.message_bytes(message, limits=None)
         self.download += size
         self.download_payload += protocol.record_bytes(message.content)
         self.down_of[node] = self.down_of.get(node, 0) + size

@@ -325,8 +325,6 @@ def test_the_default_bound_keeps_flowers_fedadam_moving_after_one_float32_max_up
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="server/loop.py counts a reply's bytes before and "
-                   "outside its per-reply guard (issue 20, item 1: the lead's loop rewrite)")
 def test_a_shape_flowers_protobuf_cannot_hold_costs_one_reply_not_the_run() -> None:
     # Prepare: node 1's train replies declare a dimension of 2**40, carried by Flower's
     # object path (JSON metadata); message_to_proto of such a reply raises ValueError
