@@ -344,12 +344,13 @@ def unpack_words(data: bytes, bits: int, length: int) -> NDArray[np.uint64]:
         raise ValueError(f"packed vector has {len(data)} bytes, expected {expected}")
     # A chunk of words at a time (a multiple of 8, so every chunk starts on a byte), one
     # bit plane at a time: unpacking all at once held 16 bytes per bit of the vector (70x
-    # the model at 16 bits); this holds the output and about 32 KB.
+    # the model at 16 bits); this holds the output and about 32 KB or 1/64 of it.
     raw = np.frombuffer(data, dtype=np.uint8)
     out: NDArray[np.uint64] = np.zeros(length, dtype=np.uint64)
-    plane = np.empty(_UNPACK_WORDS, dtype=np.uint64)
-    for lo in range(0, length, _UNPACK_WORDS):
-        n = min(_UNPACK_WORDS, length - lo)
+    step = max(_UNPACK_WORDS, length // 64 // 8 * 8)  # temporaries at most 1/64 of the output
+    plane = np.empty(step, dtype=np.uint64)
+    for lo in range(0, length, step):
+        n = min(step, length - lo)
         flat = np.unpackbits(raw[lo * bits // 8:((lo + n) * bits + 7) // 8], bitorder="little")
         planes = flat[: n * bits].reshape(n, bits)
         chunk, buf = out[lo:lo + n], plane[:n]

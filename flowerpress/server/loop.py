@@ -461,7 +461,8 @@ def _collect_updates(grid: Grid, book: RoundBook, global_weights: Weights,
               error=StrategyFailedError)
 
     def fold(node: int, reply: Message) -> None:
-        up = book.count_upload(node, reply, protocol.reply_limits(plan.received[node]))
+        up = book.count_upload(node, reply,
+                               limits=protocol.reply_limits(plan.received[node]))
         checked = protocol.validate_train_reply(reply, plan.received[node],
                                                 max_weight=settings.max_client_weight,
                                                 dp=settings.dp)
@@ -544,7 +545,7 @@ def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weigh
 
     def add(node: int, reply: Message) -> None:
         nonlocal weight_sum
-        book.count_upload(node, reply, protocol.reply_limits(weights))
+        book.count_upload(node, reply, limits=protocol.reply_limits(weights))
         weight, metrics = protocol.validate_eval_reply(
             reply, max_weight=settings.max_client_weight)
         for key, value in metrics.items():

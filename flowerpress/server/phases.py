@@ -167,10 +167,10 @@ class RoundBook:
         log.warning("round %s: rejected node %s (%s): %.300s", self.server_round, node, stage,
                     reason)
 
-    def count_upload(self, node: int, reply: Message,
+    def count_upload(self, node: int, reply: Message, *,
                      limits: protocol.WireLimits = protocol.WIRE_LIMITS) -> int:
-        """Count a reply's bytes as Flower sends them (bounded by ``limits``, never a
-        copy; UpdateRejected for what Flower's wire types cannot carry)."""
+        """Count a reply's bytes as Flower sends them (bounded by ``limits``, e.g.
+        ``protocol.reply_limits(model)`` for a train reply; raises UpdateRejected)."""
         up = protocol.message_bytes(reply, limits=limits)
         self.upload += up
         self.up_of[node] = self.up_of.get(node, 0) + up
@@ -179,7 +179,7 @@ class RoundBook:
         return up
 
     def count_download(self, node: int, message: Message) -> int:
-        """Count a message the server sends (its own: no bound)."""
+        """Count a message the server sends (its own: not bounded)."""
         size = protocol.message_bytes(message, limits=None)
         self.download += size
         self.download_payload += protocol.record_bytes(message.content)

@@ -112,9 +112,15 @@ def secure_sum(
     train_config = {**instruction.to_record(), m.SPEC: secagg.spec(), m.SEED: seed,
                     m.RANDK: float(randk or 0.0), m.MIN_SUMMANDS: min_summands}
 
+    # A stage reply holds a few entries per neighbour (ids, shares, hashes, the
+    # check polynomial): the counting bound grows with the cohort, never the reply.
+    limits = protocol.WireLimits(
+        max_records=protocol.WIRE_LIMITS.max_records,
+        max_entries=protocol.WIRE_LIMITS.max_entries + 16 * cohort)
+
     def stage(name: str, contents: Mapping[int, RecordDict]) -> None:
         def counted(node: int, reply: Message) -> None:
-            book.count_upload(node, reply)
+            book.count_upload(node, reply, limits=limits)
             # Parses, validates and adds; a protocol violation names the node a culprit.
             m.receive_reply(session, name, node, reply)
 
