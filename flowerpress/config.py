@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 Scalar = bool | int | float | str
 Config = dict[str, Scalar]
@@ -372,18 +373,23 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     return out
 
 
+def read_toml(path: Path, *, what: str, missing: str = "") -> dict[str, Any]:
+    """The TOML document in ``path``, or ConfigError in one line naming ``what`` and the file."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {str(path)!r} not found{missing}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {exc}") from None
+
+
 def load_toml(path: Path) -> dict[str, object]:
     """Read run-config keys from a TOML file.
 
     The keys may sit at the top level or under ``[tool.flwr.app.config]`` (so
     a project's pyproject.toml works as a config file too).
     """
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} not found; expected a TOML file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    data = read_toml(path, what="config file", missing="; expected a TOML file")
     section = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
     if isinstance(section, dict):
         return dict(section)

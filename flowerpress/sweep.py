@@ -54,13 +54,12 @@ import statistics
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from flowerpress.config import SCHEMA, Config, ConfigError, Scalar, validate
+from flowerpress.config import SCHEMA, Config, ConfigError, Scalar, read_toml, validate
 
 #: Keys a grid file may hold at its top level.
 GRID_FILE_KEYS = ("base", "grid", "seeds", "config", "baseline")
@@ -142,12 +141,7 @@ def load_grid(path: Path) -> Grid:
     ConfigError
         One line naming the file, the configuration, the key and the value.
     """
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"grid file {str(path)!r} not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"grid file {str(path)!r} is not valid TOML: {exc}") from None
+    data = read_toml(path, what="grid file")
     return parse_grid(data, source=str(path))
 
 

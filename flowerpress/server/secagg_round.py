@@ -128,7 +128,7 @@ def secure_sum(
                  {n: Message(c, dst_node_id=n, message_type=MessageType.TRAIN)
                   for n, c in contents.items()}, counted, timeout=settings.round_timeout,
                  clock=clock, sleep=sleep)
-        book.culprits.update(getattr(session, "culprits", {}))
+        book.culprits.update(session.culprits)
 
     try:
         stage(m.ADVERTISE, {
@@ -145,7 +145,7 @@ def secure_sum(
                 {**train_config, **m.mask_config(server_round, session.inbox_for(n))})})
             for n in session.u2})
         survivors = session.close_masked()
-        book.culprits.update(getattr(session, "culprits", {}))
+        book.culprits.update(session.culprits)
         for node in set(session.masked) - set(survivors):
             book.reject(node, "secagg masked input", "dropped by the complaints of its "
                         "neighbours (or its own complaints were not believed)")
@@ -154,14 +154,13 @@ def secure_sum(
                                                              *session.unmask_request(n))})
             for n in survivors})
         total = session.finish()
-        book.culprits.update(getattr(session, "culprits", {}))
+        book.culprits.update(session.culprits)
     except SecAggAbort as exc:
-        book.culprits.update(getattr(session, "culprits", {}))
+        book.culprits.update(session.culprits)
         log.warning("round %s: secure aggregation skipped, the model is unchanged: %s",
                     server_round, exc)
         return received, None
     # A survivor that failed in stage 4 still has its input in the sum: it counts as valid.
-    survivors = list(getattr(session, "survivors", survivors))
     for node in survivors:
         book.accept(node)
         if settings.link is not None:
