@@ -158,7 +158,8 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
                         sleep: Callable[[float], None] = time.sleep,
                         num_clients: int | None = None,
                         anchors: dict[int, str] | None = None,
-                        excluded: dict[int, str] | None = None) -> dict[int, int | None]:
+                        excluded: dict[int, str] | None = None,
+                        settle: float | None = None) -> dict[int, int | None]:
     """Connected node ids and the partition each reports (None: no answer).
 
     Waits (bounded) for ``wanted`` nodes, then asks every node for its
@@ -172,6 +173,12 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
     other than ``num_clients``, an id out of range or claimed by another node)
     is left out of the result, logged once and, if ``excluded`` is given,
     recorded there with the reason; the run goes on without it.
+
+    The query may wait ``timeout`` for the first answer (the simulation
+    engine's actors, or a device, starting up); with ``settle``, the others
+    then get ``settle`` seconds more. A node whose answer comes later keeps
+    partition None here and is asked again every few rounds
+    (:meth:`~flowerpress.server.membership.Membership.refresh`).
 
     Raises
     ------
@@ -210,7 +217,8 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
     # to start: give the query the whole node-wait budget.
     exchange(grid, book, "start-up query",
              {n: hello_message(n) for n in nodes},
-             hello, timeout=max(deadline - clock(), 5.0), clock=clock, sleep=sleep)
+             hello, timeout=max(deadline - clock(), 5.0), settle=settle, clock=clock,
+             sleep=sleep)
     if num_clients is not None and sizes:
         # Most nodes agreeing on another size: the federation is not the configured one
         # (a configuration error); a few nodes claiming another size: those nodes lie.
@@ -638,7 +646,7 @@ def run_federation(
     membership.add_discovered(discover_partitions(
         grid, wanted=settings.clients_per_round, timeout=settings.node_wait_timeout,
         clock=clock, sleep=sleep, num_clients=settings.num_clients, anchors=anchors,
-        excluded=excluded), anchors=anchors)
+        excluded=excluded, settle=settings.round_timeout), anchors=anchors)
     for node, reason in excluded.items():
         membership.exclude(node, reason)
     failures: list[str] = []  # the current streak of all-rejected rounds (one reason)

@@ -181,8 +181,10 @@ class Membership:
                 log.info("round %s: node %s is no longer listed by Flower; skipped until it "
                          "is back", server_round, record.node_id)
             record.listed = back
+        # A node is asked while its partition is unknown (joined now, or its
+        # start-up answer never came: _ask spaces the retries) or while skipped.
         due = [r.node_id for r in self.records.values() if r.listed and r.excluded is None and (
-            (r.partition is None and r.since == server_round) or self._skipped(r))]
+            r.partition is None or self._skipped(r))]
         self._ask(grid, due, server_round)
 
     def _skipped(self, record: NodeRecord) -> bool:
@@ -228,12 +230,23 @@ class Membership:
             except Exception as exc:  # one reply never ends the run
                 self.exclude(record.node_id, f"query reply: {exc}")
                 continue
-            if record.partition is None:
-                record.partition = pid
+            if record.partition is None and pid is not None:
+                self._take_place(record, pid)
             record.anchor = anchor
             if self._skipped(record):
                 log.info("node %s answered a probe; it is sampled again", record.node_id)
             record.missed = 0
+
+    def _take_place(self, record: NodeRecord, pid: int) -> None:
+        """Give ``record`` partition ``pid``; a record Flower no longer lists that held it
+        (the same device under an earlier node id) is dropped, as in :meth:`add_discovered`."""
+        for old in [r for r in self.records.values() if r.partition == pid
+                    and r.node_id != record.node_id and not r.listed]:
+            log.info("node %s reports partition %s of unlisted node %s; it takes its place",
+                     record.node_id, pid, old.node_id)
+            del self.records[old.node_id]
+            record.since = min(record.since, old.since)
+        record.partition = pid
 
     def record_round(self, asked: Iterable[int], answered: Iterable[int]) -> None:
         """Count a missed round for every node in ``asked`` that did not answer."""
@@ -246,6 +259,9 @@ class Membership:
             if node not in got and record.missed == self.max_missed:
                 log.warning("node %s missed its last %s rounds; skipped until it answers",
                             node, record.missed)
+                # Its probe goes out at the next refresh, whatever query is outstanding.
+                self._queries = {mid: entry for mid, entry in self._queries.items()
+                                 if entry[0] != node}
 
     def exclude(self, node: int, reason: str) -> None:
         """Exclude ``node`` from the rest of the run (one log line); it is never asked again."""

@@ -100,16 +100,20 @@ def reason_kind(reason: str) -> str:
 
 
 def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
+                 settle: float | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> Iterator[Message]:
     """Yield replies to ``message_ids`` as they arrive, until all came or ``timeout``.
 
     A short adaptive poll (5 ms doubling to 50 ms while nothing arrives)
     instead of Flower's ``send_and_receive``, which sleeps a fixed 3 s between
-    pulls when it talks to a real SuperLink.
+    pulls when it talks to a real SuperLink. With ``settle``, the first reply
+    shortens the wait to ``settle`` seconds from its arrival (the long
+    ``timeout`` covers the engine's or the devices' start-up, not a silent node).
     """
     pending = set(message_ids)
     deadline = clock() + timeout
+    settled = settle is None
     delay = POLL_MIN_S
     while pending:
         try:
@@ -123,6 +127,9 @@ def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
             mid = reply.metadata.reply_to_message_id
             if mid in pending:
                 pending.discard(mid)
+                if not settled and settle is not None:
+                    settled = True
+                    deadline = min(deadline, clock() + settle)
                 yield reply
         if not pending:
             return
@@ -218,7 +225,8 @@ class RoundBook:
 
 
 def exchange(grid: Grid, book: RoundBook, stage: str, messages: Mapping[int, Message],
-             handle: ReplyHandler, *, timeout: float, on_reject: RejectHook | None = None,
+             handle: ReplyHandler, *, timeout: float, settle: float | None = None,
+             on_reject: RejectHook | None = None,
              clock: Callable[[], float] = time.monotonic,
              sleep: Callable[[float], None] = time.sleep) -> set[int]:
     """Send: push ``messages`` (node -> message) and count them. Collect: each reply,
@@ -236,7 +244,8 @@ def exchange(grid: Grid, book: RoundBook, stage: str, messages: Mapping[int, Mes
     ids = list(grid.push_messages([messages[n] for n in nodes]))
     id_to_node: dict[str, int] = dict(zip(ids, nodes, strict=True))
     silent = set(nodes)
-    for reply in poll_replies(grid, ids, timeout=timeout, clock=clock, sleep=sleep):
+    for reply in poll_replies(grid, ids, timeout=timeout, settle=settle, clock=clock,
+                              sleep=sleep):
         found = id_to_node.get(reply.metadata.reply_to_message_id)
         if found is None:
             continue

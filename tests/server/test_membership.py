@@ -145,7 +145,8 @@ def test_a_node_that_misses_its_last_rounds_is_skipped_and_probed_back() -> None
     assert 3 not in _asked(grid)[2]
     probes = [m for m in grid.pushed if m.metadata.message_type == "query"
               and m.metadata.dst_node_id == 3]
-    assert len(probes) == 2  # the discovery query and one probe
+    # the discovery query, the same query again (its answer never came) and one probe
+    assert len(probes) == 3
 
 
 def test_flowers_node_unavailable_error_is_not_a_rejected_update() -> None:
@@ -231,3 +232,37 @@ def test_a_node_that_joins_a_dp_run_is_accounted_without_undercharging() -> None
     eps = [float(r["epsilon"]) for r in rows]
     assert eps[0] < eps[1] < eps[2]
     assert 5 in set().union(*_asked(grid)[1:])
+
+
+def test_a_node_whose_start_up_answer_never_came_is_asked_again() -> None:
+    # Prepare: node 3 is listed but silent during discovery and round 1, then answers
+    grid = DynamicGrid(client_app, run_config=RUN, num_nodes=4, silent={3})
+
+    def after(server_round: int) -> None:
+        if server_round == 1:
+            grid.silent.clear()
+
+    # Execute
+    rows = _run(grid, rounds=4, cpr=4, max_missed=0, after_round=after)
+    # Assert: asked its partition again after the start-up query went unanswered
+    queries = [m for m in grid.pushed if m.metadata.message_type == "query"
+               and m.metadata.dst_node_id == 3]
+    assert len(queries) >= 2
+    assert rows[-1]["clients"] == 4
+
+
+def test_a_re_registered_node_takes_the_unlisted_record_of_its_partition() -> None:
+    # Prepare: a restored run knew partition 2 as node 1000, now unlisted; node 3
+    # (partition 2) was listed at start-up but its answer never came
+    grid = InProcessGrid(client_app, run_config=RUN, num_nodes=4)
+    members = Membership(max_missed=2, num_clients=4)
+    members.load_state_dict({"nodes": [{"node_id": 1000, "partition": 2, "since": 0}]})
+    members.add_discovered({1: 0, 2: 1, 3: None, 4: 3})
+    # Execute: round 1 asks node 3 again (answered at push time), round 2 takes the answer
+    with server_identity():
+        members.refresh(grid, 1)
+        members.refresh(grid, 2)
+    # Assert: node 3 holds partition 2; the old record is gone from the population
+    assert members.records[3].partition == 2
+    assert 1000 not in members.records
+    assert members.known(3) == [1, 2, 3, 4]

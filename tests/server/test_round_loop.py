@@ -206,3 +206,23 @@ def test_a_federation_of_another_size_is_refused_in_one_line() -> None:
         run_federation(grid, initial, build_strategy("fedavg"), settings, evaluate_fn=evaluate_fn)
     assert "4 nodes" in str(info.value) and "num-clients=10" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_node_silent_at_start_up_costs_the_settle_time_not_the_node_wait() -> None:
+    # Prepare: node 3 of 4 never answers; a virtual clock counts the wait
+    from flowerpress.server.loop import discover_partitions
+
+    grid = InProcessGrid(client_app, 4, run_config={"dataset": "digits", "num-clients": 4},
+                         silent={3})
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    # Execute
+    with server_identity():
+        found = discover_partitions(grid, wanted=4, timeout=60.0, settle=2.0,
+                                    clock=lambda: now[0], sleep=sleep)
+    # Assert: three partitions found, node 3 unknown, and the wait ended ~2 s after the first
+    assert found == {1: 0, 2: 1, 3: None, 4: 3}
+    assert now[0] < 5.0
