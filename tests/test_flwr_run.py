@@ -9,6 +9,11 @@ sets the federation size with ``--federation-config num-supernodes=N``. That
 SuperLink is detached and outlives `flwr run`; the test stops it by the process
 id it finds (processes carrying this test's ``FLWR_HOME``) and checks that
 nothing it started is left.
+
+The same run shows that plug-ins travel (issue 21): ``plugins = "tiny_plugin"``
+makes the server and every node import ``tests/plugins/tiny_plugin.py`` first
+(Flower loads the ClientApp once and ships it to Ray actors, where no user
+module has run), so its codec, strategy and task are found by their short names.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import pytest
 from flowerpress.deploy.local import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+PLUGINS = Path(__file__).resolve().parent / "plugins"
 NUM_CLIENTS, CLIENTS_PER_ROUND = 4, 2
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="finds processes in /proc")
@@ -95,7 +101,9 @@ def _env(home: Path) -> dict[str, str]:
         "FLWR_TELEMETRY_ENABLED": "0",
         # `flwr` starts `flower-superlink` by name: the one of this environment.
         "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        # The plug-in importable in every process Flower starts (not in this one).
+        "PYTHONPATH": os.pathsep.join(
+            [str(PLUGINS), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         # Ray's switch for multi-node clusters: off, its processes bind 127.0.0.1 only.
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
@@ -118,13 +126,14 @@ def test_flwr_run_uses_installed_env_and_run_config_size(flwr_home: Path,
                                                          tmp_path: Path) -> None:
     # Prepare
     out = tmp_path / "out"
-    run_config = (f"dataset='digits' model='logreg' num-clients={NUM_CLIENTS} "
-                  f"clients-per-round={CLIENTS_PER_ROUND} rounds=1 local-epochs=1 "
-                  f"out-dir='{out}'")
+    run_config = (f"plugins='tiny_plugin' task='blobs' strategy='plain-mean' "
+                  f"compression='half+zstd' download-compression='half' lr=0.2 "
+                  f"num-clients={NUM_CLIENTS} clients-per-round={CLIENTS_PER_ROUND} "
+                  f"rounds=2 out-dir='{out}'")
     env = _env(flwr_home)
     flwr = str(Path(sys.executable).parent / "flwr")
 
-    # Execute: the README's command, tiny.
+    # Execute: the README's command, tiny, with a user's plug-in module
     proc = subprocess.run(
         [flwr, "run", ".", "--stream", "--federation-config", f"num-supernodes={NUM_CLIENTS}",
          "--run-config", run_config],
@@ -139,7 +148,16 @@ def test_flwr_run_uses_installed_env_and_run_config_size(flwr_home: Path,
     assert f"({NUM_CLIENTS} simulated SuperNodes)" in log, log[-3000:]
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["config"]["num-clients"] == NUM_CLIENTS
-    assert [row["clients"] for row in results["rounds"]] == [CLIENTS_PER_ROUND]
+    rows = results["rounds"]
+    # ...every round, every node's reply decoded with the plug-in's codec...
+    assert [(r["clients"], r["rejected"]) for r in rows] == [(CLIENTS_PER_ROUND, 0)] * 2, log
+    assert rows[-1]["accuracy"] > 0.8
+    # ...results.json records what ran: lr went to the task, batch-size did not...
+    assert results["config"]["strategy"] == "plain-mean"
+    assert results["config"]["lr"] == 0.2 and "batch-size" not in results["config"]
+    assert results["summary"]["task"] == {"name": "blobs", "run_config_keys": ["lr"],
+                               "hyperparameters": {"local-epochs": 1, "batch-size": 32,
+                                                   "lr": 0.2, "seed": 0}}
     # ...in the installed environment: the SuperLink's SuperExec was not told to install
     # (flwr/superlink/cli/flower_superlink.py) and no $FLWR_HOME/runtime-envs/<run> exists.
     superexec = [cmd for cmd in started.values() if "flower-superexec" in cmd]

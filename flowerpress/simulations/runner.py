@@ -34,6 +34,10 @@ RUN_LOG = "flwr-run.log"
 SUPERLINK_LOG = "superlink.log"
 
 
+#: Seconds ``flwr run`` may go on after the ServerApp wrote its error.log.
+FAILED_GRACE_S = 3.0
+
+
 class SimulationError(RuntimeError):
     """The simulated federation could not be started or did not finish."""
 
@@ -54,16 +58,21 @@ class ProgressPrinter:
               f" {'eps':>7} {'sec':>6}", file=self.stream, flush=True)
 
     def __call__(self, row: Mapping[str, Any]) -> None:
-        """Message bytes as Flower sends them; ``link s``: cumulative estimated time."""
-        self.upload += int(row["upload_bytes"])
-        self.total += int(row["upload_bytes"]) + int(row["download_bytes"])
+        """Message bytes as Flower sends them; ``link s``: cumulative estimated time.
+
+        A column a row lacks (results.json of an older version) prints as ``-``.
+        """
+        up, down = int(row.get("upload_bytes") or 0), int(row.get("download_bytes") or 0)
+        self.upload += up
+        self.total += up + down
         self.link += float(row.get("link_seconds") or 0.0)
-        eps = "-" if row["epsilon"] is None else f"{row['epsilon']:.3f}"
-        print(f"{row['round']:>3}/{self.total_rounds:<3} {_num(row['accuracy'], 7, 4)} "
-              f"{_num(row['f1_macro'], 6, 3)} {_num(row['loss'], 7, 4)} {row['clients']:>7} "
-              f"{row['rejected']:>4} {row['upload_bytes'] / 1e6:8.4f} "
-              f"{row['download_bytes'] / 1e6:8.4f} {self.upload / 1e6:8.3f} "
-              f"{self.total / 1e6:9.3f} {self.link:8.1f} {eps:>7} {row['seconds']:6.2f}",
+        eps = row.get("epsilon")
+        print(f"{row.get('round', '?'):>3}/{self.total_rounds:<3} "
+              f"{_num(row.get('accuracy'), 7, 4)} {_num(row.get('f1_macro'), 6, 3)} "
+              f"{_num(row.get('loss'), 7, 4)} {row.get('clients', '-'):>7} "
+              f"{row.get('rejected', '-'):>4} {up / 1e6:8.4f} {down / 1e6:8.4f} "
+              f"{self.upload / 1e6:8.3f} {self.total / 1e6:9.3f} {self.link:8.1f} "
+              f"{_num(eps, 7, 3)} {_num(row.get('seconds'), 6, 2)}",
               file=self.stream, flush=True)
 
 
@@ -280,16 +289,23 @@ def _wait_for_results(runner: ManagedProcess, results: Path, printer: ProgressPr
     """
     if printer is not None:
         printer.header()
+    error_log = results.parent / ERROR_LOG
     seen, deadline = 0, time.monotonic() + timeout
+    failed_at: float | None = None
     while runner.alive() and time.monotonic() < deadline:
         seen = _follow(results, seen, printer)
+        if failed_at is None and error_log.exists():
+            # The ServerApp failed and said why: Flower's engine can take most of a
+            # minute to wind down, so give ``flwr run`` a moment to log it, no more.
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > FAILED_GRACE_S:
+            break
         time.sleep(0.5)
     run_log = results.parent / RUN_LOG
-    if runner.alive():
+    if runner.alive() and failed_at is None:
         raise SimulationError(f"the simulation did not finish within {timeout:.0f} s; "
                               f"full log: {run_log}")
     _follow(results, seen, printer)
-    error_log = results.parent / ERROR_LOG
     rewritten = before is None or _stat(results) != before
     failed = _failure(results) if rewritten else None
     if failed is None and error_log.exists():

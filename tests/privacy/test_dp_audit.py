@@ -400,11 +400,12 @@ def test_a_refused_end_round_changes_nothing() -> None:
 
 
 def test_poisson_needs_the_drawn_cohort_size() -> None:
-    server = _server("distributed:clip=1.0,noise=1.0", sampling="poisson", min_replies=2,
-                     max_epsilon=1e6)
+    # 20 devices, min-replies 10: each PLD takes seconds (n=50, min-replies 2: a minute)
+    server = _server("distributed:clip=1.0,noise=1.0", n=20, sampling="poisson",
+                     min_replies=10, max_epsilon=1e6)
 
     with pytest.raises(ValueError, match="cohort_size"):
         server.train_config(1)
     # Without the drawn size the budget check assumes the largest cohort: everyone.
-    assert server.peek_epsilon() == server.peek_epsilon(cohort_size=50)
+    assert server.peek_epsilon() == server.peek_epsilon(cohort_size=20)
     assert server.peek_epsilon() > server.peek_epsilon(cohort_size=10)
