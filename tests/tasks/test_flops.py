@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from flowerpress.tasks import TorchClassifierTask, TrainContext
-from flowerpress.tasks.base import Scalar
 from flowerpress.tasks import flops as flops_module
+from flowerpress.tasks.base import Scalar
 from flowerpress.tasks.bundled import Digits
 from flowerpress.tasks.flops import forward_flops, training_flops, training_step_flops
 
