@@ -421,7 +421,7 @@ def test_compute_bounds_come_from_the_run_and_the_task() -> None:
     assert unknown.max_flops == 6.0 * 2**20 * 100 * 1000 * 1000
 
 
-def test_the_claim_costs_about_51_bytes_of_message() -> None:
+def test_the_claim_and_compute_cost_about_59_bytes_of_message() -> None:
     # Prepare: the same reply without and with a claim and a time
     from flwr.app import ConfigRecord
 
