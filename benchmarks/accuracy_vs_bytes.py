@@ -11,8 +11,11 @@ Per run and seed the tables give the round at which test accuracy first reaches
 ``--target``, the upload, download and total message bytes up to and including it,
 their ratios to the first run (float32 FedAvg, ``none``) at the same seed, the accuracy
 at ``--baseline-rounds`` and the estimated time to the target under the run's ``link``
-profile (results.json ``link_seconds``); the summary table gives the median and the
-worst over seeds.
+profile (results.json ``link_seconds``) and the devices' compute to the target (the
+rows' ``device_flops``, PyTorch's FLOP counter, and ``device_seconds``, CPU seconds;
+"compute x baseline" is a run's FLOPs to the target over the baseline's at the same
+seed); the summary table gives the median and the worst over seeds. ``--dataset``
+switches every run to another bundled dataset (``digits``: cheap).
 
 Engines:
 
@@ -173,12 +176,24 @@ class Summary:
         up = self.cumulative("upload_bytes")[i]
         down = self.cumulative("download_bytes")[i]
         link = [r.get("link_seconds") for r in self.rows[: i + 1]]
+        flops = [r.get("device_flops") for r in self.rows[: i + 1]]
+        cpu = [r.get("device_seconds") for r in self.rows[: i + 1]]
         return {"round": float(self.rows[i]["round"]), "up": float(up), "down": float(down),
+                "flops": (float(sum(float(x) for x in flops))
+                          if all(x is not None for x in flops) else float("nan")),
+                "cpu_seconds": (float(sum(float(x) for x in cpu))
+                                if all(x is not None for x in cpu) else float("nan")),
                 "total": float(up + down),
                 "up_payload": float(self.cumulative("upload_payload_bytes")[i]),
                 "down_payload": float(self.cumulative("download_payload_bytes")[i]),
                 "link_seconds": (float(sum(float(x) for x in link))
                                  if all(x is not None for x in link) else float("nan"))}
+
+
+def _flops_per_round(summary: Summary) -> float | None:
+    """Mean device FLOPs of a round over the run (None where devices reported none)."""
+    spent = [float(r["device_flops"]) for r in summary.rows if r.get("device_flops") is not None]
+    return sum(spent) / len(spent) if spent else None
 
 
 def _median(values: Sequence[float]) -> float:
@@ -193,8 +208,9 @@ def per_seed_table(summaries: Sequence[Summary], *, target: float, at_round: int
     pct = f"{target:.0%}"
     lines = [
         f"| run | seed | rounds to {pct} | upload MB | download MB | total MB "
-        f"| total x | upload x | upload payload x | acc @ {at_round} | est. time to {pct} (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| total x | upload x | upload payload x | acc @ {at_round} | est. time to {pct} (s) "
+        f"| device GFLOPs to {pct} | device CPU s to {pct} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
         reach, b = s.first_reach(target), base.get(s.seed)
@@ -203,7 +219,7 @@ def per_seed_table(summaries: Sequence[Summary], *, target: float, at_round: int
         label = s.run.label.replace("|", " \\| ")
         if reach is None:
             lines.append(f"| `{label}` | {s.seed} | not in {len(s.rows)} | - | - | - | - | - | - "
-                         f"| {acc_text} | - |")
+                         f"| {acc_text} | - | - | - |")
             continue
         ratios = {k: "-" if b is None else f"{b[k] / reach[k]:.1f}x"
                   for k in ("total", "up", "up_payload")}
@@ -211,7 +227,8 @@ def per_seed_table(summaries: Sequence[Summary], *, target: float, at_round: int
             f"| `{label}` | {s.seed} | {reach['round']:.0f} | {reach['up'] / 1e6:.3f} "
             f"| {reach['down'] / 1e6:.3f} | {reach['total'] / 1e6:.3f} | {ratios['total']} "
             f"| {ratios['up']} | {ratios['up_payload']} | {acc_text} "
-            f"| {reach['link_seconds']:.0f} |")
+            f"| {reach['link_seconds']:.0f} | {reach['flops'] / 1e9:.1f} "
+            f"| {reach['cpu_seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -228,8 +245,11 @@ def summary_table(summaries: Sequence[Summary], *, target: float, at_round: int)
         f"| run | seeds | rounds to {pct} (median / worst) | total MB (median / worst) "
         f"| total x (median / worst) | upload x (median / worst) "
         f"| acc @ {at_round} minus baseline (median / worst) "
-        f"| est. time to {pct}, s (median / worst) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| est. time to {pct}, s (median / worst) "
+        f"| device GFLOPs to {pct} (median / worst) | compute to {pct} x baseline "
+        f"(median / worst) | device GFLOPs per round (median) | per round x baseline "
+        f"(median) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     runs: list[Run] = []
     for s in summaries:
@@ -239,6 +259,7 @@ def summary_table(summaries: Sequence[Summary], *, target: float, at_round: int)
         mine = [s for s in summaries if s.run == run]
         seeds = ",".join(str(s.seed) for s in mine)
         rounds, total, rt, ru, gap, mins = [], [], [], [], [], []
+        tflops, price, per_round, round_price = [], [], [], []
         for s in mine:
             reach = s.first_reach(target)
             b = base.get(s.seed)
@@ -246,13 +267,24 @@ def summary_table(summaries: Sequence[Summary], *, target: float, at_round: int)
             acc, bacc = s.accuracy_at(at_round), None if b is None else b.accuracy_at(at_round)
             if acc is not None and bacc is not None:
                 gap.append(100 * (acc - bacc))
+            spent = _flops_per_round(s)
+            if spent is not None:
+                per_round.append(spent / 1e9)
+                theirs = None if b is None else _flops_per_round(b)
+                if theirs:
+                    round_price.append(spent / theirs)
             if reach is None:
                 rounds.append(float("inf"))
                 total.append(float("inf"))
                 rt.append(0.0)
                 ru.append(0.0)
                 mins.append(float("inf"))
+                tflops.append(float("inf"))
+                price.append(float("inf"))
                 continue
+            tflops.append(reach["flops"] / 1e9)
+            if breach is not None and breach["flops"] > 0:
+                price.append(reach["flops"] / breach["flops"])
             rounds.append(reach["round"])
             total.append(reach["total"] / 1e6)
             mins.append(reach["link_seconds"])
@@ -268,7 +300,10 @@ def summary_table(summaries: Sequence[Summary], *, target: float, at_round: int)
         label = run.label.replace("|", " \\| ")
         lines.append(f"| `{label}` | {seeds} | {mw(rounds, '.0f')} | {mw(total, '.2f')} "
                      f"| {mw(rt, '.1f', min)}x | {mw(ru, '.0f', min)}x "
-                     f"| {mw(gap, '+.2f', min)} | {mw(mins, '.0f')} |")
+                     f"| {mw(gap, '+.2f', min)} | {mw(mins, '.0f')} "
+                     f"| {mw(tflops, '.1f')} | {mw(price, '.2f')}x "
+                     f"| {format(_median(per_round), '.2f') if per_round else '-'} "
+                     f"| {format(_median(round_price), '.2f') + 'x' if round_price else '-'} |")
     return "\n".join(lines)
 
 
@@ -340,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="round at which every run's accuracy is compared")
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--dataset", default=BASE_CONFIG["dataset"],
+                        help="the bundled dataset of every run (mnist, digits, ...)")
     parser.add_argument("--out", type=Path, default=Path("runs/accuracy_vs_bytes"))
     parser.add_argument("--plot", type=Path, default=Path("docs/img/pareto.png"))
     parser.add_argument("--reuse", action="store_true",
@@ -362,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                          float(doc.get("seconds", 0.0))))
                 print(f"== {run.label} seed {seed}: reused {saved}", flush=True)
                 continue
-            config = validate({**BASE_CONFIG, "rounds": args.rounds, "seed": seed,
+            config = validate({**BASE_CONFIG, "dataset": args.dataset,
+                               "rounds": args.rounds, "seed": seed,
                                **run.overrides})
             print(f"== {run.label} seed {seed} ({args.engine})", flush=True)
             start = time.monotonic()

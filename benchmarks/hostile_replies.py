@@ -848,7 +848,6 @@ def _server_path(reply: Message, name: str, work: Workload, strategy: Any, max_n
         return
     protocol.ef21_base_of_reply(reply)
     protocol.held_version_of_reply(reply)
-    protocol.compute_seconds_of_reply(reply)
     delta, _, was_clipped = bound_update_norm(checked.delta, max_norm)
     strategy.add(ClientUpdate(delta=delta, weight=checked.weight, node_id=1,
                               metrics=checked.metrics))

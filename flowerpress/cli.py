@@ -8,7 +8,9 @@ SuperNode keys for a deployment (``flowerpress certs add-node`` adds device keys
 to it); ``flowerpress device check ...`` checks a device before it joins;
 ``flowerpress sweep GRID.toml --out DIR`` runs a grid of configurations at
 several seeds and ``flowerpress compare RUN_DIR... --out DIR`` tables existing
-runs (median and worst over seeds). Bad input exits with status 2 and one line.
+runs (median and worst over seeds); ``flowerpress export RUN_DIR --format onnx
+--quantize none|int8 --out FILE`` writes the run's model for onnxruntime.
+Bad input exits with status 2 and one line.
 """
 
 from __future__ import annotations
@@ -47,7 +49,50 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("device", help="`device check`: check a device's node config, data, "
                                   "certificate and key before it joins", add_help=False)
     _add_sweep_parsers(sub)
+    _add_export_parser(sub)
     return parser
+
+
+def _add_export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``export``: a run's model as an ONNX artifact (flowerpress.export)."""
+    exp = sub.add_parser("export", help="write a run's model as an artifact an edge runtime "
+                         "loads (ONNX for onnxruntime, float32 or int8), with FILE.json")
+    exp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                     help="a run directory (results.json and model.npz)")
+    exp.add_argument("--format", default="onnx", metavar="onnx",
+                     help="the artifact's format: onnx (executorch is not supported)")
+    exp.add_argument("--quantize", default="none", metavar="none|int8",
+                     help="int8: onnxruntime's post-training static quantization, "
+                     "calibrated on training data")
+    exp.add_argument("--out", type=Path, required=True, metavar="FILE",
+                     help="the artifact; its sidecar is FILE.json")
+    exp.add_argument("--calibration", action="append", default=[], metavar="KEY=VALUE",
+                     help="node config of the data to calibrate on (repeatable; default: "
+                     "the run's training partitions)")
+    exp.add_argument("--calibration-examples", type=int, default=512, metavar="N")
+    exp.add_argument("--latency-examples", type=int, default=300, metavar="N")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from flowerpress.export import (
+        ExportError,
+        ExportRequest,
+        export_run,
+        parse_node_config,
+        summary_line,
+    )
+
+    try:
+        sidecar = export_run(ExportRequest(
+            run_dir=args.run_dir, out=args.out, format=str(args.format).strip().lower(),
+            quantize=str(args.quantize).strip().lower(),
+            calibration=parse_node_config(args.calibration),
+            calibration_examples=args.calibration_examples,
+            latency_examples=args.latency_examples))
+    except ExportError as exc:
+        raise ConfigError(str(exc)) from None
+    print(summary_line(sidecar))
+    return 0
 
 
 def _add_sweep_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -211,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args)
         if args.command in ("sweep", "compare"):
             return _sweep_commands(args)
+        if args.command == "export":
+            return _export(args)
     except ConfigError as exc:
         print(f"flowerpress: error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,10 @@ each side reads what the other wrote:
       "arrays": ArrayRecord   the local weights, or the compressed delta
       "metrics": MetricRecord num-examples (> 0), and optional finite numbers
                               (train-loss, local-steps, dp-clip-indicator, ...)
+      "download": ConfigRecord  the model version the device holds (history
+                              download) and, outside DP and secure aggregation,
+                              what its training cost (:class:`DeviceCompute`),
+                              packed in one bytes value (:func:`pack_claim`)
 
 * device -> server, ``evaluate`` reply: ``"metrics"`` with num-examples,
   eval-loss and eval-acc.
@@ -65,11 +69,12 @@ HELLO = "hello"
 
 # --- the message format (server <-> device, in the start-up query and its reply) ------
 #: The version of this contract's messages: bumped whenever a message's records
-#: change so that another version cannot read them (0.2: strict secure-aggregation
-#: stages, packed download claims). The server's query carries it; the device's
-#: reply carries its own and its flowerpress version; the server excludes a device
+#: change so that another version cannot read them (2: strict secure-aggregation
+#: stages, packed download claims; 3: the claim carries the training's wall and
+#: CPU seconds and FLOPs). The server's query carries it; the device's reply
+#: carries its own and its flowerpress version; the server excludes a device
 #: whose format differs, and the device logs one line saying so.
-MESSAGE_FORMAT = 2
+MESSAGE_FORMAT = 3  # 3: the download claim carries the device's compute (issue 23)
 FORMAT_KEY = "message-format"
 VERSION_KEY = "flowerpress-version"
 
@@ -83,6 +88,11 @@ EVAL_LOSS = "eval-loss"
 EVAL_ACC = "eval-acc"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+#: The ClientApp's note to compression_mod in a train reply: the FLOPs its task spent
+#: (a MetricRecord ``{"flops": F}``). compression_mod moves it into the download claim
+#: (:func:`pack_claim`) and removes it; dp_mod and secagg_mod rebuild the reply without
+#: it, so it never leaves a device under DP or secure aggregation.
+FLOPS_NOTE = "flops"
 
 #: Documented ranges of reply metrics; any other metric must only be finite.
 METRIC_RANGES: Mapping[str, tuple[float, float]] = {
@@ -223,12 +233,31 @@ class TrainInstruction:
 
 
 def train_reply(msg: Message, weights: Sequence[NDArray[np.float32]], *, num_examples: int,
-                metrics: Mapping[str, float] | None = None) -> Message:
-    """The device's reply to a train message: local weights and metrics."""
+                metrics: Mapping[str, float] | None = None,
+                flops: float | None = None) -> Message:
+    """The device's reply to a train message: local weights, metrics and the FLOPs note.
+
+    ``flops`` (the training's FLOPs, finite and non-negative, else left out) goes
+    in the :data:`FLOPS_NOTE` record for compression_mod (:func:`take_flops_note`).
+    """
     record = MetricRecord({NUM_EXAMPLES: int(num_examples),
                            **{k: float(v) for k, v in (metrics or {}).items()}})
-    return Message(RecordDict({ARRAYS: ArrayRecord(list(weights)), METRICS: record}),
-                   reply_to=msg)
+    content = RecordDict({ARRAYS: ArrayRecord(list(weights)), METRICS: record})
+    if flops is not None and math.isfinite(flops) and flops >= 0:
+        content[FLOPS_NOTE] = MetricRecord({FLOPS_NOTE: float(flops)})
+    return Message(content, reply_to=msg)
+
+
+def take_flops_note_inplace(reply: Message) -> float | None:
+    """Remove the ClientApp's FLOPs note from a train reply; return its value (or None)."""
+    if reply.has_error() or not reply.has_content() or FLOPS_NOTE not in reply.content:
+        return None
+    record = reply.content.pop(FLOPS_NOTE)
+    value = record.get(FLOPS_NOTE) if isinstance(record, MetricRecord) else None
+    if isinstance(value, int | float) and not isinstance(value, bool) \
+            and math.isfinite(value) and value >= 0:
+        return float(value)
+    return None
 
 
 def eval_reply(msg: Message, *, num_examples: int, loss: float, accuracy: float | None,
@@ -868,11 +897,17 @@ def validate_weight(metrics: Mapping[str, float], *, max_weight: float) -> float
 
 @dataclass(frozen=True)
 class ValidatedReply:
-    """A train reply after every check: safe to aggregate."""
+    """A train reply after every check: safe to aggregate.
+
+    ``compute`` is what the device says its training cost, within
+    :class:`ComputeBounds` (None when it reported none: under DP, secure
+    aggregation, or from a ClientApp without flowerpress's mods).
+    """
 
     delta: Weights
     weight: float
     metrics: Mapping[str, float]
+    compute: DeviceCompute | None = None
 
 
 #: The only metrics a reply under differential privacy may carry.
@@ -893,7 +928,8 @@ def _check_dp_contract(metrics: Mapping[str, float]) -> None:
 
 def validate_train_reply(reply: Message, received: Sequence[NDArray[np.float32]], *,
                          max_weight: float = DEFAULT_MAX_WEIGHT,
-                         dp: bool = False) -> ValidatedReply:
+                         dp: bool = False,
+                         compute: ComputeBounds | None = None) -> ValidatedReply:
     """Check every field of a train reply; return the delta against ``received``.
 
     Parameters
@@ -907,7 +943,12 @@ def validate_train_reply(reply: Message, received: Sequence[NDArray[np.float32]]
     dp
         The run is differentially private: the reply must follow dp_mod's
         contract (``num-examples`` 1, the ``dp-noised`` marker, no other metric
-        than the noised clip indicator).
+        than the noised clip indicator) and report no compute (the time and
+        FLOPs of training grow with the examples DP hides).
+    compute
+        Bounds on the compute the reply reports (:func:`compute_bounds`, from
+        the model and the run); ``None``: the loose :class:`ComputeBounds`
+        defaults.
 
     Raises
     ------
@@ -920,6 +961,10 @@ def validate_train_reply(reply: Message, received: Sequence[NDArray[np.float32]]
     weight = validate_weight(metrics, max_weight=max_weight)
     if dp:
         _check_dp_contract(metrics)
+    spent = compute_of_reply(reply, compute or ComputeBounds())
+    if dp and spent is not None:
+        raise UpdateRejected("the reply reports its compute under DP (the training time "
+                             "and FLOPs reveal the example count DP hides)")
     record = content.get(ARRAYS)
     if not isinstance(record, ArrayRecord):
         raise UpdateRejected(f"reply has no ArrayRecord {ARRAYS!r}" if record is None else
@@ -936,7 +981,8 @@ def validate_train_reply(reply: Message, received: Sequence[NDArray[np.float32]]
         del values
         _check_finite(delta, "delta")  # float32-max weights overflow after subtraction
     check_float32_model(received, delta)
-    return ValidatedReply(delta, weight, {k: v for k, v in metrics.items() if k != NUM_EXAMPLES})
+    return ValidatedReply(delta, weight, {k: v for k, v in metrics.items() if k != NUM_EXAMPLES},
+                          spent)
 
 
 def validate_eval_reply(reply: Message, *, max_weight: float = DEFAULT_MAX_WEIGHT
@@ -983,8 +1029,14 @@ def partition_of_reply(reply: Message) -> int | None:
 # instead of 124 as two named strings and a named float):
 #
 #     "download": {"h": ">II16s" anchor, round, digest   the version held (24 bytes)
-#                       [+ ">f" compute-seconds]}         outside DP (28 bytes)
-#     "download": {"h": ">f" compute-seconds}             a device holding no model
+#                       [+ ">fff" compute]}               outside DP (36 bytes)
+#     "download": {"h": ">fff" compute}                   a device holding no model
+#
+# where compute is the device's wall-clock seconds of local training, its CPU
+# seconds and the FLOPs of the training it did (NaN: not counted), float32 each
+# (:class:`DeviceCompute`; bounded by :class:`ComputeBounds` in
+# :func:`validate_train_reply`). Devices send no compute under DP or in a
+# secure-aggregation stage.
 #
 # The digest is the whole BLAKE2b-128 of :func:`weights_digest`, raw instead
 # of hex, not truncated (see :func:`held_version_of_reply`). The server
@@ -1003,7 +1055,7 @@ ANCHOR_VERSION = (0, 0)
 #: Key of the reply's packed claim (and training time) in its ``download`` record.
 DOWNLOAD_CLAIM = "h"
 _CLAIM = struct.Struct(">II16s")
-_SECONDS = struct.Struct(">f")
+_COMPUTE = struct.Struct(">fff")
 #: Largest anchor or round a claim may name (the nine digits of a version id).
 _MAX_VERSION_PART = 999_999_999
 #: Key prefix of the per-round diff payloads in a history download's ArrayRecord.
@@ -1060,16 +1112,98 @@ class HeldVersion:
     anchor: int
     server_round: int
     digest: str
-    compute_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class DeviceCompute:
+    """What one device's local training cost it, as its train reply reports it (issue 23).
+
+    Reporting only: the server sums it into the round's compute columns and
+    the link-time estimate; nothing is aggregated or weighted by it.
+
+    Attributes
+    ----------
+    seconds : float
+        Wall-clock seconds of the ClientApp's training (the link-time estimate).
+    cpu_seconds : float
+        CPU seconds the device's process spent meanwhile (``time.process_time``).
+    flops : float or None
+        Floating-point operations of the training actually done, counted with
+        PyTorch's FLOP counter or declared by the task; None: not counted.
+    """
+
+    seconds: float
+    cpu_seconds: float
+    flops: float | None = None
+
+
+#: Wall seconds of training a device may report: this many round timeouts (plus a minute).
+SECONDS_FACTOR = 2.0
+#: CPU seconds per wall second a device may report (its cores: threads of training).
+CPU_SECONDS_FACTOR = 256.0
+#: FLOPs a device may report: this many times the task's own count for
+#: ``max-client-weight`` examples (augmentation, extra steps, a miscounting task).
+FLOPS_FACTOR = 16.0
+#: Without the task's count: FLOPs per parameter per example and epoch (6 for a
+#: dense layer's forward and backward, times a weight's reuse across up to 2**20
+#: positions of a convolution) and the local epochs allowed.
+_FLOPS_PER_PARAMETER = 6.0 * (1 << 20)
+_MAX_EPOCHS = 1000.0
+
+
+@dataclass(frozen=True)
+class ComputeBounds:
+    """What a train reply may report as its compute (:func:`compute_bounds`).
+
+    The defaults are loose: finite and non-negative, at most 1e6 seconds and
+    the float32 range of FLOPs.
+    """
+
+    max_seconds: float = 1e6
+    max_cpu_seconds: float = 1e6
+    max_flops: float = FLOAT32_MAX
+
+
+def compute_bounds(reference: Sequence[NDArray[np.float32]], *, round_timeout: float,
+                   max_examples: float, train_flops: float | None = None) -> ComputeBounds:
+    """Bounds on a train reply's compute, from the model and the run, never from the reply.
+
+    Parameters
+    ----------
+    reference
+        The model (its parameter count bounds the FLOPs when the task gives none).
+    round_timeout
+        Seconds a round waits: a reply that arrives trained for at most that
+        long; allowed :data:`SECONDS_FACTOR` times it plus a minute, and
+        :data:`CPU_SECONDS_FACTOR` CPU seconds per wall second.
+    max_examples
+        The largest plausible partition (``max-client-weight``).
+    train_flops
+        The task's FLOPs of one round of local training on ``max_examples``
+        examples (:meth:`flowerpress.tasks.Task.train_flops`); allowed
+        :data:`FLOPS_FACTOR` times it. None: ``6 * 2**20`` FLOPs per parameter,
+        example and epoch, for up to 1,000 epochs (a bound against garbage, not
+        a measurement).
+    """
+    seconds = SECONDS_FACTOR * max(float(round_timeout), 0.0) + 60.0
+    if train_flops is not None and math.isfinite(train_flops) and train_flops > 0:
+        flops = FLOPS_FACTOR * float(train_flops)
+    else:
+        parameters = sum(int(g.size) for g in reference)
+        flops = _FLOPS_PER_PARAMETER * parameters * max(float(max_examples), 1.0) * _MAX_EPOCHS
+    return ComputeBounds(max_seconds=seconds, max_cpu_seconds=seconds * CPU_SECONDS_FACTOR,
+                         max_flops=min(flops, FLOAT32_MAX))
 
 
 def pack_claim(version: tuple[int, int] | None, digest: str | None,
-               compute_seconds: float | None) -> bytes | None:
-    """The reply's packed ``download`` value: the held version, its digest, the training time.
+               compute: DeviceCompute | None) -> bytes | None:
+    """The reply's packed ``download`` value: the held version, its digest, the compute.
 
     ``version`` and ``digest`` (a 32-hex :func:`weights_digest`) go together or
-    not at all; ``compute_seconds`` is packed as a float32 (left out unless
-    finite and within 0 to 1e6 s). None when there is nothing to say.
+    not at all; ``compute`` is packed as three float32 (left out unless its
+    seconds are finite and within 0 to 1e6 s; FLOPs that are not a finite
+    float32 count travel as NaN, "not counted"). None when there is nothing to
+    say.
 
     Raises
     ------
@@ -1083,9 +1217,13 @@ def pack_claim(version: tuple[int, int] | None, digest: str | None,
                 0 <= anchor <= rnd <= _MAX_VERSION_PART):
             raise ValueError(f"not a claim: version {version}, digest {digest!r}")
         out = _CLAIM.pack(anchor, rnd, bytes.fromhex(digest))
-    seconds = None if compute_seconds is None else _seconds(compute_seconds)
-    if seconds is not None:
-        out += _SECONDS.pack(seconds)
+    if compute is not None:
+        wall, cpu = _seconds(compute.seconds), _seconds(compute.cpu_seconds)
+        flops = compute.flops
+        if flops is None or not (math.isfinite(flops) and 0.0 <= flops <= FLOAT32_MAX):
+            flops = math.nan
+        if wall is not None and cpu is not None:
+            out += _COMPUTE.pack(wall, cpu, flops)
     return out or None
 
 
@@ -1098,7 +1236,7 @@ def _claim_bytes(reply: Message) -> bytes | None:
         return None
     raw = record.get(DOWNLOAD_CLAIM)
     if not isinstance(raw, bytes) or len(raw) not in (
-            _SECONDS.size, _CLAIM.size, _CLAIM.size + _SECONDS.size):
+            _COMPUTE.size, _CLAIM.size, _CLAIM.size + _COMPUTE.size):
         return None
     return raw
 
@@ -1107,7 +1245,7 @@ def held_version_of_reply(reply: Message) -> HeldVersion | None:
     """The version a train reply claims its device holds, or None (malformed or absent).
 
     Bounded and strict: the ``download`` record holds exactly one bytes value of
-    24 or 28 bytes (:func:`pack_claim`), two integers ``0 <= anchor <= round <=
+    24 or 36 bytes (:func:`pack_claim`), two integers ``0 <= anchor <= round <=
     999999999`` and a 16-byte digest; anything else is no claim (the device then
     gets a full model, or its first contact again).
 
@@ -1127,9 +1265,7 @@ def held_version_of_reply(reply: Message) -> HeldVersion | None:
     anchor, rnd, digest = _CLAIM.unpack_from(raw)
     if not 0 <= anchor <= rnd <= _MAX_VERSION_PART:
         return None
-    seconds = _seconds(_SECONDS.unpack_from(raw, _CLAIM.size)[0]) \
-        if len(raw) == _CLAIM.size + _SECONDS.size else None
-    return HeldVersion(anchor, rnd, digest.hex(), seconds)
+    return HeldVersion(anchor, rnd, digest.hex())
 
 
 def anchor_of_reply(reply: Message) -> str | None:
@@ -1151,12 +1287,32 @@ def _seconds(raw: object) -> float | None:
     return None
 
 
-def compute_seconds_of_reply(reply: Message) -> float | None:
-    """The local training time a train reply reports (its ``download`` record), or None."""
+def compute_of_reply(reply: Message, bounds: ComputeBounds) -> DeviceCompute | None:
+    """The compute a train reply reports (its ``download`` record), checked against ``bounds``.
+
+    None when the reply reports none (no ``download`` record, a claim without
+    compute, or a record that is not one of :func:`pack_claim`'s three sizes,
+    which :func:`held_version_of_reply` ignores too). Called by
+    :func:`validate_train_reply`.
+
+    Raises
+    ------
+    UpdateRejected
+        A reported value that is not finite, is negative or exceeds its bound
+        (FLOPs may be NaN: not counted).
+    """
     raw = _claim_bytes(reply)
     if raw is None or len(raw) == _CLAIM.size:
         return None
-    return _seconds(_SECONDS.unpack_from(raw, len(raw) - _SECONDS.size)[0])
+    wall, cpu, flops = _COMPUTE.unpack_from(raw, len(raw) - _COMPUTE.size)
+    for name, value, bound in (("seconds", wall, bounds.max_seconds),
+                               ("CPU seconds", cpu, bounds.max_cpu_seconds),
+                               ("FLOPs", flops, bounds.max_flops)):
+        if name == "FLOPs" and math.isnan(value):
+            continue
+        if not (math.isfinite(value) and 0.0 <= value <= bound):
+            raise UpdateRejected(f"compute: {name} {value!r} outside [0, {bound:.4g}]")
+    return DeviceCompute(float(wall), float(cpu), None if math.isnan(flops) else float(flops))
 
 
 # --- EF21 upload estimates (the ``ef21`` codec stage) -----------------------------------

@@ -659,9 +659,10 @@ class SeedResult:
     total_bytes: float
     link_seconds: float | None  # estimated, None when the run had link=none
     epsilon: float | None  # final; None without DP (or with rng=seeded: no guarantee)
-    compute_seconds: float | None  # devices' compute where rows carry ``compute_seconds``
+    compute_seconds: float | None  # devices' CPU seconds (rows' ``device_seconds``)
     run_total_bytes: int  # the whole run's, for the plot
     run_compute_seconds: float | None
+    device_flops: float | None = None  # devices' FLOPs (rows' ``device_flops``)
 
 
 @dataclass(frozen=True)
@@ -698,7 +699,8 @@ def seed_result(document: Mapping[str, Any], *, seed: int, path: str,
 
     last = rows[-1] if rows else {}
     link = seconds("link_seconds", rows)
-    compute = seconds("compute_seconds", rows)
+    compute = seconds("device_seconds", rows)
+    flops = seconds("device_flops", rows)
     return SeedResult(
         seed=seed, path=path,
         accuracy=_opt(last.get("accuracy")), f1_macro=_opt(last.get("f1_macro")),
@@ -708,10 +710,11 @@ def seed_result(document: Mapping[str, Any], *, seed: int, path: str,
         total_bytes=total("upload_bytes") + total("download_bytes"),
         link_seconds=None if link is None else seconds("link_seconds", head),
         epsilon=_opt(last.get("epsilon")),
-        compute_seconds=None if compute is None else seconds("compute_seconds", head),
+        compute_seconds=None if compute is None else seconds("device_seconds", head),
         run_total_bytes=sum(int(r.get("upload_bytes") or 0) + int(r.get("download_bytes") or 0)
                             for r in rows),
-        run_compute_seconds=compute)
+        run_compute_seconds=compute,
+        device_flops=None if flops is None else seconds("device_flops", head))
 
 
 def _opt(value: object) -> float | None:
@@ -742,7 +745,8 @@ COLUMNS = (
     "upload_reduction_median", "upload_reduction_worst", "download_reduction_median",
     "download_reduction_worst", "total_reduction_median", "total_reduction_worst",
     "link_seconds_median", "link_seconds_worst", "epsilon_median", "epsilon_worst",
-    "compute_seconds_median", "compute_seconds_worst",
+    "compute_seconds_median", "compute_seconds_worst", "device_flops_median",
+    "device_flops_worst",
 )
 
 #: What the columns mean (summary.json ``columns``).
@@ -754,7 +758,8 @@ DEFINITIONS = {
     "*_median, *_worst": "median and worst over the finished seeds; worst is the lowest "
                          "accuracy/F1/reduction and the highest rounds/bytes/seconds/epsilon",
     "accuracy, f1": "after the last round",
-    "*_to_target, *_bytes, link_seconds, compute_seconds": "summed up to and including the "
+    "*_to_target, *_bytes, link_seconds, compute_seconds, device_flops": "summed up to and "
+        "including the "
         "first round whose accuracy reached the target (the whole run without a target); "
         "null when the median or worst seed did not reach it",
     "*_bytes": "messages as Flower serializes them, every message of the rounds",
@@ -762,7 +767,10 @@ DEFINITIONS = {
                    "(10: 10x fewer); 0 when this seed did not reach the target",
     "link_seconds": "estimated time on the run's link profile (results.json link_seconds)",
     "epsilon": "after the last round; null without DP",
-    "compute_seconds": "devices' compute time where the round rows carry compute_seconds",
+    "compute_seconds": "devices' CPU seconds of local training (rows' device_seconds); null "
+                       "where devices report none (DP, secure aggregation)",
+    "device_flops": "devices' FLOPs of local training (rows' device_flops, PyTorch's FLOP "
+                    "counter); null where devices report none",
 }
 
 
@@ -790,6 +798,7 @@ def build_table(groups: Sequence[tuple[str, str, Sequence[RunRecord]]], *, basel
             "link_seconds": ([r.link_seconds for r in results], False),
             "epsilon": ([r.epsilon for r in results], False),
             "compute_seconds": ([r.compute_seconds for r in results], False),
+            "device_flops": ([r.device_flops for r in results], False),
         }
         for kind in ("upload", "download", "total"):
             ratios: list[float | None] = []
@@ -870,7 +879,8 @@ def markdown_table(table: Sequence[Mapping[str, Any]], *, target: float | None) 
     if target is not None:
         header.append(f"rounds to {target:g}")
     header += [f"total MB ({span})", "upload: x fewer than baseline",
-               "total: x fewer than baseline", f"link s ({span})", "epsilon"]
+               "total: x fewer than baseline", f"link s ({span})",
+               f"device TFLOPs ({span})", "epsilon"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table:
         seeds = str(row["seeds"])
@@ -884,7 +894,8 @@ def markdown_table(table: Sequence[Mapping[str, Any]], *, target: float | None) 
             cells.append(_pair(row, "rounds_to_target", ".0f"))
         cells += [_pair(row, "total_bytes", ".3f", 1e6), _pair(row, "upload_reduction", ".2f"),
                   _pair(row, "total_reduction", ".2f"),
-                  _pair(row, "link_seconds", ".1f"), _pair(row, "epsilon", ".2f")]
+                  _pair(row, "link_seconds", ".1f"), _pair(row, "device_flops", ".3f", 1e12),
+                  _pair(row, "epsilon", ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -285,32 +285,38 @@ def _claim_reply(record: Mapping[str, Any] | None) -> Message:
     return reply
 
 
-@pytest.mark.parametrize(("version", "seconds"), [((0, 7), 1.5), ((3, 9), None),
-                                                  ((999_999_999, 999_999_999), 0.0)])
-def test_a_packed_claim_round_trips(version: tuple[int, int], seconds: float | None) -> None:
+_SPENT = protocol.DeviceCompute(1.5, 3.0, 2.5e9)
+
+
+@pytest.mark.parametrize(("version", "compute"), [((0, 7), _SPENT), ((3, 9), None),
+                                                  ((999_999_999, 999_999_999),
+                                                   protocol.DeviceCompute(0.0, 0.0, None))])
+def test_a_packed_claim_round_trips(version: tuple[int, int],
+                                    compute: protocol.DeviceCompute | None) -> None:
     # Prepare
     digest = "0123456789abcdef" * 2
-    packed = protocol.pack_claim(version, digest, seconds)
-    assert packed is not None and len(packed) == (24 if seconds is None else 28)
+    packed = protocol.pack_claim(version, digest, compute)
+    assert packed is not None and len(packed) == (24 if compute is None else 36)
     # Execute
     reply = _claim_reply({protocol.DOWNLOAD_CLAIM: packed})
     held = protocol.held_version_of_reply(reply)
-    # Assert: the whole 16-byte digest, the version, the time (float32)
-    assert held == protocol.HeldVersion(*version, digest, seconds)
-    assert protocol.compute_seconds_of_reply(reply) == seconds
+    # Assert: the whole 16-byte digest, the version, the compute (float32)
+    assert held == protocol.HeldVersion(*version, digest)
+    assert protocol.compute_of_reply(reply, protocol.ComputeBounds()) == compute
 
 
-def test_a_device_holding_nothing_sends_only_its_time() -> None:
+def test_a_device_holding_nothing_sends_only_its_compute() -> None:
     # Prepare
-    packed = protocol.pack_claim(None, None, 2.25)
+    packed = protocol.pack_claim(None, None, protocol.DeviceCompute(2.25, 4.5, 1e6))
     # Execute
     reply = _claim_reply({protocol.DOWNLOAD_CLAIM: packed})
     # Assert
-    assert packed is not None and len(packed) == 4
+    assert packed is not None and len(packed) == 12
     assert protocol.held_version_of_reply(reply) is None
-    assert protocol.compute_seconds_of_reply(reply) == 2.25
+    assert protocol.compute_of_reply(reply, protocol.ComputeBounds()) == \
+        protocol.DeviceCompute(2.25, 4.5, 1e6)
     assert protocol.pack_claim(None, None, None) is None
-    assert protocol.pack_claim(None, None, float("nan")) is None
+    assert protocol.pack_claim(None, None, protocol.DeviceCompute(float("nan"), 1.0)) is None
 
 
 @pytest.mark.parametrize(("version", "digest"), [((2, 1), "a" * 32), ((0, 1), "a" * 31),
@@ -340,39 +346,102 @@ def test_a_malformed_claim_is_no_claim(record: Mapping[str, Any] | None) -> None
     assert protocol.held_version_of_reply(_claim_reply(record)) is None
 
 
-@pytest.mark.parametrize("seconds", [float("nan"), float("inf"), -1.0, 2e6])
-def test_a_time_outside_its_bounds_is_no_time(seconds: float) -> None:
-    # Prepare: a true claim with a hostile time
-    packed = struct.pack(">II16sf", 0, 3, bytes(16), seconds)
+_BOUNDS = protocol.ComputeBounds(max_seconds=300.0, max_cpu_seconds=600.0, max_flops=1e12)
+
+
+@pytest.mark.parametrize("compute", [(float("nan"), 1.0, 1.0), (1.0, float("inf"), 1.0),
+                                     (-1.0, 1.0, 1.0), (301.0, 1.0, 1.0), (1.0, 601.0, 1.0),
+                                     (1.0, 1.0, 2e12), (1.0, 1.0, -5.0),
+                                     (1.0, 1.0, float("inf"))])
+def test_a_compute_outside_its_bounds_rejects_the_reply(
+        compute: tuple[float, float, float]) -> None:
+    # Prepare: a true claim with a hostile compute
+    packed = struct.pack(">II16sfff", 0, 3, bytes(16), *compute)
     reply = _claim_reply({protocol.DOWNLOAD_CLAIM: packed})
-    # Execute / Assert: the claim stands, the time does not
-    held = protocol.held_version_of_reply(reply)
-    assert held is not None and held.compute_seconds is None
-    assert protocol.compute_seconds_of_reply(reply) is None
-    assert protocol.compute_seconds_of_reply(
-        _claim_reply({protocol.DOWNLOAD_CLAIM: struct.pack(">f", seconds)})) is None
+    # Execute / Assert: the claim stands, the compute is refused with one line
+    assert protocol.held_version_of_reply(reply) is not None
+    with pytest.raises(protocol.UpdateRejected, match="compute: "):
+        protocol.compute_of_reply(reply, _BOUNDS)
+    with pytest.raises(protocol.UpdateRejected, match="compute: "):
+        protocol.compute_of_reply(
+            _claim_reply({protocol.DOWNLOAD_CLAIM: struct.pack(">fff", *compute)}), _BOUNDS)
 
 
-def test_the_claim_costs_about_51_bytes_of_message() -> None:
+def test_flops_not_counted_travel_as_nan_and_read_as_none() -> None:
+    # Prepare / Execute
+    packed = protocol.pack_claim(None, None, protocol.DeviceCompute(1.0, 2.0, float("inf")))
+    reply = _claim_reply({protocol.DOWNLOAD_CLAIM: packed})
+    # Assert
+    assert protocol.compute_of_reply(reply, _BOUNDS) == protocol.DeviceCompute(1.0, 2.0, None)
+
+
+def _spent_reply(compute: protocol.DeviceCompute, metrics: Mapping[str, Any] | None = None
+                 ) -> Message:
+    from flwr.app import ConfigRecord
+
+    reply = _reply(ArrayRecord([MODEL[0] + 1, MODEL[1] - 1]), metrics)
+    reply.content[protocol.DOWNLOAD] = ConfigRecord(
+        {protocol.DOWNLOAD_CLAIM: protocol.pack_claim(None, None, compute)})
+    return reply
+
+
+def test_the_validator_returns_the_bounded_compute_and_refuses_it_beyond() -> None:
+    # Prepare
+    honest = _spent_reply(protocol.DeviceCompute(2.0, 1.5, 4e9))
+    greedy = _spent_reply(protocol.DeviceCompute(2.0, 1.5, 4e13))
+    # Execute
+    with server_identity():
+        checked = validate_train_reply(honest, MODEL, compute=_BOUNDS)
+    # Assert: reported as sent (float32); beyond the model's bound the reply is rejected
+    assert checked.compute == protocol.DeviceCompute(2.0, 1.5, 4e9)
+    with server_identity(), pytest.raises(UpdateRejected, match="compute: FLOPs"):
+        validate_train_reply(greedy, MODEL, compute=_BOUNDS)
+
+
+def test_a_dp_reply_that_reports_its_compute_is_rejected() -> None:
+    # Prepare: dp_mod's metrics, plus a compute the device should not have sent
+    reply = _spent_reply(protocol.DeviceCompute(2.0, 1.5, 4e9),
+                         {"num-examples": 1, protocol.DP_NOISED: 1})
+    # Execute / Assert
+    with server_identity(), pytest.raises(UpdateRejected, match="under DP"):
+        validate_train_reply(reply, MODEL, dp=True)
+
+
+def test_compute_bounds_come_from_the_run_and_the_task() -> None:
+    # Prepare
+    model = [np.zeros((10, 10), np.float32)]
+    # Execute
+    counted = protocol.compute_bounds(model, round_timeout=100.0, max_examples=1000,
+                                      train_flops=5e9)
+    unknown = protocol.compute_bounds(model, round_timeout=100.0, max_examples=1000)
+    # Assert: seconds from the timeout, FLOPs from the task's count, else the parameters
+    assert counted.max_seconds == 2 * 100.0 + 60.0
+    assert counted.max_cpu_seconds == counted.max_seconds * protocol.CPU_SECONDS_FACTOR
+    assert counted.max_flops == protocol.FLOPS_FACTOR * 5e9
+    assert unknown.max_flops == 6.0 * 2**20 * 100 * 1000 * 1000
+
+
+def test_the_claim_and_compute_cost_about_59_bytes_of_message() -> None:
     # Prepare: the same reply without and with a claim and a time
     from flwr.app import ConfigRecord
 
     plain = _claim_reply(None)
-    claimed = _claim_reply({protocol.DOWNLOAD_CLAIM: protocol.pack_claim((0, 7), "a" * 32, 1.5)})
+    claimed = _claim_reply({protocol.DOWNLOAD_CLAIM: protocol.pack_claim(
+        (0, 7), "a" * 32, protocol.DeviceCompute(1.5, 1.5, 1e9))})
     old = _claim_reply({"download-held": "0.7", "download-digest": "a" * 32,
                         "compute-seconds": 1.5})
     assert isinstance(old.content[protocol.DOWNLOAD], ConfigRecord)
     # Execute
     added = protocol.message_bytes(claimed) - protocol.message_bytes(plain)
-    # Assert: about 51 bytes (protobuf length prefixes may add one), against
-    # about 124 for the three named values it replaces
-    assert added <= 52
-    assert protocol.message_bytes(old) - protocol.message_bytes(claimed) >= 70
+    # Assert: about 59 bytes with the compute (protobuf length prefixes may add one),
+    # against about 124 for the three named values it replaces without the compute
+    assert added <= 60
+    assert protocol.message_bytes(old) - protocol.message_bytes(claimed) >= 60
 
 
 @settings(max_examples=300, deadline=None)
 @given(raw=st.one_of(st.binary(max_size=40),
-                     *(st.binary(min_size=n, max_size=n) for n in (4, 24, 28)),
+                     *(st.binary(min_size=n, max_size=n) for n in (12, 24, 36)),
                      st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
                                st.binary(min_size=16, max_size=20)).map(
                          lambda t: struct.pack(">II", t[0], t[1]) + t[2])),
@@ -382,13 +451,17 @@ def test_any_claim_bytes_give_a_bounded_claim_or_none(raw: bytes, key: str) -> N
     with server_identity():
         reply = _claim_reply({key: raw})
         held = protocol.held_version_of_reply(reply)
-        seconds = protocol.compute_seconds_of_reply(reply)
-    # Assert: never an exception; what is read is within the documented bounds
+        try:
+            spent = protocol.compute_of_reply(reply, _BOUNDS)
+        except protocol.UpdateRejected:
+            spent = None
+    # Assert: never another exception; what is read is within the documented bounds
     if held is not None:
         assert 0 <= held.anchor <= held.server_round <= 999_999_999
         assert len(held.digest) == 32 and int(held.digest, 16) >= 0
-    if seconds is not None:
-        assert 0.0 <= seconds <= 1e6
+    if spent is not None:
+        assert 0.0 <= spent.seconds <= 300.0 and 0.0 <= spent.cpu_seconds <= 600.0
+        assert spent.flops is None or 0.0 <= spent.flops <= 1e12
 
 
 @pytest.mark.parametrize("text", [b"\xc0" * 64, b"{'descr': '<f4',\x00" + b" " * 40, b" {}"])

@@ -192,11 +192,15 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
                     for w, g in zip(result.weights, received, strict=True)):
                 raise TaskError(f"{type(current).__name__}.train returned weights whose "
                                 "shapes differ from the received model's")
+            # The FLOPs the task counted, or declares (Task.train_flops); compression_mod
+            # packs them into the reply's claim (never under DP or secure aggregation).
+            flops = result.flops if result.flops is not None else current.train_flops(
+                result.num_examples)
         except TaskError as exc:
             return _task_error_reply(msg, exc)
         weights = [np.asarray(w, dtype=np.float32) for w in result.weights]
         return protocol.train_reply(msg, weights, num_examples=result.num_examples,
-                                    metrics=result.metrics)
+                                    metrics=result.metrics, flops=flops)
 
     @app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:

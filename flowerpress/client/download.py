@@ -186,13 +186,14 @@ def _apply_diffs(incoming: ArrayRecord, base: tuple[int, int] | None,
     return weights
 
 
-def held_record(context: Context, compute_seconds: float | None) -> ConfigRecord | None:
-    """The reply's ``download`` record: the version held now (and the training time).
+def held_record(context: Context,
+                compute: protocol.DeviceCompute | None) -> ConfigRecord | None:
+    """The reply's ``download`` record: the version held now (and what training cost).
 
     One packed bytes value (:func:`flowerpress.protocol.pack_claim`); None when
     there is nothing to say.
     """
     held = _held_version(context)
     version, digest = (None, None) if held is None else held
-    packed = protocol.pack_claim(version, digest, compute_seconds)
+    packed = protocol.pack_claim(version, digest, compute)
     return None if packed is None else ConfigRecord({protocol.DOWNLOAD_CLAIM: packed})

@@ -193,9 +193,12 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
     else:
         received = [np.asarray(a, dtype=np.float32) for a in incoming.to_numpy_ndarrays()]
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     reply = call_next(msg, context)
-    compute = time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
+    # The ClientApp's FLOPs note never travels as it is: it goes into the claim below.
+    flops = protocol.take_flops_note_inplace(reply)
     instruction = protocol.TrainInstruction.from_message(msg)
     # A secure-aggregation stage's reply carries the protocol's fields and nothing
     # else: the training time correlates 0.85 with the number of examples the mode
@@ -203,8 +206,11 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
     secure = secagg_stage_of(msg) is not None
     if kind == MessageType.TRAIN and not reply.has_error() and not secure:
         # What this device holds now (the server verifies it) and, outside DP,
-        # how long local training took (the link-time estimate uses it).
+        # what local training cost: wall seconds (the link-time estimate), CPU
+        # seconds and FLOPs (the compute columns). Under DP none of it: it grows
+        # with the example count DP hides.
         dp_on = str(instruction.extra.get(protocol.DP, "off")).strip() not in ("", "off")
+        compute = protocol.DeviceCompute(seconds, cpu_seconds, flops)
         record = held_record(context, None if dp_on else compute)
         if record is not None:
             reply.content[protocol.DOWNLOAD] = record

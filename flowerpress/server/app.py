@@ -24,6 +24,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
+from flowerpress import protocol
 from flowerpress.config import (
     DEFAULTS,
     SCHEMA,
@@ -181,6 +182,13 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
                                    strategy=str(config["strategy"]), elements=elements,
                                    into=ledgers)
     download = parse_codec(str(config["download-compression"]))
+    max_weight = float(config["max-client-weight"])
+    # Bounds on what devices report as their compute, from the model and the run:
+    # the task's own FLOP count for the largest plausible partition, the round timeout.
+    compute = protocol.compute_bounds(
+        initial, round_timeout=float(config["round-timeout"]), max_examples=max_weight,
+        train_flops=user_call(f"task {type(task).__name__}.train_flops", task.train_flops,
+                              max(1, int(max_weight))))
     settings = LoopSettings(
         rounds=int(config["rounds"]),
         clients_per_round=int(config["clients-per-round"]),
@@ -202,6 +210,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         link=parse_link(str(config["link"])),
         compression_warmup=int(config["compression-warmup"]),
         ef21_memory_bytes=int(float(config["ef21-memory"]) * 1e6),
+        compute=compute,
     )
     privacy_factory = secagg_ledger or (None if dp is None else make_ledger)
     resume: LoopState | None = None

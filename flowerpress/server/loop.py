@@ -147,6 +147,9 @@ class LoopSettings:
     # for the same reason (a bug in the task or codec, not a hostile device);
     # 0: never.
     max_rejected_rounds: int = 3
+    # Bounds on the compute a train reply reports (protocol.compute_bounds, from
+    # the model, the task's FLOP count and the round timeout); None: loose defaults.
+    compute: protocol.ComputeBounds | None = None
 
 
 class FederationMismatchError(RuntimeError):
@@ -311,6 +314,10 @@ class RoundOutcome:
     culprits: dict[int, str] = field(default_factory=dict)
     #: the one reason every reply was rejected for, in a round with no valid update
     only_reason: str | None = None
+    #: the accepted replies' reported FLOPs and CPU seconds (None: none reported,
+    #: as under DP and secure aggregation)
+    device_flops: float | None = None
+    device_seconds: float | None = None
 
 
 def _broadcast(global_weights: Weights, download: DownloadCodec | None,
@@ -473,7 +480,7 @@ def _collect_updates(grid: Grid, book: RoundBook, global_weights: Weights,
                                limits=protocol.reply_limits(plan.received[node]))
         checked = protocol.validate_train_reply(reply, plan.received[node],
                                                 max_weight=settings.max_client_weight,
-                                                dp=settings.dp)
+                                                dp=settings.dp, compute=settings.compute)
         estimate = None
         if estimates is not None:
             estimate = estimates.combine(node, protocol.ef21_base_of_reply(reply),
@@ -486,6 +493,7 @@ def _collect_updates(grid: Grid, book: RoundBook, global_weights: Weights,
         if estimates is not None and estimate is not None:
             estimates.commit(node, server_round, estimate)
         book.accept(node, checked.metrics)
+        book.count_compute(checked.compute)
         if was_clipped:
             book.clipped += 1
             log.info("round %s: update of node %s clipped from norm %.4g to the %s bound %.4g",
@@ -495,7 +503,7 @@ def _collect_updates(grid: Grid, book: RoundBook, global_weights: Weights,
         if settings.link is not None:
             book.link_times.append(settings.link.client_seconds(
                 download_bytes=book.down_of.get(node, 0), upload_bytes=up,
-                compute_seconds=protocol.compute_seconds_of_reply(reply) or 0.0))
+                compute_seconds=0.0 if checked.compute is None else checked.compute.seconds))
 
     def forget(node: int) -> None:
         if history is not None:  # what the device holds now is unknown
@@ -532,7 +540,8 @@ def _close_round(book: RoundBook, strategy: AggregationStrategy, base: Weights,
         diff_downloads=0 if plan is None else plan.diffs,
         link_seconds=None if settings.link is None else
         settings.link.round_seconds(book.link_times),
-        released=released, culprits=dict(book.culprits), only_reason=book.only_reason())
+        released=released, culprits=dict(book.culprits), only_reason=book.only_reason(),
+        device_flops=book.device_flops, device_seconds=book.device_seconds)
 
 
 def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weights: Weights,
@@ -750,6 +759,7 @@ def run_federation(
             "upload_payload_bytes": outcome.upload_payload_bytes,
             "download_payload_bytes": outcome.download_payload_bytes,
             "link_seconds": outcome.link_seconds,
+            **compute_columns(rows, outcome.device_flops, outcome.device_seconds),
             "epsilon": epsilon,
             "seconds": round(clock() - started, 4),
         }
@@ -780,6 +790,24 @@ def run_federation(
         if failing is not None:
             raise RepeatedRejectionError(failing)
     return weights, rows, stop
+
+
+def compute_columns(rows: Sequence[Mapping[str, Any]], flops: float | None,
+                    seconds: float | None) -> dict[str, float | None]:
+    """A round row's compute columns: this round's and the run's so far (``rows`` before it).
+
+    ``device_flops`` and ``device_seconds`` sum what the round's accepted
+    replies reported (FLOPs of local training, CPU seconds); ``cum_*`` add the
+    earlier rounds'. Null where nothing was reported (DP, secure aggregation, a
+    task that counts no FLOPs); a cumulative column stays null until a round
+    reports.
+    """
+    out: dict[str, float | None] = {"device_flops": flops, "device_seconds": seconds}
+    for key, value in (("device_flops", flops), ("device_seconds", seconds)):
+        earlier = rows[-1].get(f"cum_{key}") if rows else None
+        out[f"cum_{key}"] = (None if value is None and earlier is None
+                             else float(earlier or 0.0) + float(value or 0.0))
+    return out
 
 
 def _repeated_rejection(rows: Sequence[Mapping[str, Any]], failures: list[str],

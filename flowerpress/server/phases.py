@@ -167,6 +167,9 @@ class RoundBook:
     link_times: list[float] = field(default_factory=list)
     #: nodes caught breaking a protocol on purpose (excluded from later rounds)
     culprits: dict[int, str] = field(default_factory=dict)
+    #: the accepted replies' reported compute (reporting only; None: none reported)
+    device_flops: float | None = None
+    device_seconds: float | None = None
 
     def reject(self, node: int, stage: str, reason: str) -> None:
         """Count ``node`` as rejected (its first reason is kept); one log line."""
@@ -197,6 +200,14 @@ class RoundBook:
         """``node``'s update is in the model."""
         self.accepted.append(node)
         self.reply_metrics.append(dict(metrics or {}))
+
+    def count_compute(self, compute: protocol.DeviceCompute | None) -> None:
+        """Add an accepted reply's validated compute (CPU seconds, FLOPs) to the round's."""
+        if compute is None:
+            return
+        self.device_seconds = (self.device_seconds or 0.0) + compute.cpu_seconds
+        if compute.flops is not None:
+            self.device_flops = (self.device_flops or 0.0) + compute.flops
 
     @property
     def valid(self) -> int:

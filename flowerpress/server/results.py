@@ -6,10 +6,12 @@ The layout is the contract of ARCHITECTURE.md::
      "rounds": [{"round", "accuracy", "loss", "f1_macro", "clients", "rejected",
                  "timed_out", "unavailable", "upload_bytes", "download_bytes",
                  "upload_payload_bytes", "download_payload_bytes", "link_seconds",
-                 "epsilon", "seconds"}, ...],
+                 "device_flops", "device_seconds", "cum_device_flops",
+                 "cum_device_seconds", "epsilon", "seconds"}, ...],
      "summary": {"final_accuracy", "total_upload_bytes", "total_download_bytes",
                  "total_bytes", "total_upload_payload_bytes",
                  "total_download_payload_bytes", "total_link_seconds",
+                 "total_device_flops", "total_device_seconds",
                  "fp32_upload_bytes", "task": {"name", "run_config_keys",
                  "hyperparameters"}},
      "privacy": {...} | null}
@@ -24,6 +26,10 @@ serializes them (``flowerpress.protocol.message_bytes``: metadata, every
 record, protobuf framing), both directions, every message of the round;
 ``*_payload_bytes`` are the array data alone. ``link_seconds`` is the round's
 estimated time under the run's ``link`` profile (``flowerpress.config.LinkProfile``).
+``device_flops`` and ``device_seconds`` are what the round's accepted replies
+reported their local training cost (FLOPs, CPU seconds; reporting only), the
+``cum_*`` columns the run's so far; null under DP and secure aggregation,
+where devices report none.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ from flowerpress.tasks.base import Task
 
 ROUND_FIELDS = ("round", "accuracy", "loss", "f1_macro", "clients", "rejected", "timed_out",
                 "unavailable", "upload_bytes", "download_bytes", "upload_payload_bytes",
-                "download_payload_bytes", "link_seconds", "epsilon", "seconds")
+                "download_payload_bytes", "link_seconds", "device_flops", "device_seconds",
+                "cum_device_flops", "cum_device_seconds", "epsilon", "seconds")
 
 
 def build_results(
@@ -78,6 +85,8 @@ def build_results(
         "total_link_seconds": (sum(float(r["link_seconds"]) for r in rows)
                                if rows and all(r.get("link_seconds") is not None for r in rows)
                                else None),
+        "total_device_flops": _last_cumulative(rows, "cum_device_flops"),
+        "total_device_seconds": _last_cumulative(rows, "cum_device_seconds"),
         "fp32_upload_bytes": fp32,
         "model_parameters": model_elements,
         "rounds_completed": len(rows),
@@ -100,6 +109,12 @@ def build_results(
                 "privacy": dict(privacy) if privacy is not None else None}
     cleaned: dict[str, Any] = finite_json(document)
     return cleaned
+
+
+def _last_cumulative(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    """The last row's running total ``key`` (None: no round reported it)."""
+    value = next((r.get(key) for r in reversed(rows) if r.get(key) is not None), None)
+    return None if value is None else float(value)
 
 
 def task_record(task: Task, *, name: str, taken: Collection[str]) -> dict[str, Any]:
@@ -168,7 +183,8 @@ def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
 
 
 def write_report(path: Path, results: Mapping[str, Any]) -> None:
-    """Plot accuracy against round, cumulative message MB (both directions) and link time."""
+    """Plot accuracy against round, cumulative message MB (both directions), link time
+    and, where devices reported it, cumulative device compute (TFLOPs and CPU hours)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,8 +204,12 @@ def write_report(path: Path, results: Mapping[str, Any]) -> None:
         total_mb.append(total / 1e6)
         minutes.append(seconds / 60.0)
     has_link = any(r.get("link_seconds") is not None for r in rows)
+    has_compute = any(r.get("cum_device_flops") is not None
+                      or r.get("cum_device_seconds") is not None for r in rows)
     cfg = results["config"]
-    fig, axes = plt.subplots(1, 3 if has_link else 2, figsize=(15 if has_link else 10, 4))
+    panels = 2 + has_link + has_compute
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    axes = axes[0]
     ax1, ax2 = axes[0], axes[1]
     ax1.plot(rounds, acc, marker="o")
     ax1.set_xlabel("round")
@@ -207,6 +227,8 @@ def write_report(path: Path, results: Mapping[str, Any]) -> None:
         ax3.set_xlabel(f"estimated time (min), link {cfg.get('link')}")
         ax3.set_ylabel("test accuracy")
         ax3.grid(alpha=0.3)
+    if has_compute:
+        _compute_panel(axes[-1], rows)
     # A user task takes no dataset or partition: config then leaves them out.
     what = " ".join(str(v) for v in (cfg.get("task") or cfg.get("dataset"),
                                       cfg.get("partition")) if v)
@@ -218,3 +240,17 @@ def write_report(path: Path, results: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _compute_panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Accuracy against the devices' cumulative FLOPs (CPU seconds where no FLOPs)."""
+    use_flops = any(r.get("cum_device_flops") is not None for r in rows)
+    key, scale, label = (("cum_device_flops", 1e12, "cumulative device TFLOPs (local training)")
+                         if use_flops else
+                         ("cum_device_seconds", 1.0, "cumulative device CPU seconds"))
+    points = [(float(r[key]) / scale, r["accuracy"]) for r in rows
+              if r.get(key) is not None and r.get("accuracy") is not None]
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    ax.set_xlabel(label)
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)

@@ -237,7 +237,11 @@ class AttackedTask(Task):
                  for w, g in zip(result.weights, weights, strict=True)]
         delta = self.attack.apply(delta, rng=rng)
         attacked = [(g + d).astype(np.float32) for g, d in zip(weights, delta, strict=True)]
-        return TrainResult(attacked, result.num_examples, result.metrics)
+        return TrainResult(attacked, result.num_examples, result.metrics, flops=result.flops)
+
+    def train_flops(self, num_examples: int) -> float | None:
+        """The inner task's."""
+        return self.inner.train_flops(num_examples)
 
     def evaluate(self, weights: Weights, data: Any) -> Evaluation:
         """The inner task's (attackers evaluate honestly)."""

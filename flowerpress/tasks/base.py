@@ -68,11 +68,18 @@ class TrainResult:
     metrics : Mapping[str, float]
         Finite numbers for the server and the strategy, e.g. ``train-loss`` and
         ``local-steps`` (FedNova needs the latter).
+    flops : float or None
+        Floating-point operations this training actually spent (reported to
+        the server for its compute columns, never used for aggregation).
+        ``None``: the ClientApp asks :meth:`Task.train_flops` instead.
+        :class:`~flowerpress.tasks.TorchClassifierTask` counts them with
+        PyTorch's FLOP counter (:mod:`flowerpress.tasks.flops`).
     """
 
     weights: Weights
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    flops: float | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,24 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, weights: Weights, data: Any) -> Evaluation:
         """Evaluate ``weights`` on ``data`` (a node's data or :meth:`central_data`)."""
+
+    def train_flops(self, num_examples: int) -> float | None:
+        """Floating-point operations one round of local training spends on ``num_examples``.
+
+        Optional (the default is ``None``: unknown). Two readers:
+
+        * a device whose :meth:`train` returned ``TrainResult.flops=None``
+          reports this value for the examples it trained on (a task that
+          knows its cost declares it here instead of counting);
+        * the server bounds what any device reports by a multiple of this
+          value for the largest plausible partition (``max-client-weight``
+          examples), :func:`flowerpress.protocol.compute_bounds`; without it
+          the bound comes from the model's parameter count alone.
+
+        Reporting only: nothing is aggregated or refused by it.
+        """
+        del num_examples
+        return None
 
     def central_data(self) -> Any | None:
         """A server-side test set for central evaluation, or ``None`` (the default).

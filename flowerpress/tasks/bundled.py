@@ -103,6 +103,10 @@ class BundledTask(TorchClassifierTask):
         classes = datasets.num_classes_of(self.dataset, self.seed, self.num_partitions)
         return tuple(test.x.shape[1:]), classes
 
+    def sample_shape(self) -> tuple[int, ...] | None:
+        """The dataset's input shape (known without loading it for the offline datasets)."""
+        return self._shape_and_classes()[0]
+
     def build_model(self) -> nn.Module:
         """The CNN, MLP or logistic regression for this dataset's inputs and classes."""
         shape, classes = self._shape_and_classes()

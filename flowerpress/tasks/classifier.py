@@ -3,7 +3,9 @@
 Local training is plain mini-batch SGD with cross-entropy for a number of
 local epochs, as in FedAvg (McMahan et al., AISTATS 2017), with FedProx's
 proximal term when the strategy asks for it (Li et al., MLSys 2020).
-Evaluation reports loss, accuracy and macro-F1.
+Evaluation reports loss, accuracy and macro-F1. Training reports the FLOPs it
+spent, counted with PyTorch's FLOP counter once per batch shape
+(:mod:`flowerpress.tasks.flops`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flowerpress.tasks.base import (
     Weights,
 )
 from flowerpress.tasks.data import Split
+from flowerpress.tasks.flops import training_flops
 from flowerpress.tasks.models import get_weights, set_weights
 from flowerpress.tasks.training import TrainSettings, evaluate, train
 
@@ -82,6 +85,7 @@ class TorchClassifierTask(Task):
         self.lr = lr
         self.seed = seed
         self._model: nn.Module | None = None
+        self._sample_shape: tuple[int, ...] | None = None
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -121,8 +125,40 @@ class TorchClassifierTask(Task):
                                  proximal_mu=float(mu) if isinstance(mu, int | float) else 0.0)
         loss = train(model, split.x, split.y, settings, generator=torch_generator(context.seed))
         steps = self.local_epochs * math.ceil(len(split) / self.batch_size)
+        self._sample_shape = tuple(int(d) for d in split.x.shape[1:])
+        flops = training_flops(model, self._sample_shape, num_examples=len(split),
+                               batch_size=self.batch_size, epochs=self.local_epochs)
         return TrainResult(get_weights(model), len(split),
-                           {"train-loss": float(loss), "local-steps": float(steps)})
+                           {"train-loss": float(loss), "local-steps": float(steps)},
+                           flops=float(flops))
+
+    def sample_shape(self) -> tuple[int, ...] | None:
+        """The shape of one input example (no batch axis), or ``None`` if not known yet.
+
+        The shape of the data this task last trained on, else of
+        :meth:`central_data`'s features. Subclasses that know it without data
+        (the bundled tasks) override it; the server's FLOP bound and
+        ``flowerpress export`` use it.
+        """
+        if self._sample_shape is None:
+            central = self.central_data()
+            if central is not None:
+                x = as_split(central, "central data").x
+                self._sample_shape = tuple(int(d) for d in x.shape[1:])
+        return self._sample_shape
+
+    def train_flops(self, num_examples: int) -> float | None:
+        """FLOPs of ``local_epochs`` passes of SGD over ``num_examples`` examples.
+
+        Counted with PyTorch's FLOP counter on this task's model (one step per
+        batch shape, :func:`flowerpress.tasks.flops.training_flops`); ``None``
+        while the input shape is unknown (:meth:`sample_shape`).
+        """
+        shape = self.sample_shape()
+        if shape is None:
+            return None
+        return float(training_flops(self.model, shape, num_examples=int(num_examples),
+                                    batch_size=self.batch_size, epochs=self.local_epochs))
 
     def evaluate(self, weights: Weights, data: Any) -> Evaluation:
         """Loss, accuracy and macro-F1 of ``weights`` on ``data``."""

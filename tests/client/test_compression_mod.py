@@ -116,3 +116,29 @@ def test_train_metrics_false_keeps_only_num_examples() -> None:
                                                             "train-loss": 0.25}
     assert dict(dropped.content.metric_records["metrics"]) == {"num-examples": 5}
     assert validate_train_reply(dropped, weights).weight == 5
+
+
+def test_the_flops_note_travels_in_the_claim_with_the_seconds_and_never_under_dp() -> None:
+    # Prepare: a ClientApp whose reply carries the FLOPs note (as client_app's does)
+    from flowerpress import protocol
+
+    app = ClientApp(mods=[compression_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        arrays = msg.content.array_records["arrays"].to_numpy_ndarrays()
+        return protocol.train_reply(msg, arrays, num_examples=5, flops=3.0e9)
+
+    weights = [np.zeros(s, dtype=np.float32) for s in SHAPES]
+    with server_identity():
+        # Execute
+        plain = app(_train_msg(ArrayRecord(weights), "q:8"), _context())
+        private = _train_msg(ArrayRecord(weights), "none")
+        private.content["config"]["dp"] = "local:clip=1.0,noise=1.0"
+        noised = app(private, _context())
+        checked = validate_train_reply(plain, weights)
+    # Assert: the note is gone; the claim holds the FLOPs and the measured seconds
+    assert protocol.FLOPS_NOTE not in plain.content
+    assert checked.compute is not None and checked.compute.flops == 3.0e9
+    assert checked.compute.seconds >= 0 and checked.compute.cpu_seconds >= 0
+    assert protocol.DOWNLOAD not in noised.content and protocol.FLOPS_NOTE not in noised.content

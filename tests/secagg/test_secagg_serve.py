@@ -40,6 +40,10 @@ def test_q8_without_noise_learns() -> None:
     secure = _serve(secagg="on:threshold=0.7,clip=2.0", compression="q:8", rounds=2)
     assert secure["summary"]["final_accuracy"] > secure["summary"]["initial_accuracy"] + 0.3
     assert all(r["epsilon"] is None for r in secure["rounds"])
+    # the masked inputs carry no compute (it would reveal what the sum hides): no columns
+    assert all(r["device_flops"] is None and r["cum_device_seconds"] is None
+               for r in secure["rounds"])
+    assert secure["summary"]["total_device_flops"] is None
 
 
 def test_randk_on_a_shared_support_learns() -> None:

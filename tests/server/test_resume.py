@@ -54,7 +54,8 @@ def _serve(out: Path, *, crash_round: int = 0, **overrides: Any) -> dict[str, An
 
 
 def _without_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if k not in ("seconds", "link_seconds")} for r in rows]
+    timed = ("seconds", "link_seconds", "device_seconds", "cum_device_seconds")
+    return [{k: v for k, v in r.items() if k not in timed} for r in rows]
 
 
 # flowerpress's own rules fold replies in float64, so an in-process run is

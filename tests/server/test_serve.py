@@ -36,6 +36,29 @@ def test_compressed_uploads_shrink_and_results_are_written(tmp_path: Path) -> No
     assert all(r["rejected"] == 0 and r["clients"] == 4 for r in packed["rounds"])
 
 
+def test_rows_carry_the_devices_compute_counted_by_torch() -> None:
+    # Prepare: what the four devices' training costs, counted by the task itself
+    from flowerpress.tasks.registry import build_task, task_spec
+
+    config = validate(BASE)
+    task = build_task(task_spec(config), config)
+    per_round = sum(task.train_flops(len(task.load_data({"partition-id": p,
+                                                          "num-partitions": 4})))
+                    or 0.0 for p in range(4))
+    # Execute
+    result = _serve(compression="q:8")
+    # Assert: the FLOPs of the local epochs actually run, per round and running totals
+    rows = result["rounds"]
+    assert per_round > 0
+    assert [r["device_flops"] for r in rows] == [pytest.approx(per_round, rel=1e-6)] * 2
+    assert rows[-1]["cum_device_flops"] == pytest.approx(2 * per_round, rel=1e-6)
+    assert all(r["device_seconds"] > 0 for r in rows)
+    assert rows[1]["cum_device_seconds"] == pytest.approx(
+        rows[0]["device_seconds"] + rows[1]["device_seconds"])
+    assert result["summary"]["total_device_flops"] == rows[-1]["cum_device_flops"]
+    assert result["summary"]["total_device_seconds"] == rows[-1]["cum_device_seconds"]
+
+
 def test_download_compression_halves_the_broadcast() -> None:
     # Execute
     plain = _serve(rounds=1)
@@ -53,6 +76,10 @@ def test_privacy_is_accounted_every_round(tmp_path: Path) -> None:
     eps = [r["epsilon"] for r in result["rounds"]]
     assert all(e is not None and e > 0 for e in eps)
     assert eps == sorted(eps) and eps[0] < eps[-1]
+    # devices report no compute under DP (it grows with the examples DP hides)
+    assert all(r["device_flops"] is None and r["cum_device_seconds"] is None
+               for r in result["rounds"])
+    assert result["summary"]["total_device_flops"] is None
     assert result["privacy"]["mode"] == "distributed"
     assert result["privacy"]["clients_per_round"] == 4
     saved = load_checkpoint(tmp_path)
