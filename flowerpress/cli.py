@@ -133,12 +133,12 @@ def _sweep_commands(args: argparse.Namespace) -> int:
         print(sweep.markdown_table(table, target=args.target))
         print(f"table in {args.out}/summary.csv and summary.json, plot in {args.out}/pareto.png")
         return 0
-    grid = sweep.load_grid(args.grid)
     from flowerpress.simulations.runner import cluster_address
 
     track = sweep.SweepTracking(backends=_tracking(args), directory=args.track_dir,
                                 experiment=args.track_experiment)
     ray_address = cluster_address(args.ray_address, os.environ)
+    grid = sweep.load_grid(args.grid)
     try:
         outcome = sweep.run_sweep(grid, args.out, jobs=args.jobs, target=args.target,
                                   retry_failed=args.retry_failed, track=track,

@@ -339,7 +339,8 @@ class _TensorBoard:
             image = Summary.Image(height=height, width=width, colorspace=4,
                                   encoded_image_string=data)
             self._write(Summary(value=[Summary.Value(tag="report", image=image)]), step)
-        self._write(_hparams_end(failure), step)
+        if failure != "interrupted":  # an interrupted run goes on when it is resumed
+            self._write(_hparams_end(failure), step)
         self.writer.close()
 
 
@@ -387,8 +388,7 @@ def _hparams_end(failure: str | None) -> Any:
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-    status = api_pb2.STATUS_SUCCESS if failure is None else (
-        api_pb2.STATUS_ABORTED if failure == "interrupted" else api_pb2.STATUS_FAILURE)
+    status = api_pb2.STATUS_SUCCESS if failure is None else api_pb2.STATUS_FAILURE
     end = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
     return Summary(value=[Summary.Value(
         tag=metadata.SESSION_END_INFO_TAG, metadata=metadata.create_summary_metadata(
