@@ -155,9 +155,9 @@ class _Backend(Protocol):
 
     name: str
 
-    def start(self, config: Mapping[str, Any], state: Mapping[str, Any], *,
-              resume: bool, first_step: int) -> dict[str, Any]:
-        """Open the tracked run (the one in ``state`` on resume); return its state."""
+    def start(self, config: Mapping[str, Any], before: Mapping[str, Any]) -> dict[str, Any]:
+        """Open the tracked run, or continue the one ``before`` (its state in a resumed
+        run's tracking.json) names; return its state, ``round``: the last round it holds."""
 
     def log(self, step: int, scalars: Mapping[str, float]) -> None:
         """One round's scalars."""
@@ -186,21 +186,21 @@ class _MLflow:
     name = "mlflow"
 
     def __init__(self, directory: Path, run_name: str, experiment: str,
-                 tags: Mapping[str, str]) -> None:
+                 tags: Mapping[str, str], out_dir: Path) -> None:
         self.directory, self.run_name, self.experiment = directory, run_name, experiment
+        self.out_dir = out_dir
         self.tags = dict(tags)
         self.run_id = ""
         self.client: Any = None
 
-    def start(self, config: Mapping[str, Any], state: Mapping[str, Any], *,
-              resume: bool, first_step: int) -> dict[str, Any]:
+    def start(self, config: Mapping[str, Any], before: Mapping[str, Any]) -> dict[str, Any]:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         uri = mlflow_uri(self.directory)
         with _quiet_loggers("mlflow", "alembic"):
             self.client = MlflowClient(tracking_uri=uri)
-            previous = state.get("run_id") if resume and state.get("tracking_uri") == uri else None
+            previous = before.get("run_id") if before.get("tracking_uri") == uri else None
             params = _params(config)
             if previous:
                 self.run_id = str(previous)
@@ -214,13 +214,14 @@ class _MLflow:
             else:
                 experiment_id = experiment_id_for(self.client, self.experiment, self.directory)
                 run = self.client.create_run(experiment_id, run_name=self.run_name,
-                                             tags={"flowerpress.out_dir": state.get("out_dir", ""),
+                                             tags={"flowerpress.out_dir": str(self.out_dir),
                                                    **self.tags})
                 self.run_id = run.info.run_id
             items = [Param(k, v) for k, v in params.items()]
             for start in range(0, len(items), 100):  # MLflow's batch limit
                 self.client.log_batch(self.run_id, params=items[start:start + 100])
-        return {"tracking_uri": uri, "experiment": self.experiment, "run_id": self.run_id}
+        return {"tracking_uri": uri, "experiment": self.experiment, "run_id": self.run_id,
+                "round": int(before.get("round") or 0) if previous else 0}
 
     def log(self, step: int, scalars: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
@@ -293,19 +294,20 @@ class _TensorBoard:
 
         self.writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
 
-    def start(self, config: Mapping[str, Any], state: Mapping[str, Any], *,
-              resume: bool, first_step: int) -> dict[str, Any]:
+    def start(self, config: Mapping[str, Any], before: Mapping[str, Any]) -> dict[str, Any]:
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.logdir.mkdir(parents=True, exist_ok=True)
+        resume = before.get("logdir") == str(self.logdir)
         if not resume:  # a new run of this name replaces the old one's events
             for old in self.logdir.glob("events.out.tfevents.*"):
                 old.unlink()
         self.writer = EventFileWriter(str(self.logdir))
+        done = int(before.get("round") or 0) if resume else 0
         if resume:
             # TensorBoard drops earlier events at or past this step: rounds run again.
-            self.writer.add_event(Event(wall_time=time.time(), step=first_step,
+            self.writer.add_event(Event(wall_time=time.time(), step=done + 1,
                                         session_log=SessionLog(status=SessionLog.START)))
         else:
             for summary in _hparams_start(config):
@@ -313,7 +315,7 @@ class _TensorBoard:
             table = "\n".join(f"| `{k}` | `{v}` |" for k, v in _params(config).items())
             self._write(_text("config", "| key | value |\n|---|---|\n" + table), 0)
         self.writer.flush()
-        return {"logdir": str(self.logdir)}
+        return {"logdir": str(self.logdir), "round": done}
 
     def log(self, step: int, scalars: Mapping[str, float]) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
@@ -410,10 +412,9 @@ class Tracking:
         self.active: list[_Backend] = []
         self.state: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
-        self.last_round = 0
 
     def _backends(self, out_dir: Path) -> list[_Backend]:
-        directory = self.settings.directory or out_dir
+        directory = (self.settings.directory or out_dir).resolve()
         name = self.settings.name or out_dir.name
         backends: list[_Backend] = []
         for backend in self.settings.backends:
@@ -421,7 +422,7 @@ class Tracking:
                 backends.append(_TensorBoard(directory / TB_DIR / name))
             elif backend == "mlflow":
                 backends.append(_MLflow(directory, name, self.settings.experiment,
-                                        self.settings.tags))
+                                        self.settings.tags, out_dir))
         return backends
 
     def _call(self, backend: _Backend, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -441,7 +442,7 @@ class Tracking:
     def _save(self) -> None:
         if self.out_dir is None:
             return
-        document = {**self.state, "round": self.last_round, "errors": self.errors}
+        document = {**self.state, "errors": self.errors}
         path = self.out_dir / STATE_FILE
         tmp = path.with_suffix(".json.tmp")
         try:
@@ -459,32 +460,33 @@ class Tracking:
             with contextlib.suppress(OSError, ValueError):
                 loaded = json.loads((out_dir / STATE_FILE).read_text(encoding="utf-8"))
                 previous = loaded if isinstance(loaded, dict) else {}
-        self.last_round = int(previous.get("round") or 0) if resume else 0
         self.state = {"out_dir": str(out_dir)}
         for backend in self._backends(out_dir):
             self.active.append(backend)
             before = previous.get(backend.name)
             opened = self._call(backend, "start", backend.start, config,
-                                {"out_dir": str(out_dir),
-                                 **(before if isinstance(before, dict) else {})},
-                                resume=resume, first_step=self.last_round + 1)
+                                before if isinstance(before, dict) else {})
             if opened is not None:
                 self.state[backend.name] = opened
         self._save()
 
     def row(self, row: Mapping[str, Any]) -> None:
-        """Track one round's row (rows tracked before a resume are skipped)."""
+        """Track one round's row (each backend skips the rounds it holds from before a
+        resume)."""
         try:
             step = int(row.get("round") or 0)
         except (TypeError, ValueError):
             return
-        if step <= self.last_round:
-            return
-        scalars = row_scalars(row)
+        scalars: dict[str, float] | None = None
         for backend in list(self.active):
+            state = self.state[backend.name]
+            if step <= int(state.get("round") or 0):
+                continue
+            scalars = row_scalars(row) if scalars is None else scalars
             self._call(backend, f"round {step}", backend.log, step, scalars)
-        self.last_round = step
-        self._save()
+            state["round"] = step
+        if scalars is not None:
+            self._save()
 
     def finished(self, out_dir: Path, *, failure: str | None) -> None:
         """Log the run's files and close every tracked run."""

@@ -95,7 +95,8 @@ def test_both_trackers_read_back_with_their_own_readers_and_a_resume_continues_t
     assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
     # Assert: MLflow, the same run continued
     state = json.loads((out / tracking.STATE_FILE).read_text())
-    assert state["round"] == 3 and state["errors"] == {}
+    assert state["mlflow"]["round"] == state["tensorboard"]["round"] == 3
+    assert state["errors"] == {}
     assert state["mlflow"]["tracking_uri"] == f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
     run = client.get_run(state["mlflow"]["run_id"])
@@ -111,6 +112,23 @@ def test_both_trackers_read_back_with_their_own_readers_and_a_resume_continues_t
     experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
     assert experiment is not None and run.info.experiment_id == experiment.experiment_id
     assert tracking.prepare_mlflow(out, tracking.DEFAULT_EXPERIMENT) == run.info.experiment_id
+
+
+def test_a_run_first_tracked_when_it_is_resumed_gets_every_row(tmp_path: Path) -> None:
+    # Prepare: a run checkpointed after round 2 without tracking
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = _run_dir(tmp_path / "late", ROWS)
+    tracker = tracking.Tracking(tracking.TrackSettings(backends=("tensorboard",)))
+    # Execute
+    tracker.started(out, validate({}), resume=True)
+    for row in ROWS:
+        tracker.row(row)
+    tracker.finished(out, failure=None)
+    # Assert
+    assert _scalars(out / "tb" / "late", "accuracy") == [(1, 0.6), (2, 0.7), (3, 0.8)]
+    hparams = EventAccumulator(str(out / "tb" / "late")).Reload().PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in hparams
 
 
 def test_a_tracking_error_is_one_line_and_the_rest_goes_on(
