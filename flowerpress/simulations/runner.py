@@ -317,9 +317,9 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
         Start a new run even if ``out_dir`` holds another run's results or
         checkpoint; they are removed (run-config ``overwrite``).
     ray_address
-        Run the ClientApps on the existing Ray cluster at this address
-        (:func:`check_ray_address`); None: ``RAY_ADDRESS`` if set, else a private
-        Ray instance on loopback (:func:`ray_environment`).
+        Run the ClientApps on the existing Ray cluster at this address (the CLI
+        checks it first with :func:`cluster_address`); None: ``RAY_ADDRESS`` if
+        set, else a private Ray instance on loopback (:func:`ray_environment`).
     observer
         Told when the run starts (after the checks below), of every finished
         round's row and of the end (experiment tracking: ``flowerpress.tracking``).
