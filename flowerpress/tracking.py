@@ -35,11 +35,13 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import struct
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -401,17 +403,32 @@ class Tracking:
     """Tracks one simulated run in every chosen backend (a
     :class:`~flowerpress.simulations.runner.RunObserver`).
 
-    Every backend call is guarded: the first error of a backend is one line on
-    ``stream`` and in ``tracking.json``, and that backend is dropped; the run,
-    its results and the other backend go on.
+    The backends work in one thread of their own, in the order the run's events
+    arrive: opening a tracking store (importing MLflow, creating its database:
+    several seconds) overlaps the SuperLink's and Ray's start, and a slow store
+    never holds up the progress lines. :meth:`finished` waits for the work, at
+    most ``finish_timeout`` seconds. Every backend call is guarded: the first
+    error of a backend is one line on ``stream`` and in ``tracking.json``, and
+    that backend is dropped; the run, its results and the other backend go on.
     """
 
-    def __init__(self, settings: TrackSettings, *, stream: TextIO = sys.stderr) -> None:
-        self.settings, self.stream = settings, stream
+    def __init__(self, settings: TrackSettings, *, stream: TextIO = sys.stderr,
+                 finish_timeout: float = 300.0) -> None:
+        self.settings, self.stream, self.finish_timeout = settings, stream, finish_timeout
         self.out_dir: Path | None = None
         self.active: list[_Backend] = []
         self.state: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception as exc:  # _call guards the backends; this is a last resort
+                print(f"flowerpress: tracking failed: {type(exc).__name__}: {exc}",
+                      file=self.stream, flush=True)
 
     def _backends(self, out_dir: Path) -> list[_Backend]:
         directory = (self.settings.directory or out_dir).resolve()
@@ -455,6 +472,32 @@ class Tracking:
     def started(self, out_dir: Path, config: Mapping[str, Any], *, resume: bool) -> None:
         """Open the tracked run (on ``resume``, the one ``tracking.json`` names)."""
         self.out_dir = out_dir
+        self._worker = threading.Thread(target=self._work, name="flowerpress-tracking",
+                                        daemon=True)
+        self._worker.start()
+        config = dict(config)
+        self._jobs.put(lambda: self._start(out_dir, config, resume=resume))
+
+    def row(self, row: Mapping[str, Any]) -> None:
+        """Track one round's row (each backend skips the rounds it holds from before a
+        resume)."""
+        if self._worker is not None:
+            row = dict(row)
+            self._jobs.put(lambda: self._row(row))
+
+    def finished(self, out_dir: Path, *, failure: str | None) -> None:
+        """Log the run's files, close every tracked run; wait for the tracking work."""
+        if self._worker is None:
+            return
+        self._jobs.put(lambda: self._finish(out_dir, failure))
+        self._jobs.put(None)
+        self._worker.join(self.finish_timeout)
+        if self._worker.is_alive():
+            print(f"flowerpress: tracking did not finish within {self.finish_timeout:.0f} s; "
+                  f"the run's results are in {out_dir}", file=self.stream, flush=True)
+        self._worker = None
+
+    def _start(self, out_dir: Path, config: Mapping[str, Any], *, resume: bool) -> None:
         previous: dict[str, Any] = {}
         if resume:
             with contextlib.suppress(OSError, ValueError):
@@ -470,9 +513,7 @@ class Tracking:
                 self.state[backend.name] = opened
         self._save()
 
-    def row(self, row: Mapping[str, Any]) -> None:
-        """Track one round's row (each backend skips the rounds it holds from before a
-        resume)."""
+    def _row(self, row: Mapping[str, Any]) -> None:
         try:
             step = int(row.get("round") or 0)
         except (TypeError, ValueError):
@@ -488,8 +529,7 @@ class Tracking:
         if scalars is not None:
             self._save()
 
-    def finished(self, out_dir: Path, *, failure: str | None) -> None:
-        """Log the run's files and close every tracked run."""
+    def _finish(self, out_dir: Path, failure: str | None) -> None:
         for backend in list(self.active):
             self._call(backend, "end of run", backend.finish, out_dir, failure)
         self._save()
