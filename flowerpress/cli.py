@@ -10,12 +10,15 @@ to it); ``flowerpress device check ...`` checks a device before it joins;
 several seeds and ``flowerpress compare RUN_DIR... --out DIR`` tables existing
 runs (median and worst over seeds); ``flowerpress export RUN_DIR --format onnx
 --quantize none|int8 --out FILE`` writes the run's model for onnxruntime.
-Bad input exits with status 2 and one line.
+``--track tensorboard|mlflow`` tracks simulate and sweep runs
+(flowerpress.tracking), ``--ray-address ADDR`` runs their ClientApps on an
+existing Ray cluster. Bad input exits with status 2 and one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                      help="override one run-config key (repeatable)")
     sim.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    _add_cluster_options(sim, default_dir="--out")
+    sim.add_argument("--track-name", default=None, metavar="NAME",
+                     help="the tracked run's name (default: the out dir's name)")
+    sim.add_argument("--track-tag", dest="track_tags", action="append", default=[],
+                     metavar="KEY=VALUE", help="an MLflow tag of the tracked run (repeatable)")
     sub.add_parser("certs", help="write a CA, SuperLink certificate and SuperNode keys "
                                  "(`certs add-node`: add device keys)", add_help=False)
     sub.add_parser("device", help="`device check`: check a device's node config, data, "
@@ -111,6 +119,7 @@ def _add_sweep_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                        "the whole run)")
     sweep.add_argument("--retry-failed", action="store_true",
                        help="run failed runs again (their directories are set aside)")
+    _add_cluster_options(sweep, default_dir="--out")
     comp = sub.add_parser("compare", help="the sweep's table and plots from existing runs "
                           "(runs whose configs differ only in seed are one row)")
     comp.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR",
@@ -120,6 +129,32 @@ def _add_sweep_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                       help="accuracy for the \"to target\" columns (default: the whole run)")
     comp.add_argument("--baseline", default=None, metavar="LABEL|RUN_DIR",
                       help="the row the byte ratios are taken against (default: the first)")
+
+
+def _add_cluster_options(parser: argparse.ArgumentParser, *, default_dir: str) -> None:
+    """``--track ...`` (flowerpress.tracking) and ``--ray-address`` of simulate and sweep."""
+    parser.add_argument("--track", dest="track", action="append", default=[],
+                        metavar="{tensorboard,mlflow}",
+                        help="track every round, the run config and the run's files with "
+                        "TensorBoard or MLflow (repeatable; needs flowerpress[track])")
+    parser.add_argument("--track-dir", type=Path, default=None, metavar="DIR",
+                        help=f"where TensorBoard's logs (DIR/tb) and the local MLflow store "
+                        f"(DIR/mlflow.db, unless MLFLOW_TRACKING_URI is set) go (default: "
+                        f"{default_dir})")
+    parser.add_argument("--track-experiment", default=None, metavar="NAME",
+                        help="the MLflow experiment (default: flowerpress; a sweep: its "
+                        "directory's name)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="run the ClientApps on this existing Ray cluster (HOST:PORT of "
+                        "its head, as `ray start --head` prints it); default: RAY_ADDRESS if "
+                        "set, else a private Ray instance on loopback")
+
+
+def _tracking(args: argparse.Namespace) -> tuple[str, ...]:
+    """The ``--track`` backends (ConfigError: unknown, or the extra is not installed)."""
+    from flowerpress.tracking import parse_backends
+
+    return parse_backends(args.track)
 
 
 def versus_float32(upload: int, fp32: int) -> str:
@@ -142,10 +177,16 @@ def _sweep_commands(args: argparse.Namespace) -> int:
         print(sweep.markdown_table(table, target=args.target))
         print(f"table in {args.out}/summary.csv and summary.json, plot in {args.out}/pareto.png")
         return 0
+    from flowerpress.simulations.runner import cluster_address
+
+    track = sweep.SweepTracking(backends=_tracking(args), directory=args.track_dir,
+                                experiment=args.track_experiment)
+    ray_address = cluster_address(args.ray_address, os.environ)
     grid = sweep.load_grid(args.grid)
     try:
         outcome = sweep.run_sweep(grid, args.out, jobs=args.jobs, target=args.target,
-                                  retry_failed=args.retry_failed)
+                                  retry_failed=args.retry_failed, track=track,
+                                  ray_address=ray_address)
     except KeyboardInterrupt:
         return 130
     print(sweep.markdown_table(outcome.table, target=args.target))
@@ -220,11 +261,22 @@ def _simulate(args: argparse.Namespace) -> int:
     out: Path = args.out if args.resume is None else args.resume
     if args.resume is not None:
         _check_resumable(args.resume, {**config, "out-dir": str(out.resolve())})
-    from flowerpress.simulations.runner import SimulationError, simulate
+    from flowerpress.simulations.runner import SimulationError, cluster_address, simulate
 
+    backends = _tracking(args)
+    observer = None
+    if backends:
+        from flowerpress.tracking import DEFAULT_EXPERIMENT, Tracking, TrackSettings, parse_tags
+
+        observer = Tracking(TrackSettings(
+            backends=backends, directory=args.track_dir, name=args.track_name,
+            experiment=args.track_experiment or DEFAULT_EXPERIMENT,
+            tags=parse_tags(args.track_tags)))
+    ray_address = cluster_address(args.ray_address, os.environ)
     try:
         results = simulate(config, out, progress=not args.quiet,
-                           resume=args.resume is not None)
+                           resume=args.resume is not None, ray_address=ray_address,
+                           observer=observer)
     except SimulationError as exc:
         print(f"flowerpress: simulation failed: {exc}", file=sys.stderr)
         return 1

@@ -32,6 +32,15 @@ the configuration's run config without the seed; ``logs/<config-id>-seed-<s>.log
 the output of the simulate processes; ``failures.json`` the one-line reason of
 every failed run.
 
+With ``--track tensorboard|mlflow`` every run is tracked by its own simulate
+process (:mod:`flowerpress.tracking`): one tracked run per configuration and
+seed, named ``<config-id>/seed-<s>`` (TensorBoard: ``DIR/tb/<config-id>/seed-<s>``),
+in the MLflow experiment named after the sweep's directory, tagged
+``flowerpress.config`` (the configuration's label), ``flowerpress.config_id`` and
+``flowerpress.seed`` to group by. With ``--ray-address`` every run's ClientApps
+run on that Ray cluster (each run its own Ray job; ``--jobs`` sets how many at a
+time, their SuperLinks and ServerApps stay on this machine).
+
 A sweep is resumable: a run whose ``results.json`` has all its rounds (or a
 ``stopped`` line) and no ``summary.failed`` is finished and skipped; a run
 with a checkpoint but not finished is continued with ``simulate --resume``; a
@@ -358,6 +367,55 @@ def _set_aside(directory: Path, tag: str) -> Path:
 # --- the sweep ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SweepTracking:
+    """How the sweep's runs are tracked (``--track``); no backends: not at all."""
+
+    backends: tuple[str, ...] = ()
+    directory: Path | None = None  # default: the sweep's directory
+    experiment: str | None = None  # default: the sweep directory's name
+
+
+def run_options(run: Run, out: Path, track: SweepTracking,
+                ray_address: str | None) -> list[str]:
+    """The options the sweep adds to ``run``'s simulate command: its tracked run's
+    name and tags, the cluster."""
+    argv: list[str] = []
+    if track.backends:
+        for backend in track.backends:
+            argv += ["--track", backend]
+        argv += ["--track-dir", str(track.directory or out),
+                 "--track-experiment", track.experiment or out.name,
+                 "--track-name", run.name,
+                 "--track-tag", f"flowerpress.config={run.configuration.label}",
+                 "--track-tag", f"flowerpress.config_id={run.configuration.id}",
+                 "--track-tag", f"flowerpress.seed={run.seed}",
+                 "--track-tag", f"flowerpress.sweep={out}"]
+    if ray_address:
+        argv += ["--ray-address", ray_address]
+    return argv
+
+
+def _prepare_tracking(track: SweepTracking, out: Path, stream: TextIO) -> SweepTracking:
+    """Create the MLflow experiment once, before runs start side by side (two runs
+    creating the store at once would race); a failure is one line and the sweep
+    goes on without MLflow."""
+    if "mlflow" not in track.backends:
+        return track
+    from flowerpress.tracking import prepare_mlflow
+
+    directory, experiment = track.directory or out, track.experiment or out.name
+    try:
+        prepare_mlflow(directory, experiment)
+    except Exception as exc:
+        print(f"flowerpress: tracking with mlflow failed (experiment {experiment!r}): "
+              f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}; the sweep goes on "
+              "without it", file=stream, flush=True)
+        return SweepTracking(backends=tuple(b for b in track.backends if b != "mlflow"),
+                             directory=track.directory, experiment=track.experiment)
+    return track
+
+
 @dataclass
 class _Child:
     run: Run
@@ -467,7 +525,9 @@ class _Progress:
 
 def run_sweep(grid: Grid, out: Path, *, jobs: int | None = None, target: float | None = None,
               retry_failed: bool = False, stream: TextIO | None = None,
-              command: RunCommand = simulate_command, poll_seconds: float = 0.5) -> SweepOutcome:
+              command: RunCommand = simulate_command, poll_seconds: float = 0.5,
+              track: SweepTracking | None = None,
+              ray_address: str | None = None) -> SweepOutcome:
     """Run every configuration of ``grid`` at every seed, then write the table and plot.
 
     Parameters
@@ -487,6 +547,11 @@ def run_sweep(grid: Grid, out: Path, *, jobs: int | None = None, target: float |
         Where the progress lines go; default standard output.
     command
         The command line of one run; :func:`simulate_command` (tests substitute it).
+    track
+        Track every run (:class:`SweepTracking`); the sweep adds the options
+        of :func:`run_options` to every command.
+    ray_address
+        Run every run's ClientApps on this Ray cluster (``--ray-address``).
 
     Returns
     -------
@@ -502,8 +567,14 @@ def run_sweep(grid: Grid, out: Path, *, jobs: int | None = None, target: float |
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    out = out.resolve()
+    track = _prepare_tracking(track or SweepTracking(), out, stream)
+
+    def with_options(run: Run, resume: bool) -> list[str]:
+        return command(run, resume) + run_options(run, out, track, ray_address)
+
     try:
-        return _sweep(grid, out.resolve(), jobs, target, retry_failed, stream, command,
+        return _sweep(grid, out, jobs, target, retry_failed, stream, with_options,
                       poll_seconds)
     finally:
         signal.signal(signal.SIGTERM, previous)

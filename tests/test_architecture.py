@@ -63,6 +63,10 @@ def _violations(source: str, forbidden: tuple[str, ...]) -> list[str]:
     ("flowerpress.privacy", ("flowerpress.server", "flowerpress.client",
                              "flowerpress.simulations", "flowerpress.tasks",
                              "flowerpress.compression")),
+    # Experiment tracking watches a run from outside; nothing in a run imports it.
+    ("flowerpress.server", ("flowerpress.tracking", "mlflow", "tensorboard")),
+    ("flowerpress.client", ("flowerpress.tracking", "mlflow", "tensorboard")),
+    ("flowerpress.simulations", ("flowerpress.tracking", "mlflow", "tensorboard")),
 ])
 def test_layers(source: str, forbidden: tuple[str, ...]) -> None:
     assert _violations(source, forbidden) == []
@@ -70,7 +74,8 @@ def test_layers(source: str, forbidden: tuple[str, ...]) -> None:
 
 def test_device_import_is_lean() -> None:
     # Prepare: a fresh interpreter, as a SuperNode starts a ClientApp process
-    heavy = ["dp_accounting", "scipy", "datasets", "sklearn", "matplotlib", "ray",
+    heavy = ["dp_accounting", "scipy", "datasets", "sklearn", "matplotlib", "ray", "mlflow",
+             "tensorboard",
              "flowerpress.server", "flowerpress.simulations", "flowerpress.strategies"]
     code = ("import json, sys; import flowerpress.client.app; "
             f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")

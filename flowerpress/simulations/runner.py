@@ -7,22 +7,31 @@ loopback port (its own ``FLWR_HOME`` in a temporary directory, so the user's
 progress through the ``results.json`` the ServerApp rewrites after every
 round, and stops every process it started. The ClientApps run in Ray actors
 (Flower's simulation backend); nothing here replaces a Flower component.
+
+Ray: Flower's ``RayBackend`` calls ``ray.init()`` without an address in the
+``flwr-simulation`` process the SuperLink starts, so Ray reads its own
+``RAY_ADDRESS`` variable: with ``ray_address`` (or ``RAY_ADDRESS`` set) the
+ClientApps run on that existing cluster, otherwise on a private single-node
+Ray instance kept on loopback (:func:`ray_environment`). Flower's federation
+config has no address key (Flower 1.41).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
-from flowerpress.config import SCHEMA, Config
+from flowerpress.config import SCHEMA, Config, ConfigError
 from flowerpress.deploy.local import DeploymentError, ManagedProcess, free_port
 
 #: How long a simulation may take at most before it is stopped (seconds).
@@ -36,10 +45,115 @@ SUPERLINK_LOG = "superlink.log"
 
 #: Seconds ``flwr run`` may go on after the ServerApp wrote its error.log.
 FAILED_GRACE_S = 3.0
+#: Ray's own variable naming the cluster ``ray.init()`` connects to.
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+#: Ray's single-node switch: "0" makes Ray's node address loopback (Ray otherwise
+#: replaces 127.0.0.1 by the machine's outward address and binds every interface).
+RAY_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+#: A callable that sees every finished round row.
+RowCallback = Callable[[Mapping[str, Any]], None]
 
 
 class SimulationError(RuntimeError):
     """The simulated federation could not be started or did not finish."""
+
+
+class RunObserver(Protocol):
+    """Sees a simulation from outside: its start, every finished round, its end.
+
+    :func:`simulate` calls it in this process, from the rows of the
+    ``results.json`` the ServerApp writes; it never slows or ends a round. An
+    observer must not raise (``flowerpress.tracking.Tracking`` logs its own
+    errors in one line and goes on).
+    """
+
+    def started(self, out_dir: Path, config: Mapping[str, Any], *, resume: bool) -> None:
+        """The run is about to start in ``out_dir`` (it was not refused)."""
+
+    def row(self, row: Mapping[str, Any]) -> None:
+        """A finished round's row, as results.json holds it."""
+
+    def finished(self, out_dir: Path, *, failure: str | None) -> None:
+        """The run ended: ``failure`` is its one-line reason, None if it finished."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``HOST:PORT`` or ``ray://HOST:PORT``; None if it is neither."""
+    match = re.fullmatch(r"(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", address)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        return None
+    return match.group(1), int(match.group(2))
+
+
+def check_ray_address(address: str, *, timeout: float = 3.0, what: str = "--ray-address") -> str:
+    """``address`` if a Ray cluster may be there: ``HOST:PORT`` (the head's GCS, as
+    ``ray start --head`` prints it), ``ray://HOST:PORT`` (Ray Client) or ``auto``.
+
+    Raises
+    ------
+    ConfigError
+        One line naming ``what`` (the option or variable): a malformed address,
+        or nothing accepting connections there (checked with one TCP
+        connection of at most ``timeout`` seconds).
+    """
+    address = address.strip()
+    if address == "auto":  # Ray finds the cluster this machine runs
+        return address
+    parsed = _host_port(address)
+    if parsed is None:
+        raise ConfigError(f"{what} {address!r} is not allowed; expected HOST:PORT of a "
+                          "Ray head (as `ray start --head` prints it), ray://HOST:PORT or auto")
+    host, port = parsed
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{what} {address}: no Ray cluster answers there ({reason}); "
+                          "start one with `ray start --head --port PORT` or give the address "
+                          "it printed") from None
+    return address
+
+
+def cluster_address(option: str | None, environ: Mapping[str, str]) -> str | None:
+    """The Ray cluster a run uses: ``option`` (``--ray-address``), else ``RAY_ADDRESS``
+    from ``environ``, each checked by :func:`check_ray_address`; None: a private one."""
+    if option:
+        return check_ray_address(option)
+    if environ.get(RAY_ADDRESS_ENV):
+        return check_ray_address(environ[RAY_ADDRESS_ENV], what=RAY_ADDRESS_ENV)
+    return None
+
+
+def ray_environment(address: str | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the processes a simulation starts, for Ray.
+
+    ``address`` (or else ``RAY_ADDRESS`` in ``environ``): the ClientApps run on
+    that cluster (``RAY_ADDRESS``, which ``ray.init()`` in Flower's
+    ``RayBackend`` reads). Without one, Ray starts a private single-node
+    instance: :data:`RAY_SINGLE_NODE_ENV` = "0" keeps its services on
+    loopback, on ports the OS picks. A loopback address gets the same switch
+    (a cluster on this machine; Ray would otherwise dial the machine's outward
+    address instead). A value the user set for the switch is kept.
+    """
+    env = dict(environ)
+    address = address or env.get(RAY_ADDRESS_ENV) or None
+    env.pop(RAY_ADDRESS_ENV, None)
+    if address is not None:
+        env[RAY_ADDRESS_ENV] = address
+    parsed = None if address is None else _host_port(address)
+    if address is None or (parsed is not None and _is_loopback(parsed[0].strip("[]"))):
+        env.setdefault(RAY_SINGLE_NODE_ENV, "0")
+    return env
 
 
 class ProgressPrinter:
@@ -110,15 +224,19 @@ def write_app_dir(path: Path) -> Path:
     return path
 
 
-def _follow(results: Path, seen: int, printer: ProgressPrinter | None) -> int:
-    """Print the rows of ``results`` past the first ``seen``; return how many rows it has."""
+def _follow(results: Path, seen: int, printer: RowCallback | None,
+            on_row: RowCallback | None = None) -> int:
+    """Hand the rows of ``results`` past the first ``seen`` to ``printer`` and
+    ``on_row``; return how many rows it has."""
     try:
         rows = json.loads(results.read_text(encoding="utf-8"))["rounds"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return seen
-    if printer is not None:
-        for row in rows[seen:]:
+    for row in rows[seen:]:
+        if printer is not None:
             printer(row)
+        if on_row is not None:
+            on_row(row)
     return max(seen, len(rows))
 
 
@@ -129,7 +247,7 @@ class SimulationLink:
     and returns the ``flwr run`` process. Everything started is stopped on exit.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, ray_address: str | None = None) -> None:
         self.workdir = workdir
         home = workdir / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
@@ -138,7 +256,10 @@ class SimulationLink:
             f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\n'
             "insecure = true\n", encoding="utf-8")
         self.bindir = str(Path(sys.executable).parent)
-        self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # The SuperLink's environment reaches flwr-simulation, where Flower's
+        # RayBackend calls ray.init(): Ray's variables select the cluster.
+        self.env = {**ray_environment(ray_address, os.environ), "FLWR_HOME": str(home),
+                    "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "PATH": self.bindir + os.pathsep + os.environ.get("PATH", ""),
                     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PYTHONWARNINGS": "ignore"}
         # Loopback only, no TLS: the SuperLink serves this process alone.
@@ -182,7 +303,8 @@ class SimulationLink:
 
 def simulate(config: Config, out_dir: Path, *, progress: bool = True,
              stream: TextIO = sys.stdout, timeout: float = DEFAULT_RUN_TIMEOUT,
-             resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+             resume: bool = False, overwrite: bool = False, ray_address: str | None = None,
+             observer: RunObserver | None = None) -> dict[str, Any]:
     """Run ``config`` on Flower's simulation engine and return the results document.
 
     Parameters
@@ -201,6 +323,13 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
     overwrite
         Start a new run even if ``out_dir`` holds another run's results or
         checkpoint; they are removed (run-config ``overwrite``).
+    ray_address
+        Run the ClientApps on the existing Ray cluster at this address (the CLI
+        checks it first with :func:`cluster_address`); None: ``RAY_ADDRESS`` if
+        set, else a private Ray instance on loopback (:func:`ray_environment`).
+    observer
+        Told when the run starts (after the checks below), of every finished
+        round's row and of the end (experiment tracking: ``flowerpress.tracking``).
 
     Raises
     ------
@@ -248,16 +377,35 @@ def simulate(config: Config, out_dir: Path, *, progress: bool = True,
     before = _stat(results)
     run_config = {**config, "out-dir": str(out_dir), "resume": resume, "overwrite": overwrite}
     printer = ProgressPrinter(int(config["rounds"]), stream) if progress else None
+    if observer is not None:
+        observer.started(out_dir, run_config, resume=resume)
+    failure: str | None = "interrupted"
+    try:
+        document = _run(run_config, out_dir, results, printer, timeout, before, ray_address,
+                        None if observer is None else observer.row)
+        failure = None
+        return document
+    except SimulationError as exc:
+        failure = str(exc)
+        raise
+    finally:
+        if observer is not None:
+            observer.finished(out_dir, failure=failure)
 
+
+def _run(run_config: Mapping[str, bool | int | float | str], out_dir: Path, results: Path,
+         printer: ProgressPrinter | None, timeout: float, before: tuple[int, int] | None,
+         ray_address: str | None, on_row: RowCallback | None) -> dict[str, Any]:
+    """Start the SuperLink, submit the run, follow it to its results document."""
     with tempfile.TemporaryDirectory(prefix="flowerpress-sim-") as tmp_name:
         tmp = Path(tmp_name)
         app_dir = write_app_dir(tmp / "app")
         try:
-            with SimulationLink(tmp) as link:
-                runner = link.run(app_dir, run_config, int(config["num-clients"]))
+            with SimulationLink(tmp, ray_address=ray_address) as link:
+                runner = link.run(app_dir, run_config, int(run_config["num-clients"]))
                 try:
-                    return _wait_for_results(runner, results, printer, int(config["rounds"]),
-                                             timeout, before=before)
+                    return _wait_for_results(runner, results, printer, int(run_config["rounds"]),
+                                             timeout, before=before, on_row=on_row)
                 except SimulationError:
                     shutil.copyfile(runner.log_path, out_dir / RUN_LOG)
                     raise
@@ -279,13 +427,14 @@ def _stat(path: Path) -> tuple[int, int] | None:
 
 
 def _wait_for_results(runner: ManagedProcess, results: Path, printer: ProgressPrinter | None,
-                      rounds: int, timeout: float,
-                      before: tuple[int, int] | None = None) -> dict[str, Any]:
+                      rounds: int, timeout: float, before: tuple[int, int] | None = None,
+                      on_row: RowCallback | None = None) -> dict[str, Any]:
     """Follow ``results`` while ``runner`` lives; return the final document.
 
     ``before`` is ``results``' :func:`_stat` before the run: a results.json the
     run did not rewrite (a resumed run refused before its rounds) is not its
-    outcome, the ServerApp's ``error.log`` is.
+    outcome, the ServerApp's ``error.log`` is. ``on_row`` sees every row, as
+    ``printer`` does (a resumed run's earlier rows included).
     """
     if printer is not None:
         printer.header()
@@ -293,7 +442,7 @@ def _wait_for_results(runner: ManagedProcess, results: Path, printer: ProgressPr
     seen, deadline = 0, time.monotonic() + timeout
     failed_at: float | None = None
     while runner.alive() and time.monotonic() < deadline:
-        seen = _follow(results, seen, printer)
+        seen = _follow(results, seen, printer, on_row)
         if failed_at is None and error_log.exists():
             # The ServerApp failed and said why: Flower's engine can take most of a
             # minute to wind down, so give ``flwr run`` a moment to log it, no more.
@@ -305,7 +454,7 @@ def _wait_for_results(runner: ManagedProcess, results: Path, printer: ProgressPr
     if runner.alive() and failed_at is None:
         raise SimulationError(f"the simulation did not finish within {timeout:.0f} s; "
                               f"full log: {run_log}")
-    _follow(results, seen, printer)
+    _follow(results, seen, printer, on_row)
     rewritten = before is None or _stat(results) != before
     failed = _failure(results) if rewritten else None
     if failed is None and error_log.exists():
