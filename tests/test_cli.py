@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,13 +30,14 @@ def test_bad_set_exits_2_with_one_line(setting: str, tmp_path: Path,
 
 @pytest.mark.timeout(420)
 def test_simulation_end_to_end_on_flowers_engine(tmp_path: Path) -> None:
-    # Execute: the console script, as a user runs it
+    # Execute: the console script, as a user runs it, tracked in TensorBoard and MLflow
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "flowerpress.cli", "simulate", "--out", str(out),
          "--set", "dataset=digits", "--set", "num-clients=4", "--set", "clients-per-round=4",
          "--set", "rounds=2", "--set", "partition=iid", "--set", "lr=0.1",
-         "--set", "local-epochs=2"],
+         "--set", "local-epochs=2", "--track", "tensorboard", "--track", "mlflow",
+         "--track-tag", "purpose=test"],
         capture_output=True, text=True, timeout=400, check=False)
     # Assert
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,6 +54,32 @@ def test_simulation_end_to_end_on_flowers_engine(tmp_path: Path) -> None:
     assert summary["total_upload_bytes"] == sum(r["upload_bytes"] for r in results["rounds"])
     assert summary["fp32_upload_bytes"] == 8 * summary["model_parameters"] * 4
     assert results["config"]["dataset"] == "digits"
+    _check_tracked(out, results["rounds"])
+
+
+def _check_tracked(out: Path, rows: list[dict[str, Any]]) -> None:
+    """The rows of results.json, read back by TensorBoard's and MLflow's own readers."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flowerpress import tracking
+
+    def scalars(tag: str) -> list[tuple[int, float]]:
+        acc = EventAccumulator(str(out / "tb" / "run"), size_guidance={"scalars": 0}).Reload()
+        return [(e.step, round(e.value, 5)) for e in acc.Scalars(tag)]
+
+    accuracy = [(r["round"], round(r["accuracy"], 5)) for r in rows]
+    assert scalars("accuracy") == accuracy
+    assert [s for s, _ in scalars("upload_bytes")] == [1, 2]
+    state = json.loads((out / tracking.STATE_FILE).read_text())
+    client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
+    run = client.get_run(state["mlflow"]["run_id"])
+    assert [(m.step, round(m.value, 5)) for m in client.get_metric_history(
+        run.info.run_id, "accuracy")] == accuracy
+    assert run.info.status == "FINISHED" and run.data.tags["purpose"] == "test"
+    assert run.data.params["num-clients"] == "4" and run.data.params["dataset"] == "digits"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "results.json", "report.png"}
 
 
 def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:

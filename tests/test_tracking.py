@@ -249,35 +249,5 @@ def test_a_sweep_tracks_each_run_by_configuration_and_seed(
         assert "flowerpress.seed=0" in argv
 
 
-# --- the real thing ---------------------------------------------------------------------
-
-
-@pytest.mark.timeout(600)
-def test_a_tracked_simulate_reads_back_in_tensorboard_and_mlflow(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # Prepare: one tiny run on Flower's simulation engine, both trackers
-    from mlflow.tracking import MlflowClient
-
-    out = tmp_path / "run"
-    sets = [f"{k}={v}" for k, v in {**BASE, "num-clients": 3, "clients-per-round": 3}.items()]
-    # Execute
-    code = cli.main(["simulate", "--out", str(out), "--quiet", "--track", "tensorboard",
-                     "--track", "mlflow", "--track-tag", "purpose=test",
-                     *[a for s in sets for a in ("--set", s)]])
-    # Assert: the rows of results.json, read back by each library's own reader
-    assert code == 0, capsys.readouterr().err
-    rows = json.loads((out / "results.json").read_text())["rounds"]
-    accuracy = [(r["round"], round(r["accuracy"], 6)) for r in rows]
-    assert len(accuracy) == 2
-    assert [(s, round(v, 5)) for s, v in _scalars(out / "tb" / "run", "accuracy")] == [
-        (s, round(v, 5)) for s, v in accuracy]
-    assert [s for s, _ in _scalars(out / "tb" / "run", "upload_bytes")] == [1, 2]
-    state = json.loads((out / tracking.STATE_FILE).read_text())
-    client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
-    run = client.get_run(state["mlflow"]["run_id"])
-    assert [(m.step, round(m.value, 6)) for m in client.get_metric_history(
-        run.info.run_id, "accuracy")] == accuracy
-    assert run.info.status == "FINISHED" and run.data.tags["purpose"] == "test"
-    assert run.data.params["num-clients"] == "3" and run.data.params["dataset"] == "digits"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
-        "results.json", "report.png"}
+# The real thing, a tracked simulate on Flower's engine read back with TensorBoard's and
+# MLflow's own readers, is tests/test_cli.py's end-to-end run (one engine start for both).
