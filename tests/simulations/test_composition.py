@@ -8,8 +8,9 @@ is refused by design: run-config validation raises a one-line
 
 The full product of the factors is thousands of runs; a pairwise covering
 array (:func:`all_pairs`, a greedy AETG-style generator) covers every allowed
-pair in a couple of dozen. All runs share one SuperLink and run a few at a
-time, so the engine's start-up is paid once and overlapped.
+pair in a couple of dozen. Runs go a few at a time through a few lanes, each
+one SuperLink and one Ray head started once, so the engine's start-up is paid
+once per lane, not per run, and overlapped.
 
 Each completed run is checked for: every round present, the devices each
 round expects (``clients == cohort``, or ``clients + rejected == cohort``
@@ -20,11 +21,12 @@ A failing cell is a finding: its assertion stays as it is.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import os
-import threading
+import queue
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ import pytest
 
 from flowerpress.config import Config, ConfigError, validate
 from flowerpress.simulations.runner import (
+    LocalRayHead,
     SimulationError,
     SimulationLink,
     _wait_for_results,
@@ -49,8 +52,8 @@ PARTIAL = 6  # clients per round under partial participation (poisson: q = 0.75)
 MAX_MISSED = 3  # the default max-missed-rounds; every run goes past it
 ROUNDS = MAX_MISSED + 1
 RESUME_AFTER = 2  # a resumed cell runs RESUME_AFTER rounds, then resumes to ROUNDS
-#: Runs on the shared SuperLink at once (each is a ServerApp, a simulation process,
-#: its Ray cluster and one actor): enough to overlap start-up on two cores.
+#: Runs at once, one per lane (a SuperLink and a Ray head): enough to overlap
+#: start-up on two cores.
 CONCURRENT_RUNS = int(os.environ.get("FLOWERPRESS_MATRIX_CONCURRENCY", "3"))
 RUN_TIMEOUT = 300.0
 
@@ -262,25 +265,40 @@ class Outcome:
 
 
 class SharedEngine:
-    """One simulation SuperLink that every cell of the matrix submits its runs to."""
+    """A few lanes, each one simulation SuperLink and one Ray head, that the cells share.
+
+    A cell takes a free lane for all its runs. Each lane's Ray head is started
+    once (not once per run), and one run at a time uses it: a run's actor pool
+    asks for every CPU of the cluster it joins, so runs sharing one head would
+    queue for its actors, and Ray does not serve that queue in order.
+    """
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.app_dir = write_app_dir(workdir / "app")
-        self._link = SimulationLink(workdir)
-        self._lock = threading.Lock()
+        self._stack = contextlib.ExitStack()
+        self._lanes: queue.Queue[SimulationLink] = queue.Queue()
         self._pool = ThreadPoolExecutor(max_workers=CONCURRENT_RUNS)
         self._cells: dict[str, Future[Outcome]] = {}
 
     def __enter__(self) -> SharedEngine:
-        self._link.__enter__()
+        with contextlib.ExitStack() as stack:
+            for lane in range(CONCURRENT_RUNS):
+                where = self.workdir / f"lane-{lane}"
+                # Worker ports apart from every other Ray on the machine (10002-19999).
+                ports = (20000 + 2000 * lane, 21999 + 2000 * lane)
+                head = stack.enter_context(LocalRayHead(where / "ray", num_cpus=2,
+                                                        worker_ports=ports))
+                self._lanes.put(stack.enter_context(
+                    SimulationLink(where, ray_address=head.address)))
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc: object) -> None:
         for future in self._cells.values():
             future.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._link.__exit__(*exc)
+        self._stack.close()
 
     def submit(self, row: Row) -> Future[Outcome]:
         """Start the cell's runs (once); the future gives its outcome."""
@@ -289,10 +307,9 @@ class SharedEngine:
             self._cells[name] = self._pool.submit(self._run_cell, row, name)
         return self._cells[name]
 
-    def _run(self, config: Config, out: Path) -> dict[str, Any]:
+    def _run(self, link: SimulationLink, config: Config, out: Path) -> dict[str, Any]:
         run_config = {**config, "out-dir": str(out)}
-        with self._lock:  # SimulationLink numbers its runs' files by a counter
-            proc = self._link.run(self.app_dir, run_config, NUM_CLIENTS)
+        proc = link.run(self.app_dir, run_config, NUM_CLIENTS)
         return _wait_for_results(proc, out / "results.json", None, int(config["rounds"]),
                                  RUN_TIMEOUT)
 
@@ -300,13 +317,16 @@ class SharedEngine:
         outcome = Outcome(out=self.workdir / "cells" / name)
         outcome.out.mkdir(parents=True)
         config = validate(config_of(row))
+        link = self._lanes.get()
         try:
             if row["resume"] == "yes":
-                outcome.first = self._run({**config, "rounds": RESUME_AFTER}, outcome.out)
+                outcome.first = self._run(link, {**config, "rounds": RESUME_AFTER}, outcome.out)
                 config = {**config, "resume": True}
-            outcome.document = self._run(config, outcome.out)
+            outcome.document = self._run(link, config, outcome.out)
         except SimulationError as exc:
             outcome.error = str(exc)
+        finally:
+            self._lanes.put(link)
         return outcome
 
 
