@@ -130,6 +130,12 @@ def _check_secagg(value: str) -> object:
     return parse_secagg(value)
 
 
+def _check_prune(value: str) -> object:
+    from flowerpress.compression.mask import parse_prune
+
+    return parse_prune(value)
+
+
 def _check_link(value: str) -> object:
     return parse_link(value)
 
@@ -220,6 +226,10 @@ SCHEMA: dict[str, Key] = {
                   check=_check_attack),
     "secagg": Key(str, "off", "off | on[:threshold=T,bits=B,clip=C,noise=Z,degree=K] (secure "
                   "aggregation)", check=_check_secagg),
+    "prune": Key(str, "none", "none | magnitude:sparsity=S,start=A,end=B: the server prunes "
+                  "the global model (global magnitude, cubic schedule from round A to B); "
+                  "devices train the masked model and upload only unmasked coordinates",
+                  check=_check_prune),
     "out-dir": Key(str, "", "where the ServerApp writes results.json (empty: not written)"),
     "resume": Key(bool, False, "continue from the checkpoint in out-dir (none there: start)"),
     "overwrite": Key(bool, False, "start a new run in an out-dir holding another run's "
@@ -323,6 +333,10 @@ def validate(values: Mapping[str, object], *, strict: bool = True) -> Config:
 
         spec = task_spec(config)
         check_task_keys(config, TASKS.resolve(spec)[0].run_config_keys, task=spec)
+    if str(config["prune"]).lower() not in ("", "none", "off"):
+        line = _prune_refusal(config)
+        if line:
+            raise ConfigError(f"prune={config['prune']!r} is not allowed: {line}")
     if str(config["secagg"]) not in ("", "off"):
         from flowerpress.secagg.settings import refusal_of_config
 
@@ -330,6 +344,20 @@ def validate(values: Mapping[str, object], *, strict: bool = True) -> Config:
         if line:
             raise ConfigError(f"secagg={config['secagg']!r} is not allowed: {line}")
     return config
+
+
+def _prune_refusal(config: Mapping[str, Scalar]) -> str | None:
+    """Why ``prune`` cannot run with the rest of ``config``, or None."""
+    from flowerpress.compression import parse
+
+    if str(config["secagg"]) not in ("", "off"):
+        return ("secure aggregation sums fixed-size masked vectors its devices agreed on "
+                "before the round; a mask that changes every round is not supported "
+                "(set secagg=off)")
+    if parse(str(config["compression"])).ef21:
+        return ("ef21 keeps per-device estimates in the model's shape across rounds; the "
+                "gathered upload changes size as the mask grows (drop ef21)")
+    return None
 
 
 def check_task_keys(config: Mapping[str, object], taken: Collection[str], *,

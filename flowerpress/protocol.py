@@ -66,6 +66,9 @@ COHORT_SIZE = "clients-per-round"  # devices divide distributed DP noise by sqrt
 DP = "dp"
 DP_CLIP = "dp-clip"
 HELLO = "hello"
+#: bytes: the server's pruning mask (flowerpress.compression.mask.pack_mask); a train
+#: reply then carries only the unmasked coordinates, gathered into one vector.
+PRUNE_MASK = "prune-mask"
 
 # --- the message format (server <-> device, in the start-up query and its reply) ------
 #: The version of this contract's messages: bumped whenever a message's records
@@ -225,11 +228,35 @@ class TrainInstruction:
         spec = config.get(COMPRESSION, "none")
         if not isinstance(spec, str):
             raise ValueError(f"instruction {COMPRESSION!r} must be a string, got {spec!r}")
-        known = (SERVER_ROUND, SEED, COMPRESSION, COHORT_SIZE)
+        known = (SERVER_ROUND, SEED, COMPRESSION, COHORT_SIZE, PRUNE_MASK)
         return cls(server_round=_int_of(config, SERVER_ROUND, 0),
                    seed=_int_of(config, SEED, 0), compression=spec,
                    cohort_size=_int_of(config, COHORT_SIZE, 1, minimum=1),
                    extra={k: v for k, v in config.items() if k not in known})
+
+
+def prune_mask_of(msg: Message, reference: Sequence[NDArray[np.float32]]
+                  ) -> list[NDArray[np.bool_]] | None:
+    """The pruning mask a train message carries (None: no pruning), shaped as ``reference``.
+
+    Raises
+    ------
+    ValueError
+        The mask is malformed or its shapes are not the model's (one line).
+    """
+    config = _config_record(msg.content, CONFIG) if msg.has_content() else None
+    raw = None if config is None else config.get(PRUNE_MASK)
+    if raw is None:
+        return None
+    from flowerpress.compression.mask import unpack_mask
+
+    if not isinstance(raw, bytes):
+        raise ValueError(f"instruction {PRUNE_MASK!r} is a {type(raw).__name__}, not bytes")
+    mask = unpack_mask(raw, max_elements=sum(int(w.size) for w in reference),
+                       max_tensors=len(reference))
+    if [m.shape for m in mask] != [np.shape(w) for w in reference]:
+        raise ValueError(f"instruction {PRUNE_MASK!r} does not have the model's shapes")
+    return mask
 
 
 def train_reply(msg: Message, weights: Sequence[NDArray[np.float32]], *, num_examples: int,

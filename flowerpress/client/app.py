@@ -40,6 +40,7 @@ from flwr.common.constant import ErrorCode
 
 from flowerpress import protocol
 from flowerpress.client.mods import make_compression_mod, plugins_mod
+from flowerpress.compression.mask import apply_mask_inplace
 from flowerpress.privacy.mod import dp_mod
 from flowerpress.secagg.mod import secagg_mod
 from flowerpress.tasks.base import Scalar, Task, TaskError, TrainContext, Weights
@@ -183,10 +184,17 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
             current = resolve(context)
             data = node_data(current, context)
             received = received_weights(msg)
+            try:
+                mask = protocol.prune_mask_of(msg, received)
+            except ValueError as exc:
+                raise TaskError(f"the server's pruning mask: {exc}") from None
+            if mask is not None:  # the masked model (its pruned weights zero whatever
+                received = [np.where(m, w, np.float32(0.0))  # a lossy download decoded)
+                            for w, m in zip(received, mask, strict=True)]
             result = current.train(received, data, TrainContext(
                 server_round=instruction.server_round,
                 seed=node_seed(instruction.seed, context, instruction.server_round),
-                config=instruction.extra))
+                config=instruction.extra, mask=mask))
             if len(result.weights) != len(received) or any(
                     np.shape(w) != g.shape
                     for w, g in zip(result.weights, received, strict=True)):
@@ -198,7 +206,9 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
                 result.num_examples)
         except TaskError as exc:
             return _task_error_reply(msg, exc)
-        weights = [np.asarray(w, dtype=np.float32) for w in result.weights]
+        weights = [np.array(w, dtype=np.float32) for w in result.weights]
+        if mask is not None:  # pruned weights stay zero, whatever the task did
+            apply_mask_inplace(weights, mask)
         return protocol.train_reply(msg, weights, num_examples=result.num_examples,
                                     metrics=result.metrics, flops=flops)
 

@@ -58,6 +58,7 @@ from flowerpress.client.download import (
 )
 from flowerpress.compression import CodecState, decode, parse
 from flowerpress.compression.envelope import is_payload, payload_bytes, payload_record
+from flowerpress.compression.mask import Mask, gather, scatter, unpack_mask
 from flowerpress.registry import PluginError, import_plugins
 from flowerpress.secagg.messages import stage_of as secagg_stage_of
 
@@ -69,6 +70,8 @@ ARRAYS_KEY = protocol.ARRAYS
 STATE_KEY = "flowerpress.codec"
 #: Where the round of the device's last ef21 reply is kept in ``Context.state``.
 EF21_STATE_KEY = "flowerpress.ef21"
+#: Where the pruning mask of the device's last encoded reply is kept in ``Context.state``.
+PRUNE_STATE_KEY = "flowerpress.prune"
 #: Upper bound on the elements of a broadcast a client decodes, unless the node
 #: config sets ``max-model-elements`` (a device refuses absurd allocations).
 DEFAULT_MAX_ELEMENTS = 1 << 28
@@ -218,7 +221,12 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
             and context.run_config.get("train-metrics") is False:
         _drop_train_metrics_inplace(reply)
     spec = instruction.compression
-    if kind != MessageType.TRAIN or reply.has_error() or spec == "none":
+    if kind != MessageType.TRAIN or reply.has_error():
+        return reply
+    # Federated pruning: the reply carries only the unmasked coordinates, gathered
+    # into one vector before the run's codec spec (which then composes unchanged).
+    packed = None if secure else _packed_mask(msg)
+    if spec == "none" and packed is None:
         return reply
     local_record = reply.content.array_records.get(ARRAYS_KEY)
     if local_record is None:
@@ -227,10 +235,19 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
     if len(local) != len(received):
         raise ValueError(f"train reply has {len(local)} arrays, expected {len(received)} "
                          "(one per tensor of the received model)")
+    mask = None if packed is None else protocol.prune_mask_of(msg, received)
+    if mask is not None:
+        local, received = [gather(local, mask)], [gather(received, mask)]
+        if spec == "none":
+            reply.content = _with_arrays(reply.content, ArrayRecord(local))
+            return reply
     delta = [np.asarray(w, dtype=np.float32) - g for w, g in zip(local, received, strict=True)]
     pipeline = parse(spec)
     saved = context.state.array_records.get(STATE_KEY)
     state = CodecState.from_record(saved) if saved is not None else None
+    if packed is not None and mask is not None:
+        state = _remap_state(state, context, packed, mask)
+        context.state[PRUNE_STATE_KEY] = ConfigRecord({"mask": packed})
     pid = context.node_config.get("partition-id")
     stream = pid if isinstance(pid, int) else context.node_id
     rng = np.random.default_rng(
@@ -246,6 +263,41 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
         context.state[EF21_STATE_KEY] = ConfigRecord({"round": instruction.server_round})
         reply.content[protocol.EF21] = ConfigRecord({protocol.EF21_BASE: base})
     return reply
+
+
+def _packed_mask(msg: Message) -> bytes | None:
+    """The pruning mask's wire form a train message carries (None: no pruning)."""
+    config = msg.content.config_records.get(protocol.CONFIG) if msg.has_content() else None
+    raw = None if config is None else config.get(protocol.PRUNE_MASK)
+    return raw if isinstance(raw, bytes) else None
+
+
+def _remap_state(state: CodecState | None, context: Context, packed: bytes,
+                 mask: Mask) -> CodecState | None:
+    """Error-feedback residuals moved onto this round's mask (pruned coordinates dropped).
+
+    The gathered vector shrinks as the mask grows: a residual kept for the last
+    mask is scattered back to the model's shapes and gathered with the new one.
+    A state that fits neither mask restarts from zero; warm starts (low-rank
+    ``Q`` factors) are dropped whenever the mask changes.
+    """
+    meta = context.state.config_records.get(PRUNE_STATE_KEY)
+    old_packed = None if meta is None else meta.get("mask")
+    if state is None or old_packed == packed:
+        return state
+    total = sum(int(m.size) for m in mask)
+    try:
+        residuals: tuple[np.ndarray, ...] = state.residuals
+        if residuals:
+            if isinstance(old_packed, bytes):
+                old = unpack_mask(old_packed, max_elements=total, max_tensors=len(mask))
+                full = scatter(np.asarray(residuals[0], dtype=np.float32), old)
+            else:  # dense until this round: one residual per tensor
+                full = [np.asarray(r, dtype=np.float32) for r in residuals]
+            residuals = (gather(full, mask),)
+    except ValueError:
+        return None
+    return CodecState.from_arrays(residuals, None, state.estimates)
 
 
 def _drop_train_metrics_inplace(reply: Message) -> None:

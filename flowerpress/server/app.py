@@ -211,6 +211,7 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         compression_warmup=int(config["compression-warmup"]),
         ef21_memory_bytes=int(float(config["ef21-memory"]) * 1e6),
         compute=compute,
+        prune=str(config["prune"]),
     )
     privacy_factory = secagg_ledger or (None if dp is None else make_ledger)
     resume: LoopState | None = None

@@ -92,6 +92,9 @@ class LoopState:
         checkpoints written before the bound had state).
     resumed_at
         The rounds after which the run was resumed, in order.
+    prune
+        :meth:`flowerpress.server.prune.Pruner.state_dict` (the pruning mask;
+        None without pruning).
     """
 
     server_round: int
@@ -105,6 +108,7 @@ class LoopState:
     download: Any = None
     resumed_at: list[int] = field(default_factory=list)
     bound: dict[str, Any] | None = None
+    prune: dict[str, Any] | None = None
 
 
 def _encode(value: Any, arrays: list[NDArray[Any]]) -> Any:
@@ -163,6 +167,7 @@ def save_checkpoint(out_dir: Path, state: LoopState, config: Mapping[str, Any]) 
         "download": _encode(state.download, arrays),
         "resumed_at": list(state.resumed_at),
         "bound": state.bound,
+        "prune": _encode(state.prune, arrays),
     }
     text = json.dumps(document)
     digest = _digest(text, arrays)
@@ -323,6 +328,9 @@ def _state(document: dict[str, Any], arrays: Mapping[int, NDArray[Any]],
     bound = document.get("bound")
     _require(bound is None or isinstance(bound, dict), path,
              "malformed state: the update bound is not a table")
+    prune = _decode(document.get("prune"), arrays)
+    _require(prune is None or isinstance(prune, dict), path,
+             "malformed state: the pruning mask is not a table")
     resumed_at = document.get("resumed_at", [])
     _require(isinstance(resumed_at, list) and all(
         _is_int(r) and 0 <= r <= server_round for r in resumed_at), path,
@@ -334,7 +342,7 @@ def _state(document: dict[str, Any], arrays: Mapping[int, NDArray[Any]],
         strategy=_decode(document["strategy"], arrays),
         privacy=privacy, privacy_population=population,
         download=_decode(document["download"], arrays),
-        resumed_at=list(resumed_at), bound=bound,
+        resumed_at=list(resumed_at), bound=bound, prune=prune,
     )
 
 

@@ -13,6 +13,7 @@ fixed 3 s between pulls when it talks to a real SuperLink.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -40,6 +41,7 @@ from flowerpress.server.phases import RunFailedError as RunFailedError
 from flowerpress.server.phases import StrategyFailedError as StrategyFailedError
 from flowerpress.server.phases import UserCodeError as UserCodeError
 from flowerpress.server.phases import poll_replies as poll_replies
+from flowerpress.server.prune import Pruner
 from flowerpress.server.schedule import warmup_spec
 from flowerpress.strategies.base import ClientUpdate
 
@@ -150,6 +152,9 @@ class LoopSettings:
     # Bounds on the compute a train reply reports (protocol.compute_bounds, from
     # the model, the task's FLOP count and the round timeout); None: loose defaults.
     compute: protocol.ComputeBounds | None = None
+    # Federated pruning (run-config prune; flowerpress.server.prune): "none" or
+    # magnitude:sparsity=S,start=A,end=B.
+    prune: str = "none"
 
 
 class FederationMismatchError(RuntimeError):
@@ -351,9 +356,15 @@ def _build_downloads(nodes: Sequence[int], server_round: int, global_weights: We
                      instruction: protocol.TrainInstruction, download: DownloadCodec | None,
                      history: DownloadHistory | None, rng: np.random.Generator,
                      seed: int, anchors: Mapping[int, str] | None = None,
-                     estimates: UploadEstimates | None = None) -> _Downloads:
-    """One train message per node: the broadcast, or each node's history download."""
+                     estimates: UploadEstimates | None = None,
+                     mask: bytes | None = None) -> _Downloads:
+    """One train message per node: the broadcast, or each node's history download.
+
+    ``mask`` (the pruning mask's wire form) travels in every train message's config.
+    """
     shared = instruction.to_record()
+    if mask is not None:
+        shared[protocol.PRUNE_MASK] = mask
 
     def config_for(node: int) -> ConfigRecord:
         if estimates is None:
@@ -396,6 +407,7 @@ def run_round(
     anchors: Mapping[int, str] | None = None,
     estimates: UploadEstimates | None = None,
     bound: UpdateNormBound | None = None,
+    pruner: Pruner | None = None,
     rng: np.random.Generator,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -425,6 +437,11 @@ def run_round(
     With ``settings.secagg`` on, the updates travel as one secure sum
     (:func:`flowerpress.server.secagg_round.secure_sum`, four exchanges into
     the same round book) and the strategy folds that sum as one update.
+
+    With ``pruner`` (federated pruning) every train message carries the
+    server's mask, every reply is validated against the unmasked coordinates of
+    what the node received (shapes from the server's mask) and scattered back
+    into the model's shapes before it is clipped and folded.
     """
     book = RoundBook(server_round, list(nodes))
     name = type(strategy).__name__
@@ -449,7 +466,8 @@ def run_round(
         plan, base = _collect_updates(grid, book, global_weights, strategy, settings,
                                       extra_config=extra_config, download=download,
                                       history=history, anchors=anchors, estimates=estimates,
-                                      bound=bound, rng=rng, clock=clock, sleep=sleep)
+                                      bound=bound, pruner=pruner, rng=rng, clock=clock,
+                                      sleep=sleep)
         released = book.valid if book.valid >= settings.min_replies else 0
     return _close_round(book, strategy, base, global_weights, settings, released=released,
                         plan=plan)
@@ -460,6 +478,7 @@ def _collect_updates(grid: Grid, book: RoundBook, global_weights: Weights,
                      extra_config: Mapping[str, Scalar], download: DownloadCodec | None,
                      history: DownloadHistory | None, anchors: Mapping[int, str] | None,
                      estimates: UploadEstimates | None, bound: UpdateNormBound,
+                     pruner: Pruner | None = None,
                      rng: np.random.Generator, clock: Callable[[], float],
                      sleep: Callable[[float], None]) -> tuple[_Downloads, Weights]:
     """Plan, send and collect a plain round: each reply validated, decoded and folded."""
@@ -471,16 +490,20 @@ def _collect_updates(grid: Grid, book: RoundBook, global_weights: Weights,
                                 settings.compression_warmup),
         cohort_size=len(nodes), extra={**settings.client_config, **extra_config})
     plan = _build_downloads(nodes, server_round, global_weights, instruction, download,
-                            history, rng, settings.seed, anchors, estimates)
+                            history, rng, settings.seed, anchors, estimates,
+                            None if pruner is None else pruner.packed)
     user_call(f"strategy {name}", strategy.begin_round, server_round, plan.base,
               error=StrategyFailedError)
 
     def fold(node: int, reply: Message) -> None:
         up = book.count_upload(node, reply,
                                limits=protocol.reply_limits(plan.received[node]))
-        checked = protocol.validate_train_reply(reply, plan.received[node],
-                                                max_weight=settings.max_client_weight,
-                                                dp=settings.dp, compute=settings.compute)
+        received = plan.received[node]
+        checked = protocol.validate_train_reply(
+            reply, received if pruner is None else pruner.reference(received),
+            max_weight=settings.max_client_weight, dp=settings.dp, compute=settings.compute)
+        if pruner is not None:  # the unmasked vector, back in the model's shapes
+            checked = dataclasses.replace(checked, delta=pruner.expand(checked.delta))
         estimate = None
         if estimates is not None:
             estimate = estimates.combine(node, protocol.ef21_base_of_reply(reply),
@@ -671,6 +694,13 @@ def run_federation(
             raise ResumeError(f"the checkpoint's download history does not fit this run: "
                               f"{exc}") from None
     estimates = make_estimates(settings)
+    pruner = make_pruner(settings)
+    if pruner is not None and resume is not None and resume.prune is not None:
+        try:
+            pruner.load_state_dict(resume.prune, weights)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ResumeError(f"the checkpoint's pruning mask does not fit this run: "
+                              f"{exc}") from None
     bound = UpdateNormBound(initial_weights, max_norm=settings.max_update_norm,
                             dp_bound=getattr(ledger, "update_bound", None))
     if resume is not None and resume.bound is not None:
@@ -715,14 +745,17 @@ def run_federation(
             error=StrategyFailedError))
         if ledger is not None:
             extra.update(ledger.train_config(server_round, cohort_size=len(sampled)))
+        if pruner is not None:  # the round's mask (the schedule), applied to the model
+            weights = pruner.begin_round(server_round, weights)
         outcome = run_round(grid, server_round, sampled, weights, strategy, settings,
                             extra_config=extra, download=download, history=history,
                             anchors=membership.anchors(), estimates=estimates,
-                            bound=bound, rng=rng, clock=clock, sleep=sleep)
+                            bound=bound, pruner=pruner, rng=rng, clock=clock, sleep=sleep)
         membership.record_round(sampled, outcome.replied)
         for node, reason in outcome.culprits.items():
             membership.exclude(node, f"round {server_round}: {reason}")
-        weights = outcome.new_global
+        # A strategy with server momentum (FedAdam, ...) may move pruned weights: re-mask.
+        weights = outcome.new_global if pruner is None else pruner.apply(outcome.new_global)
         epsilon = nominal = None
         if ledger is not None:
             # Every asked client may have released a noised update, whether or
@@ -767,6 +800,8 @@ def run_federation(
             row["evaluated_by"] = int(metrics.get("evaluated_by") or 0)
         if nominal is not None:
             row["nominal_epsilon"] = nominal
+        if pruner is not None:
+            row["sparsity"] = round(pruner.sparsity, 6)
         if history is not None:
             row["download"] = {"full": outcome.full_downloads, "diffs": outcome.diff_downloads,
                                **history.stats()}
@@ -781,7 +816,8 @@ def run_federation(
                 privacy=privacy_state() if callable(privacy_state) else None,
                 privacy_population=population, resumed_at=resumed_at,
                 download=None if history is None else history.state_dict(),
-                bound=bound.state_dict()))
+                bound=bound.state_dict(),
+                prune=None if pruner is None else pruner.state_dict()))
         if on_model is not None:
             on_model(server_round, weights)
         if on_round is not None:
@@ -907,6 +943,28 @@ def make_history(settings: LoopSettings, download: DownloadCodec | None,
                            budget_bytes=settings.download_history_bytes,
                            initial=anchor,
                            first_codec=first)
+
+
+def make_pruner(settings: LoopSettings) -> Pruner | None:
+    """The server's pruning mask when the run config's ``prune`` is on, else None.
+
+    Raises
+    ------
+    ValueError
+        ``prune`` is malformed, or combined with secure aggregation or ef21
+        (:func:`flowerpress.config.validate` refuses those first, in one line).
+    """
+    from flowerpress.compression import parse
+    from flowerpress.compression.mask import parse_prune
+
+    prune = parse_prune(settings.prune)
+    if prune is None:
+        return None
+    if settings.secagg != "off":
+        raise ValueError("prune is not supported with secure aggregation")
+    if parse(settings.compression).ef21:
+        raise ValueError("prune is not supported with an ef21 upload")
+    return Pruner(prune)
 
 
 def make_estimates(settings: LoopSettings) -> UploadEstimates | None:

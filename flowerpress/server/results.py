@@ -24,7 +24,9 @@ reported training with (``Task.hyperparameters``).
 ``upload_bytes`` and ``download_bytes`` are the Flower messages as Flower
 serializes them (``flowerpress.protocol.message_bytes``: metadata, every
 record, protobuf framing), both directions, every message of the round;
-``*_payload_bytes`` are the array data alone. ``link_seconds`` is the round's
+``*_payload_bytes`` are the array data alone. ``sparsity`` (rows and summary, with the
+run-config ``prune`` only) is the fraction of the model's weights pruned.
+``link_seconds`` is the round's
 estimated time under the run's ``link`` profile (``flowerpress.config.LinkProfile``).
 ``device_flops`` and ``device_seconds`` are what the round's accepted replies
 reported their local training cost (FLOPs, CPU seconds; reporting only), the
@@ -98,6 +100,8 @@ def build_results(
         summary["stopped"] = stopped
     if failed is not None:
         summary["failed"] = failed
+    if rows and "sparsity" in rows[-1]:  # federated pruning: the final model's
+        summary["sparsity"] = rows[-1]["sparsity"]
     if resumed_at:
         summary["resumed_after_rounds"] = [int(r) for r in resumed_at]
     recorded = dict(config)

@@ -48,11 +48,19 @@ class TrainContext:
         for every random choice in training (shuffling, dropout), so runs repeat.
     config : Mapping[str, Scalar]
         The strategy's keys for this round (e.g. FedProx's ``proximal-mu``).
+    mask : list of bool arrays or None
+        The server's pruning mask (run-config ``prune``), one array per tensor of
+        the received weights, True where a weight is kept; None without pruning.
+        The received weights are already zero where it is False. A task keeps
+        them zero while it trains (re-apply the mask after every optimizer step,
+        as the bundled tasks do); the ClientApp zeroes them in the returned
+        weights in any case, and only the kept coordinates are uploaded.
     """
 
     server_round: int
     seed: int
     config: Mapping[str, Scalar] = field(default_factory=dict)
+    mask: list[NDArray[np.bool_]] | None = None
 
 
 @dataclass(frozen=True)

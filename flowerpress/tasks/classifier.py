@@ -123,7 +123,8 @@ class TorchClassifierTask(Task):
         settings = TrainSettings(local_epochs=self.local_epochs, batch_size=self.batch_size,
                                  lr=self.lr,
                                  proximal_mu=float(mu) if isinstance(mu, int | float) else 0.0)
-        loss = train(model, split.x, split.y, settings, generator=torch_generator(context.seed))
+        loss = train(model, split.x, split.y, settings, generator=torch_generator(context.seed),
+                     mask=context.mask)
         steps = self.local_epochs * math.ceil(len(split) / self.batch_size)
         self._sample_shape = tuple(int(d) for d in split.x.shape[1:])
         flops = training_flops(model, self._sample_shape, num_examples=len(split),

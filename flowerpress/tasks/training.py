@@ -42,6 +42,7 @@ def train(
     settings: TrainSettings,
     *,
     generator: torch.Generator,
+    mask: list[NDArray[np.bool_]] | None = None,
 ) -> float:
     """Train ``model`` in place with SGD and return the mean training loss.
 
@@ -55,9 +56,14 @@ def train(
         Epochs, batch size, learning rate, proximal coefficient.
     generator
         Shuffles the mini-batches; the only source of randomness.
+    mask
+        A pruning mask in ``state_dict`` order (True: kept): re-applied to the
+        parameters after every optimizer step, so pruned weights stay zero
+        (Zhu and Gupta 2018; PruneFL, Jiang et al. 2022).
     """
     if len(y) == 0:
         return 0.0
+    masks = _parameter_masks(model, mask)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -76,9 +82,29 @@ def train(
                 loss = loss + 0.5 * settings.proximal_mu * prox
             loss.backward()
             opt.step()
+            if masks:
+                with torch.no_grad():
+                    for p, m in masks:
+                        p.mul_(m)
             total += float(loss.detach())
             batches += 1
     return total / max(batches, 1)
+
+
+def _parameter_masks(model: nn.Module, mask: list[NDArray[np.bool_]] | None
+                     ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, 0/1 tensor) for each parameter the mask prunes somewhere."""
+    if mask is None:
+        return []
+    names = list(model.state_dict().keys())
+    if len(names) != len(mask):
+        raise ValueError(f"model has {len(names)} tensors, the mask {len(mask)}")
+    params = dict(model.named_parameters())
+    out = []
+    for name, m in zip(names, mask, strict=True):
+        if name in params and not m.all():
+            out.append((params[name], torch.from_numpy(m.astype(np.float32))))
+    return out
 
 
 @torch.no_grad()
