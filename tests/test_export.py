@@ -59,6 +59,24 @@ def test_an_export_round_trips_in_onnxruntime_float32_and_int8(tmp_path: Path) -
     assert abs(small["accuracy_drop_points"]) <= 5.0
     assert small["calibration"]["source"].startswith("training partitions")
     assert small["artifact_bytes"] < plain["artifact_bytes"]
+    assert small["compressed_artifact_bytes"] < small["artifact_bytes"]
+    assert 0.0 <= small["weight_sparsity"] < 0.05  # a dense model
+
+
+def test_a_pruned_models_compressed_int8_artifact_is_far_smaller(tmp_path: Path) -> None:
+    # Prepare: the run's model with 90% of its weight matrices set to zero, as `prune` leaves it
+    from flowerpress.compression.mask import magnitude_mask
+
+    run = _run_dir(tmp_path / "run")
+    weights = [np.asarray(w) for w in np.load(run / "model.npz").values()]
+    mask = magnitude_mask(weights, 0.9)
+    np.savez(run / "model.npz", *[np.where(m, w, 0) for w, m in zip(weights, mask, strict=True)])
+    # Execute
+    sidecar = export_run(ExportRequest(run, tmp_path / "i8.onnx", quantize="int8",
+                                       calibration_examples=64, latency_examples=5))
+    # Assert: zeros survive int8; zstd of the file is where the sparsity pays
+    assert sidecar["weight_sparsity"] > 0.85
+    assert sidecar["compressed_size_ratio"] > 2 * sidecar["size_ratio"]
 
 
 @pytest.mark.parametrize(("args", "words"), [
