@@ -195,6 +195,15 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
         msg.content = _with_arrays(msg.content, ArrayRecord(received))
     else:
         received = [np.asarray(a, dtype=np.float32) for a in incoming.to_numpy_ndarrays()]
+    if kind == MessageType.TRAIN and not history and _packed_mask(msg) is not None:
+        # Federated pruning: the broadcast is the unmasked coordinates, one vector.
+        try:
+            received = _scatter_broadcast(received, _packed_mask(msg), context)
+        except ValueError as exc:
+            log.warning("pruned download refused: %s", exc)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 reason=f"download: {exc}"), reply_to=msg)
+        msg.content = _with_arrays(msg.content, ArrayRecord(received))
 
     started, cpu_started = time.perf_counter(), time.process_time()
     reply = call_next(msg, context)
@@ -270,6 +279,25 @@ def _packed_mask(msg: Message) -> bytes | None:
     config = msg.content.config_records.get(protocol.CONFIG) if msg.has_content() else None
     raw = None if config is None else config.get(protocol.PRUNE_MASK)
     return raw if isinstance(raw, bytes) else None
+
+
+def _scatter_broadcast(received: list[np.ndarray], packed: bytes | None,
+                       context: Context) -> list[np.ndarray]:
+    """The model a pruned broadcast (one vector of the unmasked coordinates) stands for.
+
+    Raises
+    ------
+    ValueError
+        The mask is malformed or the broadcast is not one vector of its kept count.
+    """
+    if packed is None:
+        return received
+    mask = unpack_mask(packed, max_elements=_max_elements(context))
+    kept = sum(int(np.count_nonzero(m)) for m in mask)
+    if len(received) != 1 or received[0].shape != (kept,):
+        raise ValueError(f"a pruned broadcast is one vector of the {kept} kept weights, got "
+                         f"{len(received)} arrays")
+    return scatter(received[0], mask)
 
 
 def _remap_state(state: CodecState | None, context: Context, packed: bytes,

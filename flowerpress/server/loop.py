@@ -326,19 +326,26 @@ class RoundOutcome:
 
 
 def _broadcast(global_weights: Weights, download: DownloadCodec | None,
-               rng: np.random.Generator) -> tuple[ArrayRecord, Weights]:
-    """The ArrayRecord sent to devices and the weights they will decode from it."""
+               rng: np.random.Generator, pruner: Pruner | None = None
+               ) -> tuple[ArrayRecord, Weights]:
+    """The ArrayRecord sent to devices and the weights they will decode from it.
+
+    Under pruning (a mask) only the unmasked coordinates travel, gathered into
+    one vector before the download codec; devices scatter it with the mask
+    their message carries.
+    """
+    sent = global_weights if pruner is None else pruner.reference(global_weights)
     if download is None or download.spec == "none":
-        return ArrayRecord(global_weights), global_weights
+        return ArrayRecord(sent), global_weights if pruner is None else pruner.expand(sent)
     # Clients start from the decoded broadcast, so deltas are taken against it
     # and the new global is built on it (the average of client models).
     from flowerpress.compression import decode
 
-    payload, _ = download.encode(global_weights, None, rng=rng)
+    payload, _ = download.encode(sent, None, rng=rng)
     received = [np.asarray(a, dtype=np.float32) for a in
-                decode(payload, max_elements=sum(int(g.size) for g in global_weights),
-                       max_tensors=len(global_weights))]
-    return payload_record(payload), received
+                decode(payload, max_elements=sum(int(g.size) for g in sent),
+                       max_tensors=len(sent))]
+    return payload_record(payload), received if pruner is None else pruner.expand(received)
 
 
 @dataclass
@@ -357,14 +364,18 @@ def _build_downloads(nodes: Sequence[int], server_round: int, global_weights: We
                      history: DownloadHistory | None, rng: np.random.Generator,
                      seed: int, anchors: Mapping[int, str] | None = None,
                      estimates: UploadEstimates | None = None,
-                     mask: bytes | None = None) -> _Downloads:
+                     pruner: Pruner | None = None) -> _Downloads:
     """One train message per node: the broadcast, or each node's history download.
 
-    ``mask`` (the pruning mask's wire form) travels in every train message's config.
+    With ``pruner``'s mask, the mask's wire form travels in every train
+    message's config, and the broadcast carries only the unmasked coordinates
+    (the history download sends model-shaped differences; devices mask them).
     """
     shared = instruction.to_record()
-    if mask is not None:
-        shared[protocol.PRUNE_MASK] = mask
+    if pruner is not None and pruner.packed is not None:
+        shared[protocol.PRUNE_MASK] = pruner.packed
+    else:
+        pruner = None
 
     def config_for(node: int) -> ConfigRecord:
         if estimates is None:
@@ -372,7 +383,7 @@ def _build_downloads(nodes: Sequence[int], server_round: int, global_weights: We
         return ConfigRecord({**shared, protocol.EF21_BASE: estimates.base(node)})
 
     if history is None:
-        broadcast, received = _broadcast(global_weights, download, rng)
+        broadcast, received = _broadcast(global_weights, download, rng, pruner)
         return _Downloads([Message(RecordDict({protocol.ARRAYS: broadcast,
                                                protocol.CONFIG: config_for(n)}),
                                    dst_node_id=n, message_type=MessageType.TRAIN)
@@ -490,8 +501,7 @@ def _collect_updates(grid: Grid, book: RoundBook, global_weights: Weights,
                                 settings.compression_warmup),
         cohort_size=len(nodes), extra={**settings.client_config, **extra_config})
     plan = _build_downloads(nodes, server_round, global_weights, instruction, download,
-                            history, rng, settings.seed, anchors, estimates,
-                            None if pruner is None else pruner.packed)
+                            history, rng, settings.seed, anchors, estimates, pruner)
     user_call(f"strategy {name}", strategy.begin_round, server_round, plan.base,
               error=StrategyFailedError)
 

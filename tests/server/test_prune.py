@@ -24,9 +24,11 @@ from flowerpress.compression.mask import (
     unpack_mask,
 )
 from flowerpress.config import ConfigError, validate
+from flowerpress.server.app import serve
 from flowerpress.server.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from flowerpress.server.loop import LoopSettings, run_federation
 from flowerpress.server.prune import Pruner
+from flowerpress.simulations.app import app as sim_client_app
 from flowerpress.strategies import build_strategy
 from flowerpress.tasks import data
 from flowerpress.tasks.models import build_model, get_weights, set_weights
@@ -192,6 +194,30 @@ def test_pruned_run_keeps_zeros_and_uploads_only_unmasked_coordinates() -> None:
     ratio = rows[-1]["upload_payload_bytes"] / dense[-1]["upload_payload_bytes"]
     assert ratio < 1 - rows[-1]["sparsity"] + 0.05
     assert dense_weights[0].shape == weights[0].shape
+    # the broadcast too (plus the mask, about a bit per weight before zstd)
+    down = rows[-1]["download_payload_bytes"] / dense[-1]["download_payload_bytes"]
+    assert down < 1 - rows[-1]["sparsity"] + 0.05
+
+
+@pytest.mark.parametrize("extra", [
+    {"dp": "local:clip=1.0,noise=0.5"},
+    {"download-history": 1.0, "download-compression": "q:8"},
+    {"strategy": "fedavgm:lr=1.0,momentum=0.9"},
+])
+def test_pruning_composes_with_dp_history_download_and_strategies(extra: dict[str, Any]
+                                                                 ) -> None:
+    # Prepare
+    config = validate({**RUN, "clients-per-round": 3, "rounds": 2, "round-timeout": 5.0,
+                       "prune": PRUNE, **extra})
+    grid = InProcessGrid(sim_client_app, 4, run_config=config)
+    # Execute
+    with server_identity():
+        result = serve(grid, config)
+    # Assert: every reply accepted, the model pruned as scheduled
+    rows = result["rounds"]
+    assert all(r["rejected"] == 0 and r["clients"] == 3 for r in rows)
+    assert result["summary"]["sparsity"] == rows[-1]["sparsity"] > 0.45
+    assert ("dp" not in extra) or rows[-1]["epsilon"] > 0
 
 
 @pytest.mark.parametrize("compression", ["q:8+zstd", "topk:0.2+ef"])
