@@ -264,3 +264,22 @@ def test_resume_keeps_the_mask_and_continues_the_schedule(tmp_path: Path) -> Non
     assert all((w[~m] == 0).all() for w, m in zip(weights, pruner.mask, strict=True))
     assert rows[1]["sparsity"] < rows[3]["sparsity"]
     assert rows[3]["sparsity"] == pytest.approx(0.8, abs=0.02)
+
+
+def test_a_device_refuses_a_mask_that_does_not_fit_its_model() -> None:
+    # Prepare: a train message whose mask has other shapes than the model it carries
+    from flwr.app import ConfigRecord, MessageType, RecordDict
+
+    from flowerpress import protocol
+
+    weights = [np.ones((4, 3), np.float32), np.ones(3, np.float32)]
+    other = pack_mask([np.ones((3, 4), np.bool_), np.ones(3, np.bool_)])
+    with server_identity():
+        msg = Message(RecordDict({"arrays": ArrayRecord(weights),
+                                  "config": ConfigRecord({protocol.PRUNE_MASK: other})}),
+                      dst_node_id=1, message_type=MessageType.TRAIN)
+    # Execute / Assert
+    with pytest.raises(ValueError, match="shapes"):
+        protocol.prune_mask_of(msg, weights)
+    with pytest.raises(ValueError):
+        protocol.prune_mask_of(msg, weights[:1])
