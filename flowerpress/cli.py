@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -273,6 +274,9 @@ def _simulate(args: argparse.Namespace) -> int:
             experiment=args.track_experiment or DEFAULT_EXPERIMENT,
             tags=parse_tags(args.track_tags)))
     ray_address = cluster_address(args.ray_address, os.environ)
+    # SIGTERM (a service manager, `timeout`, `kill`) stops the run as Ctrl-C does: the
+    # SuperLink and every process it started are stopped on the way out.
+    previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
         results = simulate(config, out, progress=not args.quiet,
                            resume=args.resume is not None, ray_address=ray_address,
@@ -280,6 +284,12 @@ def _simulate(args: argparse.Namespace) -> int:
     except SimulationError as exc:
         print(f"flowerpress: simulation failed: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"flowerpress: interrupted; `flowerpress simulate --resume {out}` continues "
+              "from the last checkpoint", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     s = results["summary"]
     up, fp32 = s["total_upload_bytes"], s["fp32_upload_bytes"]
     acc = "-" if s["final_accuracy"] is None else format(s["final_accuracy"], ".4f")
@@ -288,6 +298,10 @@ def _simulate(args: argparse.Namespace) -> int:
     if s.get("stopped"):
         print(s["stopped"])
     return 0
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
