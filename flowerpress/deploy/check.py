@@ -8,7 +8,8 @@ key flags) as ``flower-supernode`` and checks, without contacting the SuperLink:
   for a demo partition, in range);
 * the ``data-path`` file has the device data format (:mod:`flowerpress.deploy.data`),
   and its samples have the shape the run's ``--dataset`` model takes;
-* ``cache-dir`` (if set) is a writable directory;
+* ``cache-dir`` (if set) is a writable directory, ``log-file`` (if set) a file
+  this user can append to;
 * ``--root-certificates`` is a PEM CA certificate that is valid now;
 * ``--auth-supernode-private-key`` is an OpenSSH EC private key (what Flower's
   SuperNode authentication needs) that other users cannot read.
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from flowerpress.deploy.cache import CACHE_DIR_KEY
 from flowerpress.deploy.data import DATA_PATH_KEY, check_device_file
+from flowerpress.deploy.devicelog import LOG_FILE_KEY, device_log_path
 
 __all__ = ["DeviceReport", "check_device", "main", "parse_node_config"]
 
@@ -135,6 +137,36 @@ def _check_cache_dir(config: Mapping[str, object], report: DeviceReport) -> None
         report.facts.append(f"device cache: {path}")
 
 
+def _check_log_file(config: Mapping[str, object], report: DeviceReport) -> None:
+    try:
+        path = device_log_path(config)
+    except ValueError as exc:
+        report.problems.append(str(exc))
+        return
+    if path is None:
+        report.facts.append(f"device log: the SuperNode's output only (set {LOG_FILE_KEY} "
+                            "for a file)")
+        return
+    if path.exists():
+        if not path.is_file():
+            report.problems.append(f"{LOG_FILE_KEY} {path}: not a regular file")
+        elif not os.access(path, os.W_OK):
+            report.problems.append(f"{LOG_FILE_KEY} {path}: not writable by this user")
+        else:
+            report.facts.append(f"device log: {path}")
+        return
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        report.problems.append(f"{LOG_FILE_KEY} {path}: {existing} is not a directory")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        report.problems.append(f"{LOG_FILE_KEY} {path}: {existing} is not writable by this "
+                               "user")
+    else:
+        report.facts.append(f"device log: {path}")
+
+
 def _check_ca(path: Path, report: DeviceReport) -> None:
     from cryptography import x509
 
@@ -196,7 +228,7 @@ def _check_key(path: Path, report: DeviceReport) -> None:
 def check_device(node_config: Mapping[str, object], *, dataset: str | None = None,
                  root_certificates: Path | None = None,
                  private_key: Path | None = None) -> DeviceReport:
-    """Check a device's node config, data, cache directory, certificate and key.
+    """Check a device's node config, data, cache directory, log file, certificate and key.
 
     Parameters
     ----------
@@ -212,6 +244,7 @@ def check_device(node_config: Mapping[str, object], *, dataset: str | None = Non
     chosen = node_config.get("dataset", dataset)
     _check_data(node_config, str(chosen) if chosen else None, report)
     _check_cache_dir(node_config, report)
+    _check_log_file(node_config, report)
     if root_certificates is not None:
         _check_ca(root_certificates.expanduser(), report)
     if private_key is not None:

@@ -158,14 +158,16 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
                         sleep: Callable[[float], None] = time.sleep,
                         num_clients: int | None = None,
                         anchors: dict[int, str] | None = None,
-                        excluded: dict[int, str] | None = None) -> dict[int, int | None]:
+                        excluded: dict[int, str] | None = None,
+                        versions: dict[int, str] | None = None) -> dict[int, int | None]:
     """Connected node ids and the partition each reports (None: no answer).
 
     Waits (bounded) for ``wanted`` nodes, then asks every node for its
     ``partition-id`` with a query message, so that sampling by seed picks the
     same partitions in every run although node ids are random. ``anchors``,
     if given, receives the initial-model digest each node named (the history
-    download's anchor).
+    download's anchor); ``versions`` the flowerpress version each named (also
+    for nodes that are then excluded).
 
     Every answer is validated (:func:`check_hello`) inside the same guard as a
     round's replies: a node whose answer is impossible (a partition count
@@ -199,6 +201,9 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
         raw = None if info is None else info.get(protocol.NUM_PARTITIONS)
         if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0:
             sizes[node] = raw
+        version = protocol.version_of_reply(reply)[1]
+        if versions is not None and version is not None:
+            versions[node] = version
         pid, _, anchor = check_hello(reply, num_clients=num_clients, claimed=claimed)
         partition[node] = pid
         if pid is not None:
@@ -303,6 +308,8 @@ class RoundOutcome:
     culprits: dict[int, str] = field(default_factory=dict)
     #: the one reason every reply was rejected for, in a round with no valid update
     only_reason: str | None = None
+    #: node -> what became of its message (RoundBook.outcomes)
+    node_outcomes: dict[int, str] = field(default_factory=dict)
 
 
 def _broadcast(global_weights: Weights, download: DownloadCodec | None,
@@ -524,7 +531,8 @@ def _close_round(book: RoundBook, strategy: AggregationStrategy, base: Weights,
         diff_downloads=0 if plan is None else plan.diffs,
         link_seconds=None if settings.link is None else
         settings.link.round_seconds(book.link_times),
-        released=released, culprits=dict(book.culprits), only_reason=book.only_reason())
+        released=released, culprits=dict(book.culprits), only_reason=book.only_reason(),
+        node_outcomes=book.outcomes())
 
 
 def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weights: Weights,
@@ -635,10 +643,11 @@ def run_federation(
         return weights, rows, None
     anchors: dict[int, str] = {}
     excluded: dict[int, str] = {}
+    versions: dict[int, str] = {}
     membership.add_discovered(discover_partitions(
         grid, wanted=settings.clients_per_round, timeout=settings.node_wait_timeout,
         clock=clock, sleep=sleep, num_clients=settings.num_clients, anchors=anchors,
-        excluded=excluded), anchors=anchors)
+        excluded=excluded, versions=versions), anchors=anchors, versions=versions)
     for node, reason in excluded.items():
         membership.exclude(node, reason)
     failures: list[str] = []  # the current streak of all-rejected rounds (one reason)
@@ -702,7 +711,8 @@ def run_federation(
                             extra_config=extra, download=download, history=history,
                             anchors=membership.anchors(), estimates=estimates,
                             bound=bound, rng=rng, clock=clock, sleep=sleep)
-        membership.record_round(sampled, outcome.replied)
+        membership.record_round(sampled, outcome.replied, server_round=server_round,
+                                outcomes=outcome.node_outcomes)
         for node, reason in outcome.culprits.items():
             membership.exclude(node, f"round {server_round}: {reason}")
         weights = outcome.new_global

@@ -209,6 +209,22 @@ class RoundBook:
         """Silent in an exchange, and neither accepted, rejected nor reported unavailable."""
         return len(self.silent - set(self.accepted) - set(self.rejected) - self.unavailable)
 
+    def outcomes(self) -> dict[int, str]:
+        """What became of each asked node's message: ``accepted``, ``rejected: <reason>``,
+        ``unavailable`` (Flower's answer) or ``timed out``."""
+        accepted = set(self.accepted)
+        out: dict[int, str] = {}
+        for node in self.asked:
+            if node in accepted:
+                out[node] = "accepted"
+            elif node in self.rejected:
+                out[node] = f"rejected: {' '.join(self.rejected[node].split())}"
+            elif node in self.unavailable:
+                out[node] = "unavailable"
+            else:
+                out[node] = "timed out"
+        return out
+
     def only_reason(self) -> str | None:
         """The one rejection reason of a round with no valid update, if all share it."""
         if self.accepted or not self.rejected:

@@ -12,7 +12,9 @@ The layout is the contract of ARCHITECTURE.md::
                  "total_download_payload_bytes", "total_link_seconds",
                  "fp32_upload_bytes", "task": {"name", "run_config_keys",
                  "hyperparameters"}},
-     "privacy": {...} | null}
+     "privacy": {...} | null,
+     "nodes": [{"node_id", "partition", "version", "listed", "excluded",
+                "last_round", "outcome", "answered", "missed"}, ...]}
 
 ``config`` records what ran: a task-only key (``flowerpress.config.TASK_KEYS``:
 ``lr``, ``batch-size``, ...) that the task does not take is left out, and
@@ -24,15 +26,25 @@ serializes them (``flowerpress.protocol.message_bytes``: metadata, every
 record, protobuf framing), both directions, every message of the round;
 ``*_payload_bytes`` are the array data alone. ``link_seconds`` is the round's
 estimated time under the run's ``link`` profile (``flowerpress.config.LinkProfile``).
+
+``nodes`` (a run on a grid, once a round has ended) is what the server knows
+about every node: the flowerpress version its start-up answer named, whether
+it is excluded and why, the last round it was asked in and what became of
+that message (``accepted``, ``rejected: <reason>``, ``timed out``,
+``unavailable``), the last round it answered. ``flowerpress devices`` joins
+it with the SuperLink's node list. Beside results.json the ServerApp writes
+``server.log`` (:func:`run_log`) and, when a run fails, ``error.log``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import tempfile
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +67,7 @@ def build_results(
     failed: str | None = None,
     resumed_at: Sequence[int] = (),
     task: Mapping[str, Any] | None = None,
+    nodes: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Assemble the results document from the round rows.
 
@@ -63,7 +76,10 @@ def build_results(
     ``resumed_at`` lists the rounds after which the run was resumed from its
     checkpoint (``summary.resumed_after_rounds``). ``task`` is the run's
     :func:`task_record`: with it, ``config`` keeps only the task-only keys the
-    task took.
+    task took. ``nodes`` is the membership's per-node record
+    (:meth:`~flowerpress.server.membership.Membership.report`: node id,
+    partition, flowerpress version, excluded and why, the last round asked,
+    its outcome, the last round answered), results.json's ``nodes``.
     """
     fp32 = sum(int(r["clients"]) + int(r["rejected"]) for r in rows) * model_elements * 4
     summary: dict[str, Any] = {
@@ -98,6 +114,8 @@ def build_results(
         summary["task"] = dict(task)
     document = {"config": recorded, "rounds": [dict(r) for r in rows], "summary": summary,
                 "privacy": dict(privacy) if privacy is not None else None}
+    if nodes is not None:
+        document["nodes"] = [dict(n) for n in nodes]
     cleaned: dict[str, Any] = finite_json(document)
     return cleaned
 
@@ -136,6 +154,50 @@ def write_error_log(path: Path, exc: BaseException) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+
+
+#: The run's log beside results.json: flowerpress's and Flower's lines, INFO and up.
+SERVER_LOG = "server.log"
+#: Loggers whose lines the run log keeps (the ServerApp's and Flower's own).
+_RUN_LOGGERS = ("flowerpress", "flwr")
+
+
+@contextlib.contextmanager
+def run_log(out_dir: Path | None, *, append: bool) -> Iterator[None]:
+    """Copy the run's log lines to ``out_dir/server.log`` while the block runs.
+
+    A new run starts the file, a resumed run (``append``) adds to it, so one
+    out-dir holds one run's whole log. An exception leaving the block is
+    written as the run's one failure line (the traceback is ``error.log``'s);
+    the loggers' handlers and levels are restored afterwards. ``out_dir=None``
+    writes nothing.
+    """
+    if out_dir is None:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out_dir / SERVER_LOG, mode="a" if append else "w",
+                                  encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in _RUN_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:  # INFO lines too: one per round
+            logger.setLevel(logging.INFO)
+    try:
+        yield
+    except Exception as exc:
+        handler.handle(logging.makeLogRecord({
+            "name": "flowerpress.server.app", "levelno": logging.ERROR, "levelname": "ERROR",
+            "msg": "flowerpress: run failed: %s", "args": (failure_line(exc),)}))
+        raise
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        handler.close()
 
 
 def save_model_atomic(path: Path, weights: Sequence[Any]) -> None:

@@ -92,6 +92,10 @@ def test_a_strategy_whose_add_raises_fails_the_run_naming_the_class(tmp_path: Pa
     assert doc["summary"]["failed"] == line
     assert "KeyError" in (tmp_path / "error.log").read_text()
     assert (tmp_path / "model.npz").exists()
+    # the run's log beside them: the run's lines, then the one failure line
+    log = (tmp_path / "server.log").read_text().splitlines()
+    assert any("initial accuracy" in line for line in log)
+    assert "flowerpress: run failed: StrategyFailedError" in log[-1] and log[-1].endswith(line)
 
 
 def _nan_reply(reply: Message) -> Message:
@@ -205,6 +209,16 @@ def test_a_device_speaking_another_message_format_is_excluded_naming_both_versio
     lines = [r.getMessage() for r in caplog.records if "excluded from the run" in r.getMessage()]
     assert len(lines) == 1 and "node 2" in lines[0] and "flowerpress 0.1.0" in lines[0]
     assert (doc["rounds"][0]["clients"], doc["rounds"][0]["excluded"]) == (5, 1)
+    # results.json's nodes: every node's version; node 2 excluded and why, never asked
+    nodes = {n["node_id"]: n for n in doc["nodes"]}
+    assert sorted(nodes) == [1, 2, 3, 4, 5, 6]
+    assert nodes[2]["version"] == "0.1.0" and "message format 1" in nodes[2]["excluded"]
+    assert (nodes[2]["last_round"], nodes[2]["outcome"]) == (0, None)
+    from flowerpress import __version__
+
+    assert all(n["version"] == __version__ and n["excluded"] is None
+               and (n["last_round"], n["outcome"], n["answered"]) == (1, "accepted", 1)
+               for i, n in nodes.items() if i != 2)
 
 
 def test_the_device_says_in_one_line_when_the_server_speaks_another_format(
