@@ -243,8 +243,12 @@ def eval_reply(msg: Message, *, num_examples: int, loss: float, accuracy: float 
 
 
 def hello_query() -> RecordDict:
-    """The server's start-up query: which partition a device holds, and which format."""
-    return RecordDict({CONFIG: ConfigRecord({HELLO: True, FORMAT_KEY: MESSAGE_FORMAT})})
+    """The server's start-up query: which partition a device holds; the server's format
+    and flowerpress version (so a device of another format can say which it met)."""
+    from flowerpress import __version__
+
+    return RecordDict({CONFIG: ConfigRecord({HELLO: True, FORMAT_KEY: MESSAGE_FORMAT,
+                                             VERSION_KEY: __version__})})
 
 
 def query_reply(msg: Message, *, partition_id: int, num_partitions: int) -> Message:
@@ -258,7 +262,7 @@ def query_reply(msg: Message, *, partition_id: int, num_partitions: int) -> Mess
 
 #: Longest flowerpress version string a device's hello reply may name.
 MAX_VERSION_TEXT = 40
-_VERSION_TEXT = re.compile(r"[0-9A-Za-z.+!_-]{1,%d}" % MAX_VERSION_TEXT)
+_VERSION_TEXT = re.compile(rf"[0-9A-Za-z.+!_-]{{1,{MAX_VERSION_TEXT}}}")
 
 
 def parse_flowerpress_version(value: object) -> str | None:
@@ -282,8 +286,10 @@ def version_of_reply(reply: Message) -> tuple[int | None, str | None]:
     if info is None:
         return None, None
     fmt = info.get(FORMAT_KEY)
-    ok = isinstance(fmt, int) and not isinstance(fmt, bool) and 0 <= fmt < (1 << 31)
-    return (fmt if ok else None), parse_flowerpress_version(info.get(VERSION_KEY))
+    version = parse_flowerpress_version(info.get(VERSION_KEY))
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and 0 <= fmt < (1 << 31):
+        return fmt, version
+    return None, version
 
 
 def format_mismatch(theirs: object, their_version: object, *, side: str) -> str | None:

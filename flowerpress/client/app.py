@@ -170,7 +170,8 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
         """Tell the server which partition this node holds (for reproducible sampling)."""
         config = msg.content.config_records.get(protocol.CONFIG) if msg.has_content() else None
         if config is not None and protocol.FORMAT_KEY in config:
-            mismatch = protocol.format_mismatch(config.get(protocol.FORMAT_KEY), None,
+            mismatch = protocol.format_mismatch(config.get(protocol.FORMAT_KEY),
+                                                config.get(protocol.VERSION_KEY),
                                                 side="the server")
             if mismatch is not None:  # the server excludes this node; say why here too
                 log.error("flowerpress: %s", mismatch)

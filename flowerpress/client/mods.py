@@ -143,7 +143,7 @@ def device_log_mod(msg: Message, context: Context, call_next: ClientAppCallable)
         raise
     outcome = "ok"
     if reply.has_error():
-        outcome = f"error reply: {' '.join(reply.error.reason.split())[:300]}"
+        outcome = f"error reply: {' '.join((reply.error.reason or '').split())[:300]}"
     log.info("node %s, run %s, %s: replied in %.2f s, %s", context.node_id, context.run_id,
              what, time.monotonic() - started, outcome)
     return reply

@@ -38,6 +38,7 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _INSTALLED: dict[Path, logging.Handler] = {}
 _FAILED: set[Path] = set()
 _LEVELS: dict[str, int] = {}  # the loggers' levels before the first install
+_RESORTED: set[str] = set()  # loggers given logging.lastResort (they had no handler)
 
 
 def device_log_path(node_config: Mapping[str, object]) -> Path | None:
@@ -78,9 +79,15 @@ def install_device_log(path: Path) -> bool:
         return False
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.addFilter(lambda record: bool(record.getMessage().strip()))  # Flower's blank lines
     for name in _LOGGERS:
         logger = logging.getLogger(name)
         _LEVELS.setdefault(name, logger.level)
+        if not logger.hasHandlers() and logging.lastResort is not None:
+            # Warnings reached the SuperNode's output through logging's last resort
+            # (stderr): they still do, the file has them too.
+            logger.addHandler(logging.lastResort)
+            _RESORTED.add(name)
         logger.addHandler(handler)
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
@@ -96,6 +103,10 @@ def remove_device_logs() -> None:
         handler.close()
     for name, level in _LEVELS.items():
         logging.getLogger(name).setLevel(level)
+    for name in _RESORTED:
+        if logging.lastResort is not None:
+            logging.getLogger(name).removeHandler(logging.lastResort)
+    _RESORTED.clear()
     _INSTALLED.clear()
     _FAILED.clear()
     _LEVELS.clear()

@@ -145,6 +145,7 @@ def key_names(certs: Path) -> dict[bytes, str]:
     DevicesError
         ``certs`` is not a directory.
     """
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -155,7 +156,7 @@ def key_names(certs: Path) -> dict[bytes, str]:
     for path in sorted(certs.glob("*.pub")):
         try:
             key = serialization.load_ssh_public_key(path.read_bytes())
-        except (OSError, ValueError, TypeError, serialization.UnsupportedAlgorithm):
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
             continue
         if not isinstance(key, ec.EllipticCurvePublicKey):
             continue

@@ -190,7 +190,8 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
         raise RuntimeError(f"no node connected within {timeout:.0f} s; expected {wanted}")
     if len(nodes) < wanted:
         log.warning("only %s of %s wanted nodes connected; going on with them", len(nodes), wanted)
-    book = RoundBook(0, list(nodes))
+    # A rejected answer excludes its node: the caller logs that, one line per node.
+    book = RoundBook(0, list(nodes), log_rejections=excluded is None)
     partition: dict[int, int | None] = dict.fromkeys(nodes)
     claimed: dict[int, int] = {}
     sizes: dict[int, int] = {}  # node -> the partition count it reported

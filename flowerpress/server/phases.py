@@ -160,12 +160,16 @@ class RoundBook:
     link_times: list[float] = field(default_factory=list)
     #: nodes caught breaking a protocol on purpose (excluded from later rounds)
     culprits: dict[int, str] = field(default_factory=dict)
+    #: log each rejection (off where the caller logs its own line per node, as the
+    #: start-up query does: a rejected answer there excludes the node, one line)
+    log_rejections: bool = True
 
     def reject(self, node: int, stage: str, reason: str) -> None:
         """Count ``node`` as rejected (its first reason is kept); one log line."""
         self.rejected.setdefault(node, reason)
-        log.warning("round %s: rejected node %s (%s): %.300s", self.server_round, node, stage,
-                    reason)
+        if self.log_rejections:
+            log.warning("round %s: rejected node %s (%s): %.300s", self.server_round, node,
+                        stage, reason)
 
     def count_upload(self, node: int, reply: Message, *,
                      limits: protocol.WireLimits = protocol.WIRE_LIMITS) -> int:

@@ -162,6 +162,11 @@ SERVER_LOG = "server.log"
 _RUN_LOGGERS = ("flowerpress", "flwr")
 
 
+def has_text(record: logging.LogRecord) -> bool:
+    """A log filter: leave out records whose message is blank (Flower logs empty lines)."""
+    return bool(record.getMessage().strip())
+
+
 @contextlib.contextmanager
 def run_log(out_dir: Path | None, *, append: bool) -> Iterator[None]:
     """Copy the run's log lines to ``out_dir/server.log`` while the block runs.
@@ -180,12 +185,20 @@ def run_log(out_dir: Path | None, *, append: bool) -> Iterator[None]:
                                   encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(has_text)
     loggers = [logging.getLogger(name) for name in _RUN_LOGGERS]
     levels = [logger.level for logger in loggers]
+    added: list[tuple[logging.Logger, logging.Handler]] = []
     for logger in loggers:
-        logger.addHandler(handler)
+        if not logger.hasHandlers() and logging.lastResort is not None:
+            # Where no handler was configured, warnings went to stderr through
+            # logging's last resort (Flower's `flwr log` captures stderr): keep that.
+            added.append((logger, logging.lastResort))
+        added.append((logger, handler))
         if logger.getEffectiveLevel() > logging.INFO:  # INFO lines too: one per round
             logger.setLevel(logging.INFO)
+    for logger, each in added:
+        logger.addHandler(each)
     try:
         yield
     except Exception as exc:
@@ -194,8 +207,9 @@ def run_log(out_dir: Path | None, *, append: bool) -> Iterator[None]:
             "msg": "flowerpress: run failed: %s", "args": (failure_line(exc),)}))
         raise
     finally:
+        for logger, each in added:
+            logger.removeHandler(each)
         for logger, level in zip(loggers, levels, strict=True):
-            logger.removeHandler(handler)
             logger.setLevel(level)
         handler.close()
 

@@ -118,6 +118,23 @@ def test_cache_dir_that_is_a_file_is_a_problem(device: dict[str, Path]) -> None:
     assert len(report.problems) == 1 and "is not a directory" in report.problems[0]
 
 
+@pytest.mark.parametrize(("where", "problem"), [
+    ("data.npz/device.log", "is not a directory"),  # below a file
+    (".", "not a regular file"),  # a directory
+    ("new/dir/device.log", None),  # created on first use
+])
+def test_log_file_must_be_appendable(device: dict[str, Path], where: str,
+                                     problem: str | None) -> None:
+    # Execute
+    report = check_device({"partition-id": 0, "num-partitions": 1,
+                           "log-file": str(device["dir"] / where)})
+    # Assert
+    if problem is None:
+        assert report.ok and any(f.startswith("device log: ") for f in report.facts)
+    else:
+        assert len(report.problems) == 1 and problem in report.problems[0]
+
+
 def test_the_superlink_certificate_is_not_a_root_certificate(
         device: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     # Prepare: the server's certificate copied instead of ca.crt (an easy mix-up)

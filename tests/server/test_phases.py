@@ -206,8 +206,9 @@ def test_a_device_speaking_another_message_format_is_excluded_naming_both_versio
                                query_tamper={2: _old_version})
         doc = serve(grid, config)
     # Assert: one line on the server naming both versions; the run goes on without node 2
-    lines = [r.getMessage() for r in caplog.records if "excluded from the run" in r.getMessage()]
-    assert len(lines) == 1 and "node 2" in lines[0] and "flowerpress 0.1.0" in lines[0]
+    lines = [r.getMessage() for r in caplog.records if "node 2 " in r.getMessage()]
+    assert len(lines) == 1 and "excluded from the run" in lines[0]
+    assert "flowerpress 0.1.0" in lines[0]
     assert (doc["rounds"][0]["clients"], doc["rounds"][0]["excluded"]) == (5, 1)
     # results.json's nodes: every node's version; node 2 excluded and why, never asked
     nodes = {n["node_id"]: n for n in doc["nodes"]}
@@ -227,7 +228,8 @@ def test_the_device_says_in_one_line_when_the_server_speaks_another_format(
     from flowerpress.client.app import client_app as device_app
 
     content = RecordDict({protocol.CONFIG: ConfigRecord({
-        protocol.HELLO: True, protocol.FORMAT_KEY: protocol.MESSAGE_FORMAT + 1})})
+        protocol.HELLO: True, protocol.FORMAT_KEY: protocol.MESSAGE_FORMAT + 1,
+        protocol.VERSION_KEY: "9.0.0"})})
     # Execute
     with server_identity(), caplog.at_level("ERROR"):
         query = Message(content, dst_node_id=1, message_type="query")
@@ -239,7 +241,9 @@ def test_the_device_says_in_one_line_when_the_server_speaks_another_format(
     assert len(replies) == 1 and not replies[0].has_error()
     info = replies[0].content.config_records[protocol.INFO]
     assert info[protocol.FORMAT_KEY] == protocol.MESSAGE_FORMAT
-    assert any("the server speaks message format" in r.getMessage() for r in caplog.records)
+    (line,) = [r.getMessage() for r in caplog.records
+               if "the server speaks message format" in r.getMessage()]
+    assert f"message format {protocol.MESSAGE_FORMAT + 1} (flowerpress 9.0.0)" in line
 
 
 # --- nothing reads a reply before the guard ---------------------------------------------
