@@ -144,8 +144,13 @@ def device_log_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     outcome = "ok"
     if reply.has_error():
         outcome = f"error reply: {' '.join((reply.error.reason or '').split())[:300]}"
-    log.info("node %s, run %s, %s: replied in %.2f s, %s", context.node_id, context.run_id,
-             what, time.monotonic() - started, outcome)
+    # The message's age (its creation on the server, by this device's clock): the time
+    # the server waited for this reply, ClientApp start-up included: what round-timeout
+    # must cover.
+    age = time.time() - float(msg.metadata.created_at or 0.0)
+    waited = f" ({age:.1f} s after the server sent it)" if 0.0 < age < 1e6 else ""
+    log.info("node %s, run %s, %s: replied in %.2f s%s, %s", context.node_id, context.run_id,
+             what, time.monotonic() - started, waited, outcome)
     return reply
 
 

@@ -12,7 +12,10 @@ key flags) as ``flower-supernode`` and checks, without contacting the SuperLink:
   this user can append to;
 * ``--root-certificates`` is a PEM CA certificate that is valid now;
 * ``--auth-supernode-private-key`` is an OpenSSH EC private key (what Flower's
-  SuperNode authentication needs) that other users cannot read.
+  SuperNode authentication needs) that other users cannot read;
+* with ``--startup``, a fresh Python process imports what a ClientApp imports
+  (Flower, torch, flowerpress) well within the time Flower gives a ClientApp
+  process to start (:data:`TASK_START_S`).
 
 Every problem is one line; the exit code is 0 when there is none, 1 otherwise
 and 2 for bad arguments.
@@ -24,7 +27,9 @@ import argparse
 import datetime
 import os
 import stat
+import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +38,19 @@ from flowerpress.deploy.cache import CACHE_DIR_KEY
 from flowerpress.deploy.data import DATA_PATH_KEY, check_device_file
 from flowerpress.deploy.devicelog import LOG_FILE_KEY, device_log_path
 
-__all__ = ["DeviceReport", "check_device", "main", "parse_node_config"]
+__all__ = ["DeviceReport", "check_device", "check_startup", "main", "parse_node_config"]
+
+#: Seconds Flower 1.41 gives a ClientApp process, from the SuperNode's claim of a
+#: message's task to the process asking for its input
+#: (``flwr.common.constant.HEARTBEAT_DEFAULT_INTERVAL``); a slower process loses its
+#: task token and every call it makes is refused (HTTP 401 "Runtime task-token
+#: authentication failed"), so the device never answers.
+TASK_START_S = 30.0
+#: A ClientApp whose imports take longer than this is reported: it leaves too little
+#: of TASK_START_S for Python itself, the SuperExec and a loaded device.
+STARTUP_LIMIT_S = 20.0
+#: What a flowerpress ClientApp process imports before it asks for its input.
+_CLIENTAPP_IMPORTS = "import flwr.clientapp, torch, flowerpress.client.app"
 
 
 @dataclass
@@ -225,6 +242,38 @@ def _check_key(path: Path, report: DeviceReport) -> None:
     report.facts.append(f"SuperNode private key {path}: EC {key.curve.name}")
 
 
+def check_startup(report: DeviceReport, *, limit: float = STARTUP_LIMIT_S,
+                  timeout: float = 120.0) -> float | None:
+    """Time a fresh Python importing what a ClientApp imports; a problem above ``limit``.
+
+    Returns the seconds taken, or None when the imports failed or timed out (a
+    problem either way).
+    """
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-c", _CLIENTAPP_IMPORTS], capture_output=True,
+                              text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        report.problems.append(f"ClientApp start-up: importing Flower, torch and flowerpress "
+                               f"took over {timeout:.0f} s")
+        return None
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        report.problems.append(f"ClientApp start-up: the imports fail: {last[:300]}")
+        return None
+    if seconds > limit:
+        report.problems.append(
+            f"ClientApp start-up: a fresh process took {seconds:.1f} s to import Flower, torch "
+            f"and flowerpress; Flower gives a ClientApp {TASK_START_S:.0f} s to start, then "
+            "refuses it (401 Runtime task-token authentication failed): stop other load, "
+            "use faster storage, or a faster device")
+    else:
+        report.facts.append(f"ClientApp start-up: imports in {seconds:.1f} s (Flower allows "
+                            f"{TASK_START_S:.0f} s)")
+    return seconds
+
+
 def check_device(node_config: Mapping[str, object], *, dataset: str | None = None,
                  root_certificates: Path | None = None,
                  private_key: Path | None = None) -> DeviceReport:
@@ -270,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth-supernode-private-key", type=Path, default=None,
                         metavar="KEY", help="the flower-supernode "
                                             "--auth-supernode-private-key file")
+    parser.add_argument("--startup", action="store_true",
+                        help="also time a fresh process importing what a ClientApp imports "
+                             f"(Flower allows {TASK_START_S:.0f} s for a ClientApp to start)")
     parser.add_argument("--quiet", action="store_true", help="print problems only")
     return parser
 
@@ -294,6 +346,8 @@ def main(argv: list[str]) -> int:
     report = check_device(config, dataset=args.dataset,
                           root_certificates=args.root_certificates,
                           private_key=args.auth_supernode_private_key)
+    if args.startup:
+        check_startup(report)
     if not args.quiet:
         for fact in report.facts:
             print(f"ok: {fact}")

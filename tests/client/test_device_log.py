@@ -52,7 +52,7 @@ def test_every_message_is_one_line_with_its_round_time_and_outcome(tmp_path: Pat
     lines = path.read_text().splitlines()
     assert len(lines) == 2
     assert "node 42, run 7, train message (round 3): replied in" in lines[0]
-    assert lines[0].endswith(", ok")
+    assert "s after the server sent it), ok" in lines[0] and lines[0].endswith(", ok")
     assert lines[1].endswith("error reply: TaskError: device data bad file")
 
 

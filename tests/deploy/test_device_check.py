@@ -146,3 +146,25 @@ def test_the_superlink_certificate_is_not_a_root_certificate(
     # Assert
     assert code == 1
     assert any("not a CA certificate" in line and "ca.crt" in line for line in err), err
+
+
+@pytest.mark.parametrize(("imports", "limit", "problem"), [
+    ("import sys", 60.0, None),
+    ("import sys", 0.0, "Runtime task-token authentication failed"),  # over any limit
+    ("import no_such_module_anywhere", 60.0, "the imports fail: ModuleNotFoundError"),
+])
+def test_clientapp_start_up_is_timed_against_flowers_limit(
+        imports: str, limit: float, problem: str | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a cheap stand-in for the ClientApp's imports (torch takes seconds)
+    from flowerpress.deploy import check
+
+    monkeypatch.setattr(check, "_CLIENTAPP_IMPORTS", imports)
+    report = check.DeviceReport()
+    # Execute
+    seconds = check.check_startup(report, limit=limit)
+    # Assert
+    if problem is None:
+        assert seconds is not None and report.ok and "Flower allows 30 s" in report.facts[0]
+    else:
+        assert len(report.problems) == 1 and problem in report.problems[0]
