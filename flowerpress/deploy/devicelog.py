@@ -9,8 +9,9 @@ a plug-in that fails to import)::
     flower-supernode ... --node-config "data-path='/home/pi/data.npz' \\
         log-file='/home/pi/flowerpress/device.log'"
 
-    2026-12-08 10:12:03,517 INFO flowerpress.client: node 4711, run 9, train
-        message (round 3): replied in 2.41 s, ok
+    2026-12-07 16:31:14,059 INFO flowerpress.client.mods: node 8914019175725472353,
+        run 1428703843083722911, train message (round 1): replied in 2.28 s (32.3 s
+        after the server sent it), ok
 
 Flower's own lines (connections, heartbeats, task tokens) stay in the
 SuperNode's output. ``flowerpress device check`` checks that the file can be
