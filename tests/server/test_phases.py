@@ -301,3 +301,17 @@ def test_a_device_caught_breaking_secure_aggregation_is_excluded_from_later_roun
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
     assert (rows[0]["clients"], rows[0]["rejected"], rows[0]["excluded"]) == (5, 1, 1)
     assert all((r["clients"], r["rejected"], r["excluded"]) == (5, 0, 1) for r in rows[1:])
+
+
+def test_each_asked_node_has_one_outcome() -> None:
+    # Prepare: node 1 accepted, 2 rejected, 3 reported unavailable by Flower, 4 silent
+    from flowerpress.server.phases import RoundBook
+
+    book = RoundBook(3, [1, 2, 3, 4])
+    book.accept(1)
+    book.reject(2, "train", "num-examples 0\n< 1")
+    book.unavailable.add(3)
+    book.silent |= {3, 4}
+    # Execute / Assert: the reason on one line
+    assert book.outcomes() == {1: "accepted", 2: "rejected: num-examples 0 < 1",
+                               3: "unavailable", 4: "timed out"}
