@@ -78,3 +78,24 @@ def test_without_log_file_nothing_is_written(tmp_path: Path) -> None:
                                lambda msg, ctx: Message(RecordDict(), reply_to=msg))
     # Assert
     assert not reply.has_error() and list(tmp_path.iterdir()) == []
+
+
+def test_problems_still_reach_the_supernodes_output(tmp_path: Path) -> None:
+    # Prepare: a fresh process without logging configuration, as a ClientApp process is
+    import subprocess
+    import sys
+
+    code = ("import logging; from pathlib import Path; "
+            "from flowerpress.deploy.devicelog import install_device_log; "
+            f"install_device_log(Path({str(tmp_path / 'device.log')!r})); "
+            "logging.getLogger('flowerpress.client.app').error('flowerpress: bad data'); "
+            "logging.getLogger('flowerpress.client.mods').info('one line per message')")
+    # Execute
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    # Assert: the error on stderr (what the SuperNode prints) and in the file; INFO only there
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "flowerpress: bad data"
+    text = (tmp_path / "device.log").read_text()
+    assert "ERROR flowerpress.client.app: flowerpress: bad data" in text
+    assert "one line per message" in text
