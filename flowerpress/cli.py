@@ -6,6 +6,9 @@ runs a simulated federation (refused where DIR holds another run, unless
 checkpointed in DIR; ``flowerpress certs ...`` writes TLS and
 SuperNode keys for a deployment (``flowerpress certs add-node`` adds device keys
 to it); ``flowerpress device check ...`` checks a device before it joins;
+``flowerpress devices [SUPERLINK] --certs DIR --run OUT_DIR`` lists the fleet (the
+SuperLink's nodes, the key file each registered with, and the run's versions and
+last rounds);
 ``flowerpress sweep GRID.toml --out DIR`` runs a grid of configurations at
 several seeds and ``flowerpress compare RUN_DIR... --out DIR`` tables existing
 runs (median and worst over seeds); ``flowerpress export RUN_DIR --format onnx
@@ -57,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                                  "(`certs add-node`: add device keys)", add_help=False)
     sub.add_parser("device", help="`device check`: check a device's node config, data, "
                                   "certificate and key before it joins", add_help=False)
+    sub.add_parser("devices", help="the devices the SuperLink knows: key file, online, "
+                                   "flowerpress version, last round and its outcome",
+                   add_help=False)
     _add_sweep_parsers(sub)
     _add_export_parser(sub)
     return parser
@@ -315,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flowerpress.deploy.check import main as device_main
 
         return device_main(argv[1:])
+    if argv[:1] == ["devices"]:
+        from flowerpress.deploy.devices import main as devices_main
+
+        return devices_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

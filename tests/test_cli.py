@@ -44,8 +44,10 @@ def test_simulation_end_to_end_on_flowers_engine(tmp_path: Path) -> None:
     assert "2/2" in proc.stdout  # live progress lines
     results = json.loads((out / "results.json").read_text())
     assert (out / "report.png").stat().st_size > 1000
-    assert set(results) == {"config", "rounds", "summary", "privacy"}
+    assert set(results) == {"config", "rounds", "summary", "privacy", "nodes"}
     assert len(results["rounds"]) == 2
+    assert [n["last_round"] for n in results["nodes"]] == [2, 2, 2, 2]
+    assert "round 2: accuracy" in (out / "server.log").read_text()
     for row in results["rounds"]:
         assert set(ROUND_FIELDS) <= set(row)
         assert row["clients"] == 4 and row["upload_bytes"] > 0
