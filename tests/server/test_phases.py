@@ -213,7 +213,8 @@ def test_a_device_speaking_another_message_format_is_excluded_naming_both_versio
     # results.json's nodes: every node's version; node 2 excluded and why, never asked
     nodes = {n["node_id"]: n for n in doc["nodes"]}
     assert sorted(nodes) == [1, 2, 3, 4, 5, 6]
-    assert nodes[2]["version"] == "0.1.0" and "message format 1" in nodes[2]["excluded"]
+    assert nodes[2]["version"] == "0.1.0"
+    assert f"message format {protocol.MESSAGE_FORMAT - 1}" in nodes[2]["excluded"]
     assert (nodes[2]["last_round"], nodes[2]["outcome"]) == (0, None)
     from flowerpress import __version__
 
