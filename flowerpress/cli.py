@@ -6,6 +6,9 @@ runs a simulated federation (refused where DIR holds another run, unless
 checkpointed in DIR; ``flowerpress certs ...`` writes TLS and
 SuperNode keys for a deployment (``flowerpress certs add-node`` adds device keys
 to it); ``flowerpress device check ...`` checks a device before it joins;
+``flowerpress devices [SUPERLINK] --certs DIR --run OUT_DIR`` lists the fleet (the
+SuperLink's nodes, the key file each registered with, and the run's versions and
+last rounds);
 ``flowerpress sweep GRID.toml --out DIR`` runs a grid of configurations at
 several seeds and ``flowerpress compare RUN_DIR... --out DIR`` tables existing
 runs (median and worst over seeds); ``flowerpress export RUN_DIR --format onnx
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                                  "(`certs add-node`: add device keys)", add_help=False)
     sub.add_parser("device", help="`device check`: check a device's node config, data, "
                                   "certificate and key before it joins", add_help=False)
+    sub.add_parser("devices", help="the devices the SuperLink knows: key file, online, "
+                                   "flowerpress version, last round and its outcome",
+                   add_help=False)
     _add_sweep_parsers(sub)
     _add_export_parser(sub)
     return parser
@@ -273,6 +280,9 @@ def _simulate(args: argparse.Namespace) -> int:
             experiment=args.track_experiment or DEFAULT_EXPERIMENT,
             tags=parse_tags(args.track_tags)))
     ray_address = cluster_address(args.ray_address, os.environ)
+    # SIGTERM (a service manager, `timeout`, `kill`) stops the run as Ctrl-C does: the
+    # SuperLink and every process it started are stopped on the way out.
+    previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
         results = simulate(config, out, progress=not args.quiet,
                            resume=args.resume is not None, ray_address=ray_address,
@@ -280,6 +290,12 @@ def _simulate(args: argparse.Namespace) -> int:
     except SimulationError as exc:
         print(f"flowerpress: simulation failed: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"flowerpress: interrupted; `flowerpress simulate --resume {out}` continues "
+              "from the last checkpoint", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     s = results["summary"]
     up, fp32 = s["total_upload_bytes"], s["fp32_upload_bytes"]
     acc = "-" if s["final_accuracy"] is None else format(s["final_accuracy"], ".4f")
@@ -288,6 +304,10 @@ def _simulate(args: argparse.Namespace) -> int:
     if s.get("stopped"):
         print(s["stopped"])
     return 0
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -301,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flowerpress.deploy.check import main as device_main
 
         return device_main(argv[1:])
+    if argv[:1] == ["devices"]:
+        from flowerpress.deploy.devices import main as devices_main
+
+        return devices_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

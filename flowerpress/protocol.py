@@ -299,8 +299,12 @@ def eval_reply(msg: Message, *, num_examples: int, loss: float, accuracy: float 
 
 
 def hello_query() -> RecordDict:
-    """The server's start-up query: which partition a device holds, and which format."""
-    return RecordDict({CONFIG: ConfigRecord({HELLO: True, FORMAT_KEY: MESSAGE_FORMAT})})
+    """The server's start-up query: which partition a device holds; the server's format
+    and flowerpress version (so a device of another format can say which it met)."""
+    from flowerpress import __version__
+
+    return RecordDict({CONFIG: ConfigRecord({HELLO: True, FORMAT_KEY: MESSAGE_FORMAT,
+                                             VERSION_KEY: __version__})})
 
 
 def query_reply(msg: Message, *, partition_id: int, num_partitions: int) -> Message:
@@ -310,6 +314,38 @@ def query_reply(msg: Message, *, partition_id: int, num_partitions: int) -> Mess
     info = ConfigRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions,
                          FORMAT_KEY: MESSAGE_FORMAT, VERSION_KEY: __version__})
     return Message(RecordDict({INFO: info}), reply_to=msg)
+
+
+#: Longest flowerpress version string a device's hello reply may name.
+MAX_VERSION_TEXT = 40
+_VERSION_TEXT = re.compile(rf"[0-9A-Za-z.+!_-]{{1,{MAX_VERSION_TEXT}}}")
+
+
+def parse_flowerpress_version(value: object) -> str | None:
+    """A sender's flowerpress version string, or None if it is not one (never raises).
+
+    Strict and bounded: 1 to :data:`MAX_VERSION_TEXT` characters of a PEP 440
+    version or local label (letters, digits, ``.+!_-``), so it can be printed
+    and stored as it is.
+    """
+    if isinstance(value, str) and _VERSION_TEXT.fullmatch(value):
+        return value
+    return None
+
+
+def version_of_reply(reply: Message) -> tuple[int | None, str | None]:
+    """``(message format, flowerpress version)`` a hello reply names; None where absent
+    or malformed (a format is an int in 0..2**31)."""
+    if reply.has_error() or not reply.has_content():
+        return None, None
+    info = _config_record(reply.content, INFO)
+    if info is None:
+        return None, None
+    fmt = info.get(FORMAT_KEY)
+    version = parse_flowerpress_version(info.get(VERSION_KEY))
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and 0 <= fmt < (1 << 31):
+        return fmt, version
+    return None, version
 
 
 def format_mismatch(theirs: object, their_version: object, *, side: str) -> str | None:
@@ -323,8 +359,7 @@ def format_mismatch(theirs: object, their_version: object, *, side: str) -> str 
     if isinstance(theirs, int) and not isinstance(theirs, bool) and theirs == MESSAGE_FORMAT:
         return None
     fmt = _short(theirs) if theirs is not None else "none (flowerpress 0.1 or older)"
-    version = (their_version[:40] if isinstance(their_version, str)
-               and their_version[:40].isprintable() else "unknown")
+    version = parse_flowerpress_version(their_version) or "unknown"
     return (f"{side} speaks message format {fmt} (flowerpress {version}); this side speaks "
             f"{MESSAGE_FORMAT} (flowerpress {__version__}): install the same flowerpress "
             "wheel on the server and every device")

@@ -44,8 +44,10 @@ def test_simulation_end_to_end_on_flowers_engine(tmp_path: Path) -> None:
     assert "2/2" in proc.stdout  # live progress lines
     results = json.loads((out / "results.json").read_text())
     assert (out / "report.png").stat().st_size > 1000
-    assert set(results) == {"config", "rounds", "summary", "privacy"}
+    assert set(results) == {"config", "rounds", "summary", "privacy", "nodes"}
     assert len(results["rounds"]) == 2
+    assert [n["last_round"] for n in results["nodes"]] == [2, 2, 2, 2]
+    assert "round 2: accuracy" in (out / "server.log").read_text()
     for row in results["rounds"]:
         assert set(ROUND_FIELDS) <= set(row)
         assert row["clients"] == 4 and row["upload_bytes"] > 0
@@ -91,3 +93,29 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
     # Assert: one line an operator compares between the server and its devices
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"flowerpress {flowerpress.__version__}"
+
+
+def test_sigterm_stops_simulate_like_ctrl_c_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a run that gets SIGTERM while it waits (a service manager stopping it)
+    import os
+    import signal
+    import time
+
+    from flowerpress.simulations import runner
+
+    def terminated(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # interrupted: the handler raises here
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    monkeypatch.setattr(runner, "simulate", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    # Execute
+    code = main(["simulate", "--out", str(tmp_path / "run"), "--set", "dataset=digits"])
+    # Assert: exit 130, one line that says how to resume, the handler restored
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130
+    assert len(err) == 1 and "--resume" in err[0]
+    assert signal.getsignal(signal.SIGTERM) == before

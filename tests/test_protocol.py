@@ -750,3 +750,32 @@ def test_secagg_id_lists_are_refused_beyond_the_cohort_before_they_are_unpacked(
         sm.parse_mask_reply(mask, 7, packed_bytes=8, max_peers=10)
     with pytest.raises(SecAggViolation, match="at most 10"):
         sm.parse_unmask_reply(unmask, 7, max_peers=10)
+
+
+@pytest.mark.parametrize(("value", "parsed"), [
+    ("0.2.0", "0.2.0"), ("1.0.0rc1+local.7", "1.0.0rc1+local.7"), ("9" * 40, "9" * 40),
+    ("9" * 41, None), ("0.2.0\n", None), ("0.2.0 ", None), ("", None), (2, None),
+    (b"0.2.0", None), (None, None),
+])
+def test_a_senders_version_string_is_kept_only_if_short_and_plain(value: object,
+                                                                   parsed: str | None) -> None:
+    assert protocol.parse_flowerpress_version(value) == parsed
+
+
+def test_version_of_reply_reads_the_hello_answer_strictly() -> None:
+    # Prepare
+    from flwr.app import MessageType
+
+    from flowerpress import __version__
+
+    with server_identity():
+        query = Message(protocol.hello_query(), dst_node_id=3,
+                        message_type=MessageType.QUERY)
+        honest = protocol.query_reply(query, partition_id=0, num_partitions=2)
+        odd = protocol.query_reply(query, partition_id=0, num_partitions=2)
+    info = odd.content.config_records[protocol.INFO]
+    info[protocol.FORMAT_KEY] = True
+    info[protocol.VERSION_KEY] = "x" * 500
+    # Execute / Assert
+    assert protocol.version_of_reply(honest) == (protocol.MESSAGE_FORMAT, __version__)
+    assert protocol.version_of_reply(odd) == (None, None)

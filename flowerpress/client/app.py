@@ -39,7 +39,7 @@ from flwr.clientapp.typing import Mod
 from flwr.common.constant import ErrorCode
 
 from flowerpress import protocol
-from flowerpress.client.mods import make_compression_mod, plugins_mod
+from flowerpress.client.mods import device_log_mod, make_compression_mod, plugins_mod
 from flowerpress.compression.mask import apply_mask_inplace
 from flowerpress.privacy.mod import dp_mod
 from flowerpress.secagg.mod import secagg_mod
@@ -131,9 +131,11 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
     outer_mods
         Further Flower mods placed outside flowerpress's.
 
-    Whatever ``mods`` says, :func:`~flowerpress.client.mods.plugins_mod` comes
-    first: it imports the run config's ``plugins`` modules (once per process)
-    before any spec (task, codec, DP mechanism) is parsed.
+    Whatever ``mods`` says, :func:`~flowerpress.client.mods.device_log_mod` comes
+    first (one line per message in the node config's ``log-file``, if set),
+    then :func:`~flowerpress.client.mods.plugins_mod`: it imports the run
+    config's ``plugins`` modules (once per process) before any spec (task,
+    codec, DP mechanism) is parsed.
     """
 
     def resolve(context: Context) -> Task:
@@ -161,7 +163,7 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
         return cached[1]
 
     compression = make_compression_mod(initial_weights=initial_weights)
-    app = ClientApp(mods=[plugins_mod, *outer_mods,
+    app = ClientApp(mods=[device_log_mod, plugins_mod, *outer_mods,
                           *([compression, dp_mod, secagg_mod] if mods else [])])
 
     @app.query()
@@ -169,7 +171,8 @@ def client_app(task: Task | None = None, *, wrap: TaskWrapper | None = None,
         """Tell the server which partition this node holds (for reproducible sampling)."""
         config = msg.content.config_records.get(protocol.CONFIG) if msg.has_content() else None
         if config is not None and protocol.FORMAT_KEY in config:
-            mismatch = protocol.format_mismatch(config.get(protocol.FORMAT_KEY), None,
+            mismatch = protocol.format_mismatch(config.get(protocol.FORMAT_KEY),
+                                                config.get(protocol.VERSION_KEY),
                                                 side="the server")
             if mismatch is not None:  # the server excludes this node; say why here too
                 log.error("flowerpress: %s", mismatch)

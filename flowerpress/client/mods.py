@@ -116,6 +116,47 @@ def plugins_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     return call_next(msg, context)
 
 
+def device_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Log one line per message to the node config's ``log-file`` (if set), and problems.
+
+    Place it outermost, so the line says what the server receives: the
+    message type and round, the seconds this ClientApp took and ``ok`` or the
+    error reply's reason (:mod:`flowerpress.deploy.devicelog`). An exception
+    raised inside is logged with its traceback and raised again (Flower turns
+    it into an error reply). Without ``log-file`` the mod does nothing.
+    """
+    from flowerpress.deploy.devicelog import device_log_path, install_device_log
+
+    try:
+        path = device_log_path(context.node_config)
+    except ValueError as exc:
+        log.warning("flowerpress: %s; no device log", exc)
+        path = None
+    if path is None or not install_device_log(path):
+        return call_next(msg, context)
+    kind = msg.metadata.message_type
+    rnd = protocol.message_config(msg).get(protocol.SERVER_ROUND) if msg.has_content() else None
+    what = f"{kind} message" + (f" (round {rnd})" if isinstance(rnd, int) else "")
+    started = time.monotonic()
+    try:
+        reply = call_next(msg, context)
+    except Exception:
+        log.exception("node %s, run %s, %s: the ClientApp raised", context.node_id,
+                      context.run_id, what)
+        raise
+    outcome = "ok"
+    if reply.has_error():
+        outcome = f"error reply: {' '.join((reply.error.reason or '').split())[:300]}"
+    # The message's age (its creation on the server, by this device's clock): the time
+    # the server waited for this reply, ClientApp start-up included: what round-timeout
+    # must cover.
+    age = time.time() - float(msg.metadata.created_at or 0.0)
+    waited = f" ({age:.1f} s after the server sent it)" if 0.0 < age < 1e6 else ""
+    log.info("node %s, run %s, %s: replied in %.2f s%s, %s", context.node_id, context.run_id,
+             what, time.monotonic() - started, waited, outcome)
+    return reply
+
+
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Decode a compressed broadcast and compress the train reply's update (see module doc)."""
     return _compression(msg, context, call_next, None)

@@ -8,10 +8,14 @@ key flags) as ``flower-supernode`` and checks, without contacting the SuperLink:
   for a demo partition, in range);
 * the ``data-path`` file has the device data format (:mod:`flowerpress.deploy.data`),
   and its samples have the shape the run's ``--dataset`` model takes;
-* ``cache-dir`` (if set) is a writable directory;
+* ``cache-dir`` (if set) is a writable directory, ``log-file`` (if set) a file
+  this user can append to;
 * ``--root-certificates`` is a PEM CA certificate that is valid now;
 * ``--auth-supernode-private-key`` is an OpenSSH EC private key (what Flower's
-  SuperNode authentication needs) that other users cannot read.
+  SuperNode authentication needs) that other users cannot read;
+* with ``--startup``, a fresh Python process imports what a ClientApp imports
+  (Flower, torch, flowerpress) well within the time Flower gives a ClientApp
+  process to start (:data:`TASK_START_S`).
 
 Every problem is one line; the exit code is 0 when there is none, 1 otherwise
 and 2 for bad arguments.
@@ -23,15 +27,30 @@ import argparse
 import datetime
 import os
 import stat
+import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowerpress.deploy.cache import CACHE_DIR_KEY
 from flowerpress.deploy.data import DATA_PATH_KEY, check_device_file
+from flowerpress.deploy.devicelog import LOG_FILE_KEY, device_log_path
 
-__all__ = ["DeviceReport", "check_device", "main", "parse_node_config"]
+__all__ = ["DeviceReport", "check_device", "check_startup", "main", "parse_node_config"]
+
+#: Seconds Flower 1.41 gives a ClientApp process, from the SuperNode's claim of a
+#: message's task to the process asking for its input
+#: (``flwr.common.constant.HEARTBEAT_DEFAULT_INTERVAL``); a slower process loses its
+#: task token and every call it makes is refused (HTTP 401 "Runtime task-token
+#: authentication failed"), so the device never answers.
+TASK_START_S = 30.0
+#: A ClientApp whose imports take longer than this is reported: it leaves too little
+#: of TASK_START_S for Python itself, the SuperExec and a loaded device.
+STARTUP_LIMIT_S = 20.0
+#: What a flowerpress ClientApp process imports before it asks for its input.
+_CLIENTAPP_IMPORTS = "import flwr.clientapp, torch, flowerpress.client.app"
 
 
 @dataclass
@@ -135,6 +154,36 @@ def _check_cache_dir(config: Mapping[str, object], report: DeviceReport) -> None
         report.facts.append(f"device cache: {path}")
 
 
+def _check_log_file(config: Mapping[str, object], report: DeviceReport) -> None:
+    try:
+        path = device_log_path(config)
+    except ValueError as exc:
+        report.problems.append(str(exc))
+        return
+    if path is None:
+        report.facts.append(f"device log: the SuperNode's output only (set {LOG_FILE_KEY} "
+                            "for a file)")
+        return
+    if path.exists():
+        if not path.is_file():
+            report.problems.append(f"{LOG_FILE_KEY} {path}: not a regular file")
+        elif not os.access(path, os.W_OK):
+            report.problems.append(f"{LOG_FILE_KEY} {path}: not writable by this user")
+        else:
+            report.facts.append(f"device log: {path}")
+        return
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        report.problems.append(f"{LOG_FILE_KEY} {path}: {existing} is not a directory")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        report.problems.append(f"{LOG_FILE_KEY} {path}: {existing} is not writable by this "
+                               "user")
+    else:
+        report.facts.append(f"device log: {path}")
+
+
 def _check_ca(path: Path, report: DeviceReport) -> None:
     from cryptography import x509
 
@@ -193,10 +242,42 @@ def _check_key(path: Path, report: DeviceReport) -> None:
     report.facts.append(f"SuperNode private key {path}: EC {key.curve.name}")
 
 
+def check_startup(report: DeviceReport, *, limit: float = STARTUP_LIMIT_S,
+                  timeout: float = 120.0) -> float | None:
+    """Time a fresh Python importing what a ClientApp imports; a problem above ``limit``.
+
+    Returns the seconds taken, or None when the imports failed or timed out (a
+    problem either way).
+    """
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-c", _CLIENTAPP_IMPORTS], capture_output=True,
+                              text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        report.problems.append(f"ClientApp start-up: importing Flower, torch and flowerpress "
+                               f"took over {timeout:.0f} s")
+        return None
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        report.problems.append(f"ClientApp start-up: the imports fail: {last[:300]}")
+        return None
+    if seconds > limit:
+        report.problems.append(
+            f"ClientApp start-up: a fresh process took {seconds:.1f} s to import Flower, torch "
+            f"and flowerpress; Flower gives a ClientApp {TASK_START_S:.0f} s to start, then "
+            "refuses it (401 Runtime task-token authentication failed): stop other load, "
+            "use faster storage, or a faster device")
+    else:
+        report.facts.append(f"ClientApp start-up: imports in {seconds:.1f} s (Flower allows "
+                            f"{TASK_START_S:.0f} s)")
+    return seconds
+
+
 def check_device(node_config: Mapping[str, object], *, dataset: str | None = None,
                  root_certificates: Path | None = None,
                  private_key: Path | None = None) -> DeviceReport:
-    """Check a device's node config, data, cache directory, certificate and key.
+    """Check a device's node config, data, cache directory, log file, certificate and key.
 
     Parameters
     ----------
@@ -212,6 +293,7 @@ def check_device(node_config: Mapping[str, object], *, dataset: str | None = Non
     chosen = node_config.get("dataset", dataset)
     _check_data(node_config, str(chosen) if chosen else None, report)
     _check_cache_dir(node_config, report)
+    _check_log_file(node_config, report)
     if root_certificates is not None:
         _check_ca(root_certificates.expanduser(), report)
     if private_key is not None:
@@ -237,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth-supernode-private-key", type=Path, default=None,
                         metavar="KEY", help="the flower-supernode "
                                             "--auth-supernode-private-key file")
+    parser.add_argument("--startup", action="store_true",
+                        help="also time a fresh process importing what a ClientApp imports "
+                             f"(Flower allows {TASK_START_S:.0f} s for a ClientApp to start)")
     parser.add_argument("--quiet", action="store_true", help="print problems only")
     return parser
 
@@ -261,6 +346,8 @@ def main(argv: list[str]) -> int:
     report = check_device(config, dataset=args.dataset,
                           root_certificates=args.root_certificates,
                           private_key=args.auth_supernode_private_key)
+    if args.startup:
+        check_startup(report)
     if not args.quiet:
         for fact in report.facts:
             print(f"ok: {fact}")

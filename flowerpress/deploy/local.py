@@ -324,6 +324,12 @@ class LocalDeployment:
 
     # ------------------------------------------------------------------ helpers
     @property
+    def cli_home(self) -> Path:
+        """The ``FLWR_HOME`` of the ``flwr`` CLI: its ``config.toml`` names this SuperLink
+        as the default connection (``CONNECTION_NAME``)."""
+        return self._cli_home
+
+    @property
     def address(self) -> str:
         """``host:port`` of the SuperLink (Fleet, Control and Runtime APIs)."""
         return f"{self.host}:{self.port}"
@@ -418,12 +424,16 @@ class LocalDeployment:
         root_certificates: bool = True,
         max_wait_time: float | None = None,
         extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> ManagedProcess:
         """Start ``flower-supernode`` with key ``supernode-<index>`` (does not wait).
 
         ``root_certificates=False`` omits ``--root-certificates`` (the SuperNode then
         trusts only the system store and must fail the TLS handshake);
-        ``max_wait_time`` bounds its reconnect attempts so a refused node exits.
+        ``max_wait_time`` bounds its reconnect attempts so a refused node exits;
+        ``env`` adds to (or replaces in) the SuperNode's environment, which its
+        SuperExec and ClientApp processes inherit (e.g. a ``PYTHONPATH`` with
+        another flowerpress: a device running another version).
         """
         label = name or f"supernode-{index}"
         args = [
@@ -442,7 +452,8 @@ class LocalDeployment:
             args += ["--max-wait-time", str(max_wait_time), "--max-retries", "3"]
         args.extend(extra_args)
         proc = ManagedProcess.start(
-            label, args, self.workdir / f"{label}.log", self._env(self._home(label))
+            label, args, self.workdir / f"{label}.log",
+            {**self._env(self._home(label)), **(env or {})},
         )
         self.supernodes[label] = proc
         return proc

@@ -60,6 +60,7 @@ from flowerpress.server.phases import RunFailedError, user_call
 from flowerpress.server.results import (
     build_results,
     failure_line,
+    run_log,
     save_model_atomic,
     task_record,
     write_error_log,
@@ -123,16 +124,28 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         ledger or membership state); or neither ``resume`` nor ``overwrite``
         and ``out_dir`` holds another run (:func:`existing_run`). Nothing in
         ``out_dir`` is written before this is raised.
+
+    The run's log lines (INFO and up, flowerpress's and Flower's) are copied
+    to ``out_dir/server.log`` while it runs (:func:`~flowerpress.server.results.run_log`).
     """
+    saved = claim_out_dir(config, out_dir)  # before anything in out_dir is touched
+    if out_dir is not None:  # an error.log is always this run's
+        (out_dir / ERROR_LOG).unlink(missing_ok=True)
+    with run_log(out_dir, append=saved is not None):  # server.log: a resume adds to it
+        return _serve(grid, config, saved, task=task, strategy=strategy, out_dir=out_dir,
+                      on_round=on_round)
+
+
+def _serve(grid: Grid, config: Config, saved: Checkpoint | None, *, task: Task | None,
+           strategy: Strategy | None, out_dir: Path | None,
+           on_round: RoundCallback | None) -> dict[str, Any]:
+    """:func:`serve` once the out-dir is claimed (``saved``: the checkpoint to continue)."""
     from flowerpress.compression import parse as parse_codec
     from flowerpress.privacy import ServerPrivacy, parse_dp
     from flowerpress.privacy.keys import Sampling
     from flowerpress.strategies import build_strategy
     from flowerpress.tasks.registry import build_task, task_name, task_spec
 
-    saved = claim_out_dir(config, out_dir)  # before anything in out_dir is touched
-    if out_dir is not None:  # an error.log is always this run's
-        (out_dir / ERROR_LOG).unlink(missing_ok=True)
     if task is None:
         name = task_spec(config)
         task = build_task(name, config)
@@ -232,6 +245,10 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
     last_good: list[list[NDArray[np.float32]]] = [
         list(initial) if resume is None else list(resume.weights)]
     resumed_at = [] if resume is None else [*resume.resumed_at, resume.server_round]
+    # The membership's record of every node (results.json "nodes"), as of the last round.
+    nodes: list[list[dict[str, Any]] | None] = [None]
+    if resume is not None:
+        nodes[0] = _node_report(resume.membership)
 
     def after_model(server_round: int, weights: list[NDArray[np.float32]]) -> None:
         del server_round
@@ -243,16 +260,19 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
                 failed: str | None = None) -> dict[str, Any]:
         return build_results(config, rows, model_elements=elements, initial=start,
                              privacy=ledgers[-1].privacy_block() if ledgers else None,
-                             stopped=stopped, failed=failed, resumed_at=resumed_at, task=ran)
+                             stopped=stopped, failed=failed, resumed_at=resumed_at, task=ran,
+                             nodes=nodes[0])
 
     def after_state(state: LoopState) -> None:
         # The checkpoint first: it is what a resumed run reads; results.json
         # and model.npz are rebuilt from it.
+        nodes[0] = _node_report(state.membership)
         if out_dir is not None:
             save_checkpoint(out_dir, state, config)
 
     def after_round(row: Mapping[str, Any]) -> None:
         rows_so_far.append(dict(row))
+        _log_row(row)  # `flwr log`, `flwr run --stream` and server.log show it
         if out_dir is not None:  # keep results current, so a long run can be watched
             write_json_atomic(out_dir / "results.json", results(rows_so_far))
         if on_round is not None:
@@ -280,6 +300,15 @@ def serve(grid: Grid, config: Config, *, task: Task | None = None,
         write_json_atomic(out_dir / "results.json", document)
         write_report(out_dir / "report.png", document)
     return document
+
+
+def _node_report(membership: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """results.json's ``nodes`` from a membership state (Membership.report's entries)."""
+    from flowerpress.server.membership import Membership
+
+    members = Membership(max_missed=0)
+    members.load_state_dict(membership)
+    return members.report()
 
 
 def claim_out_dir(config: Config, out_dir: Path | None) -> Checkpoint | None:
@@ -428,8 +457,7 @@ def server_app(task: Task | None = None, *, strategy: Strategy | str | None = No
             config["strategy"] = type(strategy_object).__name__
         out_dir = Path(str(config["out-dir"])) if config["out-dir"] else None
         try:
-            serve(grid, config, task=task, strategy=strategy_object, out_dir=out_dir,
-                  on_round=_log_row)
+            serve(grid, config, task=task, strategy=strategy_object, out_dir=out_dir)
         except Exception as exc:
             if out_dir is not None and not (out_dir / ERROR_LOG).exists():
                 # Failed before the rounds (task, data, nodes, checkpoint): the

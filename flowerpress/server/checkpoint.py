@@ -500,6 +500,15 @@ def _verify_membership(state: LoopState, fail: Callable[[str], CheckpointError])
         anchor = item.get("anchor")
         if anchor is not None and protocol.parse_digest(anchor) is None:
             raise fail(f"the membership state has node {node} with a malformed anchor")
+        for key in ("last_round", "answered"):
+            value = item.get(key, 0)
+            if not (_is_int(value) and 0 <= value <= state.server_round):
+                raise fail(f"the membership state has node {node} with {key} {value!r}")
+        version, outcome = item.get("version"), item.get("outcome")
+        if version is not None and protocol.parse_flowerpress_version(version) is None:
+            raise fail(f"the membership state has node {node} with a malformed version")
+        if outcome is not None and not isinstance(outcome, str):
+            raise fail(f"the membership state has node {node} with a non-text outcome")
     try:
         Membership(max_missed=1).load_state_dict(state.membership)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:

@@ -167,14 +167,16 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
                         num_clients: int | None = None,
                         anchors: dict[int, str] | None = None,
                         excluded: dict[int, str] | None = None,
-                        settle: float | None = None) -> dict[int, int | None]:
+                        settle: float | None = None,
+                        versions: dict[int, str] | None = None) -> dict[int, int | None]:
     """Connected node ids and the partition each reports (None: no answer).
 
     Waits (bounded) for ``wanted`` nodes, then asks every node for its
     ``partition-id`` with a query message, so that sampling by seed picks the
     same partitions in every run although node ids are random. ``anchors``,
     if given, receives the initial-model digest each node named (the history
-    download's anchor).
+    download's anchor); ``versions`` the flowerpress version each named (also
+    for nodes that are then excluded).
 
     Every answer is validated (:func:`check_hello`) inside the same guard as a
     round's replies: a node whose answer is impossible (a partition count
@@ -203,7 +205,8 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
         raise RuntimeError(f"no node connected within {timeout:.0f} s; expected {wanted}")
     if len(nodes) < wanted:
         log.warning("only %s of %s wanted nodes connected; going on with them", len(nodes), wanted)
-    book = RoundBook(0, list(nodes))
+    # A rejected answer excludes its node: the caller logs that, one line per node.
+    book = RoundBook(0, list(nodes), log_rejections=excluded is None)
     partition: dict[int, int | None] = dict.fromkeys(nodes)
     claimed: dict[int, int] = {}
     sizes: dict[int, int] = {}  # node -> the partition count it reported
@@ -214,6 +217,9 @@ def discover_partitions(grid: Grid, *, wanted: int, timeout: float,
         raw = None if info is None else info.get(protocol.NUM_PARTITIONS)
         if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0:
             sizes[node] = raw
+        version = protocol.version_of_reply(reply)[1]
+        if versions is not None and version is not None:
+            versions[node] = version
         pid, _, anchor = check_hello(reply, num_clients=num_clients, claimed=claimed)
         partition[node] = pid
         if pid is not None:
@@ -323,6 +329,8 @@ class RoundOutcome:
     #: as under DP and secure aggregation)
     device_flops: float | None = None
     device_seconds: float | None = None
+    #: node -> what became of its message (RoundBook.outcomes)
+    node_outcomes: dict[int, str] = field(default_factory=dict)
 
 
 def _broadcast(global_weights: Weights, download: DownloadCodec | None,
@@ -574,7 +582,8 @@ def _close_round(book: RoundBook, strategy: AggregationStrategy, base: Weights,
         link_seconds=None if settings.link is None else
         settings.link.round_seconds(book.link_times),
         released=released, culprits=dict(book.culprits), only_reason=book.only_reason(),
-        device_flops=book.device_flops, device_seconds=book.device_seconds)
+        device_flops=book.device_flops, device_seconds=book.device_seconds,
+        node_outcomes=book.outcomes())
 
 
 def evaluate_on_nodes(grid: Grid, server_round: int, nodes: Sequence[int], weights: Weights,
@@ -685,10 +694,12 @@ def run_federation(
         return weights, rows, None
     anchors: dict[int, str] = {}
     excluded: dict[int, str] = {}
+    versions: dict[int, str] = {}
     membership.add_discovered(discover_partitions(
         grid, wanted=settings.clients_per_round, timeout=settings.node_wait_timeout,
         clock=clock, sleep=sleep, num_clients=settings.num_clients, anchors=anchors,
-        excluded=excluded, settle=settings.round_timeout), anchors=anchors)
+        excluded=excluded, settle=settings.round_timeout, versions=versions),
+        anchors=anchors, versions=versions)
     for node, reason in excluded.items():
         membership.exclude(node, reason)
     failures: list[str] = []  # the current streak of all-rejected rounds (one reason)
@@ -761,7 +772,8 @@ def run_federation(
                             extra_config=extra, download=download, history=history,
                             anchors=membership.anchors(), estimates=estimates,
                             bound=bound, pruner=pruner, rng=rng, clock=clock, sleep=sleep)
-        membership.record_round(sampled, outcome.replied)
+        membership.record_round(sampled, outcome.replied, server_round=server_round,
+                                outcomes=outcome.node_outcomes)
         for node, reason in outcome.culprits.items():
             membership.exclude(node, f"round {server_round}: {reason}")
         # A strategy with server momentum (FedAdam, ...) may move pruned weights: re-mask.

@@ -42,6 +42,11 @@ EXPIRED_ERROR_CODE = 4
 #: A probe without an answer is sent again after this many rounds.
 PROBE_RETRY_ROUNDS = 3
 _LAST = 1 << 62  # sort key of a node that reported no partition
+#: What became of a node's message in the last round it was asked in (a rejection
+#: is ``"rejected: <reason>"``).
+OUTCOMES = ("accepted", "rejected", "timed out", "unavailable")
+#: Longest outcome text kept (a rejection reason is cut).
+MAX_OUTCOME = 300
 
 
 def is_unavailable_error(reply: Message) -> bool:
@@ -104,6 +109,11 @@ class NodeRecord:
     # Why the node is excluded from the run (an impossible answer, a protocol it
     # broke on purpose); None: it is not.
     excluded: str | None = None
+    # -- what an operator reads (results.json ``nodes``, ``flowerpress devices``)
+    version: str | None = None  # the flowerpress version its query reply named
+    last_round: int = 0  # the last round it was asked in (0: never)
+    outcome: str | None = None  # what became of that round's message (OUTCOMES, + reason)
+    answered: int = 0  # the last round it answered in, accepted or rejected (0: never)
 
 
 class Membership:
@@ -132,8 +142,13 @@ class Membership:
     # -- building ----------------------------------------------------------------------
 
     def add_discovered(self, partitions: Mapping[int, int | None],
-                       anchors: Mapping[int, str] | None = None) -> None:
+                       anchors: Mapping[int, str] | None = None,
+                       versions: Mapping[int, str] | None = None) -> None:
         """Add nodes found by the blocking discovery at the start (sampled from round 1).
+
+        ``versions`` holds the flowerpress version each node's answer named
+        (nodes :meth:`exclude` will refuse included: what an operator needs to
+        see is which version they run).
 
         A node id the records already hold keeps its bookkeeping; a new node id
         that reports the partition of a known node Flower no longer lists takes
@@ -157,6 +172,8 @@ class Membership:
             if anchors is not None and node in anchors:
                 record.anchor = anchors[node]
             record.listed = True
+        for node, version in (versions or {}).items():
+            self.records.setdefault(node, NodeRecord(node, since=0)).version = version
 
     # -- every round --------------------------------------------------------------------
 
@@ -219,6 +236,7 @@ class Membership:
             record = self.records.get(entry[0])
             if record is None or reply.has_error() or record.excluded is not None:
                 continue
+            record.version = protocol.version_of_reply(reply)[1] or record.version
             # The same validation as the start-up query: an impossible answer
             # excludes the node (one log line), never the run.
             claimed = {r.partition: r.node_id for r in self.records.values()
@@ -248,14 +266,25 @@ class Membership:
             record.since = min(record.since, old.since)
         record.partition = pid
 
-    def record_round(self, asked: Iterable[int], answered: Iterable[int]) -> None:
-        """Count a missed round for every node in ``asked`` that did not answer."""
+    def record_round(self, asked: Iterable[int], answered: Iterable[int], *,
+                     server_round: int = 0, outcomes: Mapping[int, str] | None = None) -> None:
+        """Count a missed round for every node in ``asked`` that did not answer.
+
+        With ``server_round``, every asked node's record keeps the round and
+        ``outcomes[node]`` (what became of its message, :data:`OUTCOMES` or
+        ``"rejected: <reason>"``; ``"timed out"`` where none is given).
+        """
         got = set(answered)
         for node in asked:
             record = self.records.get(node)
             if record is None:
                 continue
             record.missed = 0 if node in got else record.missed + 1
+            if server_round > 0:
+                record.last_round = server_round
+                record.outcome = (outcomes or {}).get(node, "timed out")[:MAX_OUTCOME]
+                if node in got:
+                    record.answered = server_round
             if node not in got and record.missed == self.max_missed:
                 log.warning("node %s missed its last %s rounds; skipped until it answers",
                             node, record.missed)
@@ -303,6 +332,13 @@ class Membership:
                            if r.since < server_round and r.listed and not self._skipped(r)
                            and r.excluded is None)
 
+    def report(self) -> list[dict[str, Any]]:
+        """One entry per node for results.json's ``nodes``: what an operator reads."""
+        return [{"node_id": r.node_id, "partition": r.partition, "version": r.version,
+                 "listed": r.listed, "excluded": r.excluded, "last_round": r.last_round,
+                 "outcome": r.outcome, "answered": r.answered, "missed": r.missed}
+                for r in sorted(self.records.values(), key=lambda r: r.node_id)]
+
     def anchors(self) -> dict[int, str]:
         """Node -> the initial-model digest its query reply named (nodes that named one)."""
         return {r.node_id: r.anchor for r in self.records.values() if r.anchor is not None}
@@ -326,7 +362,12 @@ class Membership:
                                 listed=bool(item.get("listed", True)),
                                 anchor=protocol.parse_digest(item.get("anchor")),
                                 excluded=None if item.get("excluded") is None
-                                else str(item["excluded"])[:500])
+                                else str(item["excluded"])[:500],
+                                version=protocol.parse_flowerpress_version(item.get("version")),
+                                last_round=int(item.get("last_round", 0)),
+                                outcome=None if item.get("outcome") is None
+                                else str(item["outcome"])[:MAX_OUTCOME],
+                                answered=int(item.get("answered", 0)))
             records[record.node_id] = record
         self.records = records
         self._queries = {}

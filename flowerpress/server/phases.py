@@ -170,12 +170,16 @@ class RoundBook:
     #: the accepted replies' reported compute (reporting only; None: none reported)
     device_flops: float | None = None
     device_seconds: float | None = None
+    #: log each rejection (off where the caller logs its own line per node, as the
+    #: start-up query does: a rejected answer there excludes the node, one line)
+    log_rejections: bool = True
 
     def reject(self, node: int, stage: str, reason: str) -> None:
         """Count ``node`` as rejected (its first reason is kept); one log line."""
         self.rejected.setdefault(node, reason)
-        log.warning("round %s: rejected node %s (%s): %.300s", self.server_round, node, stage,
-                    reason)
+        if self.log_rejections:
+            log.warning("round %s: rejected node %s (%s): %.300s", self.server_round, node,
+                        stage, reason)
 
     def count_upload(self, node: int, reply: Message, *,
                      limits: protocol.WireLimits = protocol.WIRE_LIMITS) -> int:
@@ -226,6 +230,22 @@ class RoundBook:
     def timed_out(self) -> int:
         """Silent in an exchange, and neither accepted, rejected nor reported unavailable."""
         return len(self.silent - set(self.accepted) - set(self.rejected) - self.unavailable)
+
+    def outcomes(self) -> dict[int, str]:
+        """What became of each asked node's message: ``accepted``, ``rejected: <reason>``,
+        ``unavailable`` (Flower's answer) or ``timed out``."""
+        accepted = set(self.accepted)
+        out: dict[int, str] = {}
+        for node in self.asked:
+            if node in accepted:
+                out[node] = "accepted"
+            elif node in self.rejected:
+                out[node] = f"rejected: {' '.join(self.rejected[node].split())}"
+            elif node in self.unavailable:
+                out[node] = "unavailable"
+            else:
+                out[node] = "timed out"
+        return out
 
     def only_reason(self) -> str | None:
         """The one rejection reason of a round with no valid update, if all share it."""

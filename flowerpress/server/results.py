@@ -14,7 +14,9 @@ The layout is the contract of ARCHITECTURE.md::
                  "total_device_flops", "total_device_seconds",
                  "fp32_upload_bytes", "task": {"name", "run_config_keys",
                  "hyperparameters"}},
-     "privacy": {...} | null}
+     "privacy": {...} | null,
+     "nodes": [{"node_id", "partition", "version", "listed", "excluded",
+                "last_round", "outcome", "answered", "missed"}, ...]}
 
 ``config`` records what ran: a task-only key (``flowerpress.config.TASK_KEYS``:
 ``lr``, ``batch-size``, ...) that the task does not take is left out, and
@@ -32,15 +34,25 @@ estimated time under the run's ``link`` profile (``flowerpress.config.LinkProfil
 reported their local training cost (FLOPs, CPU seconds; reporting only), the
 ``cum_*`` columns the run's so far; null under DP and secure aggregation,
 where devices report none.
+
+``nodes`` (a run on a grid, once a round has ended) is what the server knows
+about every node: the flowerpress version its start-up answer named, whether
+it is excluded and why, the last round it was asked in and what became of
+that message (``accepted``, ``rejected: <reason>``, ``timed out``,
+``unavailable``), the last round it answered. ``flowerpress devices`` joins
+it with the SuperLink's node list. Beside results.json the ServerApp writes
+``server.log`` (:func:`run_log`) and, when a run fails, ``error.log``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import tempfile
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +76,7 @@ def build_results(
     failed: str | None = None,
     resumed_at: Sequence[int] = (),
     task: Mapping[str, Any] | None = None,
+    nodes: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Assemble the results document from the round rows.
 
@@ -72,7 +85,10 @@ def build_results(
     ``resumed_at`` lists the rounds after which the run was resumed from its
     checkpoint (``summary.resumed_after_rounds``). ``task`` is the run's
     :func:`task_record`: with it, ``config`` keeps only the task-only keys the
-    task took.
+    task took. ``nodes`` is the membership's per-node record
+    (:meth:`~flowerpress.server.membership.Membership.report`: node id,
+    partition, flowerpress version, excluded and why, the last round asked,
+    its outcome, the last round answered), results.json's ``nodes``.
     """
     fp32 = sum(int(r["clients"]) + int(r["rejected"]) for r in rows) * model_elements * 4
     summary: dict[str, Any] = {
@@ -111,6 +127,8 @@ def build_results(
         summary["task"] = dict(task)
     document = {"config": recorded, "rounds": [dict(r) for r in rows], "summary": summary,
                 "privacy": dict(privacy) if privacy is not None else None}
+    if nodes is not None:
+        document["nodes"] = [dict(n) for n in nodes]
     cleaned: dict[str, Any] = finite_json(document)
     return cleaned
 
@@ -155,6 +173,64 @@ def write_error_log(path: Path, exc: BaseException) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+
+
+#: The run's log beside results.json: flowerpress's and Flower's lines, INFO and up.
+SERVER_LOG = "server.log"
+#: Loggers whose lines the run log keeps (the ServerApp's and Flower's own).
+_RUN_LOGGERS = ("flowerpress", "flwr")
+
+
+def has_text(record: logging.LogRecord) -> bool:
+    """A log filter: leave out records whose message is blank (Flower logs empty lines)."""
+    return bool(record.getMessage().strip())
+
+
+@contextlib.contextmanager
+def run_log(out_dir: Path | None, *, append: bool) -> Iterator[None]:
+    """Copy the run's log lines to ``out_dir/server.log`` while the block runs.
+
+    A new run starts the file, a resumed run (``append``) adds to it, so one
+    out-dir holds one run's whole log. An exception leaving the block is
+    written as the run's one failure line (the traceback is ``error.log``'s);
+    the loggers' handlers and levels are restored afterwards. ``out_dir=None``
+    writes nothing.
+    """
+    if out_dir is None:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out_dir / SERVER_LOG, mode="a" if append else "w",
+                                  encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(has_text)
+    loggers = [logging.getLogger(name) for name in _RUN_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    added: list[tuple[logging.Logger, logging.Handler]] = []
+    for logger in loggers:
+        if not logger.hasHandlers() and logging.lastResort is not None:
+            # Where no handler was configured, warnings went to stderr through
+            # logging's last resort (Flower's `flwr log` captures stderr): keep that.
+            added.append((logger, logging.lastResort))
+        added.append((logger, handler))
+        if logger.getEffectiveLevel() > logging.INFO:  # INFO lines too: one per round
+            logger.setLevel(logging.INFO)
+    for logger, each in added:
+        logger.addHandler(each)
+    try:
+        yield
+    except Exception as exc:
+        handler.handle(logging.makeLogRecord({
+            "name": "flowerpress.server.app", "levelno": logging.ERROR, "levelname": "ERROR",
+            "msg": "flowerpress: run failed: %s", "args": (failure_line(exc),)}))
+        raise
+    finally:
+        for logger, each in added:
+            logger.removeHandler(each)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        handler.close()
 
 
 def save_model_atomic(path: Path, weights: Sequence[Any]) -> None:

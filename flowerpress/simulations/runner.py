@@ -47,6 +47,8 @@ SUPERLINK_LOG = "superlink.log"
 FAILED_GRACE_S = 3.0
 #: Ray's own variable naming the cluster ``ray.init()`` connects to.
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
+#: Ray's address for "start a private instance", whatever else runs on the machine.
+PRIVATE_RAY = "local"
 #: Ray's single-node switch: "0" makes Ray's node address loopback (Ray otherwise
 #: replaces 127.0.0.1 by the machine's outward address and binds every interface).
 RAY_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -128,8 +130,8 @@ def cluster_address(option: str | None, environ: Mapping[str, str]) -> str | Non
     """The Ray cluster a run uses: ``option`` (``--ray-address``), else ``RAY_ADDRESS``
     from ``environ``, each checked by :func:`check_ray_address`; None: a private one."""
     if option:
-        return check_ray_address(option)
-    if environ.get(RAY_ADDRESS_ENV):
+        return None if option.strip() == PRIVATE_RAY else check_ray_address(option)
+    if environ.get(RAY_ADDRESS_ENV) and environ[RAY_ADDRESS_ENV].strip() != PRIVATE_RAY:
         return check_ray_address(environ[RAY_ADDRESS_ENV], what=RAY_ADDRESS_ENV)
     return None
 
@@ -139,17 +141,21 @@ def ray_environment(address: str | None, environ: Mapping[str, str]) -> dict[str
 
     ``address`` (or else ``RAY_ADDRESS`` in ``environ``): the ClientApps run on
     that cluster (``RAY_ADDRESS``, which ``ray.init()`` in Flower's
-    ``RayBackend`` reads). Without one, Ray starts a private single-node
-    instance: :data:`RAY_SINGLE_NODE_ENV` = "0" keeps its services on
+    ``RayBackend`` reads). Without one (or with ``local``), Ray starts a
+    private single-node instance (``RAY_ADDRESS=local``: else ``ray.init()``
+    joins the last cluster ``ray start`` left running on the machine);
+    :data:`RAY_SINGLE_NODE_ENV` = "0" keeps its services on
     loopback, on ports the OS picks. A loopback address gets the same switch
     (a cluster on this machine; Ray would otherwise dial the machine's outward
     address instead). A value the user set for the switch is kept.
     """
     env = dict(environ)
     address = address or env.get(RAY_ADDRESS_ENV) or None
-    env.pop(RAY_ADDRESS_ENV, None)
-    if address is not None:
-        env[RAY_ADDRESS_ENV] = address
+    if address is not None and address.strip() == PRIVATE_RAY:
+        address = None
+    # No address: "local", so that ray.init() starts a private instance instead of
+    # joining the last cluster `ray start` left on this machine (its default).
+    env[RAY_ADDRESS_ENV] = PRIVATE_RAY if address is None else address
     parsed = None if address is None else _host_port(address)
     if address is None or (parsed is not None and _is_loopback(parsed[0].strip("[]"))):
         env.setdefault(RAY_SINGLE_NODE_ENV, "0")
@@ -192,6 +198,7 @@ class LocalRayHead:
             args += ["--min-worker-port", str(self.worker_ports[0]),
                      "--max-worker-port", str(self.worker_ports[1])]
         env = ray_environment(None, os.environ)
+        env.pop(RAY_ADDRESS_ENV)  # the head is the cluster, it joins none
         self._proc = ManagedProcess.start("ray head", args, self.workdir / "ray-head.log", env)
         try:
             self._proc.wait_for_output("Ray runtime started", timeout=self.timeout)

@@ -118,6 +118,23 @@ def test_cache_dir_that_is_a_file_is_a_problem(device: dict[str, Path]) -> None:
     assert len(report.problems) == 1 and "is not a directory" in report.problems[0]
 
 
+@pytest.mark.parametrize(("where", "problem"), [
+    ("data.npz/device.log", "is not a directory"),  # below a file
+    (".", "not a regular file"),  # a directory
+    ("new/dir/device.log", None),  # created on first use
+])
+def test_log_file_must_be_appendable(device: dict[str, Path], where: str,
+                                     problem: str | None) -> None:
+    # Execute
+    report = check_device({"partition-id": 0, "num-partitions": 1,
+                           "log-file": str(device["dir"] / where)})
+    # Assert
+    if problem is None:
+        assert report.ok and any(f.startswith("device log: ") for f in report.facts)
+    else:
+        assert len(report.problems) == 1 and problem in report.problems[0]
+
+
 def test_the_superlink_certificate_is_not_a_root_certificate(
         device: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     # Prepare: the server's certificate copied instead of ca.crt (an easy mix-up)
@@ -129,3 +146,25 @@ def test_the_superlink_certificate_is_not_a_root_certificate(
     # Assert
     assert code == 1
     assert any("not a CA certificate" in line and "ca.crt" in line for line in err), err
+
+
+@pytest.mark.parametrize(("imports", "limit", "problem"), [
+    ("import sys", 60.0, None),
+    ("import sys", 0.0, "Runtime task-token authentication failed"),  # over any limit
+    ("import no_such_module_anywhere", 60.0, "the imports fail: ModuleNotFoundError"),
+])
+def test_clientapp_start_up_is_timed_against_flowers_limit(
+        imports: str, limit: float, problem: str | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a cheap stand-in for the ClientApp's imports (torch takes seconds)
+    from flowerpress.deploy import check
+
+    monkeypatch.setattr(check, "_CLIENTAPP_IMPORTS", imports)
+    report = check.DeviceReport()
+    # Execute
+    seconds = check.check_startup(report, limit=limit)
+    # Assert
+    if problem is None:
+        assert seconds is not None and report.ok and "Flower allows 30 s" in report.facts[0]
+    else:
+        assert len(report.problems) == 1 and problem in report.problems[0]

@@ -73,9 +73,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeploy
         )
         for i in (1, 2)
     ]
+    # Node 1 also keeps a device log (the node config's log-file), as the systemd unit does.
     node_configs: list[dict[str, str | int | float | bool]] = [
         {"partition-id": 0, "num-partitions": 3},
-        *({"data-path": str(path)} for path in device_files),
+        {"data-path": str(device_files[0]), "log-file": str(workdir / "device-1.log")},
+        {"data-path": str(device_files[1])},
     ]
     with LocalDeployment(workdir, nodes=NO_CA + 1, startup_timeout=90.0) as dep:
         dep.start_superlink()
@@ -123,7 +125,8 @@ def test_supernode_without_ca_certificate_cannot_connect(deployment: LocalDeploy
 
 @pytest.mark.timeout(480, method="signal")
 def test_flwr_run_completes_rounds_with_compression(
-    deployment: LocalDeployment, tmp_path: Path
+    deployment: LocalDeployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Prepare
     out_dir = tmp_path / "results"
@@ -162,6 +165,44 @@ def test_flwr_run_completes_rounds_with_compression(
         summary = results["summary"]
         assert 0 < summary["total_upload_bytes"] < 0.5 * summary["fp32_upload_bytes"]
         assert np.isfinite([row["accuracy"] for row in rows]).all()
+        _assert_the_operator_sees_the_fleet(deployment, out_dir, monkeypatch, capsys)
+
+
+def _assert_the_operator_sees_the_fleet(deployment: LocalDeployment, out_dir: Path,
+                                        monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`flowerpress devices` against this SuperLink and run; the run's and a device's logs."""
+    from flowerpress import __version__
+    from flowerpress.cli import main as cli_main
+
+    # Execute: as an operator would, with the flwr CLI's FLWR_HOME
+    monkeypatch.setenv("FLWR_HOME", str(deployment.cli_home))
+    capsys.readouterr()
+    code = cli_main(["devices", "--certs", str(deployment.workdir / "certs"),
+                     "--run", str(out_dir), "--json"])
+    listing = json.loads(capsys.readouterr().out)
+    table_code = cli_main(["devices", CONNECTION_NAME, "--certs",
+                           str(deployment.workdir / "certs"), "--run", str(out_dir)])
+    table = capsys.readouterr().out.splitlines()
+    # Assert: the three devices by key name, online, this version, both rounds accepted;
+    # key 4 registered but never online; key 3 (never registered) not listed
+    assert code == table_code == 0
+    rows = {row["key"]: row for row in listing["devices"]}
+    assert sorted(rows) == ["supernode-0", "supernode-1", "supernode-2", "supernode-4"]
+    for key in ("supernode-0", "supernode-1", "supernode-2"):
+        assert (rows[key]["status"], rows[key]["version"], rows[key]["last_round"],
+                rows[key]["outcome"], rows[key]["answered"]) == (
+            "online", __version__, ROUNDS, "accepted", ROUNDS), rows[key]
+    assert rows["supernode-0"]["partition"] == 0
+    assert (rows["supernode-4"]["status"], rows["supernode-4"]["version"]) == ("registered",
+                                                                              None)
+    assert len(table) == 5 and table[0].startswith("node id")
+    # The ServerApp's log beside results.json; the device log the node config names
+    server_log = (out_dir / "server.log").read_text()
+    assert f"round {ROUNDS}: accuracy" in server_log
+    device_log = (deployment.workdir / "device-1.log").read_text()
+    for round_number in range(1, ROUNDS + 1):
+        assert f"train message (round {round_number}): replied in" in device_log
 
 
 def _serverapp_pids(superlink_pid: int) -> list[int]:

@@ -261,6 +261,10 @@ def _refusing_ledger(population: int, state: Any) -> None:
      "gives node 1 partition 'p0'"),
     (_state(membership={"nodes": [{"node_id": 1, "anchor": 12}]}), Expected(rounds=4),
      "the membership state has node 1 with a malformed anchor"),
+    (_state(membership={"nodes": [{"node_id": 1, "last_round": 3}]}), Expected(rounds=4),
+     "the membership state has node 1 with last_round 3"),
+    (_state(membership={"nodes": [{"node_id": 1, "version": "0.2.0; rm -rf"}]}),
+     Expected(rounds=4), "the membership state has node 1 with a malformed version"),
     (_state(), Expected(rounds=4, load_strategy=_strict_strategy),
      "the strategy state does not fit this run's strategy (ValueError: FedAdam state needs "
      "keys ['m', 'v'], got ['velocity'])"),

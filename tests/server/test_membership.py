@@ -188,6 +188,40 @@ def test_membership_state_round_trips_and_matches_a_new_node_id_by_partition() -
     assert restored.known(1) == [11, 99, 13]  # ordered by partition, unknown last
 
 
+def test_each_node_keeps_its_version_last_round_and_outcome_across_a_checkpoint() -> None:
+    # Prepare: three nodes; in round 2 node 11 is accepted, 12 rejected, 13 silent
+    members = Membership(max_missed=3)
+    members.add_discovered({11: 0, 12: 1, 13: None}, versions={11: "0.2.0", 12: "0.2.0"})
+    members.record_round([11, 12, 13], [11, 12, 13], server_round=1,
+                         outcomes=dict.fromkeys([11, 12, 13], "accepted"))
+    members.record_round([11, 12, 13], [11, 12], server_round=2,
+                         outcomes={11: "accepted", 12: "rejected: num-examples 0 < 1"})
+    # Execute: through the checkpoint's state
+    restored = Membership(max_missed=3)
+    restored.load_state_dict(members.state_dict())
+    # Assert
+    report = {n["node_id"]: n for n in restored.report()}
+    assert report == {n["node_id"]: n for n in members.report()}
+    assert (report[11]["version"], report[11]["outcome"], report[11]["answered"]) == (
+        "0.2.0", "accepted", 2)
+    assert report[12]["outcome"] == "rejected: num-examples 0 < 1"
+    assert (report[13]["version"], report[13]["last_round"], report[13]["outcome"],
+            report[13]["answered"]) == (None, 2, "timed out", 1)
+
+
+def test_a_checkpoint_from_before_node_reports_loads_with_empty_ones() -> None:
+    # Prepare: a membership state as flowerpress 0.2.0 saved it
+    old = {"max_missed": 3, "nodes": [{"node_id": 5, "partition": 0, "since": 0, "missed": 0,
+                                       "listed": True, "anchor": None, "excluded": None}]}
+    members = Membership(max_missed=3)
+    # Execute
+    members.load_state_dict(old)
+    # Assert
+    (entry,) = members.report()
+    assert (entry["version"], entry["last_round"], entry["outcome"], entry["answered"]) == (
+        None, 0, None, 0)
+
+
 def test_max_missed_must_be_a_non_negative_int() -> None:
     with pytest.raises(ValueError, match="max_missed"):
         Membership(max_missed=-1)

@@ -92,6 +92,10 @@ def test_a_strategy_whose_add_raises_fails_the_run_naming_the_class(tmp_path: Pa
     assert doc["summary"]["failed"] == line
     assert "KeyError" in (tmp_path / "error.log").read_text()
     assert (tmp_path / "model.npz").exists()
+    # the run's log beside them: the run's lines, then the one failure line
+    log = (tmp_path / "server.log").read_text().splitlines()
+    assert any("initial accuracy" in line for line in log)
+    assert "flowerpress: run failed: StrategyFailedError" in log[-1] and log[-1].endswith(line)
 
 
 def _nan_reply(reply: Message) -> Message:
@@ -202,9 +206,21 @@ def test_a_device_speaking_another_message_format_is_excluded_naming_both_versio
                                query_tamper={2: _old_version})
         doc = serve(grid, config)
     # Assert: one line on the server naming both versions; the run goes on without node 2
-    lines = [r.getMessage() for r in caplog.records if "excluded from the run" in r.getMessage()]
-    assert len(lines) == 1 and "node 2" in lines[0] and "flowerpress 0.1.0" in lines[0]
+    lines = [r.getMessage() for r in caplog.records if "node 2 " in r.getMessage()]
+    assert len(lines) == 1 and "excluded from the run" in lines[0]
+    assert "flowerpress 0.1.0" in lines[0]
     assert (doc["rounds"][0]["clients"], doc["rounds"][0]["excluded"]) == (5, 1)
+    # results.json's nodes: every node's version; node 2 excluded and why, never asked
+    nodes = {n["node_id"]: n for n in doc["nodes"]}
+    assert sorted(nodes) == [1, 2, 3, 4, 5, 6]
+    assert nodes[2]["version"] == "0.1.0"
+    assert f"message format {protocol.MESSAGE_FORMAT - 1}" in nodes[2]["excluded"]
+    assert (nodes[2]["last_round"], nodes[2]["outcome"]) == (0, None)
+    from flowerpress import __version__
+
+    assert all(n["version"] == __version__ and n["excluded"] is None
+               and (n["last_round"], n["outcome"], n["answered"]) == (1, "accepted", 1)
+               for i, n in nodes.items() if i != 2)
 
 
 def test_the_device_says_in_one_line_when_the_server_speaks_another_format(
@@ -213,7 +229,8 @@ def test_the_device_says_in_one_line_when_the_server_speaks_another_format(
     from flowerpress.client.app import client_app as device_app
 
     content = RecordDict({protocol.CONFIG: ConfigRecord({
-        protocol.HELLO: True, protocol.FORMAT_KEY: protocol.MESSAGE_FORMAT + 1})})
+        protocol.HELLO: True, protocol.FORMAT_KEY: protocol.MESSAGE_FORMAT + 1,
+        protocol.VERSION_KEY: "9.0.0"})})
     # Execute
     with server_identity(), caplog.at_level("ERROR"):
         query = Message(content, dst_node_id=1, message_type="query")
@@ -225,7 +242,9 @@ def test_the_device_says_in_one_line_when_the_server_speaks_another_format(
     assert len(replies) == 1 and not replies[0].has_error()
     info = replies[0].content.config_records[protocol.INFO]
     assert info[protocol.FORMAT_KEY] == protocol.MESSAGE_FORMAT
-    assert any("the server speaks message format" in r.getMessage() for r in caplog.records)
+    (line,) = [r.getMessage() for r in caplog.records
+               if "the server speaks message format" in r.getMessage()]
+    assert f"message format {protocol.MESSAGE_FORMAT + 1} (flowerpress 9.0.0)" in line
 
 
 # --- nothing reads a reply before the guard ---------------------------------------------
@@ -283,3 +302,17 @@ def test_a_device_caught_breaking_secure_aggregation_is_excluded_from_later_roun
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
     assert (rows[0]["clients"], rows[0]["rejected"], rows[0]["excluded"]) == (5, 1, 1)
     assert all((r["clients"], r["rejected"], r["excluded"]) == (5, 0, 1) for r in rows[1:])
+
+
+def test_each_asked_node_has_one_outcome() -> None:
+    # Prepare: node 1 accepted, 2 rejected, 3 reported unavailable by Flower, 4 silent
+    from flowerpress.server.phases import RoundBook
+
+    book = RoundBook(3, [1, 2, 3, 4])
+    book.accept(1)
+    book.reject(2, "train", "num-examples 0\n< 1")
+    book.unavailable.add(3)
+    book.silent |= {3, 4}
+    # Execute / Assert: the reason on one line
+    assert book.outcomes() == {1: "accepted", 2: "rejected: num-examples 0 < 1",
+                               3: "unavailable", 4: "timed out"}

@@ -111,6 +111,10 @@ def test_epsilon_continues_and_a_finished_run_resumes_to_itself(tmp_path: Path) 
     assert _without_time(again["rounds"]) == _without_time(resumed["rounds"])
     assert again["summary"]["resumed_after_rounds"] == [2, 4]
     assert again["privacy"] == resumed["privacy"] and again["privacy"]["epsilon"] == eps[-1]
+    # one server.log for the out-dir: the crashed run, then both resumes added to it
+    log = (tmp_path / "server.log").read_text()
+    assert "round 1: accuracy" in log and "run failed: CrashError" in log
+    assert log.count("flowerpress: resuming from") == 2 and "round 4: accuracy" in log
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path: Path) -> None:
