@@ -121,7 +121,7 @@ def test_pyproject_declares_no_legacy_federations() -> None:
     assert "federations" not in flwr
 
 
-@pytest.mark.timeout(180, method="signal")
+@pytest.mark.timeout(420, method="signal")
 def test_flwr_run_uses_installed_env_and_run_config_size(flwr_home: Path,
                                                          tmp_path: Path) -> None:
     # Prepare
@@ -137,7 +137,7 @@ def test_flwr_run_uses_installed_env_and_run_config_size(flwr_home: Path,
     proc = subprocess.run(
         [flwr, "run", ".", "--stream", "--federation-config", f"num-supernodes={NUM_CLIENTS}",
          "--run-config", run_config],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=360)
     log = proc.stdout + proc.stderr
     started = _started_by(flwr_home)
     _stop_local_superlink(flwr_home)
