@@ -47,6 +47,8 @@ SUPERLINK_LOG = "superlink.log"
 FAILED_GRACE_S = 3.0
 #: Ray's own variable naming the cluster ``ray.init()`` connects to.
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
+#: ``RAY_ADDRESS`` that makes ``ray.init()`` start a new local instance (Ray's own value).
+RAY_LOCAL = "local"
 #: Ray's single-node switch: "0" makes Ray's node address loopback (Ray otherwise
 #: replaces 127.0.0.1 by the machine's outward address and binds every interface).
 RAY_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -140,18 +142,21 @@ def ray_environment(address: str | None, environ: Mapping[str, str]) -> dict[str
     ``address`` (or else ``RAY_ADDRESS`` in ``environ``): the ClientApps run on
     that cluster (``RAY_ADDRESS``, which ``ray.init()`` in Flower's
     ``RayBackend`` reads). Without one, Ray starts a private single-node
-    instance: :data:`RAY_SINGLE_NODE_ENV` = "0" keeps its services on
-    loopback, on ports the OS picks. A loopback address gets the same switch
-    (a cluster on this machine; Ray would otherwise dial the machine's outward
-    address instead). A value the user set for the switch is kept.
+    instance: ``RAY_ADDRESS`` = :data:`RAY_LOCAL` (Ray's own value for it;
+    without it ``ray.init()`` joins the latest cluster a ``ray start`` on this
+    machine recorded in ``/tmp/ray/ray_current_cluster``, someone else's run
+    or a head that has gone, where it waits for ever) and
+    :data:`RAY_SINGLE_NODE_ENV` = "0" keeps its services on loopback, on ports
+    the OS picks. A loopback address gets the same switch (a cluster on this
+    machine; Ray would otherwise dial the machine's outward address instead).
+    A value the user set for the switch is kept.
     """
     env = dict(environ)
     address = address or env.get(RAY_ADDRESS_ENV) or None
-    env.pop(RAY_ADDRESS_ENV, None)
-    if address is not None:
-        env[RAY_ADDRESS_ENV] = address
+    env[RAY_ADDRESS_ENV] = RAY_LOCAL if address is None else address
     parsed = None if address is None else _host_port(address)
-    if address is None or (parsed is not None and _is_loopback(parsed[0].strip("[]"))):
+    if address in (None, RAY_LOCAL) or (parsed is not None
+                                        and _is_loopback(parsed[0].strip("[]"))):
         env.setdefault(RAY_SINGLE_NODE_ENV, "0")
     return env
 
@@ -192,6 +197,7 @@ class LocalRayHead:
             args += ["--min-worker-port", str(self.worker_ports[0]),
                      "--max-worker-port", str(self.worker_ports[1])]
         env = ray_environment(None, os.environ)
+        env.pop(RAY_ADDRESS_ENV)  # the head itself: `ray start --head` joins nothing
         self._proc = ManagedProcess.start("ray head", args, self.workdir / "ray-head.log", env)
         try:
             self._proc.wait_for_output("Ray runtime started", timeout=self.timeout)

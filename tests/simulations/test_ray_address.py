@@ -34,8 +34,10 @@ def listening() -> Iterator[str]:
 
 
 def test_a_local_run_gets_a_private_ray_on_loopback() -> None:
+    # "local": a new instance, not the cluster a `ray start` on this machine recorded
     env = runner.ray_environment(None, {"PATH": "/bin"})
-    assert env == {"PATH": "/bin", SINGLE: "0"}
+    assert env == {"PATH": "/bin", "RAY_ADDRESS": "local", SINGLE: "0"}
+    assert runner.ray_environment(None, {"RAY_ADDRESS": ""})["RAY_ADDRESS"] == "local"
 
 
 def test_the_address_or_ray_address_selects_the_cluster() -> None:
@@ -116,4 +118,4 @@ def test_the_address_reaches_the_superlinks_environment(
     # Assert
     assert code == 1 and "did not start" in capsys.readouterr().err
     assert seen[0]["RAY_ADDRESS"] == listening and seen[0][SINGLE] == "0"
-    assert "RAY_ADDRESS" not in seen[1] and seen[1][SINGLE] == "0"
+    assert seen[1]["RAY_ADDRESS"] == "local" and seen[1][SINGLE] == "0"
