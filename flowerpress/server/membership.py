@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from flwr.app import Message, MessageType
@@ -115,6 +115,9 @@ class NodeRecord:
     outcome: str | None = None  # what became of that round's message (OUTCOMES, + reason)
     answered: int = 0  # the last round it answered in, accepted or rejected (0: never)
 
+
+#: NodeRecord's fields, all scalars: a record's state is its field values.
+_RECORD_FIELDS = tuple(f.name for f in fields(NodeRecord))
 
 class Membership:
     """The nodes the server knows, which of them a round may use, and why not.
@@ -347,9 +350,12 @@ class Membership:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serializable bookkeeping (outstanding queries are not kept)."""
+        # Every round's checkpoint holds it: plain field reads, not dataclasses.asdict's
+        # recursive deep copy (a third of the server's own time per round at 1,000 nodes).
+        names = _RECORD_FIELDS
         return {"max_missed": self.max_missed,
-                "nodes": [asdict(r) for r in sorted(self.records.values(),
-                                                    key=lambda r: r.node_id)]}
+                "nodes": [{name: getattr(r, name) for name in names}
+                          for r in sorted(self.records.values(), key=lambda r: r.node_id)]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s records (``max_missed`` stays this run's)."""

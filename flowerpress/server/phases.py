@@ -48,6 +48,12 @@ T = TypeVar("T")
 
 POLL_MIN_S = 0.005
 POLL_MAX_S = 0.05
+#: After a pull that took t seconds, wait at least this many times t: pulling takes at
+#: most a fifth of the server's time. Flower's ``pull_messages`` checks every pending
+#: message id (availability, TTL) in its LinkState, so with 1,000 replies pending one
+#: pull costs milliseconds; at the 5 ms pace the ServerApp's thread would hold the GIL
+#: of Flower's simulation process (its engine's threads) most of the time.
+PULL_WAIT_FACTOR = 4.0
 
 #: Handles one device's reply inside the guard: validate, decode, fold. Raises
 #: to reject the reply (any exception but :class:`RunFailedError`).
@@ -105,7 +111,8 @@ def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
                  sleep: Callable[[float], None] = time.sleep) -> Iterator[Message]:
     """Yield replies to ``message_ids`` as they arrive, until all came or ``timeout``.
 
-    A short adaptive poll (5 ms doubling to 50 ms while nothing arrives)
+    A short adaptive poll (5 ms doubling to 50 ms while nothing arrives, and
+    never less than :data:`PULL_WAIT_FACTOR` times what the last pull took)
     instead of Flower's ``send_and_receive``, which sleeps a fixed 3 s between
     pulls when it talks to a real SuperLink. With ``settle``, the first reply
     shortens the wait to ``settle`` seconds from its arrival (the long
@@ -116,6 +123,7 @@ def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
     settled = settle is None
     delay = POLL_MIN_S
     while pending:
+        pulled_at = clock()
         try:
             got = list(grid.pull_messages(pending))
         except (ValueError, TypeError, KeyError, IndexError) as exc:
@@ -123,6 +131,7 @@ def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
             # inflate must not end the run. Transport errors still propagate.
             log.warning("a reply could not be read: %s: %.300s", type(exc).__name__, exc)
             got = []
+        spent = clock() - pulled_at
         for reply in got:
             mid = reply.metadata.reply_to_message_id
             if mid in pending:
@@ -137,7 +146,7 @@ def poll_replies(grid: Grid, message_ids: Iterable[str], *, timeout: float,
         if remaining <= 0:
             return
         delay = POLL_MIN_S if got else min(delay * 2, POLL_MAX_S)
-        sleep(min(delay, remaining))
+        sleep(min(max(delay, PULL_WAIT_FACTOR * spent), remaining))
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -182,6 +182,8 @@ def test_membership_state_round_trips_and_matches_a_new_node_id_by_partition() -
     restored.add_discovered({11: 0, 99: 1, 13: None})
     # Assert
     assert restored.state_dict()["nodes"][0] == members.state_dict()["nodes"][0]
+    # the checkpoint's format: every record's fields, as dataclasses.asdict gives them
+    assert members.state_dict()["nodes"] == [asdict(members.records[n]) for n in (11, 12, 13)]
     assert sorted(restored.records) == [11, 13, 99]
     assert restored.records[99].missed == 2  # the bookkeeping of partition 1 moved over
     assert restored.available(1) == [11, 13]  # 99 is skipped: it missed its last 2 rounds

@@ -193,6 +193,34 @@ def test_poll_yields_each_reply_once_and_stops_at_the_timeout() -> None:
     assert 2.0 <= now[0] < 2.3  # gave up at the deadline, not after a fixed long sleep
 
 
+def test_a_costly_pull_is_not_repeated_at_the_short_pace() -> None:
+    # Prepare: every pull takes 20 ms of a fake clock (Flower's LinkState checks each
+    # pending id); replies keep coming, which alone would keep the 5 ms pace
+    from flowerpress.server.phases import PULL_WAIT_FACTOR
+
+    now, sleeps = [0.0], []
+
+    class _CostlyGrid(_SlowGrid):
+        def pull_messages(self, message_ids: Any) -> list[Message]:
+            now[0] += 0.02
+            return super().pull_messages(message_ids)
+
+    grid = _CostlyGrid(client_app, run_config=RUN, num_nodes=4)
+    with server_identity():
+        msgs = [Message(RecordDict({}), dst_node_id=n, message_type="query") for n in (1, 2, 3, 4)]
+        ids = list(grid.push_messages(msgs))
+
+        def sleep(s: float) -> None:
+            sleeps.append(s)
+            now[0] += s
+
+        # Execute
+        got = list(poll_replies(grid, ids, timeout=10.0, clock=lambda: now[0], sleep=sleep))
+    # Assert: every reply, and after each pull a wait of at least 4x its cost
+    assert len(got) == 4
+    assert sleeps and min(sleeps) >= PULL_WAIT_FACTOR * 0.02 - 1e-9
+
+
 def test_a_federation_of_another_size_is_refused_in_one_line() -> None:
     # Prepare: 4 simulation nodes (num-partitions=4) but the run config asks for 10
     from flowerpress.server.loop import FederationMismatchError
