@@ -106,6 +106,9 @@ def _env(home: Path) -> dict[str, str]:
             [str(PLUGINS), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         # Ray's switch for multi-node clusters: off, its processes bind 127.0.0.1 only.
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # A private Ray instance: a bare ray.init() would join the last `ray start`
+        # head on the machine (the matrix's, on the other worker) and queue there.
+        "RAY_ADDRESS": "local",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "PYTHONWARNINGS": "ignore",
     }
