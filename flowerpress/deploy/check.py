@@ -142,16 +142,22 @@ def _check_cache_dir(config: Mapping[str, object], report: DeviceReport) -> None
         report.problems.append(f"{CACHE_DIR_KEY}: expected a quoted directory, got {raw!r}")
         return
     path = Path(raw.strip()).expanduser()
-    existing = path
+    _check_creatable(CACHE_DIR_KEY, path, path, f"device cache: {path}", report)
+
+
+def _check_creatable(key: str, path: Path, start: Path, fact: str,
+                     report: DeviceReport) -> None:
+    """``path`` can be made: its nearest existing ancestor from ``start`` up is a
+    directory this user may write to (then ``fact``), else one problem line."""
+    existing = start
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        report.problems.append(f"{CACHE_DIR_KEY} {path}: {existing} is not a directory")
+        report.problems.append(f"{key} {path}: {existing} is not a directory")
     elif not os.access(existing, os.W_OK | os.X_OK):
-        report.problems.append(f"{CACHE_DIR_KEY} {path}: {existing} is not writable by this "
-                               "user")
+        report.problems.append(f"{key} {path}: {existing} is not writable by this user")
     else:
-        report.facts.append(f"device cache: {path}")
+        report.facts.append(fact)
 
 
 def _check_log_file(config: Mapping[str, object], report: DeviceReport) -> None:
@@ -172,16 +178,7 @@ def _check_log_file(config: Mapping[str, object], report: DeviceReport) -> None:
         else:
             report.facts.append(f"device log: {path}")
         return
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        report.problems.append(f"{LOG_FILE_KEY} {path}: {existing} is not a directory")
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        report.problems.append(f"{LOG_FILE_KEY} {path}: {existing} is not writable by this "
-                               "user")
-    else:
-        report.facts.append(f"device log: {path}")
+    _check_creatable(LOG_FILE_KEY, path, path.parent, f"device log: {path}", report)
 
 
 def _check_ca(path: Path, report: DeviceReport) -> None:
