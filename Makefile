@@ -22,7 +22,11 @@ demo: install
 test: install
 	$(PY) -m ruff check flowerpress tests benchmarks examples
 	$(PY) -m mypy
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+	# --dist loadfile: a file's tests share one worker, so a module-scoped fixture
+	# (the composition matrix's engine, the SuperLink deployment) starts once.
+	# (loadgroup's xdist_group marks are silently ignored under pytest 9.2,
+	# pytest-xdist issue 1386: each worker then started its own matrix.)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: install
 	$(PY) -m ruff check flowerpress tests benchmarks examples

@@ -3,8 +3,8 @@
 One SuperLink (``--enable-supernode-auth``, certificates from ``flowerpress certs``)
 serves the whole module; every process is stopped by the fixture, also on failure
 or timeout (pytest-timeout's signal method raises in the test, so teardown runs).
-Under pytest-xdist the module stays on one worker (``xdist_group``), so the
-deployment starts once.
+Under pytest-xdist the module stays on one worker (``make test`` distributes
+by file, ``--dist loadfile``), so the deployment starts once.
 
 The last test SIGKILLs the ServerApp mid-run and resumes with ``flwr run``: the
 SuperLink (``--isolation subprocess``, the default) starts the ServerApp as a
@@ -48,8 +48,6 @@ NODES, UNREGISTERED, NO_CA = 3, 3, 4
 #: checkpointed (so mid-run), and the resumed run must add round 2 with epsilon
 #: above round 1's.
 RESUME_ROUNDS = 2
-
-pytestmark = pytest.mark.xdist_group("deploy-superlink")  # one worker, one deployment
 
 
 def _app_config_keys() -> set[str]:

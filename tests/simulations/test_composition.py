@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import queue
+import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ import pytest
 
 from flowerpress.config import Config, ConfigError, validate
 from flowerpress.simulations.runner import (
+    RUN_LOG,
     LocalRayHead,
     SimulationError,
     SimulationLink,
@@ -310,8 +312,13 @@ class SharedEngine:
     def _run(self, link: SimulationLink, config: Config, out: Path) -> dict[str, Any]:
         run_config = {**config, "out-dir": str(out)}
         proc = link.run(self.app_dir, run_config, NUM_CLIENTS)
-        return _wait_for_results(proc, out / "results.json", None, int(config["rounds"]),
-                                 RUN_TIMEOUT)
+        try:
+            return _wait_for_results(proc, out / "results.json", None, int(config["rounds"]),
+                                     RUN_TIMEOUT)
+        finally:
+            proc.stop()
+            # The error names out/flwr-run.log, as `flowerpress simulate` writes it.
+            shutil.copyfile(proc.log_path, out / RUN_LOG)
 
     def _run_cell(self, row: Row, name: str) -> Outcome:
         outcome = Outcome(out=self.workdir / "cells" / name)
@@ -410,7 +417,6 @@ def _cell_param(row: Row) -> Any:
 
 
 @pytest.mark.timeout(1200)
-@pytest.mark.xdist_group("simulation-matrix")  # one worker, one shared engine
 @pytest.mark.parametrize("row", [_cell_param(row) for row in ROWS])
 def test_cell_runs_every_round_with_the_expected_devices(row: dict[str, str],
                                                          engine: SharedEngine) -> None:
