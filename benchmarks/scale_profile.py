@@ -15,11 +15,8 @@ central evaluation and, for flowerpress, membership, results and the checkpoint.
 ``vanilla``
     ``flwr.serverapp.strategy.FedAvg().start(...)`` with the same central evaluation.
 
-The digits task's partition table is built for every client by flwr-datasets
-(``IidPartitioner``, one ``Dataset.shard`` per partition: minutes for 10,000
-clients, once per process). Here it is replaced by the same contiguous shards
-from ``numpy.array_split`` (what ``shard(contiguous=True)`` returns), so the
-script reaches the rounds quickly; the clients' data are the same.
+Each client's partition is loaded by flwr-datasets when the client first
+trains (``flowerpress.tasks.data.partition_rows``), not the whole table up front.
 
 Usage::
 
@@ -38,18 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from flowerpress.config import validate
-from flowerpress.tasks import data
-
-
-def _fast_partition_indices(dataset: str, scheme: str, num_partitions: int,
-                            seed: int) -> tuple[Any, ...]:
-    if scheme != "iid":
-        raise SystemExit("scale_profile.py replaces the IID partition table only")
-    rows = np.arange(len(data.load_pooled(dataset, seed, num_partitions).train), dtype=np.int64)
-    return tuple(np.array_split(rows, num_partitions))
 
 
 class TimedClient:
@@ -136,7 +122,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
-    data.partition_indices = _fast_partition_indices  # type: ignore[assignment]
     config = validate({"dataset": "digits", "model": "logreg", "partition": "iid",
                        "num-clients": args.clients, "clients-per-round": args.per_round,
                        "rounds": args.rounds, "local-epochs": 1, "round-timeout": 3600.0})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,9 @@ from flowerpress.tasks import data
 def test_partitions_are_disjoint_cover_and_reproducible(scheme: str) -> None:
     # Execute
     parts = data.partition_indices("digits", scheme, 10, 0)
-    again = data.partition_indices.__wrapped__("digits", scheme, 10, 0)
+    data.partition_rows.cache_clear()
+    data._partitioner.cache_clear()
+    again = data.partition_indices("digits", scheme, 10, 0)
     # Assert
     joined = np.concatenate(parts)
     assert len(np.unique(joined)) == len(joined)
@@ -23,6 +27,19 @@ def test_partitions_are_disjoint_cover_and_reproducible(scheme: str) -> None:
         assert len(joined) == len(data.load_pooled("digits", 0, 10).train)
     for a, b in zip(parts, again, strict=True):
         np.testing.assert_array_equal(np.sort(a), np.sort(b))
+
+
+def test_a_client_loads_only_its_own_partition() -> None:
+    # Prepare: a fresh process's caches
+    data.partition_rows.cache_clear()
+    data._partitioner.cache_clear()
+    # Execute
+    split = data.load_partition("digits", "iid", 7, 1000, 0)
+    # Assert: one partition loaded; IidPartitioner's contiguous shard of the pooled rows
+    assert data.partition_rows.cache_info().currsize == 1
+    pooled = data.load_pooled("digits", 0, 1000).train
+    rows = np.array_split(np.arange(len(pooled.y)), 1000)[7]
+    np.testing.assert_array_equal(split.y, pooled.y[rows])
 
 
 def test_dirichlet_skews_labels_more_than_iid() -> None:
@@ -46,6 +63,26 @@ def test_mnist_is_shuffled_real_digits() -> None:
     assert len(pooled.train) == 4000 and len(pooled.test) == 1000
     assert pooled.train.x.shape[1:] == (1, 28, 28)
     assert len(np.unique(pooled.test.y[:50])) >= 5
+
+
+def test_digits_are_scikit_learns_read_without_importing_it() -> None:
+    # Prepare
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    code = ("import sys; from flowerpress.tasks.data import _digits; p = _digits(0); "
+            "print(len(p.train.y) + len(p.test.y), 'sklearn' in sys.modules)")
+    # Execute
+    pooled = data._digits(0)
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, check=True).stdout.split()
+    # Assert: the same rows (shuffled by the seed) and scikit-learn never imported
+    rows = np.concatenate([pooled.train.x, pooled.test.x])
+    labels = np.concatenate([pooled.train.y, pooled.test.y])
+    order, expected = np.lexsort(rows.T), np.lexsort((bunch.data / 16.0).T)
+    np.testing.assert_array_equal(rows[order], bunch.data[expected] / 16.0)
+    np.testing.assert_array_equal(labels[order], bunch.target[expected])
+    assert fresh == ["1797", "False"]
 
 
 def test_synthetic_is_naturally_federated() -> None:
