@@ -26,7 +26,7 @@ test: install
 	# (the composition matrix's engine, the SuperLink deployment) starts once.
 	# (loadgroup's xdist_group marks are silently ignored under pytest 9.2,
 	# pytest-xdist issue 1386: each worker then started its own matrix.)
-	$(PY) -m pytest -q -n 4 --dist loadfile --no-loadscope-reorder --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 lint: install
 	$(PY) -m ruff check flowerpress tests benchmarks examples

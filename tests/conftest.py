@@ -1,6 +1,6 @@
 """Suite-wide ordering: the long end-to-end files start first.
 
-``make test`` runs ``pytest -n 4 --dist loadfile --no-loadscope-reorder``: each
+``make test`` runs ``pytest -n 2 --dist loadfile --no-loadscope-reorder``: each
 file runs whole on one worker, in the order collected. Putting the files that
 start Flower's engine or a deployment first lets their waiting (start-up,
 round timeouts, SuperNode polling) overlap with each other and with the

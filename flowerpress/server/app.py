@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Context
@@ -69,6 +69,9 @@ from flowerpress.server.results import (
 )
 from flowerpress.strategies.base import Strategy
 from flowerpress.tasks.base import Evaluation, Task
+
+if TYPE_CHECKING:
+    from flowerpress.privacy.accounting import ServerPrivacy
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ def _serve(grid: Grid, config: Config, saved: Checkpoint | None, *, task: Task |
            on_round: RoundCallback | None) -> dict[str, Any]:
     """:func:`serve` once the out-dir is claimed (``saved``: the checkpoint to continue)."""
     from flowerpress.compression import parse as parse_codec
-    from flowerpress.privacy import ServerPrivacy, parse_dp
+    from flowerpress.privacy import parse_dp
     from flowerpress.privacy.keys import Sampling
     from flowerpress.strategies import build_strategy
     from flowerpress.tasks.registry import build_task, task_name, task_spec
@@ -175,6 +178,9 @@ def _serve(grid: Grid, config: Config, saved: Checkpoint | None, *, task: Task |
 
     def make_ledger(population: int) -> ServerPrivacy:
         # The sampling rate is clients-per-round over the nodes actually there.
+        # (dp_accounting and SciPy load here, with DP on: 2 CPU s per server process.)
+        from flowerpress.privacy.accounting import ServerPrivacy
+
         assert dp is not None
         ledgers.append(ServerPrivacy(
             dp, num_clients=population,
