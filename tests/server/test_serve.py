@@ -108,7 +108,8 @@ def test_other_strategies_run_through_serve(spec: str) -> None:
     assert all(r["clients"] == 4 for r in result["rounds"])
 
 
-def test_a_run_without_dp_loads_neither_the_accountant_nor_scikit_learn(tmp_path: Path) -> None:
+def test_a_run_without_dp_loads_no_accountant_scikit_learn_or_torch_dynamo(
+        tmp_path: Path) -> None:
     # Prepare: a whole run (server and devices) in a fresh interpreter, DP off
     import subprocess
     import sys
@@ -122,12 +123,13 @@ def test_a_run_without_dp_loads_neither_the_accountant_nor_scikit_learn(tmp_path
         f"config = validate({dict(BASE, rounds=1, compression='q:8')!r})\n"
         "with server_identity():\n"
         "    serve(InProcessGrid(app, 4, run_config=config), config, out_dir=None)\n"
-        "print(sorted(m for m in ('dp_accounting', 'sklearn') if m in sys.modules))\n")
+        "print(sorted(m for m in ('dp_accounting', 'sklearn', 'torch._dynamo')"
+        " if m in sys.modules))\n")
     # Execute
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, check=True, cwd=tmp_path)
-    # Assert: dp_accounting (with SciPy) and scikit-learn would cost every simulated
-    # server and device 1.6-2.2 CPU s and tens of MiB
+    # Assert: dp_accounting (with SciPy), scikit-learn and TorchDynamo would cost every
+    # simulated server and device 1.6-2.2 CPU s and tens of MiB
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 

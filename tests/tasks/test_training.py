@@ -52,3 +52,45 @@ def test_same_generator_same_result() -> None:
     # Assert
     for a, b in zip(get_weights(models[0]), get_weights(models[1]), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_step_is_torch_sgds_to_the_bit_and_loads_no_torch_dynamo() -> None:
+    # Prepare: a reference loop with torch.optim.SGD, the same batches and proximal term
+    import subprocess
+    import sys
+
+    from torch import nn
+
+    split = data.load_partition("digits", "iid", 0, 2, 0)
+    ours = build_model("digits", tuple(split.x.shape[1:]), 10, seed=0)
+    ref = build_model("digits", tuple(split.x.shape[1:]), 10, seed=0)
+    settings = TrainSettings(local_epochs=2, batch_size=16, lr=0.1, proximal_mu=0.01)
+    anchor = [p.detach().clone() for p in ref.parameters()]
+    opt = torch.optim.SGD(ref.parameters(), lr=settings.lr)
+    xt, yt, gen = torch.from_numpy(split.x), torch.from_numpy(split.y), torch.Generator()
+    gen.manual_seed(3)
+    for _ in range(settings.local_epochs):
+        order = torch.randperm(len(yt), generator=gen)
+        for start in range(0, len(yt), settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            opt.zero_grad()
+            loss = nn.CrossEntropyLoss()(ref(xt[idx]), yt[idx]) + 0.5 * settings.proximal_mu * sum(
+                ((p - a) ** 2).sum() for p, a in zip(ref.parameters(), anchor, strict=True))
+            loss.backward()
+            opt.step()
+    # Execute
+    train(ours, split.x, split.y, settings, generator=torch.Generator().manual_seed(3))
+    fresh = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, torch; from flowerpress.tasks import data; "
+         "from flowerpress.tasks.models import build_model; "
+         "from flowerpress.tasks.training import TrainSettings, train; "
+         "s = data.load_partition('digits', 'iid', 0, 2, 0); "
+         "m = build_model('digits', tuple(s.x.shape[1:]), 10, seed=0); "
+         "train(m, s.x, s.y, TrainSettings(), generator=torch.Generator().manual_seed(0)); "
+         "print('torch._dynamo' in sys.modules)"],
+        capture_output=True, text=True, timeout=120, check=True)
+    # Assert: the same weights, bit for bit; no TorchDynamo in a device's process
+    for a, b in zip(get_weights(ours), get_weights(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert fresh.stdout.strip().splitlines()[-1] == "False"
