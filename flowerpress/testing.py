@@ -11,10 +11,14 @@ Simulations and deployments use Flower's simulation engine and SuperLink.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -235,3 +239,19 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         return list(self.pull_messages(list(self.push_messages(messages))))
+
+
+def modules_loaded(code: str, modules: Sequence[str], *, cwd: Path | None = None,
+                   timeout: float = 300.0) -> tuple[str, list[str]]:
+    """Run ``code`` in a fresh interpreter: what it printed, and which of ``modules`` it loaded.
+
+    A process's import weight (CPU seconds and memory at start-up) is paid by
+    every device and server process; tests pin it with this.
+    """
+    probe = (f"\nimport json as _json, sys as _sys\n"
+             f"print(_json.dumps([m for m in {list(modules)!r} if m in _sys.modules]))\n")
+    out = subprocess.run([sys.executable, "-c", code + probe], capture_output=True, text=True,
+                         timeout=timeout, check=True, cwd=cwd)
+    *printed, last = out.stdout.strip().splitlines()
+    loaded: list[str] = json.loads(last)
+    return "\n".join(printed), loaded

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import ast
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from flowerpress.testing import modules_loaded
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flowerpress"
 
@@ -77,10 +76,7 @@ def test_device_import_is_lean() -> None:
     heavy = ["dp_accounting", "scipy", "datasets", "sklearn", "matplotlib", "ray", "mlflow",
              "tensorboard",
              "flowerpress.server", "flowerpress.simulations", "flowerpress.strategies"]
-    code = ("import json, sys; import flowerpress.client.app; "
-            f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
     # Execute
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=True)
+    _, loaded = modules_loaded("import flowerpress.client.app", heavy, timeout=120)
     # Assert
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    assert loaded == []

@@ -12,7 +12,7 @@ from flowerpress.config import validate
 from flowerpress.server.app import serve
 from flowerpress.server.checkpoint import load_checkpoint
 from flowerpress.simulations.app import app as client_app
-from flowerpress.testing import InProcessGrid, server_identity
+from flowerpress.testing import InProcessGrid, modules_loaded, server_identity
 
 BASE = {"dataset": "digits", "partition": "iid", "num-clients": 4, "clients-per-round": 4,
         "rounds": 2, "local-epochs": 1, "round-timeout": 5.0}
@@ -111,44 +111,32 @@ def test_other_strategies_run_through_serve(spec: str) -> None:
 def test_a_run_without_dp_loads_no_accountant_scikit_learn_or_torch_dynamo(
         tmp_path: Path) -> None:
     # Prepare: a whole run (server and devices) in a fresh interpreter, DP off
-    import subprocess
-    import sys
-
     code = (
-        "import sys\n"
         "from flowerpress.config import validate\n"
         "from flowerpress.server.app import serve\n"
         "from flowerpress.simulations.app import app\n"
         "from flowerpress.testing import InProcessGrid, server_identity\n"
         f"config = validate({dict(BASE, rounds=1, compression='q:8')!r})\n"
         "with server_identity():\n"
-        "    serve(InProcessGrid(app, 4, run_config=config), config, out_dir=None)\n"
-        "print(sorted(m for m in ('dp_accounting', 'sklearn', 'torch._dynamo')"
-        " if m in sys.modules))\n")
+        "    serve(InProcessGrid(app, 4, run_config=config), config, out_dir=None)\n")
     # Execute
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, check=True, cwd=tmp_path)
+    _, loaded = modules_loaded(code, ["dp_accounting", "sklearn", "torch._dynamo"],
+                               cwd=tmp_path)
     # Assert: dp_accounting (with SciPy), scikit-learn and TorchDynamo would cost every
     # simulated server and device 1.6-2.2 CPU s and tens of MiB
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert loaded == []
 
 
 def test_the_servers_task_work_loads_neither_torch_dynamo_nor_scipy(tmp_path: Path) -> None:
-    # Prepare: what the ServerApp does with the task (devices train, which loads both)
-    import subprocess
-    import sys
-
+    # Prepare: what the ServerApp does with the task (devices train, which loads SciPy)
     code = (
-        "import sys\n"
         "from flowerpress.config import validate\n"
         "from flowerpress.tasks.registry import build_task, task_spec\n"
         f"config = validate({dict(BASE)!r})\n"
         "task = build_task(task_spec(config), config)\n"
         "weights, central = task.initial_weights(), task.central_data()\n"
-        "assert task.train_flops(1000) > 0 and task.evaluate(weights, central).accuracy >= 0\n"
-        "print(sorted(m for m in ('torch._dynamo', 'scipy') if m in sys.modules))\n")
+        "assert task.train_flops(1000) > 0 and task.evaluate(weights, central).accuracy >= 0\n")
     # Execute
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, check=True, cwd=tmp_path)
+    _, loaded = modules_loaded(code, ["torch._dynamo", "scipy"], cwd=tmp_path)
     # Assert: TorchDynamo alone is 75-80 MiB of the server's peak (docs/benchmarks.md, scale)
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert loaded == []

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flowerpress.tasks import data
+from flowerpress.testing import modules_loaded
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet:0.5", "shard:2"])
@@ -70,19 +69,18 @@ def test_digits_are_scikit_learns_read_without_importing_it() -> None:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    code = ("import sys; from flowerpress.tasks.data import _digits; p = _digits(0); "
-            "print(len(p.train.y) + len(p.test.y), 'sklearn' in sys.modules)")
     # Execute
     pooled = data._digits(0)
-    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=120, check=True).stdout.split()
+    printed, loaded = modules_loaded(
+        "from flowerpress.tasks.data import _digits; p = _digits(0); "
+        "print(len(p.train.y) + len(p.test.y))", ["sklearn"], timeout=120)
     # Assert: the same rows (shuffled by the seed) and scikit-learn never imported
     rows = np.concatenate([pooled.train.x, pooled.test.x])
     labels = np.concatenate([pooled.train.y, pooled.test.y])
     order, expected = np.lexsort(rows.T), np.lexsort((bunch.data / 16.0).T)
     np.testing.assert_array_equal(rows[order], bunch.data[expected] / 16.0)
     np.testing.assert_array_equal(labels[order], bunch.target[expected])
-    assert fresh == ["1797", "False"]
+    assert (printed, loaded) == ("1797", [])
 
 
 def test_synthetic_is_naturally_federated() -> None:
