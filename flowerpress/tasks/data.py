@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,8 +200,54 @@ def load_pooled(dataset: str, seed: int, num_partitions: int) -> Pooled:
     )
 
 
+#: flwr-datasets' plotting subpackage: its package ``__init__`` imports it, and
+#: with it seaborn, SciPy's statistics, pandas and matplotlib's pyplot.
+_FLWR_DATASETS_PLOTS = "flwr_datasets.visualization"
+
+
+def flwr_datasets_without_plots() -> None:
+    """Let ``import flwr_datasets`` defer its plotting subpackage until it is used.
+
+    ``flwr_datasets/__init__.py`` imports ``flwr_datasets.visualization``, which
+    imports seaborn, ``scipy.stats`` and ``matplotlib.pyplot``: about 3 CPU
+    seconds of every process that partitions data, while partitioning uses none
+    of it. That is each Ray worker of a simulation and, under Flower's
+    subprocess isolation, every message a device answers. The subpackage is
+    registered unexecuted instead, with a module ``__getattr__`` (PEP 562) that
+    executes it: the package imports unchanged, and the plots load in full the
+    first time one of their names is read. (The standard library's
+    ``importlib.util.LazyLoader`` does not serve here: the import system reads
+    the module's ``__spec__``, which makes a lazy module load at once.) A
+    no-op once flwr-datasets is imported (its plots then are too, or were
+    deferred here).
+    """
+    if "flwr_datasets" in sys.modules or _FLWR_DATASETS_PLOTS in sys.modules:
+        return
+    package = importlib.util.find_spec("flwr_datasets")  # locates, does not import
+    if package is None or not package.submodule_search_locations:
+        return
+    where = Path(next(iter(package.submodule_search_locations))) / "visualization"
+    spec = importlib.util.spec_from_file_location(
+        _FLWR_DATASETS_PLOTS, where / "__init__.py", submodule_search_locations=[str(where)])
+    if spec is None or spec.loader is None:
+        return
+    loader = spec.loader
+    module = importlib.util.module_from_spec(spec)  # created, not yet executed
+
+    def load_on_first_use(name: str) -> Any:
+        # PEP 562: called only for a name the module lacks, so its ``__spec__``
+        # (which the import system reads) does not trigger the load.
+        del module.__dict__["__getattr__"]
+        loader.exec_module(module)
+        return getattr(module, name)
+
+    module.__dict__["__getattr__"] = load_on_first_use
+    sys.modules[_FLWR_DATASETS_PLOTS] = module
+
+
 def make_partitioner(scheme: str, num_partitions: int, seed: int) -> Any:
     """Build the flwr-datasets partitioner for ``iid``, ``dirichlet:A`` or ``shard:K``."""
+    flwr_datasets_without_plots()
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
@@ -236,6 +283,8 @@ def _partitioner(dataset: str, scheme: str, num_partitions: int, seed: int) -> A
     client needs them (:func:`partition_rows`).
     """
     import datasets
+
+    flwr_datasets_without_plots()
     from flwr_datasets.partitioner import NaturalIdPartitioner
 
     pooled = load_pooled(dataset, seed, num_partitions)
@@ -355,6 +404,7 @@ class _Hub:
 
 @functools.lru_cache(maxsize=2)
 def _hub(name: str, scheme: str, num_partitions: int, seed: int) -> _Hub:
+    flwr_datasets_without_plots()
     from flwr_datasets import FederatedDataset
 
     partitioner = make_partitioner(scheme, num_partitions, seed)

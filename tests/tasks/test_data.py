@@ -126,3 +126,22 @@ def test_hub_path_loads_a_local_dataset_directory(tmp_path: Path) -> None:
     assert float(part.x.max()) <= 1.0
     assert len(test) == 20
     assert data.num_classes_of(name, 0, 3) == 3
+
+
+def test_partitioning_leaves_flwr_datasets_plots_unloaded_until_used() -> None:
+    # Execute: what a device process does, then what a user plotting partitions does
+    plots = ["seaborn", "scipy.stats", "matplotlib.pyplot"]
+    printed, loaded = modules_loaded(
+        "from flowerpress.tasks.data import partition_rows; "
+        "print(len(partition_rows('digits', 'dirichlet:0.5', 8, 0, 3)) > 0)", plots,
+        timeout=120)
+    used, after_use = modules_loaded(
+        "from flowerpress.tasks.data import partition_rows; "
+        "partition_rows('digits', 'iid', 8, 0, 3); "
+        "from flwr_datasets.visualization import plot_label_distributions; "
+        "import flwr_datasets; print(callable(plot_label_distributions), "
+        "callable(flwr_datasets.visualization.plot_comparison_label_distribution))", plots,
+        timeout=120)
+    # Assert: the partition is the library's, the plots load in full when read
+    assert (printed, loaded) == ("True", [])
+    assert (used, sorted(after_use)) == ("True True", sorted(plots))
