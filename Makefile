@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck bench wheel clean
+.PHONY: install demo test test-slow check lint typecheck bench wheel clean
 
 install: $(STAMP)
 
@@ -26,7 +26,16 @@ test: install
 	# (the composition matrix's engine, the SuperLink deployment) starts once.
 	# (loadgroup's xdist_group marks are silently ignored under pytest 9.2,
 	# pytest-xdist issue 1386: each worker then started its own matrix.)
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+	# The `slow` tests (runs on a TLS deployment, a killed ServerApp) are `make test-slow`.
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 -m "not slow"
+
+# The long end-to-end runs: a TLS deployment's rounds with compression, its ServerApp
+# SIGKILLed and resumed, a user's own task on a deployment, a SIGKILL on the engine.
+# CI runs them after `make test` (.ci/run); `make check` is both.
+test-slow: install
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=5 -m slow
+
+check: test test-slow
 
 lint: install
 	$(PY) -m ruff check flowerpress tests benchmarks examples

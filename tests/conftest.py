@@ -6,7 +6,8 @@ start Flower's engine or a deployment first lets their waiting (start-up,
 round timeouts, SuperNode polling) overlap with each other and with the
 in-process tests, instead of forming a tail at the end of the run. The order
 is by each file's measured duration (docs/benchmarks.md, "Test suite time");
-a file not listed keeps its place after them.
+a file not listed keeps its place after them. (Tests marked ``slow`` run
+in ``make test-slow``, which CI runs after ``make test``.)
 """
 
 from __future__ import annotations

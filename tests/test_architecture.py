@@ -80,3 +80,14 @@ def test_device_import_is_lean() -> None:
     _, loaded = modules_loaded("import flowerpress.client.app", heavy, timeout=120)
     # Assert
     assert loaded == []
+
+
+def test_ci_runs_the_slow_tests_that_make_test_leaves_out() -> None:
+    # Prepare
+    root = Path(__file__).resolve().parents[1]
+    ci = (root / ".ci" / "run").read_text(encoding="utf-8").split()
+    makefile = (root / "Makefile").read_text(encoding="utf-8")
+    # Assert: `make test` deselects `slow`, `make test-slow` selects it, CI runs both
+    assert '-m "not slow"' in makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "-m slow" in makefile.split("\ntest-slow:", 1)[1].split("\n\n", 1)[0]
+    assert [ci[i + 1] for i, word in enumerate(ci[:-1]) if word == "make"] == ["test", "test-slow"]

@@ -49,6 +49,7 @@ def _older_flowerpress(where: Path) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(where), os.environ.get("PYTHONPATH", "")])}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600, method="signal")
 def test_own_task_runs_on_a_superlink_with_device_data(tmp_path: Path) -> None:
     # Prepare: each device's windows in a file, as an operator would copy them there

@@ -121,6 +121,7 @@ def test_supernode_without_ca_certificate_cannot_connect(deployment: LocalDeploy
     assert "registered" in statuses.values()  # key 4 never came online
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(480, method="signal")
 def test_flwr_run_completes_rounds_with_compression(
     deployment: LocalDeployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -214,6 +215,7 @@ def _serverapp_pids(superlink_pid: int) -> list[int]:
 
 # Before the test that adds (and stops) a node, which the SuperLink may still list for a
 # while: this run samples every online node. It kills this deployment's ServerApp only.
+@pytest.mark.slow
 @pytest.mark.timeout(900, method="signal")
 def test_serverapp_killed_mid_run_resumes_to_the_planned_rounds(
     deployment: LocalDeployment, tmp_path: Path

@@ -69,6 +69,7 @@ def _uninterrupted() -> dict[str, Any]:
         return serve(InProcessGrid(client_app, 4, run_config=config), config)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sigkill_of_the_serverapp_then_resume_finishes_the_same_run(tmp_path: Path) -> None:
     # Prepare
