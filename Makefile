@@ -30,7 +30,8 @@ test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 -m "not slow"
 
 # The long end-to-end runs: a TLS deployment's rounds with compression, its ServerApp
-# SIGKILLed and resumed, a user's own task on a deployment, a SIGKILL on the engine.
+# SIGKILLed and resumed, the own-task example on a deployment and on the engine, a
+# SIGKILL on the engine.
 # CI runs them after `make test` (.ci/run); `make check` is both.
 test-slow: install
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=5 -m slow

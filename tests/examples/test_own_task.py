@@ -45,6 +45,7 @@ def test_own_task_learns_with_federated_evaluation(sensor_task: type) -> None:
     assert summary["total_upload_payload_bytes"] * 3 < summary["fp32_upload_bytes"]
 
 
+@pytest.mark.slow
 def test_own_task_runs_with_flwr_on_the_simulation_engine(tmp_path: Path) -> None:
     # Prepare: Flower's simulation SuperLink; the example app as a user would submit it
     from flowerpress.simulations.runner import SimulationLink

@@ -51,7 +51,7 @@ from flowerpress.simulations.runner import (
 
 NUM_CLIENTS = 8
 PARTIAL = 6  # clients per round under partial participation (poisson: q = 0.75)
-MAX_MISSED = 3  # the default max-missed-rounds; every run goes past it
+MAX_MISSED = 2  # max-missed-rounds (default 3): every run goes past it, in one round fewer
 ROUNDS = MAX_MISSED + 1
 RESUME_AFTER = 2  # a resumed cell runs RESUME_AFTER rounds, then resumes to ROUNDS
 #: Runs at once, one per lane (a SuperLink and a Ray head): enough to overlap
