@@ -49,7 +49,7 @@ Usage::
     python benchmarks/scale.py [--clients 1000] [--per-round 100] [--rounds 3]
                                [--pairs 2] [--json OUT.json] [--dataset digits]
 
-``--dataset synthetic:0,0`` for more clients than the digits' 1,437 training rows
+``--dataset synthetic:0,0`` for more clients than the digits' 1,438 training rows
 (FedProx's Synthetic(0, 0): naturally federated, one generated device per client,
 whatever the ``partition`` key says).
 """
@@ -265,7 +265,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     parser.add_argument("--dataset", default="digits",
-                        help="digits (1,437 training rows: up to 1,437 clients) or, beyond, "
+                        help="digits (1,438 training rows: up to 1,438 clients) or, beyond, "
                              "synthetic:A,B (FedProx's generator, one device per client)")
     args = parser.parse_args()
     # Long round timeouts on both sides: a loaded 2-core machine must not cut a round.
