@@ -31,7 +31,7 @@ test: install
 
 # The long end-to-end runs: a TLS deployment's rounds with compression, its ServerApp
 # SIGKILLed and resumed, the own-task example on a deployment and on the engine, a
-# SIGKILL on the engine.
+# SIGKILL on the engine, a resume from another model's checkpoint on the engine.
 # CI runs them after `make test` (.ci/run); `make check` is both.
 test-slow: install
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=5 -m slow

@@ -191,6 +191,7 @@ def test_the_runner_refuses_before_starting_flower_and_writes_nothing(
     assert _files(tmp_path) == before
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_a_checkpoint_of_another_model_fails_the_resumed_simulation_in_one_line(
         tmp_path: Path) -> None:
