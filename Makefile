@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# Two workers, a file's tests on one of them, the long files first (tests/conftest.py).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: install demo test test-slow check lint typecheck bench wheel clean
 
@@ -26,15 +28,12 @@ test: install
 	# (the composition matrix's engine, the SuperLink deployment) starts once.
 	# (loadgroup's xdist_group marks are silently ignored under pytest 9.2,
 	# pytest-xdist issue 1386: each worker then started its own matrix.)
-	# The `slow` tests (runs on a TLS deployment, a killed ServerApp) are `make test-slow`.
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 -m "not slow"
+	$(PYTEST) --durations=15 -m "not slow"
 
-# The long end-to-end runs: a TLS deployment's rounds with compression, its ServerApp
-# SIGKILLed and resumed, the own-task example on a deployment and on the engine, a
-# SIGKILL on the engine, a resume from another model's checkpoint on the engine.
-# CI runs them after `make test` (.ci/run); `make check` is both.
+# The long end-to-end runs marked `slow` (deployments, killed ServerApps; `pytest -m slow
+# --collect-only` lists them). CI runs them after `make test` (.ci/run); `make check` is both.
 test-slow: install
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=5 -m slow
+	$(PYTEST) --durations=5 -m slow
 
 check: test test-slow
 
