@@ -219,11 +219,44 @@ def _release_pld(
     )
 
 
-@functools.lru_cache(maxsize=256)
+#: Rounds composed one at a time onto the last composition of a release before
+#: ``self_compose`` (FFT powers, O(log count) convolutions) is cheaper.
+_COMPOSE_STEPS = 16
+#: Distinct releases whose last composition is kept (each one or two PMFs of about
+#: 10^5 floats).
+_COMPOSED_KEPT = 32
+_composed: dict[tuple[GaussianRelease, float],
+                tuple[int, privacy_loss_distribution.PrivacyLossDistribution]] = {}
+_EPSILONS_KEPT = 256
+_epsilons: dict[tuple[tuple[tuple[GaussianRelease, int], ...], float, float], float] = {}
+
+
 def _release_pld_composed(
     release: GaussianRelease, count: int, interval: float
 ) -> privacy_loss_distribution.PrivacyLossDistribution:
-    return _release_pld(release, interval).self_compose(count)
+    """``count`` compositions of one release's PLD.
+
+    A ledger asks for 1, 2, 3, ... rounds of the same release, so the last
+    composition of each release is kept and extended by one ``compose`` per round
+    (about 0.05 s), as dp_accounting's ``PLDAccountant`` composes one event per
+    round, instead of rebuilding ``self_compose(count)`` every round (0.3-0.5 s).
+    Both are pessimistic: they differ by about 1e-11 in epsilon.
+    """
+    single = _release_pld(release, interval)
+    if count == 1:
+        return single
+    key = (release, interval)
+    last = _composed.pop(key, None)
+    if last is not None and 0 <= count - last[0] <= _COMPOSE_STEPS:
+        done, pld = last
+        for _ in range(count - done):
+            pld = pld.compose(single)
+    else:
+        pld = single.self_compose(count)
+    _composed[key] = (count, pld)  # the most recently used last
+    while len(_composed) > _COMPOSED_KEPT:
+        del _composed[next(iter(_composed))]
+    return pld
 
 
 class PldAccountant(Accountant):
@@ -240,7 +273,6 @@ class PldAccountant(Accountant):
     def __init__(self, value_discretization_interval: float = 1e-4) -> None:
         self.value_discretization_interval = value_discretization_interval
         self._counts: Counter[GaussianRelease] = Counter()
-        self._cached: tuple[tuple[tuple[GaussianRelease, int], ...], float, float] | None = None
 
     def supports(self, release: GaussianRelease) -> bool:
         """Plain and Poisson Gaussians with one relation."""
@@ -262,16 +294,21 @@ class PldAccountant(Accountant):
         if not self._counts:
             return 0.0
         key = tuple(self._counts.items())
-        if self._cached is not None and self._cached[0] == key and self._cached[1] == delta:
-            return self._cached[2]
         interval = self.value_discretization_interval
+        # A round's budget check, its charge and the report alongside another
+        # accountant ask for the same ledger; each costs a pass over the PMF in Python.
+        memo = (key, delta, interval)
+        if memo in _epsilons:
+            return _epsilons[memo]
         pld = None
         for release, count in key:
             part = _release_pld_composed(release, count, interval)
             pld = part if pld is None else pld.compose(part)
         assert pld is not None
         epsilon = float(pld.get_epsilon_for_delta(delta))
-        self._cached = (key, delta, epsilon)
+        _epsilons[memo] = epsilon
+        while len(_epsilons) > _EPSILONS_KEPT:
+            del _epsilons[next(iter(_epsilons))]
         return epsilon
 
     def describe(self) -> str:

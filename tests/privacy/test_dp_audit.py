@@ -374,6 +374,30 @@ def test_pld_reads_replace_one_multipliers_like_rdp() -> None:
     assert 0.9 * rdp.get_epsilon(DELTA) < replace_one.get_epsilon(DELTA) <= rdp.get_epsilon(DELTA)
 
 
+def test_pld_composed_round_by_round_matches_pldaccountant_and_self_compose() -> None:
+    # The ledger extends each release's last composition by one round (as PLDAccountant
+    # composes one event per round) instead of rebuilding self_compose(count) every round.
+    from flowerpress.privacy import accounting
+
+    rounds = 6
+    server = _server("distributed:clip=1.0,noise=1.0", sampling="poisson")
+    reference = PLDAccountant(neighboring_relation=ZERO_OUT)
+    event = dp_accounting.PoissonSampledDpEvent(0.2, dp_accounting.GaussianDpEvent(1.0))
+    for _ in range(rounds):
+        server.train_config(1, cohort_size=10)
+        eps = server.end_round(list(range(10)), [])
+        reference.compose(event)
+    assert eps == pytest.approx(reference.get_epsilon(DELTA), rel=1e-9)
+
+    # The same ledger rebuilt from scratch (a resumed run) takes self_compose's path.
+    state = server.state_dict()
+    accounting._composed.clear()
+    accounting._epsilons.clear()
+    resumed = _server("distributed:clip=1.0,noise=1.0", sampling="poisson")
+    resumed.load_state_dict(state)
+    assert resumed.epsilon == pytest.approx(eps, rel=1e-9)
+
+
 def test_predictable_charges_only_the_aggregated_clients() -> None:
     server = _server("distributed:clip=1.0,noise=2.0", m=3, sampling="predictable")
 
