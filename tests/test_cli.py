@@ -28,6 +28,7 @@ def test_bad_set_exits_2_with_one_line(setting: str, tmp_path: Path,
     assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow  # make test runs the console script through tests/test_sweep.py
 @pytest.mark.timeout(420)
 def test_simulation_end_to_end_on_flowers_engine(tmp_path: Path) -> None:
     # Execute: the console script, as a user runs it, tracked in TensorBoard and MLflow

@@ -398,15 +398,21 @@ def test_the_uncompressed_summary_says_more_than_float32() -> None:
 
 @pytest.mark.timeout(600)
 def test_a_sweep_of_flowerpress_simulate_then_again_then_compare(tmp_path: Path) -> None:
-    # Prepare: one configuration at one seed on Flower's simulation engine
+    # Prepare: one configuration at one seed on Flower's simulation engine, tracked in
+    # TensorBoard and MLflow. This is make test's run of `flowerpress simulate` as a
+    # console script (the sweep starts one per run); the run with live progress
+    # lines is tests/test_cli.py's, in make test-slow.
     grid = tmp_path / "g.toml"
     grid.write_text(f"seeds = [0]\n[base]\n{sweep._toml_lines(BASE)}")
     out = tmp_path / "sweep"
+    track = ["--track", "tensorboard", "--track", "mlflow"]
     # Execute
-    code = main(["sweep", str(grid), "--out", str(out), "--jobs", "1", "--target", "0.5"])
+    code = main(["sweep", str(grid), "--out", str(out), "--jobs", "1", "--target", "0.5",
+                 *track])
     (results,) = (out / "runs").glob("*/seed-0/results.json")
     first = results.stat().st_mtime_ns, results.read_bytes()
-    again = main(["sweep", str(grid), "--out", str(out), "--jobs", "1", "--target", "0.5"])
+    again = main(["sweep", str(grid), "--out", str(out), "--jobs", "1", "--target", "0.5",
+                  *track])
     compared = main(["compare", str(out / "runs"), "--out", str(tmp_path / "cmp"),
                      "--target", "0.5"])
     # Assert
@@ -416,7 +422,51 @@ def test_a_sweep_of_flowerpress_simulate_then_again_then_compare(tmp_path: Path)
     assert row["seeds"] == 1 and row["seeds_reached"] == 1 and row["accuracy_median"] > 0.5
     assert row["total_bytes_median"] > 0 and row["link_seconds_median"] > 0
     (run_dir,) = (out / "runs").glob("*/seed-0")
-    assert json.loads((run_dir / "results.json").read_text())["config"]["seed"] == 0
+    document = json.loads((run_dir / "results.json").read_text())
+    assert document["config"]["seed"] == 0
     (cmp_row,) = json.loads((tmp_path / "cmp" / "summary.json").read_text())["rows"]
     assert {k: v for k, v in cmp_row.items() if k not in ("config", "id")} == {
         k: v for k, v in row.items() if k not in ("config", "id")}
+    # The run itself: every file a run leaves, every round's fields, every node each round
+    _check_run(run_dir, document)
+    # Tracked: the rows read back by TensorBoard's and MLflow's own readers
+    _check_tracked(out, run_dir, document["rounds"])
+
+
+def _check_run(run_dir: Path, document: dict[str, Any]) -> None:
+    from flowerpress.server.results import ROUND_FIELDS
+
+    assert (run_dir / "report.png").stat().st_size > 1000
+    assert set(document) == {"config", "rounds", "summary", "privacy", "nodes"}
+    rows = document["rounds"]
+    assert len(rows) == BASE["rounds"]
+    assert [n["last_round"] for n in document["nodes"]] == [BASE["rounds"]] * BASE["num-clients"]
+    assert f"round {BASE['rounds']}: accuracy" in (run_dir / "server.log").read_text()
+    for r in rows:
+        assert set(ROUND_FIELDS) <= set(r)
+        assert r["clients"] == BASE["clients-per-round"] and r["upload_bytes"] > 0
+    summary = document["summary"]
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
+    assert summary["total_upload_bytes"] == sum(r["upload_bytes"] for r in rows)
+
+
+def _check_tracked(out: Path, run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flowerpress import tracking
+
+    (tb_run,) = {p.parent for p in (out / tracking.TB_DIR).rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(tb_run), size_guidance={"scalars": 0}).Reload()
+    accuracy = [(r["round"], round(r["accuracy"], 5)) for r in rows]
+    assert [(e.step, round(e.value, 5)) for e in acc.Scalars("accuracy")] == accuracy
+    assert [e.step for e in acc.Scalars("upload_bytes")] == [r["round"] for r in rows]
+    state = json.loads((run_dir / tracking.STATE_FILE).read_text())
+    client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
+    run = client.get_run(state["mlflow"]["run_id"])
+    assert [(m.step, round(m.value, 5)) for m in client.get_metric_history(
+        run.info.run_id, "accuracy")] == accuracy
+    assert run.info.status == "FINISHED" and run.data.tags["flowerpress.seed"] == "0"
+    assert run.data.params["num-clients"] == str(BASE["num-clients"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "results.json", "report.png"}

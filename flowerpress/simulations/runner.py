@@ -32,7 +32,12 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from flowerpress.config import SCHEMA, Config, ConfigError
-from flowerpress.deploy.local import DeploymentError, ManagedProcess, free_port
+from flowerpress.deploy.local import (
+    DeploymentError,
+    ManagedProcess,
+    flower_environment,
+    free_port,
+)
 
 #: How long a simulation may take at most before it is stopped (seconds).
 DEFAULT_RUN_TIMEOUT = 6 * 3600.0
@@ -149,7 +154,7 @@ def ray_environment(address: str | None, environ: Mapping[str, str]) -> dict[str
     (a cluster on this machine; Ray would otherwise dial the machine's outward
     address instead). A value the user set for the switch is kept.
     """
-    env = dict(environ)
+    env = flower_environment(environ)  # Flower's telemetry off unless the user set it
     address = address or env.get(RAY_ADDRESS_ENV) or None
     if address is not None and address.strip() == PRIVATE_RAY:
         address = None

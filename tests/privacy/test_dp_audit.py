@@ -380,12 +380,13 @@ def test_pld_composed_round_by_round_matches_pldaccountant_and_self_compose() ->
     from flowerpress.privacy import accounting
 
     rounds = 6
-    server = _server("distributed:clip=1.0,noise=1.0", sampling="poisson")
-    reference = PLDAccountant(neighboring_relation=ZERO_OUT)
-    event = dp_accounting.PoissonSampledDpEvent(0.2, dp_accounting.GaussianDpEvent(1.0))
+    server = _server("distributed:clip=1.0,noise=2.0", m=50, accountant="pld")
+    reference = PLDAccountant(neighboring_relation=REPLACE_ONE)
+    # Replace-one: the release's multiplier is 1.0 against the whole difference 2C, which
+    # is PLDAccountant's GaussianDpEvent(2.0) (its replace-one shifts by twice its sensitivity).
+    event = dp_accounting.GaussianDpEvent(2.0)
     for _ in range(rounds):
-        server.train_config(1, cohort_size=10)
-        eps = server.end_round(list(range(10)), [])
+        eps = server.end_round(list(range(50)), [])
         reference.compose(event)
     assert eps == pytest.approx(reference.get_epsilon(DELTA), rel=1e-9)
 
@@ -393,7 +394,7 @@ def test_pld_composed_round_by_round_matches_pldaccountant_and_self_compose() ->
     state = server.state_dict()
     accounting._composed.clear()
     accounting._epsilons.clear()
-    resumed = _server("distributed:clip=1.0,noise=1.0", sampling="poisson")
+    resumed = _server("distributed:clip=1.0,noise=2.0", m=50, accountant="pld")
     resumed.load_state_dict(state)
     assert resumed.epsilon == pytest.approx(eps, rel=1e-9)
 

@@ -18,10 +18,11 @@ import pytest
 
 from flowerpress import cli
 from flowerpress.config import ConfigError, validate
-from flowerpress.deploy.local import DeploymentError, free_port
+from flowerpress.deploy.local import TELEMETRY_ENV, DeploymentError, flower_environment, free_port
 from flowerpress.simulations import runner
 
 SINGLE = runner.RAY_SINGLE_NODE_ENV
+TELEMETRY = TELEMETRY_ENV
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def test_a_local_run_gets_a_private_ray_on_loopback() -> None:
     # RAY_ADDRESS=local: a private instance even where `ray start` left a cluster
     # (ray.init() would join the last one started on the machine)
     env = runner.ray_environment(None, {"PATH": "/bin"})
-    assert env == {"PATH": "/bin", "RAY_ADDRESS": "local", SINGLE: "0"}
+    assert env == {"PATH": "/bin", "RAY_ADDRESS": "local", SINGLE: "0", TELEMETRY: "0"}
     assert runner.ray_environment(None, {"RAY_ADDRESS": "local"})["RAY_ADDRESS"] == "local"
     assert runner.cluster_address("local", {}) is None
     assert runner.cluster_address(None, {"RAY_ADDRESS": "local"}) is None
@@ -51,10 +52,17 @@ def test_the_address_or_ray_address_selects_the_cluster() -> None:
     assert env["RAY_ADDRESS"] == "ray://head.lan:10001" and SINGLE not in env
     # a cluster on this machine: Ray must not dial the outward address instead
     env = runner.ray_environment("127.0.0.1:6390", {})
-    assert env == {"RAY_ADDRESS": "127.0.0.1:6390", SINGLE: "0"}
+    assert env == {"RAY_ADDRESS": "127.0.0.1:6390", SINGLE: "0", TELEMETRY: "0"}
     assert runner.ray_environment("[::1]:6390", {})[SINGLE] == "0"
     # the user's own setting of Ray's switch stays
     assert runner.ray_environment(None, {SINGLE: "1"})[SINGLE] == "1"
+
+
+def test_flowers_telemetry_is_off_in_what_a_run_starts_unless_the_user_set_it() -> None:
+    # Flower posts each process's start and stop to telemetry.flower.ai by default
+    assert runner.ray_environment(None, {})[TELEMETRY] == "0"
+    assert runner.ray_environment(None, {TELEMETRY: "1"})[TELEMETRY] == "1"
+    assert flower_environment({"A": "b"}) == {"A": "b", TELEMETRY: "0"}
 
 
 def test_an_address_is_checked_before_anything_starts(listening: str) -> None:
