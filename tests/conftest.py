@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-#: Longest first (seconds on a quiet 2-core machine, 2026-12-07).
+#: Longest first (seconds on a quiet 2-core machine, 2026-12-08).
 LONG_FILES = (
     "tests/simulations/test_composition.py",  # the composition matrix, ~28 runs
     "tests/deploy/test_e2e_superlink.py",  # TLS deployment, ServerApp kill and resume
@@ -23,7 +23,6 @@ LONG_FILES = (
     "tests/test_cli_resume.py",
     "tests/test_flwr_run.py",
     "tests/simulations/test_resume_sigkill.py",
-    "tests/test_cli.py",
     "tests/examples/test_own_task.py",
 )
 
