@@ -266,8 +266,10 @@ class PldAccountant(Accountant):
     Honkela 2020; Doroshenko et al. 2022, "Connect the Dots"). dp_accounting has no PLD
     for sampling without replacement, so ``fixed`` releases are not supported. All
     releases composed into one instance must share a neighbouring relation. The same
-    PLDs as ``PLDAccountant`` builds, memoized per distinct release and composed on
-    demand, so a run that repeats a release pays for building it once.
+    PLDs as ``PLDAccountant`` builds, memoized per distinct release; each release's
+    last composition is extended by one ``compose`` per round, as ``PLDAccountant``
+    composes one event per round, and epsilon is memoized per ledger, so a round
+    costs one composition and one ``get_epsilon_for_delta``, not a rebuild.
     """
 
     def __init__(self, value_discretization_interval: float = 1e-4) -> None:
