@@ -144,7 +144,11 @@ def synthetic(
         b = rng.normal(u_k, 1, num_classes)
         x = rng.normal(v_k, np.sqrt(cov), (int(n), dim))
         xs.append(x)
-        ys.append(np.argmax(x @ w + b, axis=1))
+        # einsum's own loop, not ``x @ w``: BLAS's thread pool gains nothing on
+        # (n <= 1,000) x 60 x 10, and OpenBLAS's hung once here in a ServerApp
+        # thread beside Flower's engine and torch's pool (docs/benchmarks.md,
+        # "10,000 clients, 1,000 per round").
+        ys.append(np.argmax(np.einsum("nd,dc->nc", x, w) + b, axis=1))
         ids.append(np.full(int(n), k))
     return (
         np.concatenate(xs).astype(np.float32),

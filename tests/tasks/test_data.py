@@ -103,6 +103,24 @@ def test_synthetic_generator_is_seeded() -> None:
         np.testing.assert_array_equal(u, v)
 
 
+def test_synthetic_labels_are_the_argmax_of_each_devices_linear_model() -> None:
+    # Prepare: the generator's draws, replayed with the same seed
+    x, y, device = data.synthetic(0.5, 0.5, num_devices=20, rng=np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    sizes = np.minimum(rng.lognormal(4, 2, 20).astype(np.int64) + 50, 1000)
+    cov = np.power(np.arange(1, 61, dtype=np.float64), -1.2)
+    expected = []
+    for n in sizes:
+        u_k, b_k = rng.normal(0, np.sqrt(0.5)), rng.normal(0, np.sqrt(0.5))
+        v_k = rng.normal(b_k, 1, 60)
+        w, b = rng.normal(u_k, 1, (60, 10)), rng.normal(u_k, 1, 10)
+        rows = rng.normal(v_k, np.sqrt(cov), (int(n), 60))
+        expected.append(np.argmax(rows @ w + b, axis=1))  # BLAS, as before einsum
+    # Assert: the same labels as the BLAS product, row for row
+    np.testing.assert_array_equal(y, np.concatenate(expected))
+    assert len(x) == len(y) == len(device) == int(sizes.sum())
+
+
 def test_out_of_range_partition_is_a_clear_error() -> None:
     with pytest.raises(data.DataError, match="partition-id 7 is out of range"):
         data.load_partition("digits", "iid", 7, 4, 0)
