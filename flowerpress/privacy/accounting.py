@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -229,6 +230,8 @@ _composed: dict[tuple[GaussianRelease, float],
                 tuple[int, privacy_loss_distribution.PrivacyLossDistribution]] = {}
 _EPSILONS_KEPT = 256
 _epsilons: dict[tuple[tuple[tuple[GaussianRelease, int], ...], float, float], float] = {}
+#: Both caches are shared by the ledgers of every ServerApp thread in the process.
+_cache_lock = threading.Lock()
 
 
 def _release_pld_composed(
@@ -246,16 +249,19 @@ def _release_pld_composed(
     if count == 1:
         return single
     key = (release, interval)
-    last = _composed.pop(key, None)
+    with _cache_lock:
+        last = _composed.get(key)
     if last is not None and 0 <= count - last[0] <= _COMPOSE_STEPS:
         done, pld = last
         for _ in range(count - done):
             pld = pld.compose(single)
     else:
         pld = single.self_compose(count)
-    _composed[key] = (count, pld)  # the most recently used last
-    while len(_composed) > _COMPOSED_KEPT:
-        del _composed[next(iter(_composed))]
+    with _cache_lock:
+        _composed.pop(key, None)
+        _composed[key] = (count, pld)  # the most recently used last
+        while len(_composed) > _COMPOSED_KEPT:
+            del _composed[next(iter(_composed))]
     return pld
 
 
@@ -300,17 +306,20 @@ class PldAccountant(Accountant):
         # A round's budget check, its charge and the report alongside another
         # accountant ask for the same ledger; each costs a pass over the PMF in Python.
         memo = (key, delta, interval)
-        if memo in _epsilons:
-            return _epsilons[memo]
+        with _cache_lock:
+            cached = _epsilons.get(memo)
+        if cached is not None:
+            return cached
         pld = None
         for release, count in key:
             part = _release_pld_composed(release, count, interval)
             pld = part if pld is None else pld.compose(part)
         assert pld is not None
         epsilon = float(pld.get_epsilon_for_delta(delta))
-        _epsilons[memo] = epsilon
-        while len(_epsilons) > _EPSILONS_KEPT:
-            del _epsilons[next(iter(_epsilons))]
+        with _cache_lock:
+            _epsilons[memo] = epsilon
+            while len(_epsilons) > _EPSILONS_KEPT:
+                del _epsilons[next(iter(_epsilons))]
         return epsilon
 
     def describe(self) -> str:
