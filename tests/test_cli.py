@@ -12,6 +12,7 @@ import pytest
 
 from flowerpress.cli import main
 from flowerpress.server.results import ROUND_FIELDS
+from tests.tracked import read_back
 
 
 @pytest.mark.parametrize("setting", ["rounds=abc", "nosuchkey=1", "compression=zip",
@@ -62,27 +63,9 @@ def test_simulation_end_to_end_on_flowers_engine(tmp_path: Path) -> None:
 
 def _check_tracked(out: Path, rows: list[dict[str, Any]]) -> None:
     """The rows of results.json, read back by TensorBoard's and MLflow's own readers."""
-    from mlflow.tracking import MlflowClient
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from flowerpress import tracking
-
-    def scalars(tag: str) -> list[tuple[int, float]]:
-        acc = EventAccumulator(str(out / "tb" / "run"), size_guidance={"scalars": 0}).Reload()
-        return [(e.step, round(e.value, 5)) for e in acc.Scalars(tag)]
-
-    accuracy = [(r["round"], round(r["accuracy"], 5)) for r in rows]
-    assert scalars("accuracy") == accuracy
-    assert [s for s, _ in scalars("upload_bytes")] == [1, 2]
-    state = json.loads((out / tracking.STATE_FILE).read_text())
-    client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
-    run = client.get_run(state["mlflow"]["run_id"])
-    assert [(m.step, round(m.value, 5)) for m in client.get_metric_history(
-        run.info.run_id, "accuracy")] == accuracy
-    assert run.info.status == "FINISHED" and run.data.tags["purpose"] == "test"
+    run = read_back(out / "tb" / "run", out, rows)
+    assert run.data.tags["purpose"] == "test"
     assert run.data.params["num-clients"] == "4" and run.data.params["dataset"] == "digits"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
-        "results.json", "report.png"}
 
 
 def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:

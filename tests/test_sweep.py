@@ -24,6 +24,7 @@ import pytest
 from flowerpress import sweep
 from flowerpress.cli import main, versus_float32
 from flowerpress.config import ConfigError
+from tests.tracked import read_back
 
 BASE = {"dataset": "digits", "model": "logreg", "partition": "iid", "num-clients": 4,
         "clients-per-round": 4, "rounds": 2, "local-epochs": 1}
@@ -451,22 +452,9 @@ def _check_run(run_dir: Path, document: dict[str, Any]) -> None:
 
 
 def _check_tracked(out: Path, run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    from mlflow.tracking import MlflowClient
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from flowerpress import tracking
 
     (tb_run,) = {p.parent for p in (out / tracking.TB_DIR).rglob("events.out.tfevents.*")}
-    acc = EventAccumulator(str(tb_run), size_guidance={"scalars": 0}).Reload()
-    accuracy = [(r["round"], round(r["accuracy"], 5)) for r in rows]
-    assert [(e.step, round(e.value, 5)) for e in acc.Scalars("accuracy")] == accuracy
-    assert [e.step for e in acc.Scalars("upload_bytes")] == [r["round"] for r in rows]
-    state = json.loads((run_dir / tracking.STATE_FILE).read_text())
-    client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
-    run = client.get_run(state["mlflow"]["run_id"])
-    assert [(m.step, round(m.value, 5)) for m in client.get_metric_history(
-        run.info.run_id, "accuracy")] == accuracy
-    assert run.info.status == "FINISHED" and run.data.tags["flowerpress.seed"] == "0"
+    run = read_back(tb_run, run_dir, rows)
+    assert run.data.tags["flowerpress.seed"] == "0"
     assert run.data.params["num-clients"] == str(BASE["num-clients"])
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
-        "results.json", "report.png"}
